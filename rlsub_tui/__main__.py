@@ -1,0 +1,3 @@
+from rlsub_tui.cli import main
+
+raise SystemExit(main())

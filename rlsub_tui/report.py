@@ -1,0 +1,52 @@
+"""The one-screen text summary that `rlsub-tui analyze` prints."""
+
+from __future__ import annotations
+
+from rlsub_tui.export import sweep_label
+from rlsub_tui.formatting import count, pct, ratio
+from rlsub_tui.results import AnalysisResult
+
+
+def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
+    s = result.stats()
+    lines = [
+        f"base {result.base_label}  ·  {result.k} run(s)  ·  {s.tensors} tensors, {count(s.numel)} parameters  ·  "
+        f"criterion {result.criterion.describe()}  ·  device {result.device}"
+        + ("" if result.complete else "  ·  INCOMPLETE (cancelled)"),
+        "",
+    ]
+    sweep_cols = [sweep_label(t) for t in result.sweep]
+    head = f"{'run':<20} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'NaN/Inf':>8}" + "".join(
+        f" {c:>16}" for c in sweep_cols)
+    lines.append(head)
+    for i, label in enumerate(result.run_labels):
+        row = (f"{label[:20]:<20} {pct(s.sparsity(i)):>9} {count(int(s.updated[i])):>9} "
+               f"{pct(s.mean_rank_ratio(i)):>9} {int(s.nonfinite[i]):>8}")
+        row += "".join(f" {pct(s.sweep_sparsity(i, j)):>16}" for j in range(len(result.sweep)))
+        lines.append(row)
+    pairs = list(s.pairs())
+    if pairs:
+        lines += ["", f"{'pair':<30} {'o1':>7} {'o2':>7} {'chance':>15} {'jaccard':>8} {'chance':>7} {'lift':>5}"]
+        for a, b, p in pairs[:max_pairs]:
+            name = f"{result.run_labels[a]} vs {result.run_labels[b]}"
+            lift = p["jaccard"] / p["jaccard_random"] if p["jaccard_random"] else float("nan")
+            lines.append(
+                f"{name[:30]:<30} {pct(p['o1']):>7} {pct(p['o2']):>7} "
+                f"{pct(p['o1_random']) + ' / ' + pct(p['o2_random']):>15} {ratio(p['jaccard'], 3):>8} "
+                f"{ratio(p['jaccard_random'], 3):>7} {ratio(lift, 2):>5}")
+        if len(pairs) > max_pairs:
+            lines.append(f"… and {len(pairs) - max_pairs} more pairs in pairs.csv / summary.json")
+        chance = s.agreement_chance()
+        lines += ["", "updated by exactly j runs (observed vs independent-runs chance):"]
+        lines.append("  " + "  ".join(f"j={j}: {pct(s.agreement[j] / s.numel if s.numel else float('nan'))} "
+                                       f"({pct(chance[j] / s.numel if s.numel else float('nan'))})"
+                                       for j in range(result.k + 1)))
+        lines.append(f"  consensus (all runs) {pct(s.consensus())} vs {pct(s.consensus_chance())} by chance;  "
+                     f"same sign where 2+ runs updated: {pct(s.sign_agreement())}")
+    if result.skipped:
+        lines += ["", f"{len(result.skipped)} tensor(s) skipped (see summary.json 'skipped'):"]
+        for k in result.skipped[:5]:
+            lines.append(f"  {k.tensor} [{k.run}]: {k.reason}")
+        if len(result.skipped) > 5:
+            lines.append(f"  … {len(result.skipped) - 5} more")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""Analysis results: one record per tensor, and pooled statistics over any set of tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from rlsub_tui import overlap
+from rlsub_tui.masks import MAG_BINS, Criterion, RunTensorStats, TensorComputation
+from rlsub_tui.names import Placement, place, tensor_kind
+
+RESULT_VERSION = 3
+
+
+@dataclass
+class TensorResult:
+    """Everything measured on one tensor (named as the base stores it) across the K runs."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    numel: int
+    runs: list[RunTensorStats]
+    both: dict[tuple[int, int], int]
+    agreement: list[int]
+    multi: int
+    sign_agree: int
+    magnitude_numel: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_computation(cls, name, dtype, shape, numel, comp: TensorComputation, notes=()):
+        notes = list(notes) + ([comp.rank_note] if comp.rank_note else [])
+        return cls(name, dtype, list(shape), numel, comp.runs, comp.both, comp.agreement, comp.multi,
+                   comp.sign_agree, comp.magnitude_numel, notes)
+
+    @property
+    def max_rank(self) -> int | None:
+        return min(self.shape) if len(self.shape) == 2 else None
+
+    @property
+    def placement(self) -> Placement:
+        return place(self.name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["both"] = [[a, b, n] for (a, b), n in self.both.items()]
+        d["version"] = RESULT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorResult":
+        """Rebuild from to_dict(); raises KeyError/TypeError/ValueError on a foreign or stale record."""
+        if d.get("version") != RESULT_VERSION:
+            raise ValueError("stale result record")
+        runs = [RunTensorStats(**r) for r in d["runs"]]
+        both = {(int(a), int(b)): int(n) for a, b, n in d["both"]}
+        result = cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d["shape"]], int(d["numel"]), runs,
+                     both, [int(x) for x in d["agreement"]], int(d["multi"]), int(d["sign_agree"]),
+                     [int(x) for x in d["magnitude_numel"]], [str(n) for n in d.get("notes", [])])
+        k = len(runs)
+        if len(result.agreement) != k + 1 or sum(result.agreement) != result.numel:
+            raise ValueError("inconsistent result record")
+        return result
+
+
+@dataclass
+class Skipped:
+    """A tensor left out of the comparison, and why (never dropped silently)."""
+
+    tensor: str
+    run: str
+    reason: str
+
+
+class Stats:
+    """Pooled (numel-weighted) statistics over a set of tensors, for K runs."""
+
+    def __init__(self, k: int, sweep_len: int = 0):
+        self.k = k
+        self.tensors = 0
+        self.numel = 0
+        self.updated = np.zeros(k, dtype=np.int64)
+        self.nonfinite = np.zeros(k, dtype=np.int64)
+        self.sweep = np.zeros((k, sweep_len), dtype=np.int64)
+        self.both = np.zeros((k, k), dtype=np.int64)
+        self.agreement = np.zeros(k + 1, dtype=np.int64)
+        self.multi = 0
+        self.sign_agree = 0
+        self.sum_abs = np.zeros(k)
+        self.sq_delta = np.zeros(k)
+        self.sq_base = np.zeros(k)
+        self.magnitude_numel = np.zeros(MAG_BINS, dtype=np.int64)
+        self.magnitude_updated = np.zeros((k, MAG_BINS), dtype=np.int64)
+        self.rank_ratios: list[list[float]] = [[] for _ in range(k)]
+
+    def add(self, r: TensorResult) -> None:
+        self.tensors += 1
+        self.numel += r.numel
+        for i, s in enumerate(r.runs):
+            self.updated[i] += s.updated
+            self.nonfinite[i] += s.nonfinite
+            if s.sweep and len(s.sweep) == self.sweep.shape[1]:
+                self.sweep[i] += np.asarray(s.sweep, dtype=np.int64)
+            self.sum_abs[i] += s.sum_abs_delta
+            self.sq_delta[i] += s.sq_delta
+            self.sq_base[i] += s.sq_base
+            self.magnitude_updated[i] += np.asarray(s.magnitude_updated, dtype=np.int64)
+            if s.rank is not None and r.max_rank:
+                self.rank_ratios[i].append(s.rank / r.max_rank)
+        for (a, b), n in r.both.items():
+            self.both[a, b] += n
+            self.both[b, a] += n
+        self.agreement += np.asarray(r.agreement, dtype=np.int64)
+        self.multi += r.multi
+        self.sign_agree += r.sign_agree
+        self.magnitude_numel += np.asarray(r.magnitude_numel, dtype=np.int64)
+
+    @classmethod
+    def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":
+        stats = cls(k, sweep_len)
+        for r in results:
+            stats.add(r)
+        return stats
+
+    # --- per run -------------------------------------------------------------------------------
+    def density(self, i: int) -> float:
+        return overlap.ratio(int(self.updated[i]), self.numel)
+
+    def sparsity(self, i: int) -> float:
+        d = self.density(i)
+        return 1 - d if not math.isnan(d) else math.nan
+
+    def sweep_sparsity(self, i: int, j: int) -> float:
+        d = overlap.ratio(int(self.sweep[i, j]), self.numel)
+        return 1 - d if not math.isnan(d) else math.nan
+
+    def mean_sparsity(self) -> float:
+        vals = [self.sparsity(i) for i in range(self.k)]
+        return float(np.mean(vals)) if vals and self.numel else math.nan
+
+    def mean_rank_ratio(self, i: int) -> float:
+        r = self.rank_ratios[i]
+        return float(np.mean(r)) if r else math.nan
+
+    def mean_rank_ratio_all(self) -> float:
+        vals = [x for r in self.rank_ratios for x in r]
+        return float(np.mean(vals)) if vals else math.nan
+
+    def mean_abs_delta(self, i: int) -> float:
+        return overlap.ratio(self.sum_abs[i], self.numel)
+
+    def relative_norm(self, i: int) -> float:
+        return math.sqrt(self.sq_delta[i] / self.sq_base[i]) if self.sq_base[i] > 0 else math.nan
+
+    # --- per pair -----------------------------------------------------------------------------------
+    def pair(self, a: int, b: int) -> dict:
+        ua, ub, both = int(self.updated[a]), int(self.updated[b]), int(self.both[a, b])
+        o1, o2 = overlap.one_sided(both, ua, ub)
+        r1, r2 = overlap.one_sided_chance(ua, ub, self.numel)
+        return {
+            "updated_a": ua, "updated_b": ub, "both": both,
+            "o1": o1, "o2": o2, "o1_random": r1, "o2_random": r2,
+            "jaccard": overlap.jaccard(both, ua, ub),
+            "jaccard_random": overlap.jaccard_chance(ua, ub, self.numel),
+        }
+
+    def pairs(self):
+        for a in range(self.k):
+            for b in range(a + 1, self.k):
+                yield a, b, self.pair(a, b)
+
+    def mean_jaccard(self) -> tuple[float, float]:
+        """Mean over run pairs of (Jaccard, its chance level); NaN with fewer than two runs."""
+        ps = [p for _, _, p in self.pairs()]
+        if not ps:
+            return math.nan, math.nan
+        return (float(np.nanmean([p["jaccard"] for p in ps])) if any(not math.isnan(p["jaccard"]) for p in ps) else math.nan,
+                float(np.nanmean([p["jaccard_random"] for p in ps])) if any(not math.isnan(p["jaccard_random"]) for p in ps) else math.nan)
+
+    # --- across all K runs --------------------------------------------------------------------------
+    def agreement_chance(self) -> np.ndarray:
+        """Expected count of parameters updated by exactly j runs if runs were independent."""
+        return overlap.agreement_chance([self.density(i) for i in range(self.k)]) * self.numel
+
+    def consensus(self) -> float:
+        """Fraction of parameters updated by every run."""
+        return overlap.ratio(int(self.agreement[self.k]), self.numel)
+
+    def consensus_chance(self) -> float:
+        return float(self.agreement_chance()[self.k] / self.numel) if self.numel else math.nan
+
+    def union(self) -> float:
+        """Fraction of parameters updated by at least one run."""
+        return overlap.ratio(self.numel - int(self.agreement[0]), self.numel)
+
+    def sign_agreement(self) -> float:
+        """Among parameters updated by two or more runs, the fraction whose Δ has one sign in all of them."""
+        return overlap.ratio(self.sign_agree, self.multi)
+
+
+@dataclass
+class Group:
+    """A named set of tensors the user can look at as one: the model, a layer, a submodule, a type."""
+
+    key: str
+    label: str
+    level: str  # model | layer | submodule | tensor | type | kind
+    tensors: list[str]
+
+
+def build_groups(names: list[str]) -> list[Group]:
+    """Groups for aggregation: model, each layer, each submodule in a layer, each type, each kind."""
+    groups: dict[str, Group] = {"model": Group("model", "model", "model", [])}
+    for name in names:
+        p = place(name)
+        groups["model"].tensors.append(name)
+        if p.layer_path is not None:
+            lk = p.layer_path
+            groups.setdefault(lk, Group(lk, lk, "layer", [])).tensors.append(name)
+            if p.submodule:
+                sk = f"{lk}.{p.submodule}"
+                groups.setdefault(sk, Group(sk, sk, "submodule", [])).tensors.append(name)
+        tk = f"type:{p.tensor_type}"
+        groups.setdefault(tk, Group(tk, p.tensor_type, "type", [])).tensors.append(name)
+        kk = f"kind:{tensor_kind(p.tensor_type)}"
+        groups.setdefault(kk, Group(kk, tensor_kind(p.tensor_type), "kind", [])).tensors.append(name)
+    return list(groups.values())
+
+
+@dataclass
+class AnalysisResult:
+    """The outcome of one analysis: per-tensor results plus what it was run on and with."""
+
+    base_label: str
+    base_path: str
+    run_labels: list[str]
+    run_paths: list[str]
+    criterion: Criterion
+    sweep: tuple[float, ...]
+    device: str
+    tensors: dict[str, TensorResult] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    planned: list[str] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def k(self) -> int:
+        return len(self.run_labels)
+
+    def stats(self, names=None) -> Stats:
+        names = self.tensors.keys() if names is None else names
+        return Stats.of((self.tensors[n] for n in names if n in self.tensors), self.k, len(self.sweep))
+
+    def groups(self) -> list[Group]:
+        return build_groups(list(self.planned or self.tensors))
