@@ -215,7 +215,8 @@ class Analysis:
             base_label=self.base.label, base_path=self.base.source,
             run_labels=[r.label for r in self.runs], run_paths=[r.source for r in self.runs],
             criterion=self.options.criterion, sweep=tuple(self.options.sweep), device=str(self.device),
-            skipped=skipped, notes=notes, planned=[p.name for p in self.plans])
+            skipped=skipped, notes=notes, planned=[p.name for p in self.plans],
+            planned_numel={p.name: p.numel for p in self.plans})
         self.cache = ResultCache(self.options.cache_dir) if self.options.use_cache else None
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)

@@ -245,6 +245,7 @@ class AnalysisResult:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     planned: list[str] = field(default_factory=list)
+    planned_numel: dict[str, int] = field(default_factory=dict)
     complete: bool = False
 
     @property

@@ -1,0 +1,359 @@
+"""What the explorer shows, without Textual: the node hierarchy, the children table and each chart's data.
+
+The UI only renders these; the tests and the CSV export use the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rlsub_tui.masks import MAG_BINS, MAG_MIN_EXP
+from rlsub_tui.names import place, tensor_kind
+from rlsub_tui.results import AnalysisResult, Stats
+
+KIND_ORDER = ["embedding", "attention", "mlp", "norm", "head", "other"]
+
+
+@dataclass
+class Node:
+    """One entry of the tree: a group of tensors (or one tensor) and its children."""
+
+    key: str
+    label: str
+    tensors: list[str]
+    children: list["Node"] = field(default_factory=list)
+    is_tensor: bool = False
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+
+def _layer_sort_key(path: str):
+    tail = path.rsplit(".", 1)[-1]
+    return (0, int(tail)) if tail.isdigit() else (1, path)
+
+
+def build_tree(names: list[str], model_label: str = "model") -> list[Node]:
+    """Two roots: the model by structure (layers → submodules → tensors), and the same tensors by type."""
+    model = Node("model", model_label, list(names))
+    layers: dict[str, Node] = {}
+    subs: dict[str, Node] = {}
+    top_level: list[Node] = []
+    for name in names:
+        p = place(name)
+        leaf = Node(f"tensor:{name}", p.leaf if p.layer_path else name, [name], is_tensor=True)
+        if p.layer_path is None:
+            top_level.append(leaf)
+            continue
+        layer = layers.get(p.layer_path)
+        if layer is None:
+            layer = layers[p.layer_path] = Node(p.layer_path, f"layer {p.layer}", [])
+        layer.tensors.append(name)
+        if p.submodule:
+            sk = f"{p.layer_path}.{p.submodule}"
+            sub = subs.get(sk)
+            if sub is None:
+                sub = subs[sk] = Node(sk, p.submodule, [])
+                layer.children.append(sub)
+            sub.tensors.append(name)
+            sub.children.append(leaf)
+        else:
+            layer.children.append(leaf)
+    ordered_layers = [layers[k] for k in sorted(layers, key=_layer_sort_key)]
+    first = [n for n in top_level if tensor_kind(n.label) == "embedding"]
+    last = [n for n in top_level if n not in first]
+    model.children = first + ordered_layers + last
+
+    by_type = Node("by-type", "by type", list(names))
+    kinds: dict[str, Node] = {}
+    types: dict[str, Node] = {}
+    for name in names:
+        p = place(name)
+        kind = tensor_kind(p.tensor_type)
+        kn = kinds.get(kind)
+        if kn is None:
+            kn = kinds[kind] = Node(f"kind:{kind}", f"all {kind}", [])
+        kn.tensors.append(name)
+        tk = f"type:{p.tensor_type}"
+        tn = types.get(tk)
+        if tn is None:
+            tn = types[tk] = Node(tk, p.tensor_type, [])
+            kn.children.append(tn)
+        tn.tensors.append(name)
+        label = f"layer {p.layer}" if p.layer is not None else name
+        tn.children.append(Node(f"{tk}/{name}", label, [name], is_tensor=True))
+    by_type.children = [kinds[k] for k in KIND_ORDER if k in kinds]
+    return [model, by_type]
+
+
+def find(roots: list[Node], key: str) -> Node | None:
+    for r in roots:
+        for n in r.walk():
+            if n.key == key:
+                return n
+    return None
+
+
+def filter_tree(roots: list[Node], text: str) -> list[Node]:
+    """Keep tensors whose name contains `text` (case-insensitive) and the groups above them."""
+    text = text.lower().strip()
+    if not text:
+        return roots
+
+    def keep(node: Node) -> Node | None:
+        if node.is_tensor:
+            return node if any(text in t.lower() for t in node.tensors) else None
+        kids = [k for k in (keep(c) for c in node.children) if k is not None]
+        if not kids:
+            return None
+        tensors = [t for k in kids for t in k.tensors]
+        return Node(node.key, node.label, tensors, kids)
+
+    return [k for k in (keep(r) for r in roots) if k is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The children table
+
+
+@dataclass
+class Column:
+    key: str
+    title: str
+    kind: str  # text | count | pct | ratio
+    help: str
+
+
+def table_columns(result: AnalysisResult) -> list[Column]:
+    cols = [Column("name", "name", "text", "the child's name"),
+            Column("numel", "params", "count", "number of parameters compared")]
+    for label in result.run_labels:
+        cols.append(Column(f"sparsity:{label}", f"sp {label}", "pct",
+                           f"update sparsity of run {label}: 1 - updated / params"))
+    cols += [
+        Column("mean_sparsity", "sp mean", "pct", "mean update sparsity over runs"),
+        Column("rank", "rank", "pct", "mean rank(Δ)/min(m,n) over the 2-D matrices and runs"),
+        Column("jaccard", "jacc", "ratio", "mean over run pairs of |A∩B|/|A∪B|"),
+        Column("jaccard_chance", "jacc@rnd", "ratio", "the same for independent random sets of equal density"),
+        Column("consensus", "all K", "pct", "fraction of parameters updated by every run"),
+        Column("consensus_chance", "all@rnd", "pct", "that fraction if runs were independent"),
+        Column("done", "done", "text", "tensors computed / tensors in the node"),
+    ]
+    return cols
+
+
+def row_values(node: Node, result: AnalysisResult) -> dict:
+    s = result.stats(node.tensors)
+    jac, jac_chance = s.mean_jaccard()
+    values = {"name": node.label, "numel": sum(_numel(result, t) for t in node.tensors)}
+    for i, label in enumerate(result.run_labels):
+        values[f"sparsity:{label}"] = s.sparsity(i)
+    values.update({
+        "mean_sparsity": s.mean_sparsity(),
+        "rank": s.mean_rank_ratio_all(),
+        "jaccard": jac,
+        "jaccard_chance": jac_chance,
+        "consensus": s.consensus() if result.k > 1 else math.nan,
+        "consensus_chance": s.consensus_chance() if result.k > 1 else math.nan,
+        "done": f"{s.tensors}/{len(node.tensors)}",
+    })
+    return values
+
+
+def _numel(result: AnalysisResult, name: str) -> int:
+    r = result.tensors.get(name)
+    if r is not None:
+        return r.numel
+    return result.planned_numel.get(name, 0)
+
+
+def table_rows(node: Node, result: AnalysisResult) -> list[dict]:
+    """One row per child of the node."""
+    return [row_values(c, result) for c in node.children]
+
+
+def tensor_columns(result: AnalysisResult) -> list[Column]:
+    cols = [
+        Column("run", "run", "text", "the run"),
+        Column("updated", "updated", "count", "parameters counted as updated"),
+        Column("sparsity", "sparsity", "pct", "1 - updated / params"),
+        Column("rank", "rank", "text", "rank of Δ (PyTorch's default float32 tolerance)"),
+        Column("max_rank", "max", "text", "min(m, n)"),
+        Column("rank_ratio", "rank/max", "pct", "rank / max"),
+        Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
+        Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
+        Column("nonfinite", "NaN/Inf", "count", "NaN or Inf values in either checkpoint (counted as updated)"),
+    ]
+    cols += [Column(f"sweep:{t:g}", f"sp@{t:g}", "pct", f"sparsity at atol {t:g}") for t in result.sweep]
+    return cols
+
+
+def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
+    """One row per run for a single tensor."""
+    r = result.tensors.get(name)
+    if r is None:
+        return []
+    rows = []
+    for i, s in enumerate(r.runs):
+        n = r.numel
+        row = {
+            "run": result.run_labels[i], "updated": s.updated,
+            "sparsity": 1 - s.updated / n if n else math.nan,
+            "rank": "" if s.rank is None else s.rank,
+            "max_rank": "" if s.rank is None else r.max_rank,
+            "rank_ratio": s.rank / r.max_rank if s.rank is not None and r.max_rank else math.nan,
+            "mean_abs_delta": s.sum_abs_delta / n if n else math.nan,
+            "rel_delta_norm": math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
+            "nonfinite": s.nonfinite,
+        }
+        for j, t in enumerate(result.sweep):
+            row[f"sweep:{t:g}"] = 1 - s.sweep[j] / n if n and j < len(s.sweep) else math.nan
+        rows.append(row)
+    return rows
+
+
+def node_table(node: Node, result: AnalysisResult) -> tuple[list[Column], list[dict]]:
+    """What the table shows for a node: its children, or for a single tensor one row per run."""
+    if node.is_tensor:
+        return tensor_columns(result), tensor_rows(node.tensors[0], result)
+    return table_columns(result), table_rows(node, result)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chart data: each returns a dict with x, series {label: ys}, and axis titles; small enough to plot.
+
+
+@dataclass
+class ChartData:
+    name: str
+    title: str
+    xlabel: str
+    ylabel: str
+    x: list
+    series: dict[str, list[float]]
+    xticks: list[str] | None = None
+    message: str | None = None  # shown instead of a plot when there is nothing to draw
+
+    def rows(self) -> tuple[list[str], list[list]]:
+        header = [self.xlabel] + list(self.series)
+        xs = self.xticks or self.x
+        return header, [[xs[i]] + [self.series[s][i] for s in self.series] for i in range(len(self.x))]
+
+
+CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude"]
+CHART_TITLES = {
+    "depth": "sparsity by layer depth",
+    "overlap": "overlap between runs",
+    "agreement": "updated by exactly j of K runs",
+    "rank": "update rank per matrix",
+    "sweep": "sparsity against tolerance",
+    "magnitude": "updated fraction by |w0|",
+}
+
+
+def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "o1") -> ChartData:
+    return {
+        "depth": depth_chart, "overlap": lambda n, r: overlap_chart(n, r, overlap_metric),
+        "agreement": agreement_chart, "rank": rank_chart, "sweep": sweep_chart, "magnitude": magnitude_chart,
+    }[name](node, result)
+
+
+def depth_chart(node: Node, result: AnalysisResult) -> ChartData:
+    by_layer: dict[int, list[str]] = {}
+    for t in node.tensors:
+        p = place(t)
+        if p.layer is not None:
+            by_layer.setdefault(p.layer, []).append(t)
+    layers = sorted(by_layer)
+    series = {label: [] for label in result.run_labels}
+    xs = []
+    for layer in layers:
+        s = result.stats(by_layer[layer])
+        if s.tensors == 0:
+            continue
+        xs.append(layer)
+        for i, label in enumerate(result.run_labels):
+            series[label].append(100 * s.sparsity(i))
+    msg = None if xs else ("no layered tensors in this node" if not layers else "waiting for results…")
+    return ChartData("depth", CHART_TITLES["depth"], "layer", "sparsity %", xs, series, message=msg)
+
+
+def overlap_chart(node: Node, result: AnalysisResult, metric: str = "o1") -> ChartData:
+    s = result.stats(node.tensors)
+    if result.k < 2:
+        return ChartData("overlap", CHART_TITLES["overlap"], "pair", metric, [], {},
+                         message="overlap needs two or more runs")
+    ticks, observed, chance = [], [], []
+    for a, b, p in s.pairs():
+        ticks.append(f"{a + 1}·{b + 1}")
+        if metric == "jaccard":
+            observed.append(p["jaccard"])
+            chance.append(p["jaccard_random"])
+        else:
+            observed.append(p["o1"])
+            chance.append(p["o1_random"])
+    title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "one-sided overlap o1 = |A∩B|/|A|"
+    msg = None if s.tensors else "waiting for results…"
+    return ChartData("overlap", f"{title}, run pairs (numbers as in the runs list)", "pair", metric,
+                     list(range(len(ticks))), {"observed": observed, "chance": chance}, ticks, message=msg)
+
+
+def agreement_chart(node: Node, result: AnalysisResult) -> ChartData:
+    s = result.stats(node.tensors)
+    if not s.numel:
+        return ChartData("agreement", CHART_TITLES["agreement"], "j", "%", [], {}, message="waiting for results…")
+    chance = s.agreement_chance()
+    xs = list(range(result.k + 1))
+    return ChartData("agreement", CHART_TITLES["agreement"] + " (% of params)", "j", "% of params", xs,
+                     {"observed": [100 * float(c) / s.numel for c in s.agreement],
+                      "chance": [100 * float(c) / s.numel for c in chance]})
+
+
+def rank_chart(node: Node, result: AnalysisResult) -> ChartData:
+    ticks, ratios = [], []
+    for t in node.tensors:
+        r = result.tensors.get(t)
+        if r is None or r.max_rank is None or not r.max_rank:
+            continue
+        rs = [s.rank / r.max_rank for s in r.runs if s.rank is not None]
+        if rs:
+            ticks.append(t)
+            ratios.append(100 * float(np.mean(rs)))
+    msg = None if ticks else "no 2-D matrices with a computed rank here"
+    return ChartData("rank", CHART_TITLES["rank"] + " (mean over runs)", "matrix", "rank / max %",
+                     list(range(len(ticks))), {"rank ratio": ratios}, ticks, message=msg)
+
+
+def sweep_chart(node: Node, result: AnalysisResult) -> ChartData:
+    if not result.sweep:
+        return ChartData("sweep", CHART_TITLES["sweep"], "log10 tol", "sparsity %", [], {},
+                         message="no tolerance sweep: press c and give a sweep, or start with --sweep")
+    s = result.stats(node.tensors)
+    xs = [math.log10(t) if t > 0 else -12.0 for t in result.sweep]
+    series = {label: [100 * s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
+              for i, label in enumerate(result.run_labels)}
+    msg = None if s.tensors else "waiting for results…"
+    return ChartData("sweep", CHART_TITLES["sweep"], "log10 tolerance", "sparsity %", xs, series, message=msg)
+
+
+def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
+    s = result.stats(node.tensors)
+    xs, series = [], {label: [] for label in result.run_labels}
+    for b in range(1, MAG_BINS):
+        if s.magnitude_numel[b] == 0:
+            continue
+        xs.append(MAG_MIN_EXP + b - 2)  # |w0| in [2^(x), 2^(x+1))
+        for i, label in enumerate(result.run_labels):
+            series[label].append(100 * s.magnitude_updated[i, b] / s.magnitude_numel[b])
+    msg = None if xs else "waiting for results…"
+    return ChartData("magnitude", CHART_TITLES["magnitude"] + " (|w0| in [2^x, 2^(x+1)))", "log2 |w0|",
+                     "updated %", xs, series, message=msg)
+
+
+def stats_for(node: Node, result: AnalysisResult) -> Stats:
+    return result.stats(node.tensors)

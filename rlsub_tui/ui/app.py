@@ -1,0 +1,380 @@
+"""The explorer app: owns the state; a thread worker computes and posts messages; handlers update widgets."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static
+
+from rlsub_tui import explore
+from rlsub_tui.errors import InputError
+from rlsub_tui.export import atomic_write, csv_text
+from rlsub_tui.formatting import duration, size
+from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen
+from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed
+from rlsub_tui.ui.table import ChildrenTable
+from rlsub_tui.ui.tree import LayerTree
+
+BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
+
+
+@dataclass
+class ExplorerConfig:
+    base: str
+    runs: list[str]
+    options: object  # rlsub_tui.engine.AnalysisOptions (imported lazily: torch loads in the worker)
+    export_dir: Path
+
+
+class ExplorerApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "rlsub-tui"
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit", tooltip="Quit the explorer"),
+        Binding("question_mark", "help", "Help", id="app.help", key_display="?", tooltip="Definitions of every column, and keys"),
+        Binding("slash", "filter", "Filter", id="app.filter", key_display="/", tooltip="Filter the tree by tensor name"),
+        Binding("escape", "cancel_or_clear", "Cancel", id="app.cancel",
+                tooltip="Cancel the computation (keeps what is done) or clear the filter"),
+        Binding("e", "export_table", "Export", id="app.export_table", tooltip="Write the table to CSV"),
+        Binding("x", "export_chart", "Chart CSV", show=False, id="app.export_chart",
+                tooltip="Write the chart's data to CSV"),
+        Binding("c", "criterion", "Criterion", id="app.criterion", tooltip="Change criterion or tolerance"),
+        Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the cursor's column"),
+        Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric"),
+        Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
+        Binding("bracketleft", "previous_chart", "Prev chart", show=False, id="app.previous_chart"),
+        Binding("1", "chart('depth')", "Depth", show=False, id="app.chart_depth"),
+        Binding("2", "chart('overlap')", "Overlap", show=False, id="app.chart_overlap"),
+        Binding("3", "chart('agreement')", "Agreement", show=False, id="app.chart_agreement"),
+        Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank"),
+        Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
+        Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
+    ]
+
+    def __init__(self, config: ExplorerConfig):
+        super().__init__()
+        self.config = config
+        self.options = config.options
+        self.result = None  # AnalysisResult, once the worker has opened the checkpoints
+        self.roots: list[explore.Node] = []
+        self.focus_node: explore.Node | None = None
+        self.chart_name = "depth"
+        self.overlap_metric = "o1"
+        self.filter_text = ""
+        self.generation = 0
+        self.running = False
+        self.last_export: Path | None = None
+        self._dirty = False
+
+    # ----------------------------------------------------------------------------------------- layout
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield Input(placeholder="filter tensors by name…", id="filter")
+                yield LayerTree(id="tree")
+            with Vertical(id="right"):
+                yield Label("", id="table-title")
+                yield ChildrenTable(id="table")
+                yield ChartPanel(id="chart")
+        with Horizontal(id="status"):
+            yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
+            yield Static("opening checkpoints…", id="progress-text")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#filter").display = False
+        self.sub_title = "opening checkpoints…"
+        self.query_one(LayerTree).focus()
+        self.set_interval(0.25, self._flush)
+        self.start_analysis()
+
+    # ----------------------------------------------------------------------------------------- worker
+    def start_analysis(self) -> None:
+        self.generation += 1
+        self.running = True
+        self.query_one("#progress", ProgressBar).update(total=None, progress=0)
+        self.analyze(self.generation)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="analysis")
+    def analyze(self, generation: int) -> None:
+        from textual.worker import get_current_worker
+
+        from rlsub_tui.engine import Analysis
+
+        worker = get_current_worker()
+        cfg = self.config
+        try:
+            analysis = Analysis(cfg.base, cfg.runs, self.options)
+        except InputError as exc:
+            self.post_message(AnalysisFailed(str(exc), generation))
+            return
+        try:
+            self.post_message(AnalysisOpened(analysis.result, analysis.bytes_total, generation))
+            batch, last_post = [], time.monotonic()
+            progress = None
+            for progress in analysis.run(cancelled=lambda: worker.is_cancelled):
+                batch.append(progress.result)
+                if time.monotonic() - last_post >= BATCH_SECONDS:
+                    self.post_message(self._batch(batch, progress, generation))
+                    batch, last_post = [], time.monotonic()
+            if batch and progress is not None:
+                self.post_message(self._batch(batch, progress, generation))
+            self.post_message(AnalysisFinished(analysis.result.complete and not worker.is_cancelled, generation))
+        except InputError as exc:
+            self.post_message(AnalysisFailed(str(exc), generation))
+        except Exception as exc:  # a failure in the worker becomes a dialog, never a crash
+            self.post_message(AnalysisFailed(f"the analysis failed: {type(exc).__name__}: {exc}", generation))
+        finally:
+            analysis.close()
+
+    @staticmethod
+    def _batch(batch, p, generation) -> TensorsComputed:
+        return TensorsComputed(list(batch), p.done, p.total, p.bytes_done, p.bytes_total, p.elapsed, generation)
+
+    # ----------------------------------------------------------------------------------------- messages
+    def on_analysis_opened(self, msg: AnalysisOpened) -> None:
+        if msg.generation != self.generation:
+            return
+        from rlsub_tui.results import AnalysisResult
+
+        old_key = self.focus_node.key if self.focus_node else None
+        r = msg.result
+        # the app keeps its own result object; only the UI thread writes into it
+        self.result = AnalysisResult(r.base_label, r.base_path, list(r.run_labels), list(r.run_paths), r.criterion,
+                                     r.sweep, r.device, {}, list(r.skipped), list(r.notes), list(r.planned),
+                                     dict(r.planned_numel))
+        self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
+        self._rebuild_tree(old_key)
+        self.title = f"rlsub-tui · {r.base_label}"
+        self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
+                          + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")
+        self.query_one("#progress", ProgressBar).update(total=len(r.planned), progress=0)
+        self.query_one("#progress-text", Static).update(f"0/{len(r.planned)} tensors · {size(msg.bytes_total)} to read")
+        if r.skipped:
+            first = r.skipped[0]
+            self.notify(f"{len(r.skipped)} tensor(s) skipped, e.g. {first.tensor} [{first.run}]: {first.reason}. "
+                        "See the export or `analyze` for the full list.", severity="warning", timeout=8)
+        for note in r.notes:
+            self.notify(note, severity="warning", timeout=8)
+
+    def on_tensors_computed(self, msg: TensorsComputed) -> None:
+        if msg.generation != self.generation or self.result is None:
+            return
+        for t in msg.results:
+            self.result.tensors[t.name] = t
+        self.query_one("#progress", ProgressBar).update(total=msg.total, progress=msg.done)
+        rate = msg.bytes_done / msg.elapsed if msg.elapsed > 0 else 0.0
+        left = (msg.bytes_total - msg.bytes_done) / rate if rate > 0 else float("nan")
+        self.query_one("#progress-text", Static).update(
+            f"{msg.done}/{msg.total} tensors · {size(rate)}/s · {duration(left)} left · esc cancels")
+        self._dirty = True
+
+    def on_analysis_finished(self, msg: AnalysisFinished) -> None:
+        if msg.generation != self.generation:
+            return
+        self.running = False
+        done = len(self.result.tensors) if self.result else 0
+        total = len(self.result.planned) if self.result else 0
+        text = f"{done}/{total} tensors · " + ("complete" if msg.complete else "cancelled: showing what is done")
+        self.query_one("#progress-text", Static).update(text)
+        self._dirty = True
+        self._flush()
+        self.refresh_bindings()
+
+    def on_analysis_failed(self, msg: AnalysisFailed) -> None:
+        if msg.generation != self.generation:
+            return
+        self.running = False
+        self.query_one("#progress-text", Static).update("failed: see the message")
+        self.push_screen(ErrorDialog("Cannot analyse these checkpoints", msg.error))
+
+    def _flush(self) -> None:
+        """Redraw labels, table and chart at most four times a second while results arrive."""
+        if not self._dirty or self.result is None:
+            return
+        self._dirty = False
+        self.query_one(LayerTree).refresh_labels(self.result)
+        self._show_focus()
+
+    # ----------------------------------------------------------------------------------------- views
+    def _rebuild_tree(self, keep_key: str | None = None) -> None:
+        tree = self.query_one(LayerTree)
+        roots = explore.filter_tree(self.roots, self.filter_text)
+        tree.populate(roots, self.result, expand_first=True)
+        if self.filter_text:
+            for node in tree.root.children:
+                node.expand_all()
+        target = explore.find(roots, keep_key) if keep_key else None
+        self.focus_node = target or (roots[0] if roots else None)
+        self._show_focus()
+
+    def _show_focus(self) -> None:
+        node = self.focus_node
+        if node is None or self.result is None:
+            self.query_one("#table-title", Label).update("no tensors match" if self.filter_text else "")
+            return
+        table = self.query_one(ChildrenTable)
+        table.show(*explore.node_table(node, self.result))
+        kids = "one row per child" if node.children else "one row per run"
+        self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
+        self.query_one(ChartPanel).show(self.current_chart())
+
+    def current_chart(self) -> explore.ChartData:
+        return explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric)
+
+    @on(LayerTree.NodeHighlighted)
+    def _highlighted(self, event: LayerTree.NodeHighlighted) -> None:
+        if event.node.data is not None and event.node.data is not self.focus_node:
+            self.focus_node = event.node.data
+            self._show_focus()
+
+    @on(LayerTree.NodeSelected)
+    def _selected(self, event: LayerTree.NodeSelected) -> None:
+        if event.node.data is not None:
+            self.focus_node = event.node.data
+            self._show_focus()
+
+    # ----------------------------------------------------------------------------------------- actions
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
+                      "overlap_metric") and self.result is None:
+            return None
+        return True
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        if self.result is not None:
+            self._rebuild_tree(self.focus_node.key if self.focus_node else None)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, _event: Input.Submitted) -> None:
+        self.query_one(LayerTree).focus()
+
+    def action_cancel_or_clear(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.display and (self.focused is box or self.filter_text):
+            box.value = ""
+            box.display = False
+            self.query_one(LayerTree).focus()
+            return
+        if self.running:
+            self.workers.cancel_group(self, "analysis")
+            self.notify("Cancelling: the tensor in progress finishes, then the computation stops.")
+
+    def action_sort(self) -> None:
+        table = self.query_one(ChildrenTable)
+        key = table.cycle_sort()
+        self._show_focus()
+        self.notify(f"sorted by {key}" + (" (descending)" if table.sort_reverse else ""), timeout=2)
+
+    def action_chart(self, name: str) -> None:
+        self.chart_name = name
+        if self.result is not None:
+            self.query_one(ChartPanel).show(self.current_chart())
+
+    def action_next_chart(self) -> None:
+        i = explore.CHARTS.index(self.chart_name)
+        self.action_chart(explore.CHARTS[(i + 1) % len(explore.CHARTS)])
+
+    def action_previous_chart(self) -> None:
+        i = explore.CHARTS.index(self.chart_name)
+        self.action_chart(explore.CHARTS[(i - 1) % len(explore.CHARTS)])
+
+    def action_overlap_metric(self) -> None:
+        self.overlap_metric = "jaccard" if self.overlap_metric == "o1" else "o1"
+        self.action_chart("overlap")
+
+    def _export_path(self, what: str) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.focus_node.key if self.focus_node else "model").strip("_")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = self.config.export_dir / f"rlsub-{slug}-{what}-{stamp}.csv"
+        n = 2
+        while path.exists():
+            path = self.config.export_dir / f"rlsub-{slug}-{what}-{stamp}-{n}.csv"
+            n += 1
+        return path
+
+    def _write(self, path: Path, text: str) -> None:
+        try:
+            self.config.export_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, text)
+        except OSError as exc:
+            self.push_screen(ErrorDialog("Export failed", f"{path}: cannot be written ({exc.strerror or exc})."))
+            return
+        self.last_export = path
+        self.notify(f"wrote {path}", title="Exported", timeout=8)
+
+    def action_export_table(self) -> None:
+        if self.focus_node is None:
+            return
+        table = self.query_one(ChildrenTable)
+        cols = table.columns_spec
+        header = [c.key for c in cols]
+        rows = [[r[c.key] for c in cols] for r in table.rows_data]
+        self._write(self._export_path("table"), csv_text(header, rows))
+
+    def action_export_chart(self) -> None:
+        if self.focus_node is None:
+            return
+        data = self.current_chart()
+        header, rows = data.rows()
+        self._write(self._export_path(f"chart-{data.name}"), csv_text(header, rows))
+
+    def action_criterion(self) -> None:
+        o = self.options
+        current = CriterionChoice(o.criterion.name,
+                                  o.criterion.value if o.criterion.name == "atol" else 1e-5,
+                                  o.criterion.value if o.criterion.name == "relative" else 1e-3,
+                                  tuple(o.sweep))
+
+        def apply(choice: CriterionChoice | None) -> None:
+            if choice is None:
+                return
+            from rlsub_tui.masks import Criterion
+
+            value = {"atol": choice.tolerance, "relative": choice.eta}.get(choice.criterion, 0.0)
+            try:
+                self.options = replace(self.options, criterion=Criterion(choice.criterion, value),
+                                       sweep=choice.sweep)
+            except InputError as exc:
+                self.push_screen(ErrorDialog("Invalid criterion", str(exc)))
+                return
+            self.workers.cancel_group(self, "analysis")
+            self.start_analysis()
+
+        self.push_screen(CriterionDialog(current), apply)
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Export table", "Write the table to CSV", self.action_export_table)
+        yield SystemCommand("Export chart data", "Write the chart's data to CSV", self.action_export_chart)
+        yield SystemCommand("Change criterion or tolerance", "Recompute with another criterion",
+                            self.action_criterion)
+        yield SystemCommand("Filter tree", "Filter the tree by tensor name", self.action_filter)
+        yield SystemCommand("Cancel computation", "Stop, keeping what is done", self.action_cancel_or_clear)
+        yield SystemCommand("Sort table", "Sort by the cursor's column", self.action_sort)
+        yield SystemCommand("Toggle overlap metric", "o1 or Jaccard", self.action_overlap_metric)
+        for name in explore.CHARTS:
+            yield SystemCommand(f"Chart: {explore.CHART_TITLES[name]}", "Show this chart",
+                                lambda n=name: self.action_chart(n))
+        yield SystemCommand("Help", "Definitions and keys", self.action_help)

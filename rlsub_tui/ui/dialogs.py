@@ -1,0 +1,173 @@
+"""Modal screens: an error dialog, the help screen, and the criterion/tolerance dialog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Markdown, RadioButton, RadioSet, Static
+
+
+class ErrorDialog(ModalScreen[None]):
+    """One clear sentence about what went wrong; the app stays alive behind it."""
+
+    BINDINGS = [Binding("escape,enter,q", "dismiss_dialog", "Close", id="dialog.close")]
+
+    def __init__(self, title: str, message: str):
+        super().__init__()
+        self.title_text = title
+        self.message = message
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="error-box", classes="dialog"):
+            yield Label(self.title_text, id="error-title")
+            yield Static(self.message, id="error-message", markup=False)
+            yield Button("OK", variant="error", id="error-ok")
+
+    def on_button_pressed(self, _event: Button.Pressed) -> None:
+        self.dismiss(None)
+
+    def action_dismiss_dialog(self) -> None:
+        self.dismiss(None)
+
+
+HELP = """\
+# rlsub-tui: which parameters did the runs update?
+
+**Updated parameter**: under `atol` (default t = 1e-5) a parameter counts as updated when
+|Δ| > t with Δ = run − base computed in the stored dtype (t rounded to that dtype, as
+`torch.isclose` does); `exact`: the stored values differ; `relative`: |Δ| > η·max(|w0|,|w1|).
+NaN/Inf in either checkpoint counts as updated.
+
+## Columns of the table
+| column | meaning |
+|---|---|
+| params | parameters compared in the row |
+| sp RUN | update sparsity of that run: 1 − updated / params (pooled, numel-weighted) |
+| sp mean | mean of the runs' sparsities |
+| rank | mean of rank(Δ)/min(m,n) over the row's 2-D matrices and runs (PyTorch's default float32 tolerance) |
+| jacc | mean over run pairs of the Jaccard index \\|A∩B\\|/\\|A∪B\\| of the updated sets |
+| jacc@rnd | the Jaccard expected for independent random sets of the same densities: pq/(p+q−pq) |
+| all K | consensus: fraction of parameters updated by every run |
+| all@rnd | consensus expected if runs were independent: the product of densities |
+| done | tensors computed so far / tensors in the row |
+
+## Charts
+1 sparsity by layer depth (one line per run) · 2 overlap: o1 = \\|A∩B\\|/\\|A\\| per run pair
+against chance \\|B\\|/n (`o` switches to Jaccard) · 3 agreement: % of parameters updated by
+exactly j of K runs against independent runs (Poisson-binomial) · 4 rank ratio per matrix ·
+5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight).
+
+## Keys
+| key | action |
+|---|---|
+| ↑↓ / j k | move · ← → / h l collapse / expand (tree) |
+| g / G | top / bottom |
+| enter | focus the node: table and chart follow it |
+| tab | next pane |
+| / | filter the tree by name (esc clears) |
+| 1-6, [ ] | choose chart · o overlap metric |
+| s | sort the table by the cursor's column (again: reverse) |
+| e / x | export the table / the chart's data to CSV |
+| c | criterion and tolerance |
+| esc | cancel the computation (keeps what is done) |
+| ? | this help · q quit · ctrl+p command palette |
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark", "close", "Close", id="help.close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-box", classes="dialog"):
+            yield Markdown(HELP)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass
+class CriterionChoice:
+    criterion: str
+    tolerance: float
+    eta: float
+    sweep: tuple[float, ...]
+
+
+class CriterionDialog(ModalScreen[CriterionChoice | None]):
+    """Pick what counts as updated; the analysis is recomputed (ranks come from the cache)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="criterion.cancel")]
+
+    def __init__(self, current: CriterionChoice):
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        c = self.current
+        with Vertical(id="criterion-box", classes="dialog"):
+            yield Label("What counts as an updated parameter?")
+            with RadioSet(id="criterion-set"):
+                yield RadioButton("atol: |Δ| > tolerance (stored dtype)", value=c.criterion == "atol", id="atol")
+                yield RadioButton("exact: stored values differ", value=c.criterion == "exact", id="exact")
+                yield RadioButton("relative: |Δ| > η·max(|w0|,|w1|)", value=c.criterion == "relative", id="relative")
+            with Horizontal(classes="field"):
+                yield Label("tolerance ")
+                yield Input(f"{c.tolerance:g}", id="tolerance")
+            with Horizontal(classes="field"):
+                yield Label("η         ")
+                yield Input(f"{c.eta:g}", id="eta")
+            with Horizontal(classes="field"):
+                yield Label("sweep     ")
+                yield Input(",".join(f"{t:g}" for t in c.sweep), placeholder="1e-8,1e-7,1e-6,1e-5", id="sweep")
+            yield Static("", id="criterion-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Apply", variant="primary", id="apply")
+                yield Button("Cancel", id="cancel")
+
+    def _parse(self) -> CriterionChoice:
+        radio = self.query_one(RadioSet)
+        chosen = radio.pressed_button.id if radio.pressed_button else self.current.criterion
+
+        def number(field: str) -> float:
+            text = self.query_one(f"#{field}", Input).value.strip()
+            try:
+                v = float(text)
+            except ValueError:
+                raise ValueError(f"{field} '{text}' is not a number") from None
+            if not (v >= 0 and v != float("inf")):
+                raise ValueError(f"{field} must be a finite number >= 0")
+            return v
+
+        sweep_text = self.query_one("#sweep", Input).value.strip()
+        sweep = []
+        for part in filter(None, (p.strip() for p in sweep_text.split(","))):
+            try:
+                v = float(part)
+            except ValueError:
+                raise ValueError(f"sweep value '{part}' is not a number") from None
+            if not (v >= 0 and v != float("inf")):
+                raise ValueError("sweep values must be finite numbers >= 0")
+            sweep.append(v)
+        return CriterionChoice(chosen, number("tolerance"), number("eta"), tuple(sorted(sweep)))
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "cancel":
+            self.dismiss(None)
+            return
+        self.apply()
+
+    def on_input_submitted(self, _event: Input.Submitted) -> None:
+        self.apply()
+
+    def apply(self) -> None:
+        try:
+            self.dismiss(self._parse())
+        except ValueError as exc:
+            self.query_one("#criterion-error", Static).update(str(exc))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

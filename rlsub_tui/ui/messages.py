@@ -1,0 +1,43 @@
+"""Messages from the analysis worker to the app: the worker never touches widgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+from rlsub_tui.results import AnalysisResult, TensorResult
+
+
+@dataclass
+class AnalysisOpened(Message):
+    """Headers read and tensors matched: enough to draw the tree before any tensor is read."""
+
+    result: AnalysisResult
+    bytes_total: int
+    generation: int
+
+
+@dataclass
+class TensorsComputed(Message):
+    """A batch of finished tensors and where the computation stands."""
+
+    results: list[TensorResult]
+    done: int
+    total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed: float
+    generation: int
+
+
+@dataclass
+class AnalysisFinished(Message):
+    complete: bool
+    generation: int
+
+
+@dataclass
+class AnalysisFailed(Message):
+    error: str
+    generation: int

@@ -1,0 +1,89 @@
+"""The table of the selected node's children, one row each, formatted for people and sortable."""
+
+from __future__ import annotations
+
+import math
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.widgets import DataTable
+
+from rlsub_tui.explore import Column
+from rlsub_tui.formatting import count, pct, ratio, sci
+
+
+def display(value, kind: str) -> Text:
+    if kind == "count":
+        return Text(count(value), justify="right")
+    if kind == "pct":
+        return Text(pct(value), justify="right")
+    if kind == "ratio":
+        return Text(ratio(value, 3), justify="right")
+    if kind == "sci":
+        return Text(sci(value), justify="right")
+    return Text(str(value))
+
+
+def sort_value(value):
+    if isinstance(value, float) and math.isnan(value):
+        return (1, 0.0)
+    if isinstance(value, (int, float)):
+        return (0, value)
+    return (0, str(value))
+
+
+class ChildrenTable(DataTable):
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False, id="table.down"),
+        Binding("k", "cursor_up", "Up", show=False, id="table.up"),
+        Binding("h", "cursor_left", "Left", show=False, id="table.left"),
+        Binding("l", "cursor_right", "Right", show=False, id="table.right"),
+        Binding("g", "scroll_top", "Top", show=False, id="table.top"),
+        Binding("G", "scroll_bottom", "Bottom", show=False, id="table.bottom"),
+    ]
+
+    def __init__(self, **kw):
+        super().__init__(cursor_type="row", zebra_stripes=True, **kw)
+        self.columns_spec: list[Column] = []
+        self.rows_data: list[dict] = []
+        self.sort_column: str | None = None
+        self.sort_reverse = False
+
+    def show(self, columns: list[Column], rows: list[dict]) -> None:
+        keep_row = self.cursor_row
+        if [c.key for c in columns] != [c.key for c in self.columns_spec]:
+            self.clear(columns=True)
+            for c in columns:
+                self.add_column(c.title, key=c.key)
+            self.columns_spec = columns
+        else:
+            self.clear()
+        self.rows_data = self._sorted(rows)
+        for i, row in enumerate(self.rows_data):
+            self.add_row(*(display(row[c.key], c.kind) for c in columns), key=str(i))
+        if self.rows_data:
+            self.move_cursor(row=min(keep_row, len(self.rows_data) - 1), animate=False)
+
+    def _sorted(self, rows: list[dict]) -> list[dict]:
+        if self.sort_column is None:
+            return list(rows)
+        key = self.sort_column
+        return sorted(rows, key=lambda r: sort_value(r.get(key)), reverse=self.sort_reverse)
+
+    def cycle_sort(self) -> str:
+        """Sort by the next column (the first press sorts by the cursor's column)."""
+        keys = [c.key for c in self.columns_spec]
+        if not keys:
+            return ""
+        current = keys[self.cursor_column] if self.cursor_column < len(keys) else keys[0]
+        if self.sort_column == current:
+            self.sort_reverse = not self.sort_reverse
+        else:
+            self.sort_column, self.sort_reverse = current, current != "name"
+        return self.sort_column
+
+    def action_scroll_top(self) -> None:
+        self.move_cursor(row=0)
+
+    def action_scroll_bottom(self) -> None:
+        self.move_cursor(row=max(0, self.row_count - 1))
