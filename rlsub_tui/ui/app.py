@@ -49,7 +49,8 @@ class ExplorerApp(App):
         Binding("x", "export_chart", "Chart CSV", show=False, id="app.export_chart",
                 tooltip="Write the chart's data to CSV"),
         Binding("c", "criterion", "Criterion", id="app.criterion", tooltip="Change criterion or tolerance"),
-        Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the cursor's column"),
+        Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the next column"),
+        Binding("S", "reverse_sort", "Reverse", show=False, id="app.reverse_sort", tooltip="Reverse the sort"),
         Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric"),
         Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
         Binding("bracketleft", "previous_chart", "Prev chart", show=False, id="app.previous_chart"),
@@ -248,7 +249,7 @@ class ExplorerApp(App):
     # ----------------------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters) -> bool | None:
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
-                      "overlap_metric") and self.result is None:
+                      "overlap_metric", "reverse_sort") and self.result is None:
             return None
         return True
 
@@ -282,10 +283,12 @@ class ExplorerApp(App):
             self.notify("Cancelling: the tensor in progress finishes, then the computation stops.")
 
     def action_sort(self) -> None:
-        table = self.query_one(ChildrenTable)
-        key = table.cycle_sort()
+        self.query_one(ChildrenTable).cycle_sort()
         self._show_focus()
-        self.notify(f"sorted by {key}" + (" (descending)" if table.sort_reverse else ""), timeout=2)
+
+    def action_reverse_sort(self) -> None:
+        self.query_one(ChildrenTable).reverse_sort()
+        self._show_focus()
 
     def action_chart(self, name: str) -> None:
         self.chart_name = name
@@ -372,7 +375,8 @@ class ExplorerApp(App):
                             self.action_criterion)
         yield SystemCommand("Filter tree", "Filter the tree by tensor name", self.action_filter)
         yield SystemCommand("Cancel computation", "Stop, keeping what is done", self.action_cancel_or_clear)
-        yield SystemCommand("Sort table", "Sort by the cursor's column", self.action_sort)
+        yield SystemCommand("Sort table", "Sort by the next column", self.action_sort)
+        yield SystemCommand("Reverse sort", "Reverse the table's order", self.action_reverse_sort)
         yield SystemCommand("Toggle overlap metric", "o1 or Jaccard", self.action_overlap_metric)
         for name in explore.CHARTS:
             yield SystemCommand(f"Chart: {explore.CHART_TITLES[name]}", "Show this chart",

@@ -46,13 +46,16 @@ NaN/Inf in either checkpoint counts as updated.
 | column | meaning |
 |---|---|
 | params | parameters compared in the row |
-| sp RUN | update sparsity of that run: 1 − updated / params (pooled, numel-weighted) |
-| sp mean | mean of the runs' sparsities |
-| rank | mean of rank(Δ)/min(m,n) over the row's 2-D matrices and runs (PyTorch's default float32 tolerance) |
+| sparsity | mean over runs of the update sparsity 1 − updated / params (pooled, numel-weighted) |
 | jacc | mean over run pairs of the Jaccard index \\|A∩B\\|/\\|A∪B\\| of the updated sets |
-| jacc@rnd | the Jaccard expected for independent random sets of the same densities: pq/(p+q−pq) |
+| @rnd (after jacc) | the Jaccard expected for independent random sets of the same densities: pq/(p+q−pq) |
 | all K | consensus: fraction of parameters updated by every run |
-| all@rnd | consensus expected if runs were independent: the product of densities |
+| @rnd (after all K) | consensus expected if runs were independent: the product of densities |
+| rank | mean of rank(Δ)/min(m,n) over the row's 2-D matrices and runs (PyTorch's default float32 tolerance) |
+| sp RUN | update sparsity of that run |
+
+For a single tensor the table has one row per run: updated count, sparsity, rank and its
+maximum min(m,n), mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius), NaN/Inf count, and sparsity at each sweep tolerance.
 | done | tensors computed so far / tensors in the row |
 
 ## Charts
@@ -70,7 +73,7 @@ exactly j of K runs against independent runs (Poisson-binomial) · 4 rank ratio 
 | tab | next pane |
 | / | filter the tree by name (esc clears) |
 | 1-6, [ ] | choose chart · o overlap metric |
-| s | sort the table by the cursor's column (again: reverse) |
+| s / S | sort the table by the next column (▼ largest first) / reverse it |
 | e / x | export the table / the chart's data to CSV |
 | c | criterion and tolerance |
 | esc | cancel the computation (keeps what is done) |

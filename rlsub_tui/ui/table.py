@@ -51,13 +51,14 @@ class ChildrenTable(DataTable):
 
     def show(self, columns: list[Column], rows: list[dict]) -> None:
         keep_row = self.cursor_row
-        if [c.key for c in columns] != [c.key for c in self.columns_spec]:
-            self.clear(columns=True)
-            for c in columns:
-                self.add_column(c.title, key=c.key)
-            self.columns_spec = columns
-        else:
-            self.clear()
+        keys = [c.key for c in columns]
+        if self.sort_column not in keys:
+            self.sort_column = None
+        self.clear(columns=True)
+        for c in columns:
+            arrow = "" if c.key != self.sort_column else (" ▼" if self.sort_reverse else " ▲")
+            self.add_column(c.title + arrow, key=c.key)
+        self.columns_spec = columns
         self.rows_data = self._sorted(rows)
         for i, row in enumerate(self.rows_data):
             self.add_row(*(display(row[c.key], c.kind) for c in columns), key=str(i))
@@ -71,16 +72,20 @@ class ChildrenTable(DataTable):
         return sorted(rows, key=lambda r: sort_value(r.get(key)), reverse=self.sort_reverse)
 
     def cycle_sort(self) -> str:
-        """Sort by the next column (the first press sorts by the cursor's column)."""
+        """Sort by the next column: numbers largest first, names A to Z; after the last, back to none."""
         keys = [c.key for c in self.columns_spec]
         if not keys:
             return ""
-        current = keys[self.cursor_column] if self.cursor_column < len(keys) else keys[0]
-        if self.sort_column == current:
-            self.sort_reverse = not self.sort_reverse
-        else:
-            self.sort_column, self.sort_reverse = current, current != "name"
+        i = keys.index(self.sort_column) + 1 if self.sort_column in keys else 0
+        if i >= len(keys):
+            self.sort_column = None
+            return "original order"
+        self.sort_column = keys[i]
+        self.sort_reverse = self.columns_spec[i].kind != "text"
         return self.sort_column
+
+    def reverse_sort(self) -> None:
+        self.sort_reverse = not self.sort_reverse
 
     def action_scroll_top(self) -> None:
         self.move_cursor(row=0)

@@ -62,6 +62,8 @@ class LayerTree(Tree[Node]):
         for i, r in enumerate(roots):
             self._add(self.root, r, result, expand=(i == 0 and expand_first))
         self.root.expand()
+        if roots:
+            self.cursor_line = 0
 
     def _add(self, parent: TreeNode, node: Node, result, expand=False) -> None:
         if node.children:
