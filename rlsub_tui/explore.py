@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rlsub_tui.masks import MAG_BINS, MAG_MIN_EXP
+from rlsub_tui.masks import MAG_BINS, MAG_X_MIN
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
 
@@ -346,7 +346,7 @@ def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
     for b in range(1, MAG_BINS):
         if s.magnitude_numel[b] == 0:
             continue
-        xs.append(MAG_MIN_EXP + b - 2)  # |w0| in [2^(x), 2^(x+1))
+        xs.append(MAG_X_MIN + b - 1)  # |w0| in [2^x, 2^(x+1)), clamped at the ends
         for i, label in enumerate(result.run_labels):
             series[label].append(100 * s.magnitude_updated[i, b] / s.magnitude_numel[b])
     msg = None if xs else "waiting for results…"

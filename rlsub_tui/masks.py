@@ -5,17 +5,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from rlsub_tui.errors import InputError
 from rlsub_tui.rank import update_rank
 
 CRITERIA = ("atol", "exact", "relative")
-# |w0| magnitude bins for "which weights changed": bin 0 holds zeros, bins 1.. hold
-# exponents MAG_MIN_EXP..MAG_MAX_EXP of |w0| = m * 2**e (m in [0.5, 1)), clamped at both ends.
-MAG_MIN_EXP = -24
-MAG_MAX_EXP = 4
-MAG_BINS = MAG_MAX_EXP - MAG_MIN_EXP + 2
+# |w0| magnitude bins for "which weights changed": bin 0 holds zeros (and subnormals), bin b >= 1 holds
+# |w0| in [2^x, 2^(x+1)) with x = MAG_X_MIN + b - 1, clamped to [MAG_X_MIN, MAG_X_MAX] at both ends.
+MAG_X_MIN = -25
+MAG_X_MAX = 3
+MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
+CHUNK_ELEMENTS = 1 << 22  # elementwise work is done in chunks this size: cache-friendly, bounded memory
+MAX_CODED_RUNS = 16  # up to this many runs, pair overlaps come from one histogram of per-parameter run codes
 
 
 @dataclass(frozen=True)
@@ -74,28 +77,11 @@ def stored_delta(base: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     return run - base
 
 
-def updated_mask(base: torch.Tensor, run: torch.Tensor, delta: torch.Tensor, nonfinite: torch.Tensor,
-                 criterion: Criterion) -> torch.Tensor:
-    """Boolean mask of updated parameters; NaN/Inf in either checkpoint always counts as updated."""
-    if criterion.name == "atol":
-        # Compared in delta's dtype: the tolerance is rounded to it (bf16: 1e-5 -> 1.00136e-5), and a
-        # delta equal to that rounded value is *not* updated, exactly like torch.isclose(delta, 0, atol).
-        mask = ~(delta.abs() <= criterion.value)
-    elif criterion.name == "exact":
-        mask = run != base
-    else:
-        wide = torch.float64 if base.dtype == torch.float64 else torch.float32
-        b, r = base.to(wide), run.to(wide)
-        limit = torch.maximum(b.abs(), r.abs()) * criterion.value
-        mask = ~((r - b).abs() <= limit)
-    return mask | nonfinite
-
-
-def magnitude_bins(base: torch.Tensor) -> torch.Tensor:
-    """Bin index of each |w0| by binary exponent (see MAG_* above)."""
-    w = base.float().abs()
-    exp = torch.frexp(w).exponent.clamp(MAG_MIN_EXP, MAG_MAX_EXP) - MAG_MIN_EXP + 1
-    return torch.where(w == 0, torch.zeros_like(exp), exp).reshape(-1).long()
+def magnitude_bins(base32: torch.Tensor) -> torch.Tensor:
+    """Bin index of each |w0| from its float32 exponent bits (see MAG_* above)."""
+    biased = (base32.view(torch.int32) >> 23) & 0xFF
+    bins = (biased - 127).clamp_(MAG_X_MIN, MAG_X_MAX) - (MAG_X_MIN - 1)
+    return torch.where(biased == 0, torch.zeros_like(bins), bins)
 
 
 @dataclass
@@ -111,6 +97,13 @@ class TensorComputation:
     rank_note: str | None = None
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """A threshold as the stored dtype represents it (bf16: 1e-5 -> 1.00136e-5), as torch.isclose compares."""
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return float(torch.tensor(value, dtype=torch.float32).to(dtype).float())
+    return float(torch.tensor(value, dtype=dtype))
+
+
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
                    ranks: list[int | None] | None = None) -> TensorComputation:
@@ -118,66 +111,107 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
 
     `base` and every run must have one shape and one dtype (the engine casts mixed dtypes first).
     `ranks`, when given, are known ranks (from the cache) and are not recomputed.
+    Elementwise work runs over chunks of CHUNK_ELEMENTS, so temporaries stay small whatever the tensor.
     """
     k = len(runs)
-    base_finite = torch.isfinite(base) if base.is_floating_point() else None
-    mags = magnitude_bins(base)
-    magnitude_numel = torch.bincount(mags, minlength=MAG_BINS).tolist()
-    masks: list[torch.Tensor] = []
-    count = torch.zeros(base.shape, dtype=torch.uint8, device=base.device)
-    positive = torch.zeros_like(count)
-    negative = torch.zeros_like(count)
+    dtype = base.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = _rounded(criterion.value, dtype) if criterion.name == "atol" else 0.0
+    sweep_tols = [_rounded(t, dtype) for t in sweep]
+    flat_base = base.reshape(-1)
+    flat_runs = [r.reshape(-1) for r in runs]
+    n = flat_base.numel()
+    dev = base.device
+
+    updated = [0] * k
+    nonfinite = [0] * k
+    sum_abs = [0.0] * k
+    sq_delta = [0.0] * k
+    sq_base = 0.0
+    sweep_counts = [[0] * len(sweep) for _ in range(k)]
+    mag_numel = torch.zeros(MAG_BINS, dtype=torch.int64, device=dev)
+    mag_updated = [torch.zeros(MAG_BINS, dtype=torch.int64, device=dev) for _ in range(k)]
+    coded = k <= MAX_CODED_RUNS
+    code_hist = torch.zeros(1 << k if coded else 1, dtype=torch.int64, device=dev)
+    both = {(a, b): 0 for a in range(k) for b in range(a + 1, k)}
+    agreement = torch.zeros(k + 1, dtype=torch.int64, device=dev)
+    multi = 0
+    sign_agree = 0
+
+    for start in range(0, max(n, 1), CHUNK_ELEMENTS):
+        b = flat_base[start:start + CHUNK_ELEMENTS]
+        if b.numel() == 0:
+            break
+        b32 = b.to(torch.float32)
+        bins = magnitude_bins(b32)
+        mag_numel += torch.bincount(bins, minlength=MAG_BINS)
+        sq_base += float(torch.sum(torch.nan_to_num(b32, nan=0.0, posinf=0.0, neginf=0.0) ** 2,
+                                   dtype=torch.float64))
+        count = torch.zeros(b.shape, dtype=torch.int8, device=dev)
+        signs = torch.zeros(b.shape, dtype=torch.int8, device=dev)
+        code = torch.zeros(b.shape, dtype=torch.int32, device=dev) if coded else None
+        masks = []
+        for j, run in enumerate(flat_runs):
+            r = run[start:start + CHUNK_ELEMENTS]
+            d = stored_delta(b, r).to(work)
+            finite = torch.isfinite(d)  # Δ is NaN/Inf exactly where base or run is (or Δ overflows)
+            bad = b.numel() - int(finite.sum())
+            if bad:
+                d = torch.where(finite, d, torch.zeros_like(d))
+            absd = d.abs()
+            if criterion.name == "atol":
+                mask = absd > tol
+            elif criterion.name == "exact":
+                mask = r != b
+            else:
+                bw, rw = b.to(work), r.to(work)
+                mask = (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
+            if bad:
+                mask |= ~finite
+                nonfinite[j] += bad
+            updated[j] += int(mask.sum())
+            for i, t in enumerate(sweep_tols):
+                sweep_counts[j][i] += int((absd > t).sum()) + bad
+            sum_abs[j] += float(torch.sum(absd, dtype=torch.float64))
+            sq_delta[j] += float(torch.sum(d * d, dtype=torch.float64))
+            mag_updated[j] += torch.bincount(bins[mask], minlength=MAG_BINS)
+            count += mask
+            signs += torch.sign(d).to(torch.int8) * mask
+            if coded:
+                code |= mask.to(torch.int32) << j
+            else:
+                masks.append(mask)
+        agreement += torch.bincount(count.to(torch.int64), minlength=k + 1)
+        several = count >= 2
+        multi += int(several.sum())
+        sign_agree += int((several & (signs.abs() == count)).sum())
+        if coded:
+            code_hist += torch.bincount(code.to(torch.int64), minlength=1 << k)
+        else:
+            for (a, c) in both:
+                both[(a, c)] += int((masks[a] & masks[c]).sum())
+
+    if coded and k > 1:
+        hist = code_hist.cpu().numpy()
+        codes = np.arange(1 << k)
+        for (a, c) in both:
+            both[(a, c)] = int(hist[((codes >> a) & 1 & (codes >> c)).astype(bool)].sum())
+
     stats: list[RunTensorStats] = []
     rank_note = None
-    for idx, run in enumerate(runs):
-        delta = stored_delta(base, run)
-        nonfinite = ~(base_finite & torch.isfinite(run))
-        n_nonfinite = int(nonfinite.sum())
-        mask = updated_mask(base, run, delta, nonfinite, criterion)
-        absd = delta.abs()
-        sweep_counts = [int((~(absd <= t) | nonfinite).sum()) for t in sweep]
-        if n_nonfinite:
-            clean_delta = torch.where(nonfinite, torch.zeros_like(delta), delta)
-            clean_base = torch.where(torch.isfinite(base), base, torch.zeros_like(base))
-        else:
-            clean_delta, clean_base = delta, base
-        d64 = clean_delta.to(torch.float64)
-        rank = None
-        if ranks is not None and ranks[idx] is not None:
-            rank = ranks[idx]
-        elif want_rank and base.ndim == 2:
-            if n_nonfinite:
+    for j, run in enumerate(runs):
+        rank = ranks[j] if ranks is not None else None
+        if rank is None and want_rank and base.ndim == 2:
+            if nonfinite[j]:
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
-                rank = update_rank(delta)
+                rank = update_rank(stored_delta(base, run))
         stats.append(RunTensorStats(
-            updated=int(mask.sum()),
-            nonfinite=n_nonfinite,
-            sum_abs_delta=float(d64.abs().sum()),
-            sq_delta=float((d64 * d64).sum()),
-            sq_base=float(clean_base.to(torch.float64).pow(2).sum()),
-            sweep=sweep_counts,
-            rank=rank,
-            magnitude_updated=torch.bincount(mags[mask.reshape(-1)], minlength=MAG_BINS).tolist(),
+            updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
+            sq_base=sq_base, sweep=sweep_counts[j], rank=rank,
+            magnitude_updated=mag_updated[j].tolist(),
         ))
-        del d64, absd
-        count += mask
-        positive += mask & (delta > 0)
-        negative += mask & (delta < 0)
-        masks.append(mask)
-    both = {}
-    for a in range(k):
-        for b in range(a + 1, k):
-            both[(a, b)] = int((masks[a] & masks[b]).sum())
-    agreement = torch.bincount(count.reshape(-1).long(), minlength=k + 1).tolist()
-    multi_mask = count >= 2
-    same_sign = (positive == count) | (negative == count)
     return TensorComputation(
-        runs=stats,
-        both=both,
-        agreement=agreement,
-        multi=int(multi_mask.sum()),
-        sign_agree=int((multi_mask & same_sign).sum()),
-        magnitude_numel=magnitude_numel,
-        rank_note=rank_note,
+        runs=stats, both=both, agreement=agreement.tolist(), multi=multi, sign_agree=sign_agree,
+        magnitude_numel=mag_numel.tolist(), rank_note=rank_note,
     )

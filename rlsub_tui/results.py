@@ -11,7 +11,7 @@ from rlsub_tui import overlap
 from rlsub_tui.masks import MAG_BINS, Criterion, RunTensorStats, TensorComputation
 from rlsub_tui.names import Placement, place, tensor_kind
 
-RESULT_VERSION = 3
+RESULT_VERSION = 4
 
 
 @dataclass

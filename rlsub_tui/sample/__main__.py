@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     base = train.pretrain(model_cfg, spec["pretrain"], tr)
     train.save_checkpoint(base, out / "base", torch.bfloat16, {"run": "base", **asdict(spec["pretrain"])})
     base = train.load_model(out / "base", model_cfg)  # what every run starts from: the bf16 base
+    # the same values in fp32, to compare the fp32 run against without rounding it to bf16
+    train.save_checkpoint(base, out / "base-fp32", torch.float32, {"run": "base", "saved": "fp32"})
     accuracy = {"base": train.accuracy(base, te)}
     print(f"      base held-out accuracy {accuracy['base']:.3f}", flush=True)
     print(f"[2/3] {len(spec['runs'])} fine-tuning runs on {args.jobs} process(es)", flush=True)
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
     from rlsub_tui.sample.report import measure
 
     measurements = measure(out)
+    from rlsub_tui.sample.report import render_readme
+
     record = {
         "model": asdict(model_cfg),
         "task": "two-digit addition a+b (0<=a,b<100), answer digits reversed, 80/20 train/held-out split",
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(render_readme(record))
     write_checksums(out)
     print(f"done in {time.perf_counter() - start:.0f}s -> {out.resolve()}", flush=True)
     return 0

@@ -1,0 +1,268 @@
+"""Speed and memory of the engine at real model shapes: prints a table of figures and ratios.
+
+    python benchmarks/bench_engine.py                # Qwen2.5-0.5B shapes, base + 3 runs, bf16
+    python benchmarks/bench_engine.py --layers 4     # a quick look
+
+Every figure comes from one run on the same files with the page cache warm; compare ratios.
+Runs unchanged on a GPU machine (the engine picks CUDA when torch sees it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+QWEN05 = dict(vocab=151936, hidden=896, intermediate=4864, heads=14, kv_heads=2, head_dim=64)
+
+
+def model_shapes(layers: int, vocab: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                 head_dim: int) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Qwen2-style checkpoint (tied embeddings: no lm_head)."""
+    s = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        s.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.q_proj.bias": (heads * head_dim,),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+        })
+    s["model.norm.weight"] = (hidden,)
+    return s
+
+
+def write_checkpoints(root: Path, shapes: dict, k: int, seed: int = 0) -> list[Path]:
+    """Base + k runs as bf16 safetensors, written tensor by tensor. RL-like updates: sparse, with a
+    seed-independent 'hot' set shared by all runs, steps around one bf16 ULP (some round away)."""
+    names = sorted(shapes)
+    header, offset = {}, 0
+    for n in names:
+        numel = 1
+        for d in shapes[n]:
+            numel *= d
+        header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + 2 * numel]}
+        offset += 2 * numel
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dirs = [root / "base"] + [root / f"run{i}" for i in range(k)]
+    files = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text("{}")
+        fh = open(d / "model.safetensors", "wb")
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        files.append(fh)
+    g = torch.Generator().manual_seed(seed)
+    for n in names:
+        shape = shapes[n]
+        base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        if "norm" in n:
+            base = torch.ones(shape, dtype=torch.bfloat16)
+        files[0].write(base.view(torch.uint8).numpy().tobytes() if base.numel() else b"")
+        hot = torch.rand(shape, generator=g) < 0.25
+        for i in range(k):
+            own = torch.rand(shape, generator=g) < 0.10
+            step = torch.randn(shape, generator=g) * 2e-4 * (hot | own)
+            run = (base.float() + step).to(torch.bfloat16) if "norm" not in n else base
+            files[1 + i].write(run.view(torch.uint8).numpy().tobytes() if run.numel() else b"")
+    for fh in files:
+        fh.close()
+    return dirs
+
+
+def read_floor(dirs: list[Path]) -> tuple[float, int]:
+    """Seconds to read every byte of the checkpoints once (page cache warm)."""
+    total = 0
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    for d in dirs:
+        with open(d / "model.safetensors", "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(view)
+                if not n:
+                    break
+                total += n
+    return time.perf_counter() - start, total
+
+
+CHILD = r"""
+import json, resource, sys, time
+mode, args = sys.argv[1], json.loads(sys.argv[2])
+start = time.perf_counter()
+if mode == "ours":
+    from rlsub_tui.cli import main
+    code = main(args)
+    assert code == 0, code
+elif mode == "reference":
+    import torch
+    from safetensors.torch import load_file
+    base = load_file(args[0] + "/model.safetensors")
+    run = load_file(args[1] + "/model.safetensors")
+    deltas = torch.cat([(run[n] - base[n]).flatten() for n in base])
+    updated = int((~torch.isclose(deltas, torch.zeros_like(deltas), atol=1e-5)).sum())
+    print("updated", updated, file=sys.stderr)
+wall = time.perf_counter() - start
+# VmHWM (peak RSS) resets at exec; ru_maxrss would carry the parent's peak over from fork
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"wall": wall, "rss_mb": hwm / 1024}))
+"""
+
+
+def child(mode: str, args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(args)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ours(dirs: list[Path], out: Path, extra: list[str] = ()) -> dict:
+    args = ["analyze", str(dirs[0]), *map(str, dirs[1:]), "--out", str(out), "--quiet", "--no-cache", *extra]
+    return child("ours", args)
+
+
+def rank_comparison(dirs: list[Path], layers: int, device: str) -> dict:
+    from rlsub_tui.checkpoint import open_checkpoint
+    from rlsub_tui.masks import stored_delta
+    from rlsub_tui.rank import reference_rank, update_rank
+
+    base, run = open_checkpoint(str(dirs[0])), open_checkpoint(str(dirs[1]))
+    names = [n for n, i in base.tensors.items() if len(i.shape) == 2 and "layers." in n
+             and int(n.split("layers.")[1].split(".")[0]) < layers]
+    t_ours = t_ref = 0.0
+    agree, count = 0, 0
+    dev = torch.device(device)
+    for n in names:
+        d = stored_delta(base.read(n).to(dev), run.read(n).to(dev))
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        r1 = update_rank(d)
+        sync()
+        t1 = time.perf_counter()
+        r2 = reference_rank(d)
+        sync()
+        t2 = time.perf_counter()
+        t_ours += t1 - t0
+        t_ref += t2 - t1
+        agree += r1 == r2
+        count += 1
+    return {"matrices": count, "agree": agree, "ours": t_ours, "reference": t_ref}
+
+
+def ui_responsiveness(dirs: list[Path]) -> dict:
+    """First paint (tree from headers) and the longest event-loop stall while the worker computes."""
+    import asyncio
+
+    from rlsub_tui.engine import AnalysisOptions
+    from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+
+    async def go():
+        app = ExplorerApp(ExplorerConfig(str(dirs[0]), [str(d) for d in dirs[1:]],
+                                         AnalysisOptions(use_cache=False, rank=True), Path(tempfile.gettempdir())))
+        gaps, state = [], {"last": None, "first_paint": None}
+        t0 = time.perf_counter()
+        async with app.run_test(size=(120, 40)) as pilot:
+            def tick():
+                now = time.perf_counter()
+                if state["last"] is not None:
+                    gaps.append(now - state["last"])
+                state["last"] = now
+                if state["first_paint"] is None and app.result is not None:
+                    state["first_paint"] = now - t0
+            app.set_interval(0.01, tick)
+            while app.running or app.result is None:
+                await pilot.pause(0.05)
+                await pilot.press("j")  # a user browsing while it computes
+            total = time.perf_counter() - t0
+        return {"first_paint": state["first_paint"], "max_stall_ms": 1000 * (max(gaps) - 0.01),
+                "p99_stall_ms": 1000 * (sorted(gaps)[int(0.99 * (len(gaps) - 1))] - 0.01), "total": total}
+
+    return asyncio.run(go())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rank-layers", type=int, default=2, help="layers whose matrices the rank comparison uses")
+    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "rlsub-bench")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-ui", action="store_true")
+    args = p.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    shapes = model_shapes(args.layers, **QWEN05)
+    half = model_shapes(max(1, args.layers // 2), **QWEN05)
+    full_dir, half_dir = args.dir / f"L{args.layers}", args.dir / f"L{max(1, args.layers // 2)}"
+    t = time.perf_counter()
+    dirs = write_checkpoints(full_dir, shapes, args.runs)
+    half_dirs = write_checkpoints(half_dir, half, args.runs)
+    print(f"# wrote checkpoints in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    params = sum(int(torch.tensor(s).prod()) if s else 1 for s in shapes.values())
+
+    read_floor(dirs)  # warm the page cache
+    floor, nbytes = min(read_floor(dirs) for _ in range(2))
+    no_rank = ours(dirs, args.dir / "out-norank", ["--no-rank", "--device", device])
+    with_rank = ours(dirs, args.dir / "out-rank", ["--device", device])
+    pair_ours = ours(dirs[:2], args.dir / "out-pair", ["--no-rank", "--device", device])
+    pair_ref = child("reference", [str(dirs[0]), str(dirs[1])])
+    read_floor(half_dirs)
+    half_run = ours(half_dirs, args.dir / "out-half", ["--no-rank", "--device", device])
+    rank = rank_comparison(dirs, args.rank_layers, device)
+    ui = None if args.skip_ui else ui_responsiveness(dirs)
+
+    gb = nbytes / 1e9
+    rows = [
+        ("machine", f"{platform.node()} · {os.cpu_count()} cores · {device}"
+                    + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else "") + f" · {date.today()}"),
+        ("model", f"Qwen2.5-0.5B shapes, {args.layers} layers, {params / 1e6:.0f}M params, base + {args.runs} runs, "
+                  f"{gb:.2f} GB read"),
+        ("1. floor: read every byte once", f"{floor:.2f} s  ({gb / floor:.2f} GB/s)"),
+        ("2. analyze, no rank", f"{no_rank['wall']:.2f} s  ({gb / no_rank['wall']:.2f} GB/s)  "
+                                f"peak RSS {no_rank['rss_mb']:.0f} MB  ->  {no_rank['wall'] / floor:.2f}x floor "
+                                f"(target <= 2x)"),
+        ("   analyze, with rank", f"{with_rank['wall']:.2f} s  peak RSS {with_rank['rss_mb']:.0f} MB"),
+        ("3. rank: ours vs matrix_rank", f"{rank['ours']:.2f} s vs {rank['reference']:.2f} s on {rank['matrices']} "
+                                         f"matrices -> {rank['reference'] / max(rank['ours'], 1e-9):.1f}x faster "
+                                         f"(target >= 3x); ranks agree on {rank['agree']}/{rank['matrices']}"),
+        ("4. one pair: reference approach", f"{pair_ref['wall']:.2f} s, peak RSS {pair_ref['rss_mb']:.0f} MB"),
+        ("   one pair: ours (no rank)", f"{pair_ours['wall']:.2f} s, peak RSS {pair_ours['rss_mb']:.0f} MB  ->  "
+                                       f"{pair_ref['wall'] / pair_ours['wall']:.1f}x faster (target >= 10x), "
+                                       f"{pair_ours['rss_mb'] / pair_ref['rss_mb']:.2f} of its memory (target <= 0.2)"),
+        ("5. peak RSS vs depth", f"{max(1, args.layers // 2)} layers {half_run['rss_mb']:.0f} MB, {args.layers} layers "
+                                 f"{no_rank['rss_mb']:.0f} MB -> {100 * (no_rank['rss_mb'] / half_run['rss_mb'] - 1):+.1f}% "
+                                 f"(target < +10%)"),
+    ]
+    if ui:
+        rows.append(("6. UI", f"first paint {ui['first_paint']:.2f} s (target < 1 s); longest event-loop stall "
+                              f"{ui['max_stall_ms']:.0f} ms, p99 {ui['p99_stall_ms']:.0f} ms (target < 100 ms) "
+                              f"over {ui['total']:.0f} s of computing with rank"))
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'measure':<{width}} | result |\n|{'-' * (width + 2)}|--------|")
+    for k, v in rows:
+        print(f"| {k:<{width}} | {v} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The bundled sample: real training code, checkpoints that transformers loads, files that do not drift."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from rlsub_tui.sample import task
+from rlsub_tui.sample.__main__ import main as generate
+from rlsub_tui.sample.model import LlamaConfig, TinyLlama
+from rlsub_tui.sample.train import completion_mask, load_model
+from rlsub_tui.sample_paths import sample_checkpoints, sample_dir
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
+
+
+def test_committed_files_match_their_checksums():
+    sums = json.loads((SAMPLE / "SHA256SUMS.json").read_text())
+    assert len(sums) >= 2 * 10  # weights and config of base, base-fp32, 6 GRPO, SFT, fp32 run
+    for rel, digest in sums.items():
+        assert hashlib.sha256((SAMPLE / rel).read_bytes()).hexdigest() == digest, rel
+
+
+def test_sample_holds_base_three_seeds_per_family_and_sft():
+    names = {p.name for p in SAMPLE.iterdir() if p.is_dir()}
+    assert {"base", "sft"} <= names
+    assert len([n for n in names if n.startswith("grpo-lowlr-seed")]) >= 3
+    assert len([n for n in names if n.startswith("grpo-highlr-seed")]) >= 3
+    total = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
+    assert total < 30e6
+    record = json.loads((SAMPLE / "training.json").read_text())
+    acc = record["held_out_accuracy"]
+    assert all(acc[f"grpo-lowlr-seed{s}"] > acc["base"] for s in (1, 2, 3))
+
+
+def test_default_explorer_runs_are_the_grpo_seeds():
+    base, runs = sample_checkpoints()
+    assert Path(base) == sample_dir() / "base"
+    assert sorted(Path(r).name for r in runs) == [f"grpo-{f}-seed{s}" for f in ("highlr", "lowlr") for s in (1, 2, 3)]
+
+
+def test_forward_matches_transformers_on_committed_base():
+    transformers = pytest.importorskip("transformers")
+    cfg = LlamaConfig()
+    ours = load_model(SAMPLE / "base", cfg).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(SAMPLE / "base"), torch_dtype=torch.float32).eval()
+    tr, te = task.split_pairs()
+    ids = torch.cat([task.prompts(te[:64]), task.answers(te[:64])], dim=1)
+    with torch.no_grad():
+        a = ours(ids)
+        b = theirs(input_ids=ids).logits
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_completion_mask_stops_after_eos():
+    c = torch.tensor([[1, 2, task.EOS, 4], [task.EOS, 1, 1, 1], [1, 1, 1, 1]])
+    assert completion_mask(c).tolist() == [[True, True, True, False], [True, False, False, False], [True] * 4]
+
+
+def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
+    assert generate(["--out", str(tmp_path), "--quick", "--jobs", "1"]) == 0
+    expected = {n: tuple(p.shape) for n, p in TinyLlama(LlamaConfig()).named_parameters()}
+    for run in ["base", "grpo-lowlr-seed1", "grpo-highlr-seed3", "sft", "fp32-grpo-lowlr-seed1", "base-fp32"]:
+        with safe_open(str(tmp_path / run / "model.safetensors"), "pt") as f:
+            assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == expected
+            want = "F32" if "fp32" in run else "BF16"
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {want}
+        cfg = json.loads((tmp_path / run / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"]
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["quick"] and "grpo-lowlr" in record["measurements"]
+    assert (tmp_path / "README.md").read_text().startswith("# The bundled sample")
