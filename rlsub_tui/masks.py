@@ -104,6 +104,17 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=dtype))
 
 
+def _bincount(x: torch.Tensor, minlength: int) -> np.ndarray:
+    """Histogram of small non-negative ints: numpy on the CPU (several times faster there), torch on a GPU."""
+    if x.is_cuda:
+        return torch.bincount(x.reshape(-1).long(), minlength=minlength).cpu().numpy()
+    return np.bincount(x.reshape(-1).numpy(), minlength=minlength)
+
+
+def _nonzero(mask: torch.Tensor) -> int:
+    return int(torch.count_nonzero(mask))  # far faster than mask.sum() on bool tensors
+
+
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
                    ranks: list[int | None] | None = None) -> TensorComputation:
@@ -112,6 +123,9 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     `base` and every run must have one shape and one dtype (the engine casts mixed dtypes first).
     `ranks`, when given, are known ranks (from the cache) and are not recomputed.
     Elementwise work runs over chunks of CHUNK_ELEMENTS, so temporaries stay small whatever the tensor.
+    For up to MAX_CODED_RUNS runs each parameter gets a code (bit j set when run j updated it), and
+    one histogram of (|w0| bin, code) per chunk yields updated counts by magnitude, every pair's
+    overlap and the agreement histogram at once.
     """
     k = len(runs)
     dtype = base.dtype
@@ -122,6 +136,8 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     flat_runs = [r.reshape(-1) for r in runs]
     n = flat_base.numel()
     dev = base.device
+    coded = k <= MAX_CODED_RUNS
+    code_dtype = torch.int16 if k < 16 else torch.int32
 
     updated = [0] * k
     nonfinite = [0] * k
@@ -129,36 +145,39 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     sq_delta = [0.0] * k
     sq_base = 0.0
     sweep_counts = [[0] * len(sweep) for _ in range(k)]
-    mag_numel = torch.zeros(MAG_BINS, dtype=torch.int64, device=dev)
-    mag_updated = [torch.zeros(MAG_BINS, dtype=torch.int64, device=dev) for _ in range(k)]
-    coded = k <= MAX_CODED_RUNS
-    code_hist = torch.zeros(1 << k if coded else 1, dtype=torch.int64, device=dev)
+    joint = np.zeros(MAG_BINS << k if coded else 1, dtype=np.int64)  # (bin, code) histogram
+    mag_numel = np.zeros(MAG_BINS, dtype=np.int64)
+    mag_updated = [np.zeros(MAG_BINS, dtype=np.int64) for _ in range(k)]
     both = {(a, b): 0 for a in range(k) for b in range(a + 1, k)}
-    agreement = torch.zeros(k + 1, dtype=torch.int64, device=dev)
+    agreement = np.zeros(k + 1, dtype=np.int64)
     multi = 0
     sign_agree = 0
 
-    for start in range(0, max(n, 1), CHUNK_ELEMENTS):
+    for start in range(0, n, CHUNK_ELEMENTS):
         b = flat_base[start:start + CHUNK_ELEMENTS]
-        if b.numel() == 0:
-            break
         b32 = b.to(torch.float32)
         bins = magnitude_bins(b32)
-        mag_numel += torch.bincount(bins, minlength=MAG_BINS)
-        sq_base += float(torch.sum(torch.nan_to_num(b32, nan=0.0, posinf=0.0, neginf=0.0) ** 2,
-                                   dtype=torch.float64))
+        sq = float(torch.dot(b32, b32)) if b32.dtype == torch.float32 else float(torch.dot(b32, b32))
+        if not math.isfinite(sq):
+            clean = torch.nan_to_num(b32, nan=0.0, posinf=0.0, neginf=0.0)
+            sq = float(torch.dot(clean, clean))
+        sq_base += sq
         count = torch.zeros(b.shape, dtype=torch.int8, device=dev)
         signs = torch.zeros(b.shape, dtype=torch.int8, device=dev)
-        code = torch.zeros(b.shape, dtype=torch.int32, device=dev) if coded else None
+        code = torch.zeros(b.shape, dtype=code_dtype, device=dev) if coded else None
         masks = []
         for j, run in enumerate(flat_runs):
             r = run[start:start + CHUNK_ELEMENTS]
             d = stored_delta(b, r).to(work)
-            finite = torch.isfinite(d)  # Δ is NaN/Inf exactly where base or run is (or Δ overflows)
-            bad = b.numel() - int(finite.sum())
-            if bad:
-                d = torch.where(finite, d, torch.zeros_like(d))
             absd = d.abs()
+            total = float(absd.sum())
+            bad = 0
+            if not math.isfinite(total):  # NaN/Inf in base or run (rare): zero them out, count as updated
+                finite = torch.isfinite(d)
+                bad = b.numel() - _nonzero(finite)
+                d = torch.where(finite, d, torch.zeros_like(d))
+                absd = d.abs()
+                total = float(absd.sum())
             if criterion.name == "atol":
                 mask = absd > tol
             elif criterion.name == "exact":
@@ -169,33 +188,41 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
             if bad:
                 mask |= ~finite
                 nonfinite[j] += bad
-            updated[j] += int(mask.sum())
+            updated[j] += _nonzero(mask)
             for i, t in enumerate(sweep_tols):
-                sweep_counts[j][i] += int((absd > t).sum()) + bad
-            sum_abs[j] += float(torch.sum(absd, dtype=torch.float64))
-            sq_delta[j] += float(torch.sum(d * d, dtype=torch.float64))
-            mag_updated[j] += torch.bincount(bins[mask], minlength=MAG_BINS)
+                sweep_counts[j][i] += _nonzero(absd > t) + bad
+            sum_abs[j] += total
+            sq_delta[j] += float(torch.dot(d, d))
             count += mask
             signs += torch.sign(d).to(torch.int8) * mask
             if coded:
-                code |= mask.to(torch.int32) << j
+                code |= mask.to(code_dtype) << j
             else:
                 masks.append(mask)
-        agreement += torch.bincount(count.to(torch.int64), minlength=k + 1)
+                mag_updated[j] += _bincount(bins[mask], MAG_BINS)
         several = count >= 2
-        multi += int(several.sum())
-        sign_agree += int((several & (signs.abs() == count)).sum())
+        multi += _nonzero(several)
+        sign_agree += _nonzero(several & (signs.abs() == count))
         if coded:
-            code_hist += torch.bincount(code.to(torch.int64), minlength=1 << k)
+            joint += _bincount((bins.to(torch.int32) << k) | code.to(torch.int32), MAG_BINS << k)
         else:
+            mag_numel += _bincount(bins, MAG_BINS)
+            agreement += _bincount(count, k + 1)
             for (a, c) in both:
-                both[(a, c)] += int((masks[a] & masks[c]).sum())
+                both[(a, c)] += _nonzero(masks[a] & masks[c])
 
-    if coded and k > 1:
-        hist = code_hist.cpu().numpy()
+    if coded:
+        table = joint.reshape(MAG_BINS, 1 << k)
+        mag_numel = table.sum(axis=1)
+        by_code = table.sum(axis=0)
         codes = np.arange(1 << k)
+        bits = [(codes >> j) & 1 == 1 for j in range(k)]
+        for j in range(k):
+            mag_updated[j] = table[:, bits[j]].sum(axis=1)
         for (a, c) in both:
-            both[(a, c)] = int(hist[((codes >> a) & 1 & (codes >> c)).astype(bool)].sum())
+            both[(a, c)] = int(by_code[bits[a] & bits[c]].sum())
+        popcount = np.array([bin(c).count("1") for c in codes])
+        agreement = np.bincount(popcount, weights=by_code, minlength=k + 1).astype(np.int64)
 
     stats: list[RunTensorStats] = []
     rank_note = None
@@ -209,9 +236,9 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
         stats.append(RunTensorStats(
             updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
             sq_base=sq_base, sweep=sweep_counts[j], rank=rank,
-            magnitude_updated=mag_updated[j].tolist(),
+            magnitude_updated=[int(x) for x in mag_updated[j]],
         ))
     return TensorComputation(
-        runs=stats, both=both, agreement=agreement.tolist(), multi=multi, sign_agree=sign_agree,
-        magnitude_numel=mag_numel.tolist(), rank_note=rank_note,
+        runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
+        magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,
     )

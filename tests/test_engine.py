@@ -199,7 +199,7 @@ def test_per_tensor_rows_and_ranks(tmp_path):
                 assert s.rank == reference.numpy_rank(d)
             else:
                 assert s.rank is None
-            assert s.sum_abs_delta == pytest.approx(float(np.abs(d.astype(np.float64)).sum()), rel=1e-9)
+            assert s.sum_abs_delta == pytest.approx(float(np.abs(d.astype(np.float64)).sum()), rel=1e-6)
 
 
 def test_cache_reopens_and_resumes_identically(tmp_path):

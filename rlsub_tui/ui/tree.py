@@ -23,17 +23,17 @@ def sparsity_bar(sparsity: float) -> str:
 
 
 def node_label(node: Node, result: AnalysisResult | None) -> Text:
-    text = Text(node.label)  # a Text, never markup: "[attn]" must stay visible
-    if result is None:
-        return text
-    s = result.stats(node.tensors)
-    if s.tensors == 0:
-        text.append("  …", style="dim")
-        return text
-    sp = s.mean_sparsity()
-    text.append(f"  {pct(sp):>6} ", style="bold" if sp == sp and sp < 0.5 else "")
-    text.append(sparsity_bar(sp), style="cyan")
-    if s.tensors < len(node.tensors):
+    """Sparsity and bar first, so they stay visible in a narrow pane; then the name (a Text, never markup)."""
+    text = Text()
+    s = result.stats(node.tensors) if result is not None else None
+    if s is None or s.tensors == 0:
+        text.append(f"{'…':>6} {'·' * BAR_WIDTH} ", style="dim")
+    else:
+        sp = s.mean_sparsity()
+        text.append(f"{pct(sp):>6} ", style="bold" if sp == sp and sp < 0.5 else "")
+        text.append(sparsity_bar(sp) + " ", style="cyan")
+    text.append(node.label)
+    if s is not None and 0 < s.tensors < len(node.tensors):
         text.append(f" {s.tensors}/{len(node.tensors)}", style="dim")
     return text
 
