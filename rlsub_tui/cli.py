@@ -50,8 +50,7 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
 
 
 def analysis_options(args):
-    from rlsub_tui.engine import AnalysisOptions
-    from rlsub_tui.masks import Criterion
+    from rlsub_tui.criteria import AnalysisOptions, Criterion
 
     value = args.tolerance if args.criterion == "atol" else args.eta if args.criterion == "relative" else 0.0
     return AnalysisOptions(criterion=Criterion(args.criterion, value), sweep=tuple(args.sweep),

@@ -16,7 +16,8 @@ import torch
 from rlsub_tui.cache import ResultCache
 from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
-from rlsub_tui.masks import Criterion, compare_dtype, compute_tensor
+from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
+from rlsub_tui.masks import compare_dtype, compute_tensor
 from rlsub_tui.names import canonical
 from rlsub_tui.results import RESULT_VERSION, AnalysisResult, Skipped, TensorResult
 
@@ -28,22 +29,6 @@ DTYPE_NAMES = {
 
 def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
-@dataclass
-class AnalysisOptions:
-    criterion: Criterion = field(default_factory=Criterion)
-    sweep: tuple[float, ...] = ()
-    rank: bool = True
-    device: str = "auto"
-    common_rows: bool = False
-    use_cache: bool = True
-    cache_dir: Path | None = None
-
-    def __post_init__(self):
-        for t in self.sweep:
-            if not math.isfinite(t) or t < 0:
-                raise InputError(f"sweep tolerance {t} must be a finite number >= 0.")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rlsub_tui.masks import MAG_BINS, MAG_X_MIN
+from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
 
@@ -117,6 +117,31 @@ def filter_tree(roots: list[Node], text: str) -> list[Node]:
     return [k for k in (keep(r) for r in roots) if k is not None]
 
 
+class StatsIndex:
+    """Pooled statistics of every node, kept up to date as results arrive (each result is added once
+    to the nodes that hold it), so redraws never re-pool the whole model."""
+
+    def __init__(self, roots: list[Node], result: AnalysisResult):
+        self.result = result
+        self.by_key: dict[str, Stats] = {}
+        self.members: dict[str, list[Stats]] = {}
+        for root in roots:
+            for node in root.walk():
+                st = self.by_key[node.key] = Stats(result.k, len(result.sweep))
+                for t in node.tensors:
+                    self.members.setdefault(t, []).append(st)
+        for r in result.tensors.values():
+            self.add(r)
+
+    def add(self, r) -> None:
+        for st in self.members.get(r.name, ()):
+            st.add(r)
+
+    def get(self, node: Node) -> Stats:
+        st = self.by_key.get(node.key)
+        return st if st is not None else self.result.stats(node.tensors)
+
+
 # --------------------------------------------------------------------------------------------------
 # The children table
 
@@ -146,8 +171,8 @@ def table_columns(result: AnalysisResult) -> list[Column]:
     return cols
 
 
-def row_values(node: Node, result: AnalysisResult) -> dict:
-    s = result.stats(node.tensors)
+def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = None) -> dict:
+    s = index.get(node) if index is not None else result.stats(node.tensors)
     jac, jac_chance = s.mean_jaccard()
     values = {"name": node.label, "numel": sum(_numel(result, t) for t in node.tensors)}
     for i, label in enumerate(result.run_labels):
@@ -171,9 +196,9 @@ def _numel(result: AnalysisResult, name: str) -> int:
     return result.planned_numel.get(name, 0)
 
 
-def table_rows(node: Node, result: AnalysisResult) -> list[dict]:
+def table_rows(node: Node, result: AnalysisResult, index: StatsIndex | None = None) -> list[dict]:
     """One row per child of the node."""
-    return [row_values(c, result) for c in node.children]
+    return [row_values(c, result, index) for c in node.children]
 
 
 def tensor_columns(result: AnalysisResult) -> list[Column]:
@@ -216,11 +241,12 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
     return rows
 
 
-def node_table(node: Node, result: AnalysisResult) -> tuple[list[Column], list[dict]]:
+def node_table(node: Node, result: AnalysisResult, index: StatsIndex | None = None
+               ) -> tuple[list[Column], list[dict]]:
     """What the table shows for a node: its children, or for a single tensor one row per run."""
     if node.is_tensor:
         return tensor_columns(result), tensor_rows(node.tensors[0], result)
-    return table_columns(result), table_rows(node, result)
+    return table_columns(result), table_rows(node, result, index)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,57 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from rlsub_tui.errors import InputError
 from rlsub_tui.rank import update_rank
 
-CRITERIA = ("atol", "exact", "relative")
-# |w0| magnitude bins for "which weights changed": bin 0 holds zeros (and subnormals), bin b >= 1 holds
-# |w0| in [2^x, 2^(x+1)) with x = MAG_X_MIN + b - 1, clamped to [MAG_X_MIN, MAG_X_MAX] at both ends.
-MAG_X_MIN = -25
-MAG_X_MAX = 3
-MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
+from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
+
 CHUNK_ELEMENTS = 1 << 22  # elementwise work is done in chunks this size: cache-friendly, bounded memory
-MAX_CODED_RUNS = 16  # up to this many runs, pair overlaps come from one histogram of per-parameter run codes
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """What counts as updated. `value` is the tolerance (atol) or eta (relative); unused for exact."""
-
-    name: str = "atol"
-    value: float = 1e-5
-
-    def __post_init__(self):
-        if self.name not in CRITERIA:
-            raise InputError(f"unknown criterion '{self.name}'; choose one of {', '.join(CRITERIA)}.")
-        if self.name != "exact" and (not math.isfinite(self.value) or self.value < 0):
-            raise InputError(f"the {self.name} threshold must be a finite number >= 0, not {self.value}.")
-
-    def describe(self) -> str:
-        if self.name == "atol":
-            return f"atol {self.value:g}"
-        if self.name == "relative":
-            return f"relative eta {self.value:g}"
-        return "exact"
-
-
-@dataclass
-class RunTensorStats:
-    """One run's numbers on one tensor."""
-
-    updated: int
-    nonfinite: int
-    sum_abs_delta: float
-    sq_delta: float
-    sq_base: float
-    sweep: list[int] = field(default_factory=list)
-    rank: int | None = None
-    magnitude_updated: list[int] = field(default_factory=list)
+MAX_CODED_RUNS = 15  # up to this many runs, pair overlaps come from one histogram of per-parameter run codes
 
 
 def compare_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:

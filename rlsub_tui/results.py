@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from rlsub_tui import overlap
-from rlsub_tui.masks import MAG_BINS, Criterion, RunTensorStats, TensorComputation
+from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 from rlsub_tui.names import Placement, place, tensor_kind
 
 RESULT_VERSION = 4
@@ -31,7 +31,8 @@ class TensorResult:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_computation(cls, name, dtype, shape, numel, comp: TensorComputation, notes=()):
+    def from_computation(cls, name, dtype, shape, numel, comp, notes=()):
+        """From a masks.TensorComputation."""
         notes = list(notes) + ([comp.rank_note] if comp.rank_note else [])
         return cls(name, dtype, list(shape), numel, comp.runs, comp.both, comp.agreement, comp.multi,
                    comp.sign_agree, comp.magnitude_numel, notes)

@@ -38,7 +38,7 @@ def make_app(root: Path, runs=("seed0", "seed1", "seed2"), **opts) -> ExplorerAp
 async def settle(app, pilot):
     await app.workers.wait_for_complete()
     await pilot.pause(0.3)
-    app._flush()
+    app._redraw_results()
     await pilot.pause()
 
 

@@ -68,6 +68,7 @@ class ExplorerApp(App):
         self.options = config.options
         self.result = None  # AnalysisResult, once the worker has opened the checkpoints
         self.roots: list[explore.Node] = []
+        self.index: explore.StatsIndex | None = None
         self.focus_node: explore.Node | None = None
         self.chart_name = "depth"
         self.overlap_metric = "o1"
@@ -97,7 +98,7 @@ class ExplorerApp(App):
         self.query_one("#filter").display = False
         self.sub_title = "opening checkpoints…"
         self.query_one(LayerTree).focus()
-        self.set_interval(0.25, self._flush)
+        self.set_interval(0.25, self._redraw_results)
         self.start_analysis()
 
     # ----------------------------------------------------------------------------------------- worker
@@ -174,6 +175,8 @@ class ExplorerApp(App):
             return
         for t in msg.results:
             self.result.tensors[t.name] = t
+            if self.index is not None:
+                self.index.add(t)
         self.query_one("#progress", ProgressBar).update(total=msg.total, progress=msg.done)
         rate = msg.bytes_done / msg.elapsed if msg.elapsed > 0 else 0.0
         left = (msg.bytes_total - msg.bytes_done) / rate if rate > 0 else float("nan")
@@ -190,7 +193,7 @@ class ExplorerApp(App):
         text = f"{done}/{total} tensors · " + ("complete" if msg.complete else "cancelled: showing what is done")
         self.query_one("#progress-text", Static).update(text)
         self._dirty = True
-        self._flush()
+        self._redraw_results()
         self.refresh_bindings()
 
     def on_analysis_failed(self, msg: AnalysisFailed) -> None:
@@ -200,19 +203,20 @@ class ExplorerApp(App):
         self.query_one("#progress-text", Static).update("failed: see the message")
         self.push_screen(ErrorDialog("Cannot analyse these checkpoints", msg.error))
 
-    def _flush(self) -> None:
+    def _redraw_results(self) -> None:
         """Redraw labels, table and chart at most four times a second while results arrive."""
         if not self._dirty or self.result is None:
             return
         self._dirty = False
-        self.query_one(LayerTree).refresh_labels(self.result)
+        self.query_one(LayerTree).refresh_labels()
         self._show_focus()
 
     # ----------------------------------------------------------------------------------------- views
     def _rebuild_tree(self, keep_key: str | None = None) -> None:
         tree = self.query_one(LayerTree)
         roots = explore.filter_tree(self.roots, self.filter_text)
-        tree.populate(roots, self.result, expand_first=True)
+        self.index = explore.StatsIndex(roots, self.result)
+        tree.populate(roots, self.index, expand_first=True)
         if self.filter_text:
             for node in tree.root.children:
                 node.expand_all()
@@ -226,7 +230,7 @@ class ExplorerApp(App):
             self.query_one("#table-title", Label).update("no tensors match" if self.filter_text else "")
             return
         table = self.query_one(ChildrenTable)
-        table.show(*explore.node_table(node, self.result))
+        table.show(*explore.node_table(node, self.result, self.index))
         kids = "one row per child" if node.children else "one row per run"
         self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
         self.query_one(ChartPanel).show(self.current_chart())
@@ -353,7 +357,7 @@ class ExplorerApp(App):
         def apply(choice: CriterionChoice | None) -> None:
             if choice is None:
                 return
-            from rlsub_tui.masks import Criterion
+            from rlsub_tui.criteria import Criterion
 
             value = {"atol": choice.tolerance, "relative": choice.eta}.get(choice.criterion, 0.0)
             try:

@@ -12,6 +12,17 @@ from rlsub_tui.explore import Column
 from rlsub_tui.formatting import count, pct, ratio, sci
 
 
+NAME_WIDTH = 24
+
+
+def short(name: str, width: int = NAME_WIDTH) -> str:
+    """Long names keep their start and end (the informative parts): 'post_attention_l…m.weight'."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) * 2 // 3
+    return name[:head] + "…" + name[-(width - 1 - head):]
+
+
 def display(value, kind: str) -> Text:
     if kind == "count":
         return Text(count(value), justify="right")
@@ -21,7 +32,7 @@ def display(value, kind: str) -> Text:
         return Text(ratio(value, 3), justify="right")
     if kind == "sci":
         return Text(sci(value), justify="right")
-    return Text(str(value))
+    return Text(short(str(value)))
 
 
 def sort_value(value):

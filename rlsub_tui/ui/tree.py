@@ -7,9 +7,8 @@ from textual.binding import Binding
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from rlsub_tui.explore import Node
+from rlsub_tui.explore import Node, StatsIndex
 from rlsub_tui.formatting import pct
-from rlsub_tui.results import AnalysisResult
 
 BAR_WIDTH = 6
 
@@ -22,10 +21,10 @@ def sparsity_bar(sparsity: float) -> str:
     return "█" * filled + "░" * (BAR_WIDTH - filled)
 
 
-def node_label(node: Node, result: AnalysisResult | None) -> Text:
+def node_label(node: Node, index: StatsIndex | None) -> Text:
     """Sparsity and bar first, so they stay visible in a narrow pane; then the name (a Text, never markup)."""
     text = Text()
-    s = result.stats(node.tensors) if result is not None else None
+    s = index.get(node) if index is not None else None
     if s is None or s.tensors == 0:
         text.append(f"{'…':>6} {'·' * BAR_WIDTH} ", style="dim")
     else:
@@ -55,31 +54,38 @@ class LayerTree(Tree[Node]):
         self.show_root = False
         self.guide_depth = 2
         self._roots: list[Node] = []
+        self._index: StatsIndex | None = None
 
-    def populate(self, roots: list[Node], result: AnalysisResult | None, expand_first: bool = True) -> None:
+    def populate(self, roots: list[Node], index: StatsIndex | None, expand_first: bool = True) -> None:
         self.clear()
         self._roots = roots
+        self._index = index
         for i, r in enumerate(roots):
-            self._add(self.root, r, result, expand=(i == 0 and expand_first))
+            self._add(self.root, r, index, expand=(i == 0 and expand_first))
         self.root.expand()
         if roots:
             self.cursor_line = 0
 
-    def _add(self, parent: TreeNode, node: Node, result, expand=False) -> None:
+    def _add(self, parent: TreeNode, node: Node, index, expand=False) -> None:
         if node.children:
-            t = parent.add(node_label(node, result), data=node, expand=expand)
+            t = parent.add(node_label(node, index), data=node, expand=expand)
             for c in node.children:
-                self._add(t, c, result)
+                self._add(t, c, index)
         else:
-            parent.add_leaf(node_label(node, result), data=node)
+            parent.add_leaf(node_label(node, index), data=node)
 
-    def refresh_labels(self, result: AnalysisResult) -> None:
+    def refresh_labels(self, under: TreeNode | None = None) -> None:
+        """Relabel the nodes a user can see (collapsed subtrees are relabelled when expanded)."""
         def visit(tn: TreeNode):
             for child in tn.children:
                 if child.data is not None:
-                    child.set_label(node_label(child.data, result))
-                visit(child)
-        visit(self.root)
+                    child.set_label(node_label(child.data, self._index))
+                if child.is_expanded:
+                    visit(child)
+        visit(under or self.root)
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
+        self.refresh_labels(event.node)
 
     def action_collapse_or_parent(self) -> None:
         node = self.cursor_node

@@ -1,0 +1,67 @@
+"""What counts as updated, and the per-run numbers kept for each tensor (no torch: the UI imports this)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlsub_tui.errors import InputError
+
+CRITERIA = ("atol", "exact", "relative")
+# |w0| magnitude bins for "which weights changed": bin 0 holds zeros (and subnormals), bin b >= 1 holds
+# |w0| in [2^x, 2^(x+1)) with x = MAG_X_MIN + b - 1, clamped to [MAG_X_MIN, MAG_X_MAX] at both ends.
+MAG_X_MIN = -25
+MAG_X_MAX = 3
+MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """What counts as updated. `value` is the tolerance (atol) or eta (relative); unused for exact."""
+
+    name: str = "atol"
+    value: float = 1e-5
+
+    def __post_init__(self):
+        if self.name not in CRITERIA:
+            raise InputError(f"unknown criterion '{self.name}'; choose one of {', '.join(CRITERIA)}.")
+        if self.name != "exact" and (not math.isfinite(self.value) or self.value < 0):
+            raise InputError(f"the {self.name} threshold must be a finite number >= 0, not {self.value}.")
+
+    def describe(self) -> str:
+        if self.name == "atol":
+            return f"atol {self.value:g}"
+        if self.name == "relative":
+            return f"relative eta {self.value:g}"
+        return "exact"
+
+
+@dataclass
+class RunTensorStats:
+    """One run's numbers on one tensor."""
+
+    updated: int
+    nonfinite: int
+    sum_abs_delta: float
+    sq_delta: float
+    sq_base: float
+    sweep: list[int] = field(default_factory=list)
+    rank: int | None = None
+    magnitude_updated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisOptions:
+    criterion: Criterion = field(default_factory=Criterion)
+    sweep: tuple[float, ...] = ()
+    rank: bool = True
+    device: str = "auto"
+    common_rows: bool = False
+    use_cache: bool = True
+    cache_dir: Path | None = None
+
+    def __post_init__(self):
+        for t in self.sweep:
+            if not math.isfinite(t) or t < 0:
+                raise InputError(f"sweep tolerance {t} must be a finite number >= 0.")
