@@ -278,3 +278,28 @@ def test_snapshot_120x40(checkpoints, snap_compare):
         await pilot.pause(0.2)
 
     assert snap_compare(make_app(checkpoints), terminal_size=(120, 40), run_before=ready)
+
+
+async def test_tree_preview_comes_before_torch_work(checkpoints):
+    messages = []
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30), message_hook=messages.append) as pilot:
+        await settle(app, pilot)
+        kinds = [type(m).__name__ for m in messages if type(m).__name__ in ("TreePreview", "AnalysisOpened")]
+        assert kinds[:2] == ["TreePreview", "AnalysisOpened"]
+        preview = next(m for m in messages if type(m).__name__ == "TreePreview")
+        assert sorted(preview.names) == sorted(app.result.planned)
+
+
+def test_preview_names_per_layout(tmp_path):
+    from rlsub_tui.preview import tensor_names
+
+    b = base_state()
+    for layout in ("safetensors", "sharded", "file"):
+        path = save(b, tmp_path / layout, layout)
+        assert sorted(tensor_names(str(path))) == sorted(b)
+    save(b, tmp_path / "bin", "bin")
+    assert tensor_names(str(tmp_path / "bin")) is None  # pickles wait for the real loader
+    assert tensor_names(str(tmp_path / "missing")) is None
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
+    assert tensor_names(str(tmp_path / "junk.safetensors")) is None

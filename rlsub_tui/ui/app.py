@@ -20,7 +20,7 @@ from rlsub_tui.export import atomic_write, csv_text
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen
-from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed
+from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed, TreePreview
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 
@@ -112,10 +112,14 @@ class ExplorerApp(App):
     def analyze(self, generation: int) -> None:
         from textual.worker import get_current_worker
 
-        from rlsub_tui.engine import Analysis
+        from rlsub_tui.preview import tensor_names
 
         worker = get_current_worker()
         cfg = self.config
+        names = tensor_names(cfg.base) if self.result is None else None
+        if names:
+            self.post_message(TreePreview(names, Path(cfg.base.rstrip("/")).name or cfg.base, generation))
+        from rlsub_tui.engine import Analysis  # imports torch: a second or so
         try:
             analysis = Analysis(cfg.base, cfg.runs, self.options)
         except InputError as exc:
@@ -145,6 +149,13 @@ class ExplorerApp(App):
         return TensorsComputed(list(batch), p.done, p.total, p.bytes_done, p.bytes_total, p.elapsed, generation)
 
     # ----------------------------------------------------------------------------------------- messages
+    def on_tree_preview(self, msg: TreePreview) -> None:
+        if msg.generation != self.generation or self.result is not None:
+            return
+        self.roots = explore.build_tree(msg.names, f"{msg.label} ({len(msg.names)} tensors)")
+        tree = self.query_one(LayerTree)
+        tree.populate(self.roots, None, expand_first=True)
+
     def on_analysis_opened(self, msg: AnalysisOpened) -> None:
         if msg.generation != self.generation:
             return

@@ -10,6 +10,15 @@ from rlsub_tui.results import AnalysisResult, TensorResult
 
 
 @dataclass
+class TreePreview(Message):
+    """Tensor names read from the base's header alone, before torch is even imported."""
+
+    names: list[str]
+    label: str
+    generation: int
+
+
+@dataclass
 class AnalysisOpened(Message):
     """Headers read and tensors matched: enough to draw the tree before any tensor is read."""
 
