@@ -37,11 +37,19 @@ def stored_delta(base: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     return run - base
 
 
-def magnitude_bins(base32: torch.Tensor) -> torch.Tensor:
-    """Bin index of each |w0| from its float32 exponent bits (see MAG_* above)."""
-    biased = (base32.view(torch.int32) >> 23) & 0xFF
-    bins = (biased - 127).clamp_(MAG_X_MIN, MAG_X_MAX) - (MAG_X_MIN - 1)
-    return torch.where(biased == 0, torch.zeros_like(bins), bins)
+def magnitude_table(shift: int = 0, device=None) -> torch.Tensor:
+    """Bin of every float32 biased exponent 0..255 (see MAG_* above), times 2**shift."""
+    biased = torch.arange(256, dtype=torch.int32)
+    bins = (biased - 127).clamp(MAG_X_MIN, MAG_X_MAX) - (MAG_X_MIN - 1)
+    bins[0] = 0  # zeros and subnormals
+    return (bins << shift).to(device)
+
+
+def magnitude_bins(base32: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Bin index of each |w0| (times 2**shift of `table`), looked up from its float32 exponent bits."""
+    if table is None:
+        table = magnitude_table(device=base32.device)
+    return torch.index_select(table, 0, (base32.view(torch.int32) >> 23) & 0xFF)
 
 
 @dataclass
@@ -106,6 +114,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     sq_base = 0.0
     sweep_counts = [[0] * len(sweep) for _ in range(k)]
     joint = np.zeros(MAG_BINS << k if coded else 1, dtype=np.int64)  # (bin, code) histogram
+    table = magnitude_table(k if coded else 0, dev)
     mag_numel = np.zeros(MAG_BINS, dtype=np.int64)
     mag_updated = [np.zeros(MAG_BINS, dtype=np.int64) for _ in range(k)]
     both = {(a, b): 0 for a in range(k) for b in range(a + 1, k)}
@@ -116,8 +125,8 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     for start in range(0, n, CHUNK_ELEMENTS):
         b = flat_base[start:start + CHUNK_ELEMENTS]
         b32 = b.to(torch.float32)
-        bins = magnitude_bins(b32)
-        sq = float(torch.dot(b32, b32)) if b32.dtype == torch.float32 else float(torch.dot(b32, b32))
+        bins = magnitude_bins(b32, table)  # already shifted left by k when coded
+        sq = float(torch.dot(b32, b32))
         if not math.isfinite(sq):
             clean = torch.nan_to_num(b32, nan=0.0, posinf=0.0, neginf=0.0)
             sq = float(torch.dot(clean, clean))
@@ -164,7 +173,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
         multi += _nonzero(several)
         sign_agree += _nonzero(several & (signs.abs() == count))
         if coded:
-            joint += _bincount((bins.to(torch.int32) << k) | code.to(torch.int32), MAG_BINS << k)
+            joint += _bincount(bins | code.to(torch.int32), MAG_BINS << k)
         else:
             mag_numel += _bincount(bins, MAG_BINS)
             agreement += _bincount(count, k + 1)
