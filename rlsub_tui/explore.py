@@ -26,6 +26,7 @@ class Node:
     tensors: list[str]
     children: list["Node"] = field(default_factory=list)
     is_tensor: bool = False
+    level: str = "group"  # model | layer | submodule | kind | type | tensor
 
     def walk(self):
         yield self
@@ -38,56 +39,50 @@ def _layer_sort_key(path: str):
     return (0, int(tail)) if tail.isdigit() else (1, path)
 
 
+def _group(groups: dict[str, Node], key: str, label: str, level: str, parent: Node | None) -> Node:
+    """The group node of this key, created (and attached to its parent) on first use."""
+    node = groups.get(key)
+    if node is None:
+        node = groups[key] = Node(key, label, [], level=level)
+        if parent is not None:
+            parent.children.append(node)
+    return node
+
+
 def build_tree(names: list[str], model_label: str = "model") -> list[Node]:
     """Two roots: the model by structure (layers → submodules → tensors), and the same tensors by type."""
-    model = Node("model", model_label, list(names))
-    layers: dict[str, Node] = {}
-    subs: dict[str, Node] = {}
+    model = Node("model", model_label, list(names), level="model")
+    groups: dict[str, Node] = {}
     top_level: list[Node] = []
     for name in names:
         p = place(name)
-        leaf = Node(f"tensor:{name}", p.leaf if p.layer_path else name, [name], is_tensor=True)
+        leaf = Node(f"tensor:{name}", p.leaf if p.layer_path else name, [name], is_tensor=True, level="tensor")
         if p.layer_path is None:
             top_level.append(leaf)
             continue
-        layer = layers.get(p.layer_path)
-        if layer is None:
-            layer = layers[p.layer_path] = Node(p.layer_path, f"layer {p.layer}", [])
+        layer = _group(groups, p.layer_path, f"layer {p.layer}", "layer", None)
         layer.tensors.append(name)
+        parent = layer
         if p.submodule:
-            sk = f"{p.layer_path}.{p.submodule}"
-            sub = subs.get(sk)
-            if sub is None:
-                sub = subs[sk] = Node(sk, p.submodule, [])
-                layer.children.append(sub)
-            sub.tensors.append(name)
-            sub.children.append(leaf)
-        else:
-            layer.children.append(leaf)
-    ordered_layers = [layers[k] for k in sorted(layers, key=_layer_sort_key)]
+            parent = _group(groups, f"{p.layer_path}.{p.submodule}", p.submodule, "submodule", layer)
+            parent.tensors.append(name)
+        parent.children.append(leaf)
+    layers = sorted((g for g in groups.values() if g.level == "layer"), key=lambda g: _layer_sort_key(g.key))
     first = [n for n in top_level if tensor_kind(n.label) == "embedding"]
     last = [n for n in top_level if n not in first]
-    model.children = first + ordered_layers + last
+    model.children = first + layers + last
 
-    by_type = Node("by-type", "by type", list(names))
-    kinds: dict[str, Node] = {}
-    types: dict[str, Node] = {}
+    by_type = Node("by-type", "by type", list(names), level="model")
     for name in names:
         p = place(name)
         kind = tensor_kind(p.tensor_type)
-        kn = kinds.get(kind)
-        if kn is None:
-            kn = kinds[kind] = Node(f"kind:{kind}", f"all {kind}", [])
+        kn = _group(groups, f"kind:{kind}", f"all {kind}", "kind", None)
         kn.tensors.append(name)
-        tk = f"type:{p.tensor_type}"
-        tn = types.get(tk)
-        if tn is None:
-            tn = types[tk] = Node(tk, p.tensor_type, [])
-            kn.children.append(tn)
+        tn = _group(groups, f"type:{p.tensor_type}", p.tensor_type, "type", kn)
         tn.tensors.append(name)
         label = f"layer {p.layer}" if p.layer is not None else name
-        tn.children.append(Node(f"{tk}/{name}", label, [name], is_tensor=True))
-    by_type.children = [kinds[k] for k in KIND_ORDER if k in kinds]
+        tn.children.append(Node(f"{tn.key}/{name}", label, [name], is_tensor=True, level="tensor"))
+    by_type.children = [groups[f"kind:{k}"] for k in KIND_ORDER if f"kind:{k}" in groups]
     return [model, by_type]
 
 
@@ -112,7 +107,7 @@ def filter_tree(roots: list[Node], text: str) -> list[Node]:
         if not kids:
             return None
         tensors = [t for k in kids for t in k.tensors]
-        return Node(node.key, node.label, tensors, kids)
+        return Node(node.key, node.label, tensors, kids, level=node.level)
 
     return [k for k in (keep(r) for r in roots) if k is not None]
 

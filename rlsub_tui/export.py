@@ -109,8 +109,12 @@ def agreement_csv(result: AnalysisResult) -> str:
 def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
     header += [sweep_label(t) for t in result.sweep]
+    from rlsub_tui.explore import build_tree
+
     rows = []
-    for g in result.groups():
+    model, by_type = build_tree(list(result.planned or result.tensors))
+    groups = [n for root in (model, by_type) for n in root.walk() if not n.is_tensor and n is not by_type]
+    for g in groups:
         s = result.stats(g.tensors)
         for i, label in enumerate(result.run_labels):
             row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]

@@ -9,7 +9,7 @@ import numpy as np
 
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
-from rlsub_tui.names import Placement, place, tensor_kind
+from rlsub_tui.names import Placement, place
 
 RESULT_VERSION = 4
 
@@ -203,35 +203,6 @@ class Stats:
 
 
 @dataclass
-class Group:
-    """A named set of tensors the user can look at as one: the model, a layer, a submodule, a type."""
-
-    key: str
-    label: str
-    level: str  # model | layer | submodule | tensor | type | kind
-    tensors: list[str]
-
-
-def build_groups(names: list[str]) -> list[Group]:
-    """Groups for aggregation: model, each layer, each submodule in a layer, each type, each kind."""
-    groups: dict[str, Group] = {"model": Group("model", "model", "model", [])}
-    for name in names:
-        p = place(name)
-        groups["model"].tensors.append(name)
-        if p.layer_path is not None:
-            lk = p.layer_path
-            groups.setdefault(lk, Group(lk, lk, "layer", [])).tensors.append(name)
-            if p.submodule:
-                sk = f"{lk}.{p.submodule}"
-                groups.setdefault(sk, Group(sk, sk, "submodule", [])).tensors.append(name)
-        tk = f"type:{p.tensor_type}"
-        groups.setdefault(tk, Group(tk, p.tensor_type, "type", [])).tensors.append(name)
-        kk = f"kind:{tensor_kind(p.tensor_type)}"
-        groups.setdefault(kk, Group(kk, tensor_kind(p.tensor_type), "kind", [])).tensors.append(name)
-    return list(groups.values())
-
-
-@dataclass
 class AnalysisResult:
     """The outcome of one analysis: per-tensor results plus what it was run on and with."""
 
@@ -256,6 +227,3 @@ class AnalysisResult:
     def stats(self, names=None) -> Stats:
         names = self.tensors.keys() if names is None else names
         return Stats.of((self.tensors[n] for n in names if n in self.tensors), self.k, len(self.sweep))
-
-    def groups(self) -> list[Group]:
-        return build_groups(list(self.planned or self.tensors))

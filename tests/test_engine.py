@@ -279,4 +279,14 @@ def test_outputs_are_complete_and_consistent(tmp_path):
     assert len(pairs) == 3 * len(LLAMA_SHAPES)
     agree = list(csv.DictReader(open(tmp_path / "out" / "agreement.csv")))
     assert all(sum(int(r[f"agree_{j}"]) for j in range(4)) == int(r["numel"]) for r in agree)
+    groups = list(csv.DictReader(open(tmp_path / "out" / "groups.csv")))
+    levels = {(g["group"], g["level"]) for g in groups}
+    assert {("model", "model"), ("model.layers.1", "layer"), ("model.layers.0.mlp", "submodule"),
+            ("type:mlp.down_proj.weight", "type"), ("kind:norm", "kind")} <= levels
+    model_run0 = next(g for g in groups if g["group"] == "model" and g["run"] == "run0")
+    assert int(model_run0["updated"]) == exp["updated"][0]
+    layer = [n for n in LLAMA_SHAPES if n.startswith("model.layers.1.")]
+    layer_exp = expected(b, runs, "bf16", names=layer)
+    layer_run2 = next(g for g in groups if g["group"] == "model.layers.1" and g["run"] == "run2")
+    assert float(layer_run2["sparsity"]) == pytest.approx(layer_exp["sparsity"][2], rel=1e-12)
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
