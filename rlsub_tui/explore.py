@@ -317,9 +317,9 @@ def overlap_chart(node: Node, result: AnalysisResult, metric: str = "o1") -> Cha
         else:
             observed.append(p["o1"])
             chance.append(p["o1_random"])
-    title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "one-sided overlap o1 = |A∩B|/|A|"
+    title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
     msg = None if s.tensors else "waiting for results…"
-    return ChartData("overlap", f"{title}, run pairs (numbers as in the runs list)", "pair", metric,
+    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric,
                      list(range(len(ticks))), {"observed": observed, "chance": chance}, ticks, message=msg)
 
 

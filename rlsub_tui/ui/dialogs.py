@@ -113,23 +113,25 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
         c = self.current
         with Vertical(id="criterion-box", classes="dialog"):
             yield Label("What counts as an updated parameter?")
-            with RadioSet(id="criterion-set"):
+            yield Static("tab: next field · enter in a field: apply · esc: cancel", classes="hint")
+            with RadioSet(id="criterion-set", compact=True):
                 yield RadioButton("atol: |Δ| > tolerance (stored dtype)", value=c.criterion == "atol", id="atol")
                 yield RadioButton("exact: stored values differ", value=c.criterion == "exact", id="exact")
                 yield RadioButton("relative: |Δ| > η·max(|w0|,|w1|)", value=c.criterion == "relative", id="relative")
             with Horizontal(classes="field"):
-                yield Label("tolerance ")
-                yield Input(f"{c.tolerance:g}", id="tolerance")
+                yield Label("tolerance")
+                yield Input(f"{c.tolerance:g}", id="tolerance", compact=True)
             with Horizontal(classes="field"):
-                yield Label("η         ")
-                yield Input(f"{c.eta:g}", id="eta")
+                yield Label("η")
+                yield Input(f"{c.eta:g}", id="eta", compact=True)
             with Horizontal(classes="field"):
-                yield Label("sweep     ")
-                yield Input(",".join(f"{t:g}" for t in c.sweep), placeholder="1e-8,1e-7,1e-6,1e-5", id="sweep")
+                yield Label("sweep")
+                yield Input(",".join(f"{t:g}" for t in c.sweep), placeholder="1e-8,1e-7,1e-6,1e-5", id="sweep",
+                            compact=True)
             yield Static("", id="criterion-error")
             with Horizontal(classes="buttons"):
-                yield Button("Apply", variant="primary", id="apply")
-                yield Button("Cancel", id="cancel")
+                yield Button("Apply", variant="primary", id="apply", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
 
     def _parse(self) -> CriterionChoice:
         radio = self.query_one(RadioSet)
