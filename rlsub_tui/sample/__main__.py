@@ -49,10 +49,9 @@ def _train_one(args) -> tuple[str, float, float]:
         model = train.grpo(model_cfg, out / "base", cfg, tr, name)
     else:
         model = train.sft(model_cfg, out / "base", cfg, tr, name)
-    meta = {"run": name, "kind": kind, **asdict(cfg)}
-    train.save_checkpoint(model, out / name, torch.bfloat16, meta)
+    train.save_checkpoint(model, out / name, torch.bfloat16)
     if name == "grpo-lowlr-seed1":
-        train.save_checkpoint(model, out / "fp32-grpo-lowlr-seed1", torch.float32, meta | {"saved": "fp32"})
+        train.save_checkpoint(model, out / "fp32-grpo-lowlr-seed1", torch.float32)
     return name, train.accuracy(model, te), time.perf_counter() - t0
 
 
@@ -83,10 +82,10 @@ def main(argv=None) -> int:
     print(f"[1/3] base: pretraining a {sum(1 for _ in range(model_cfg.num_hidden_layers))}-layer Llama "
           f"(hidden {model_cfg.hidden_size}) on reversed-digit addition", flush=True)
     base = train.pretrain(model_cfg, spec["pretrain"], tr)
-    train.save_checkpoint(base, out / "base", torch.bfloat16, {"run": "base", **asdict(spec["pretrain"])})
+    train.save_checkpoint(base, out / "base", torch.bfloat16)
     base = train.load_model(out / "base", model_cfg)  # what every run starts from: the bf16 base
     # the same values in fp32, to compare the fp32 run against without rounding it to bf16
-    train.save_checkpoint(base, out / "base-fp32", torch.float32, {"run": "base", "saved": "fp32"})
+    train.save_checkpoint(base, out / "base-fp32", torch.float32)
     accuracy = {"base": train.accuracy(base, te)}
     print(f"      base held-out accuracy {accuracy['base']:.3f}", flush=True)
     print(f"[2/3] {len(spec['runs'])} fine-tuning runs on {args.jobs} process(es)", flush=True)
@@ -111,14 +110,14 @@ def main(argv=None) -> int:
         "pretrain": asdict(spec["pretrain"]),
         "runs": {name: {"kind": kind, "config": asdict(cfg)} for name, (kind, cfg, _) in spec["runs"].items()},
         "held_out_accuracy": accuracy,
-        "train_seconds": seconds,
         "measurements": measurements,
         "quick": args.quick,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(render_readme(record))
     write_checksums(out)
-    print(f"done in {time.perf_counter() - start:.0f}s -> {out.resolve()}", flush=True)
+    print(f"done in {time.perf_counter() - start:.0f}s -> {out.resolve()} "
+          f"(run times: {', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())})", flush=True)
     return 0
 
 

@@ -76,7 +76,7 @@ def render_readme(record: dict) -> str:
         "group, clipped policy ratio (0.2) over 2 updates per batch, no KL term, Adam (0.9, 0.95), no weight decay, "
         "gradient clipping 1.0, fp32 master weights and Adam state; final weights saved in bf16.",
     ]
-    for name, r in runs.items():
+    for name, r in sorted(runs.items()):
         c = r["config"]
         lines.append(f"  - `{name}`: {r['kind']}, {c['steps']} steps, lr {c['lr']:g}, seed {c['seed']}")
     lines += [

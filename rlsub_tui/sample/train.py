@@ -105,11 +105,12 @@ def bf16_copy(model: TinyLlama) -> dict[str, torch.Tensor]:
     return {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters()}
 
 
-def save_checkpoint(model: TinyLlama, directory: Path, dtype=torch.bfloat16, meta: dict | None = None) -> None:
+def save_checkpoint(model: TinyLlama, directory: Path, dtype=torch.bfloat16) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().to(dtype).contiguous() for n, p in model.named_parameters()}
-    metadata = {"format": "pt"} | {k: str(v) for k, v in (meta or {}).items()}
-    save_file(state, str(directory / "model.safetensors"), metadata=metadata)
+    # Only the one key: safetensors writes metadata from a hash map in random order, so more keys
+    # would make the bytes differ between identical runs. The configuration is in training.json.
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
     cfg = model.cfg.to_hf(task.BOS, task.EOS, task.PAD, name)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
