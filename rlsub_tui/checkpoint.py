@@ -203,15 +203,21 @@ class Checkpoint:
             nbytes = row_bytes * rows
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
-        buf = bytearray(nbytes)
+        # torch.empty does not touch the memory (a bytearray would zero it while holding the GIL,
+        # stalling the UI thread for a large tensor); reads go straight into it.
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
         fd = self._fd(info.file)
-        try:
-            got = os.preadv(fd, [buf], info.offset)
-        except OSError as exc:
-            raise CheckpointError(f"{info.file}: reading tensor '{name}' failed ({exc.strerror or exc}).") from None
-        if got != nbytes:
-            raise CheckpointError(f"{info.file}: tensor '{name}' is cut short; the file is truncated.")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+        done = 0
+        while done < nbytes:  # one read returns at most ~2 GB on Linux
+            try:
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"{info.file}: reading tensor '{name}' failed ({exc.strerror or exc}).") from None
+            if got <= 0:
+                raise CheckpointError(f"{info.file}: tensor '{name}' is cut short; the file is truncated.")
+            done += got
+        return buf.view(info.dtype).reshape(shape)
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

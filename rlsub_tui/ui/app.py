@@ -69,6 +69,7 @@ class ExplorerApp(App):
         self.result = None  # AnalysisResult, once the worker has opened the checkpoints
         self.roots: list[explore.Node] = []
         self.index: explore.StatsIndex | None = None
+        self._preview_names: list[str] | None = None
         self.focus_node: explore.Node | None = None
         self.chart_name = "depth"
         self.overlap_metric = "o1"
@@ -153,6 +154,8 @@ class ExplorerApp(App):
         if msg.generation != self.generation or self.result is not None:
             return
         self.roots = explore.build_tree(msg.names, f"{msg.label} ({len(msg.names)} tensors)")
+        self._preview_names = list(msg.names)
+        self.focus_node = self.roots[0] if self.roots else None
         tree = self.query_one(LayerTree)
         tree.populate(self.roots, None, expand_first=True)
 
@@ -167,8 +170,16 @@ class ExplorerApp(App):
         self.result = AnalysisResult(r.base_label, r.base_path, list(r.run_labels), list(r.run_paths), r.criterion,
                                      r.sweep, r.device, {}, list(r.skipped), list(r.notes), list(r.planned),
                                      dict(r.planned_numel))
-        self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
-        self._rebuild_tree(old_key)
+        if self._preview_names == list(r.planned) and not self.filter_text:
+            # the preview drew exactly this tree: keep it (and the user's place in it), attach the numbers
+            self.index = explore.StatsIndex(self.roots, self.result)
+            tree = self.query_one(LayerTree)
+            tree.attach_index(self.index)
+            self._show_focus()
+        else:
+            self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
+            self._rebuild_tree(old_key)
+        self._preview_names = None
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
                           + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")

@@ -74,6 +74,10 @@ class LayerTree(Tree[Node]):
         else:
             parent.add_leaf(node_label(node, index), data=node)
 
+    def attach_index(self, index: StatsIndex) -> None:
+        self._index = index
+        self.refresh_labels()
+
     def refresh_labels(self, under: TreeNode | None = None) -> None:
         """Relabel the nodes a user can see (collapsed subtrees are relabelled when expanded)."""
         def visit(tn: TreeNode):
