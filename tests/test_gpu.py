@@ -37,9 +37,11 @@ def test_cuda_equals_cpu(tmp_path):
 
 @pytest.mark.parametrize("shape,rank", [((4864, 896), 896), ((896, 4864), 37), ((2048, 2048), 2048)])
 def test_gpu_rank_matches_gesvd(shape, rank):
+    """Well-separated spectra (singular values in [1, 2], the rest exactly zero): the true rank is known."""
     g = torch.Generator(device="cuda").manual_seed(0)
     m, n = shape
-    a = torch.randn(m, rank, device="cuda", generator=g)
-    b = torch.randn(rank, n, device="cuda", generator=g)
-    delta = (a @ b) * 1e-3
-    assert update_rank(delta) == reference_rank(delta) == min(rank, m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, rank, device="cuda", generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, device="cuda", generator=g, dtype=torch.float64))
+    s = 1 + torch.rand(rank, device="cuda", generator=g, dtype=torch.float64)
+    delta = ((u * s) @ v.T * 1e-3).float()
+    assert update_rank(delta) == reference_rank(delta) == rank
