@@ -6,23 +6,35 @@ use by two processes; a file that is corrupt or not ours is deleted and rebuilt,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 from pathlib import Path
 
-from rlsub_tui.results import TensorResult
+from rlsub_tui.criteria import AnalysisOptions, Criterion
+from rlsub_tui.errors import InputError
+from rlsub_tui.locate import fingerprint, locate, parse_run_spec, unique_labels
+from rlsub_tui.results import RESULT_VERSION, AnalysisResult, Skipped, TensorResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tensor_results (
     analysis TEXT NOT NULL, tensor TEXT NOT NULL, payload TEXT NOT NULL,
     PRIMARY KEY (analysis, tensor));
+CREATE TABLE IF NOT EXISTS analyses (analysis TEXT PRIMARY KEY, payload TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ranks (
     pair TEXT NOT NULL, tensor TEXT NOT NULL, rank INTEGER NOT NULL,
     PRIMARY KEY (pair, tensor));
 """
 APP_ID = "rlsub-tui-cache-1"
+
+
+def analysis_key(base_fp: str, run_fps: list[str], options: AnalysisOptions) -> str:
+    """Cache key of an analysis: the checkpoints' fingerprints and every option that changes a number."""
+    blob = json.dumps([RESULT_VERSION, base_fp, run_fps, options.criterion.name, options.criterion.value,
+                       list(options.sweep), options.rank, options.common_rows])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -103,6 +115,31 @@ class ResultCache:
         except sqlite3.Error:
             pass
 
+    def store_analysis(self, analysis: str, result: AnalysisResult) -> None:
+        """Record that an analysis finished, with what it compared: enough to reopen it without torch."""
+        if self._conn is None:
+            return
+        payload = {
+            "version": RESULT_VERSION, "criterion": [result.criterion.name, result.criterion.value],
+            "sweep": list(result.sweep), "device": result.device, "planned": result.planned,
+            "planned_numel": result.planned_numel, "notes": result.notes,
+            "skipped": [[k.tensor, k.run, k.reason] for k in result.skipped],
+        }
+        try:
+            self._conn.execute("INSERT OR REPLACE INTO analyses VALUES (?, ?)", (analysis, json.dumps(payload)))
+        except sqlite3.Error:
+            pass
+
+    def load_analysis(self, analysis: str) -> dict | None:
+        if self._conn is None:
+            return None
+        try:
+            row = self._conn.execute("SELECT payload FROM analyses WHERE analysis = ?", (analysis,)).fetchone()
+            payload = json.loads(row[0]) if row else None
+        except (sqlite3.Error, ValueError):
+            return None
+        return payload if isinstance(payload, dict) and payload.get("version") == RESULT_VERSION else None
+
     def load_ranks(self, pair: str) -> dict[str, int]:
         if self._conn is None:
             return {}
@@ -124,3 +161,43 @@ class ResultCache:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def reopen(base: str, runs: list[str], options: AnalysisOptions) -> AnalysisResult | None:
+    """A finished analysis of exactly these checkpoints and options, straight from the cache, without torch.
+
+    None whenever anything is missing, stale or unreadable: the caller then runs the engine, which
+    also reports bad input properly.
+    """
+    if not options.use_cache or not runs:
+        return None
+    try:
+        specs = [parse_run_spec(r) for r in runs]
+        base_found = locate(base)
+        found = [locate(path) for _, path in specs]
+        cache = ResultCache(options.cache_dir)
+    except (InputError, OSError):
+        return None
+    try:
+        key = analysis_key(fingerprint(base_found.files), [fingerprint(f.files) for f in found], options)
+        meta = cache.load_analysis(key)
+        if meta is None:
+            return None
+        tensors = cache.load_results(key)
+        planned = [str(n) for n in meta["planned"]]
+        if any(n not in tensors or len(tensors[n].runs) != len(runs) for n in planned):
+            return None
+        labels = unique_labels([name or Path(path.rstrip("/")).name or path for name, path in specs])
+        name, value = meta["criterion"]
+        return AnalysisResult(
+            base_label=Path(base.rstrip("/")).name or base, base_path=base, run_labels=labels,
+            run_paths=[path for _, path in specs], criterion=Criterion(str(name), float(value)),
+            sweep=tuple(float(t) for t in meta["sweep"]), device=f"{meta['device']}, from cache",
+            tensors={n: tensors[n] for n in planned},
+            skipped=[Skipped(str(t), str(r), str(why)) for t, r, why in meta["skipped"]],
+            notes=[str(n) for n in meta["notes"]], planned=planned,
+            planned_numel={str(k): int(v) for k, v in meta["planned_numel"].items()}, complete=True)
+    except (OSError, KeyError, TypeError, ValueError, InputError):
+        return None
+    finally:
+        cache.close()

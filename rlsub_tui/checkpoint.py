@@ -5,11 +5,9 @@ Nothing outside this module knows about files: the analysis sees `name -> tensor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.errors import CheckpointError
+from rlsub_tui.locate import MAX_HEADER_BYTES, PICKLE_SUFFIXES, fingerprint, locate
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -33,9 +32,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 
-# A header larger than this is not a real safetensors header (real ones are a few MB).
-MAX_HEADER_BYTES = 256 * 1024 * 1024
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -132,20 +128,6 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _header_digest(file: Path) -> str:
-    """Hash of a file's first bytes (the header for safetensors); cheap, and changes with content layout."""
-    h = hashlib.sha256()
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        h.update(head)
-        if file.suffix == ".safetensors" and len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            h.update(fh.read(min(n, MAX_HEADER_BYTES)))
-        else:
-            h.update(fh.read(1 << 16))
-    return h.hexdigest()
-
-
 class Checkpoint:
     """One model checkpoint on disk: the tensor directory from headers, and reads one tensor at a time."""
 
@@ -180,13 +162,8 @@ class Checkpoint:
         return self.source
 
     def fingerprint(self) -> str:
-        """Identity of the checkpoint's bytes for caching: every file's path, size, mtime and header."""
-        h = hashlib.sha256()
-        for file in sorted(self.files):
-            st = file.stat()
-            h.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-            h.update(_header_digest(file).encode())
-        return h.hexdigest()
+        """Identity of the checkpoint's bytes for caching (see locate.fingerprint)."""
+        return fingerprint(self.files)
 
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         """Read one tensor (optionally only its first `rows` rows) into CPU memory."""
@@ -270,115 +247,7 @@ def _short(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-# ---------------------------------------------------------------------------
-# Finding a checkpoint from what the user typed
-
-
-def _resolve_index(index: Path) -> list[Path]:
-    try:
-        data = json.loads(index.read_text())
-    except OSError as exc:
-        raise CheckpointError(f"{index}: cannot be read ({exc.strerror or exc}).") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{index}: is not valid JSON.") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: has no 'weight_map' of tensor names to shard files.")
-    root = index.parent.resolve()
-    shards: list[Path] = []
-    for tensor, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise CheckpointError(f"{index}: tensor '{tensor}' maps to an invalid shard {shard!r}.")
-        if os.path.isabs(shard) or ".." in Path(shard).parts:
-            raise CheckpointError(
-                f"{index}: shard '{shard}' (for tensor '{tensor}') lies outside the checkpoint's directory; refused."
-            )
-        path = (index.parent / shard)
-        if path.resolve().parent != root and root not in path.resolve().parents:
-            raise CheckpointError(f"{index}: shard '{shard}' resolves outside the checkpoint's directory; refused.")
-        if not path.is_file():
-            raise CheckpointError(f"{index}: shard '{shard}' (for tensor '{tensor}') does not exist.")
-        if path not in shards:
-            shards.append(path)
-    return shards
-
-
-def _find_in_hf_cache(model_id: str) -> Path | None:
-    roots = []
-    if os.environ.get("HF_HUB_CACHE"):
-        roots.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        roots.append(Path(os.environ["HF_HOME"]) / "hub")
-    roots.append(Path.home() / ".cache" / "huggingface" / "hub")
-    folder = "models--" + model_id.replace("/", "--")
-    for root in roots:
-        repo = root / folder
-        snapshots = repo / "snapshots"
-        if not snapshots.is_dir():
-            continue
-        ref = repo / "refs" / "main"
-        if ref.is_file():
-            snap = snapshots / ref.read_text().strip()
-            if snap.is_dir():
-                return snap
-        candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        if candidates:
-            return candidates[-1]
-    return None
-
-
-MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
 def open_checkpoint(source: str, label: str | None = None) -> Checkpoint:
     """Open what the user named: a model directory, one weights file, or a model id in the local HF cache."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        if MODEL_ID.match(source) and not source.startswith((".", "/")):
-            snap = _find_in_hf_cache(source)
-            if snap is None:
-                raise CheckpointError(
-                    f"{source}: no such path, and no model of that id in the local Hugging Face cache "
-                    "(we never download; fetch it first with huggingface-cli download)."
-                )
-            path = snap
-        else:
-            raise CheckpointError(f"{source}: no such file or directory.")
-    label = label or path.name
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            return Checkpoint(source, label, [path], "safetensors")
-        if path.suffix in PICKLE_SUFFIXES:
-            return Checkpoint(source, label, [path], "pickle")
-        if path.name.endswith(".index.json"):
-            return _from_index(source, label, path)
-        raise CheckpointError(f"{source}: is not a .safetensors, .bin or index file.")
-    if not path.is_dir():
-        raise CheckpointError(f"{source}: is neither a file nor a directory.")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise CheckpointError(f"{source}: directory cannot be read (permission denied).")
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / index_name).is_file():
-            return _from_index(source, label, path / index_name)
-    if (path / "model.safetensors").is_file():
-        return Checkpoint(source, label, [path / "model.safetensors"], "safetensors")
-    singles = sorted(path.glob("*.safetensors"))
-    if len(singles) == 1:
-        return Checkpoint(source, label, singles, "safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return Checkpoint(source, label, [path / "pytorch_model.bin"], "pickle")
-    if len(singles) > 1:
-        raise CheckpointError(
-            f"{source}: holds {len(singles)} .safetensors files but no model.safetensors.index.json to join them."
-        )
-    raise CheckpointError(
-        f"{source}: holds no checkpoint (no model.safetensors, shard index or pytorch_model.bin)."
-    )
-
-
-def _from_index(source: str, label: str, index: Path) -> Checkpoint:
-    shards = _resolve_index(index)
-    layout = "safetensors" if all(s.suffix == ".safetensors" for s in shards) else "pickle"
-    if layout == "pickle" and not all(s.suffix in PICKLE_SUFFIXES for s in shards):
-        raise CheckpointError(f"{index}: mixes safetensors and pickle shards.")
-    return Checkpoint(source, label, shards, layout)
+    found = locate(source)
+    return Checkpoint(source, label or found.path.name, found.files, found.layout)

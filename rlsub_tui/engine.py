@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,13 +12,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlsub_tui.cache import ResultCache
+from rlsub_tui.cache import ResultCache, analysis_key
 from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
 from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
 from rlsub_tui.masks import compare_dtype, compute_tensor
+from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
-from rlsub_tui.results import RESULT_VERSION, AnalysisResult, Skipped, TensorResult
+from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
 
 DTYPE_NAMES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
@@ -62,33 +62,6 @@ class Progress:
     elapsed: float
     result: TensorResult
     cached: bool
-
-
-def parse_run_spec(spec: str) -> tuple[str | None, str]:
-    """'NAME=PATH' -> (NAME, PATH); a plain path -> (None, PATH)."""
-    if "=" in spec:
-        name, _, path = spec.partition("=")
-        if name and path and "/" not in name and not Path(spec).exists():
-            return name, path
-    return None, spec
-
-
-def unique_labels(wanted: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for label in wanted:
-        if label in seen:
-            seen[label] += 1
-            candidate = f"{label}-{seen[label]}"
-            while candidate in seen:
-                seen[label] += 1
-                candidate = f"{label}-{seen[label]}"
-            seen[candidate] = 1
-            out.append(candidate)
-        else:
-            seen[label] = 1
-            out.append(label)
-    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -234,10 +207,7 @@ class Analysis:
 
     def analysis_key(self) -> str:
         base_fp, run_fps = self.fingerprints()
-        o = self.options
-        blob = json.dumps([RESULT_VERSION, base_fp, run_fps, o.criterion.name, o.criterion.value,
-                           list(o.sweep), o.rank, o.common_rows])
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return analysis_key(base_fp, run_fps, self.options)
 
     def _pair_keys(self) -> list[str]:
         base_fp, run_fps = self.fingerprints()
@@ -301,6 +271,8 @@ class Analysis:
                 bytes_done += plan.nbytes
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)
         self.result.complete = True
+        if self.cache:
+            self.cache.store_analysis(key, self.result)
 
     def run_all(self) -> AnalysisResult:
         for _ in self.run():

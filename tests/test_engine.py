@@ -290,3 +290,35 @@ def test_outputs_are_complete_and_consistent(tmp_path):
     layer_run2 = next(g for g in groups if g["group"] == "model.layers.1" and g["run"] == "run2")
     assert float(layer_run2["sparsity"]) == pytest.approx(layer_exp["sparsity"][2], rel=1e-12)
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_finished_analysis_reopens_from_cache_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from rlsub_tui.cache import reopen
+
+    b, runs = states(k=2)
+    save(b, tmp_path / "base")
+    for i, r in enumerate(runs):
+        save(r, tmp_path / f"run{i}")
+    paths = [f"first={tmp_path / 'run0'}", str(tmp_path / "run1")]
+    opts = AnalysisOptions(cache_dir=tmp_path / "cache", sweep=(1e-6,))
+    assert reopen(str(tmp_path / "base"), paths, opts) is None  # nothing cached yet
+    a = Analysis(str(tmp_path / "base"), paths, opts)
+    a.run_all()
+    a.close()
+    again = reopen(str(tmp_path / "base"), paths, opts)
+    assert again is not None and again.complete and again.run_labels == ["first", "run1"]
+    assert again.stats().updated.tolist() == a.result.stats().updated.tolist()
+    assert again.planned == a.result.planned and again.sweep == (1e-6,)
+    # other options, or a changed checkpoint, are not served from the cache
+    assert reopen(str(tmp_path / "base"), paths, AnalysisOptions(cache_dir=tmp_path / "cache")) is None
+    save(sparse_run(b, 9), tmp_path / "run1")
+    assert reopen(str(tmp_path / "base"), paths, opts) is None
+    # and the lookup itself never imports torch
+    code = ("import sys; from rlsub_tui.cache import reopen; from rlsub_tui.criteria import AnalysisOptions; "
+            f"reopen({str(tmp_path / 'base')!r}, {paths!r}, AnalysisOptions(cache_dir={str(tmp_path / 'cache')!r})); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -303,3 +303,20 @@ def test_preview_names_per_layout(tmp_path):
     assert tensor_names(str(tmp_path / "missing")) is None
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
     assert tensor_names(str(tmp_path / "junk.safetensors")) is None
+
+
+async def test_second_open_comes_complete_from_cache(checkpoints):
+    first = make_app(checkpoints)
+    async with first.run_test(size=(100, 30)) as pilot:
+        await settle(first, pilot)
+        expected = first.result.stats().updated.tolist()
+    messages = []
+    second = make_app(checkpoints)
+    async with second.run_test(size=(100, 30), message_hook=messages.append) as pilot:
+        await settle(second, pilot)
+        assert second.result.device.endswith("from cache")
+        assert len(second.result.tensors) == len(second.result.planned)
+        assert second.result.stats().updated.tolist() == expected
+        batches = [m for m in messages if isinstance(m, TensorsComputed)]
+        assert len(batches) == 1 and batches[0].done == batches[0].total
+        assert "complete" in str(second.query_one("#progress-text").render())

@@ -120,6 +120,15 @@ class ExplorerApp(App):
         names = tensor_names(cfg.base) if self.result is None else None
         if names:
             self.post_message(TreePreview(names, Path(cfg.base.rstrip("/")).name or cfg.base, generation))
+        from rlsub_tui.cache import reopen
+
+        cached = reopen(cfg.base, cfg.runs, self.options)
+        if cached is not None:  # a finished analysis of exactly this: no torch needed at all
+            self.post_message(AnalysisOpened(cached, 0, generation))
+            n = len(cached.planned)
+            self.post_message(TensorsComputed(list(cached.tensors.values()), n, n, 0, 0, 0.0, generation))
+            self.post_message(AnalysisFinished(True, generation))
+            return
         from rlsub_tui.engine import Analysis  # imports torch: a second or so
         try:
             analysis = Analysis(cfg.base, cfg.runs, self.options)
