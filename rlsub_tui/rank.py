@@ -8,7 +8,6 @@ Float64 keeps the Gram's rounding error (~1e-16 * sigma_max^2) far below that th
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -20,8 +19,6 @@ def gram(delta: torch.Tensor) -> torch.Tensor:
     """delta @ delta.T or delta.T @ delta, whichever is smaller, in float64, built in chunks."""
     m, n = delta.shape
     side = min(m, n)
-    if not delta.is_cuda:
-        return torch.from_numpy(_gram_numpy(delta))
     out = torch.zeros((side, side), dtype=torch.float64, device=delta.device)
     if m >= n:
         step = max(1, CHUNK_ELEMENTS // max(n, 1))
@@ -33,23 +30,6 @@ def gram(delta: torch.Tensor) -> torch.Tensor:
         for start in range(0, n, step):
             block = delta[:, start:start + step].to(torch.float32).to(torch.float64)
             out.addmm_(block, block.T)
-    return out
-
-
-def _gram_numpy(delta: torch.Tensor) -> np.ndarray:
-    """On the CPU, numpy turns `a.T @ a` into a symmetric rank-k update (syrk): half the flops of a GEMM."""
-    m, n = delta.shape
-    out = np.zeros((min(m, n),) * 2)
-    if m >= n:
-        step = max(1, CHUNK_ELEMENTS // max(n, 1))
-        for start in range(0, m, step):
-            block = delta[start:start + step].to(torch.float32).to(torch.float64).numpy()
-            out += block.T @ block
-    else:
-        step = max(1, CHUNK_ELEMENTS // max(m, 1))
-        for start in range(0, n, step):
-            block = np.ascontiguousarray(delta[:, start:start + step].to(torch.float32).to(torch.float64).numpy())
-            out += block @ block.T
     return out
 
 
