@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.errors import CheckpointError
-from rlsub_tui.locate import MAX_HEADER_BYTES, PICKLE_SUFFIXES, fingerprint, locate
+from rlsub_tui.locate import MAX_HEADER_BYTES, fingerprint, locate
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,

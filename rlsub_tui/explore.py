@@ -373,7 +373,3 @@ def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
     msg = None if xs else "waiting for results…"
     return ChartData("magnitude", CHART_TITLES["magnitude"] + " (|w0| in [2^x, 2^(x+1)))", "log2 |w0|",
                      "updated %", xs, series, message=msg)
-
-
-def stats_for(node: Node, result: AnalysisResult) -> Stats:
-    return result.stats(node.tensors)

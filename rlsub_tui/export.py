@@ -153,6 +153,8 @@ def summary_dict(result: AnalysisResult) -> dict:
         "pairs": pairs,
         "agreement": [int(x) for x in s.agreement],
         "agreement_chance": [float(x) for x in s.agreement_chance()],
+        "consensus": json_value(s.consensus()), "consensus_chance": json_value(s.consensus_chance()),
+        "union": json_value(s.union()),
         "sign_agreement": {"updated_by_2plus": s.multi, "same_sign": s.sign_agree,
                            "fraction": json_value(s.sign_agreement())},
         "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),

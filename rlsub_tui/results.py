@@ -9,7 +9,6 @@ import numpy as np
 
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
-from rlsub_tui.names import Placement, place
 
 RESULT_VERSION = 4
 
@@ -40,10 +39,6 @@ class TensorResult:
     @property
     def max_rank(self) -> int | None:
         return min(self.shape) if len(self.shape) == 2 else None
-
-    @property
-    def placement(self) -> Placement:
-        return place(self.name)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -265,6 +264,8 @@ def test_outputs_are_complete_and_consistent(tmp_path):
     assert summary["criterion"] == {"name": "atol", "value": 1e-5}
     assert [r["updated"] for r in summary["runs"]] == exp["updated"]
     assert summary["agreement"] == exp["agreement"]
+    assert summary["consensus"] == pytest.approx(exp["agreement"][3] / exp["numel"])
+    assert summary["union"] == pytest.approx(1 - exp["agreement"][0] / exp["numel"])
     assert summary["pairs"][0]["o1"] == pytest.approx(exp["pairs"][(0, 1)]["o1"])
     rows = list(csv.DictReader(open(tmp_path / "out" / "matrices.csv")))
     assert len(rows) == 3 * len(LLAMA_SHAPES)

@@ -101,10 +101,6 @@ def completion_mask(completions: torch.Tensor) -> torch.Tensor:
     return ~after
 
 
-def bf16_copy(model: TinyLlama) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters()}
-
-
 def save_checkpoint(model: TinyLlama, directory: Path, dtype=torch.bfloat16) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().to(dtype).contiguous() for n, p in model.named_parameters()}
