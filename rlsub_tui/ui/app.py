@@ -231,6 +231,7 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        self.query_one("#progress", ProgressBar).update(total=1, progress=0)  # stop the busy animation
         self.query_one("#progress-text", Static).update("failed: see the message")
         self.push_screen(ErrorDialog("Cannot analyse these checkpoints", msg.error))
 
@@ -294,7 +295,8 @@ class ExplorerApp(App):
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.display = True
-        box.focus()
+        # focus now, not via call_later: keys typed right after "/" must land in the box
+        self.screen.set_focus(box)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
