@@ -84,7 +84,7 @@ class ExplorerApp(App):
         yield Header()
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield Input(placeholder="filter tensors by name…", id="filter")
+                yield Input(placeholder="/ filter tensors by name", id="filter", compact=True)
                 yield LayerTree(id="tree")
             with Vertical(id="right"):
                 yield Label("", id="table-title")
@@ -96,7 +96,6 @@ class ExplorerApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#filter").display = False
         self.sub_title = "opening checkpoints…"
         self.query_one(LayerTree).focus()
         self.set_interval(0.25, self._redraw_results)
@@ -293,10 +292,9 @@ class ExplorerApp(App):
         self.push_screen(HelpScreen())
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
-        box.display = True
-        # focus now, not via call_later: keys typed right after "/" must land in the box
-        self.screen.set_focus(box)
+        # always on screen (one line), so it can take focus at once: keys typed right after "/"
+        # must land in the box, not in the tree
+        self.screen.set_focus(self.query_one("#filter", Input))
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
@@ -310,9 +308,8 @@ class ExplorerApp(App):
 
     def action_cancel_or_clear(self) -> None:
         box = self.query_one("#filter", Input)
-        if box.display and (self.focused is box or self.filter_text):
+        if self.focused is box or self.filter_text:
             box.value = ""
-            box.display = False
             self.query_one(LayerTree).focus()
             return
         if self.running:
