@@ -320,3 +320,25 @@ async def test_second_open_comes_complete_from_cache(checkpoints):
         batches = [m for m in messages if isinstance(m, TensorsComputed)]
         assert len(batches) == 1 and batches[0].done == batches[0].total
         assert "complete" in str(second.query_one("#progress-text").render())
+
+
+async def test_skipped_tensors_are_named_in_the_ui(checkpoints):
+    from rlsub_tui.ui.dialogs import WarningsScreen
+
+    b = base_state()
+    r = sparse_run(b, 5)
+    del r["model.layers.1.mlp.up_proj.weight"]
+    r["model.extra.weight"] = r["model.norm.weight"].clone()
+    save(r, checkpoints / "odd")
+    app = make_app(checkpoints, runs=("seed0", "odd"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        toasts = [n.message for n in app._notifications]
+        assert any("model.layers.1.mlp.up_proj.weight [odd]" in t and "press w" in t.lower() for t in toasts)
+        await pilot.press("w")
+        assert isinstance(app.screen, WarningsScreen)
+        text = str(app.screen.query_one("#warnings-text").render())
+        assert "model.layers.1.mlp.up_proj.weight [odd]: missing in this run" in text
+        assert "model.extra.weight [odd]: only in this run, not in the base" in text
+        await pilot.press("escape")
+        assert not isinstance(app.screen, WarningsScreen)

@@ -19,7 +19,7 @@ from rlsub_tui.errors import InputError
 from rlsub_tui.export import atomic_write, csv_text
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.ui.chart import ChartPanel
-from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen
+from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
 from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed, TreePreview
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
@@ -52,6 +52,8 @@ class ExplorerApp(App):
         Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the next column"),
         Binding("S", "reverse_sort", "Reverse", show=False, id="app.reverse_sort", tooltip="Reverse the sort"),
         Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric"),
+        Binding("w", "warnings", "Warnings", show=False, id="app.warnings",
+                tooltip="Tensors not compared (and why) and other notes"),
         Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
         Binding("bracketleft", "previous_chart", "Prev chart", show=False, id="app.previous_chart"),
         Binding("1", "chart('depth')", "Depth", show=False, id="app.chart_depth"),
@@ -193,12 +195,12 @@ class ExplorerApp(App):
                           + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")
         self.query_one("#progress", ProgressBar).update(total=len(r.planned), progress=0)
         self.query_one("#progress-text", Static).update(f"0/{len(r.planned)} tensors · {size(msg.bytes_total)} to read")
-        if r.skipped:
-            first = r.skipped[0]
-            self.notify(f"{len(r.skipped)} tensor(s) skipped, e.g. {first.tensor} [{first.run}]: {first.reason}. "
-                        "See the export or `analyze` for the full list.", severity="warning", timeout=8)
-        for note in r.notes:
-            self.notify(note, severity="warning", timeout=8)
+        if r.skipped or r.notes:
+            shown = ", ".join(f"{k.tensor} [{k.run}]" for k in r.skipped[:3])
+            more = f" and {len(r.skipped) - 3} more" if len(r.skipped) > 3 else ""
+            text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
+                (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
+            self.notify(text, severity="warning", timeout=10)
 
     def on_tensors_computed(self, msg: TensorsComputed) -> None:
         if msg.generation != self.generation or self.result is None:
@@ -284,12 +286,18 @@ class ExplorerApp(App):
     # ----------------------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters) -> bool | None:
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
-                      "overlap_metric", "reverse_sort") and self.result is None:
+                      "overlap_metric", "reverse_sort", "warnings") and self.result is None:
             return None
         return True
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_warnings(self) -> None:
+        self.push_screen(WarningsScreen(self.result.skipped, self.result.notes + self._tensor_notes()))
+
+    def _tensor_notes(self) -> list[str]:
+        return sorted({f"{name}: {n}" for name, t in self.result.tensors.items() for n in t.notes})
 
     def action_filter(self) -> None:
         # always on screen (one line), so it can take focus at once: keys typed right after "/"
@@ -415,4 +423,5 @@ class ExplorerApp(App):
         for name in explore.CHARTS:
             yield SystemCommand(f"Chart: {explore.CHART_TITLES[name]}", "Show this chart",
                                 lambda n=name: self.action_chart(n))
+        yield SystemCommand("Warnings", "Tensors not compared, and notes", self.action_warnings)
         yield SystemCommand("Help", "Definitions and keys", self.action_help)

@@ -77,6 +77,7 @@ exactly j of K runs against independent runs (Poisson-binomial) · 4 rank ratio 
 | e / x | export the table / the chart's data to CSV |
 | c | criterion and tolerance |
 | esc | cancel the computation (keeps what is done) |
+| w | tensors not compared (and why), and notes |
 | ? | this help · q quit · ctrl+p command palette |
 """
 
@@ -87,6 +88,27 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-box", classes="dialog"):
             yield Markdown(HELP)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class WarningsScreen(ModalScreen[None]):
+    """Every tensor left out of the comparison with its reason, and every note (mixed dtypes, NaN, ...)."""
+
+    BINDINGS = [Binding("escape,q,w", "close", "Close", id="warnings.close")]
+
+    def __init__(self, skipped, notes: list[str]):
+        super().__init__()
+        self.skipped = list(skipped)
+        self.notes = list(notes)
+
+    def compose(self) -> ComposeResult:
+        lines = [f"{len(self.skipped)} tensor(s) not compared:"]
+        lines += [f"  {k.tensor} [{k.run}]: {k.reason}" for k in self.skipped] or ["  none"]
+        lines += ["", f"{len(self.notes)} note(s):"] + ([f"  {n}" for n in self.notes] or ["  none"])
+        with VerticalScroll(id="warnings-box", classes="dialog"):
+            yield Static("\n".join(lines), id="warnings-text", markup=False)
 
     def action_close(self) -> None:
         self.dismiss(None)
