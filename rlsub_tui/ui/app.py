@@ -42,7 +42,10 @@ class ExplorerApp(App):
     BINDINGS = [
         Binding("q", "quit", "Quit", id="app.quit", tooltip="Quit the explorer"),
         Binding("question_mark", "help", "Help", id="app.help", key_display="?", tooltip="Definitions of every column, and keys"),
-        Binding("slash", "filter", "Filter", id="app.filter", key_display="/", tooltip="Filter the tree by tensor name"),
+        # priority: handled before the key is forwarded to the tree, so that keys typed right after
+        # "/" (even in one burst) land in the filter box
+        Binding("slash", "filter", "Filter", id="app.filter", key_display="/", priority=True,
+                tooltip="Filter the tree by tensor name"),
         Binding("escape", "cancel_or_clear", "Cancel", id="app.cancel",
                 tooltip="Cancel the computation (keeps what is done) or clear the filter"),
         Binding("e", "export_table", "Export", id="app.export_table", tooltip="Write the table to CSV"),
@@ -285,6 +288,8 @@ class ExplorerApp(App):
 
     # ----------------------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters) -> bool | None:
+        if action == "filter" and len(self.screen_stack) > 1:
+            return False  # a dialog or the palette is open: "/" is just a character there
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
                       "overlap_metric", "reverse_sort", "warnings") and self.result is None:
             return None
