@@ -16,22 +16,24 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
         "",
     ]
     sweep_cols = [sweep_label(t) for t in result.sweep]
-    head = f"{'run':<20} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'NaN/Inf':>8}" + "".join(
+    rw = min(max([len(x) for x in result.run_labels] + [3]), 40)
+    head = f"{'run':<{rw}} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'NaN/Inf':>8}" + "".join(
         f" {c:>16}" for c in sweep_cols)
     lines.append(head)
     for i, label in enumerate(result.run_labels):
-        row = (f"{label[:20]:<20} {pct(s.sparsity(i)):>9} {count(int(s.updated[i])):>9} "
+        row = (f"{label[:rw]:<{rw}} {pct(s.sparsity(i)):>9} {count(int(s.updated[i])):>9} "
                f"{pct(s.mean_rank_ratio(i)):>9} {int(s.nonfinite[i]):>8}")
         row += "".join(f" {pct(s.sweep_sparsity(i, j)):>16}" for j in range(len(result.sweep)))
         lines.append(row)
     pairs = list(s.pairs())
     if pairs:
-        lines += ["", f"{'pair':<30} {'o1':>7} {'o2':>7} {'chance':>15} {'jaccard':>8} {'chance':>7} {'lift':>5}"]
-        for a, b, p in pairs[:max_pairs]:
-            name = f"{result.run_labels[a]} vs {result.run_labels[b]}"
+        names = [f"{result.run_labels[a]} vs {result.run_labels[b]}" for a, b, _ in pairs[:max_pairs]]
+        w = min(max(len(n) for n in names), 60)
+        lines += ["", f"{'pair':<{w}} {'o1':>7} {'o2':>7} {'chance':>15} {'jaccard':>8} {'chance':>7} {'lift':>5}"]
+        for name, (a, b, p) in zip(names, pairs):
             lift = p["jaccard"] / p["jaccard_random"] if p["jaccard_random"] else float("nan")
             lines.append(
-                f"{name[:30]:<30} {pct(p['o1']):>7} {pct(p['o2']):>7} "
+                f"{name[:w]:<{w}} {pct(p['o1']):>7} {pct(p['o2']):>7} "
                 f"{pct(p['o1_random']) + ' / ' + pct(p['o2_random']):>15} {ratio(p['jaccard'], 3):>8} "
                 f"{ratio(p['jaccard_random'], 3):>7} {ratio(lift, 2):>5}")
         if len(pairs) > max_pairs:
@@ -42,7 +44,7 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
                                        f"({pct(chance[j] / s.numel if s.numel else float('nan'))})"
                                        for j in range(result.k + 1)))
         lines.append(f"  consensus (all runs) {pct(s.consensus())} vs {pct(s.consensus_chance())} by chance;  "
-                     f"same sign where 2+ runs updated: {pct(s.sign_agreement())}")
+                     f"union {pct(s.union())};  same sign where 2+ runs updated: {pct(s.sign_agreement())}")
     if result.skipped:
         lines += ["", f"{len(result.skipped)} tensor(s) skipped (see summary.json 'skipped'):"]
         for k in result.skipped[:5]:

@@ -323,3 +323,21 @@ def test_finished_analysis_reopens_from_cache_without_torch(tmp_path):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cli_prints_a_one_screen_summary(tmp_path, capsys):
+    from rlsub_tui.cli import main
+
+    b, runs = states(k=3)
+    save(b, tmp_path / "base")
+    for i, r in enumerate(runs):
+        save(r, tmp_path / f"a-rather-long-run-name-{i}")
+    args = ["analyze", str(tmp_path / "base")] + [str(tmp_path / f"a-rather-long-run-name-{i}") for i in range(3)]
+    assert main(args + ["--out", str(tmp_path / "out"), "--quiet", "--sweep", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    exp = expected(b, runs, "bf16")
+    assert "a-rather-long-run-name-0 vs a-rather-long-run-name-2" in out
+    assert f"{100 * exp['sparsity'][1]:.1f}%" in out
+    p = exp["pairs"][(0, 1)]
+    assert f"{100 * p['o1']:.1f}%" in out and f"{p['jaccard']:.3f}" in out
+    assert len(out.splitlines()) < 40
