@@ -81,10 +81,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = False
-                 ) -> tuple[list[TensorPlan], list[Skipped], list[str]]:
+                 ) -> tuple[list[TensorPlan], list[Skipped]]:
     """Match tensors by name (ignoring wrapper prefixes) and shape; list every one left out, and why."""
     skipped: list[Skipped] = []
-    notes: list[str] = []
     run_maps = []
     for run in runs:
         m: dict[str, str] = {}
@@ -147,7 +146,7 @@ def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = F
             if skipped else f"{base.source}: nothing to compare.")
     file_order = {f: i for i, f in enumerate(base.files)}
     plans.sort(key=lambda p: (file_order[base.tensors[p.name].file], base.tensors[p.name].offset))
-    return plans, skipped, notes
+    return plans, skipped
 
 
 class Analysis:
@@ -166,8 +165,8 @@ class Analysis:
         self.device = resolve_device(self.options.device)
         self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
-        self.plans, skipped, notes = plan_tensors(self.base, self.runs, self.options.common_rows)
-        notes += self._same_checkpoint_notes()
+        self.plans, skipped = plan_tensors(self.base, self.runs, self.options.common_rows)
+        notes = self._same_checkpoint_notes()
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,
             run_labels=[r.label for r in self.runs], run_paths=[r.source for r in self.runs],
@@ -251,15 +250,13 @@ class Analysis:
                     return
                 base_t, run_ts = pending.result()
                 pending = reader.submit(self._load, todo[i + 1]) if i + 1 < len(todo) else None
-                known = [ranks[j].get(plan.name) for j in range(len(self.runs))]
+                # cached ranks are reused; with --no-rank none are passed, so none are reported
+                known = [ranks[j].get(plan.name) if self.options.rank else None for j in range(len(self.runs))]
                 comp = compute_tensor(base_t, run_ts, self.options.criterion, tuple(self.options.sweep),
                                       want_rank=self.options.rank, ranks=known)
                 del base_t, run_ts
                 result = TensorResult.from_computation(plan.name, dtype_name(plan.dtype), plan.shape, plan.numel,
                                                        comp, plan.notes)
-                if not self.options.rank:
-                    for s in result.runs:
-                        s.rank = None
                 self.result.tensors[plan.name] = result
                 if self.cache:
                     self.cache.store_result(key, result)

@@ -169,7 +169,7 @@ def table_columns(result: AnalysisResult) -> list[Column]:
 def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = None) -> dict:
     s = index.get(node) if index is not None else result.stats(node.tensors)
     jac, jac_chance = s.mean_jaccard()
-    values = {"name": node.label, "numel": sum(_numel(result, t) for t in node.tensors)}
+    values = {"name": node.label, "numel": sum(result.planned_numel.get(t, 0) for t in node.tensors)}
     for i, label in enumerate(result.run_labels):
         values[f"sparsity:{label}"] = s.sparsity(i)
     values.update({
@@ -182,13 +182,6 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
     return values
-
-
-def _numel(result: AnalysisResult, name: str) -> int:
-    r = result.tensors.get(name)
-    if r is not None:
-        return r.numel
-    return result.planned_numel.get(name, 0)
 
 
 def table_rows(node: Node, result: AnalysisResult, index: StatsIndex | None = None) -> list[dict]:

@@ -71,6 +71,12 @@ class Skipped:
     reason: str
 
 
+def _mean_defined(values: list[float]) -> float:
+    """Mean of the values that are defined (not NaN); NaN when none is."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
 class Stats:
     """Pooled (numel-weighted) statistics over a set of tensors, for K runs."""
 
@@ -171,10 +177,7 @@ class Stats:
     def mean_jaccard(self) -> tuple[float, float]:
         """Mean over run pairs of (Jaccard, its chance level); NaN with fewer than two runs."""
         ps = [p for _, _, p in self.pairs()]
-        if not ps:
-            return math.nan, math.nan
-        return (float(np.nanmean([p["jaccard"] for p in ps])) if any(not math.isnan(p["jaccard"]) for p in ps) else math.nan,
-                float(np.nanmean([p["jaccard_random"] for p in ps])) if any(not math.isnan(p["jaccard_random"]) for p in ps) else math.nan)
+        return _mean_defined([p["jaccard"] for p in ps]), _mean_defined([p["jaccard_random"] for p in ps])
 
     # --- across all K runs --------------------------------------------------------------------------
     def agreement_chance(self) -> np.ndarray:
