@@ -165,6 +165,14 @@ class Checkpoint:
         """Identity of the checkpoint's bytes for caching (see locate.fingerprint)."""
         return fingerprint(self.files)
 
+    def read_shape(self, name: str, rows: int | None = None) -> tuple[tuple[int, ...], int]:
+        """Shape and byte length of a tensor as read (only its first `rows` rows when given)."""
+        info = self.tensors[name]
+        if rows is None or not info.shape:
+            return info.shape, info.nbytes
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return (rows,) + info.shape[1:], row_bytes * rows
+
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         """Read one tensor (optionally only its first `rows` rows) into CPU memory."""
         info = self.tensors[name]
@@ -172,29 +180,31 @@ class Checkpoint:
             t = self._pickled[info.file][name]
             t = t[:rows] if rows is not None else t
             return t.contiguous().clone()
-        shape = info.shape
-        nbytes = info.nbytes
-        if rows is not None and shape:
-            row_bytes = nbytes // shape[0] if shape[0] else 0
-            shape = (rows,) + shape[1:]
-            nbytes = row_bytes * rows
-        if nbytes == 0:
-            return torch.empty(shape, dtype=info.dtype)
+        shape, nbytes = self.read_shape(name, rows)
         # torch.empty does not touch the memory (a bytearray would zero it while holding the GIL,
         # stalling the UI thread for a large tensor); reads go straight into it.
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        self.read_bytes(name, buf, 0)
+        return buf.view(info.dtype).reshape(shape)
+
+    def read_bytes(self, name: str, out: torch.Tensor, start: int) -> None:
+        """Fill the uint8 CPU tensor `out` with the tensor's bytes [start, start + len(out)) (pinned staging)."""
+        info = self.tensors[name]
+        if self.layout != "safetensors":
+            src = self._pickled[info.file][name].contiguous().reshape(-1).view(torch.uint8)
+            out.copy_(src[start:start + out.numel()])
+            return
+        view = memoryview(out.numpy())
         fd = self._fd(info.file)
-        done = 0
+        done, nbytes = 0, out.numel()
         while done < nbytes:  # one read returns at most ~2 GB on Linux
             try:
-                got = os.preadv(fd, [view[done:]], info.offset + done)
+                got = os.preadv(fd, [view[done:]], info.offset + start + done)
             except OSError as exc:
                 raise CheckpointError(f"{info.file}: reading tensor '{name}' failed ({exc.strerror or exc}).") from None
             if got <= 0:
                 raise CheckpointError(f"{info.file}: tensor '{name}' is cut short; the file is truncated.")
             done += got
-        return buf.view(info.dtype).reshape(shape)
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -14,11 +14,13 @@ import torch
 from rlsub_tui.cache import ResultCache, analysis_key
 from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
+from rlsub_tui.formatting import size
 from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
 from rlsub_tui.masks import compare_dtype, compute_tensor
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
+from rlsub_tui.staging import PinnedStager, ready
 
 DTYPE_NAMES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
@@ -65,7 +67,7 @@ class Progress:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -75,6 +77,8 @@ def resolve_device(device: str) -> torch.device:
             raise InputError(f"--device {device}: this machine has no CUDA GPU that torch can use.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present.")
+        if dev.index is None:  # name the GPU: the reader thread sets it (torch.cuda.set_device needs an index)
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
         raise InputError(f"--device '{device}' is not supported; use auto, cpu, cuda or cuda:N.")
     return dev
@@ -177,6 +181,8 @@ class Analysis:
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)
         self._fingerprints = None
+        self._stager: PinnedStager | None = None
+        self.cpu_fallbacks = 0
 
     def _same_checkpoint_notes(self) -> list[str]:
         notes = []
@@ -207,22 +213,54 @@ class Analysis:
         base_fp, run_fps = self.fingerprints()
         return analysis_key(base_fp, run_fps, self.options)
 
+    def _reader_init(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # else the reader thread would create a context on GPU 0
+
     def _pair_keys(self) -> list[str]:
         base_fp, run_fps = self.fingerprints()
         return [hashlib.sha256(f"{base_fp}|{fp}|{self.options.common_rows}".encode()).hexdigest()
                 for fp in run_fps]
 
-    def _load(self, plan: TensorPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        def fetch(ckpt: Checkpoint, name: str) -> torch.Tensor:
-            t = ckpt.read(name, rows=plan.rows)
-            if t.dtype != plan.dtype:
-                t = t.to(plan.dtype)
-            if self.device.type == "cuda":
-                t = t.pin_memory().to(self.device, non_blocking=True)
-            return t
-        base = fetch(self.base, plan.name)
-        runs = [fetch(r, n) for r, n in zip(self.runs, plan.run_names)]
-        return base, runs
+    def _load(self, plan: TensorPlan) -> tuple[list[torch.Tensor], object]:
+        """Base and run tensors of one plan, on the analysis device (runs in the reader thread).
+
+        On CUDA the copies are still in flight: the second value is the event to wait for (see _ready).
+        """
+        if self.device.type != "cuda":
+            return self._load_cpu(plan), None
+        if self._stager is None:
+            self._stager = PinnedStager(self.device)
+        sources = [(self.base, plan.name)] + list(zip(self.runs, plan.run_names))
+        staged = [self._stager.to_device(ckpt, name, plan.rows) for ckpt, name in sources]
+        return [t for t, _ in staged], staged[-1][1]  # one stream: the last event covers every copy
+
+    def _load_cpu(self, plan: TensorPlan) -> list[torch.Tensor]:
+        sources = [(self.base, plan.name)] + list(zip(self.runs, plan.run_names))
+        return [ckpt.read(name, rows=plan.rows) for ckpt, name in sources]
+
+    def _compute(self, plan: TensorPlan, loaded: list[torch.Tensor], known: list[int | None]):
+        tensors = [t if t.dtype == plan.dtype else t.to(plan.dtype) for t in loaded]
+        return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
+                              want_rank=self.options.rank, ranks=known)
+
+    def _compute_planned(self, plan: TensorPlan, pending, known: list[int | None]):
+        """Wait for a tensor's read, compute it; on a GPU out-of-memory error, compute it on the CPU instead."""
+        try:
+            loaded, event = pending.result()
+            if event is not None:
+                ready(loaded, event)
+            return self._compute(plan, loaded, known), []
+        except torch.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise InputError(
+                    f"out of memory while comparing tensor '{plan.name}' ({size(plan.nbytes)} for the "
+                    f"base and {len(self.runs)} run(s)); compare fewer runs at a time.") from None
+            torch.cuda.empty_cache()
+            self.cpu_fallbacks += 1
+            comp = self._compute(plan, self._load_cpu(plan), known)
+            return comp, [f"computed on the CPU: the GPU ran out of memory for this tensor "
+                          f"({size(plan.nbytes)} for the base and {len(self.runs)} run(s))"]
 
     def run(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Progress]:
         """Yield one Progress per tensor, cached ones first; stops early (keeping what is done) if cancelled()."""
@@ -242,21 +280,21 @@ class Analysis:
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, hit, True)
             else:
                 todo.append(plan)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsub-read") as reader:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsub-read",
+                                initializer=self._reader_init) as reader:
             pending = reader.submit(self._load, todo[0]) if todo else None
             for i, plan in enumerate(todo):
                 if cancelled():
                     pending.cancel()
-                    return
-                base_t, run_ts = pending.result()
+                    break
+                current = pending
                 pending = reader.submit(self._load, todo[i + 1]) if i + 1 < len(todo) else None
                 # cached ranks are reused; with --no-rank none are passed, so none are reported
                 known = [ranks[j].get(plan.name) if self.options.rank else None for j in range(len(self.runs))]
-                comp = compute_tensor(base_t, run_ts, self.options.criterion, tuple(self.options.sweep),
-                                      want_rank=self.options.rank, ranks=known)
-                del base_t, run_ts
+                comp, extra_notes = self._compute_planned(plan, current, known)
+                del current
                 result = TensorResult.from_computation(plan.name, dtype_name(plan.dtype), plan.shape, plan.numel,
-                                                       comp, plan.notes)
+                                                       comp, plan.notes + extra_notes)
                 self.result.tensors[plan.name] = result
                 if self.cache:
                     self.cache.store_result(key, result)
@@ -266,9 +304,20 @@ class Analysis:
                 done += 1
                 bytes_done += plan.nbytes
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)
+        self._close_stager()
+        if self.cpu_fallbacks:
+            self.result.notes.append(f"{self.cpu_fallbacks} tensor(s) computed on the CPU after the GPU ran out "
+                                     "of memory; their figures are the same, only slower.")
+        if done < total:
+            return
         self.result.complete = True
         if self.cache:
             self.cache.store_analysis(key, self.result)
+
+    def _close_stager(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def run_all(self) -> AnalysisResult:
         for _ in self.run():
@@ -276,6 +325,7 @@ class Analysis:
         return self.result
 
     def close(self) -> None:
+        self._close_stager()
         self.base.close()
         for r in self.runs:
             r.close()

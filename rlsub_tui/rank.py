@@ -12,7 +12,7 @@ import torch
 
 EPS32 = torch.finfo(torch.float32).eps
 CHUNK_ELEMENTS = 1 << 24  # float64 working set per step: 128 MB
-SQUARISH = 2  # below this aspect ratio the reference SVD is as fast as the Gram route (measured)
+SQUARISH = 2  # below this aspect ratio the reference SVD is as fast as the Gram route on the CPU (measured)
 
 
 def gram(delta: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,10 @@ def update_rank(delta: torch.Tensor) -> int:
     m, n = delta.shape
     if m == 0 or n == 0:
         return 0
-    if max(m, n) < SQUARISH * min(m, n):
-        # near-square: the Gram route saves nothing over the SVD, so use the reference itself
+    if max(m, n) < SQUARISH * min(m, n) and not delta.is_cuda:
+        # near-square on the CPU: the Gram route saves nothing over the SVD, so use the reference itself.
+        # On CUDA the Gram route is faster for every shape (H200: 75 vs 115 ms at 1536^2, 78 vs 420 ms
+        # at 3584^2 against gesvd; BENCHMARKS.md), and gesvdj is inaccurate on large matrices.
         return reference_rank(delta)
     eig = torch.linalg.eigvalsh(gram(delta))
     top = float(eig[-1])

@@ -1,41 +1,110 @@
-"""The CUDA path gives the same numbers as the CPU path (skipped where torch sees no GPU)."""
+"""The CUDA path gives the same numbers as the CPU path (skipped where torch sees no GPU; run on a GPU box
+by benchmarks/gpu_check.sh, which fails loudly when these are skipped there)."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from synthetic import base_state, save, sparse_run
+from rlsub_tui import engine, masks
+from rlsub_tui.checkpoint import open_checkpoint
 from rlsub_tui.engine import Analysis, AnalysisOptions
+from rlsub_tui.criteria import Criterion
 from rlsub_tui.rank import reference_rank, update_rank
+from rlsub_tui.staging import PinnedStager, ready
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+FLOAT_FIELDS = {"sum_abs_delta", "sq_delta", "sq_base"}  # float32 reductions: summation order differs
 
-def run(tmp_path, device):
-    a = Analysis(str(tmp_path / "base"), [str(tmp_path / f"run{i}") for i in range(3)],
-                 AnalysisOptions(device=device, use_cache=False, sweep=(1e-8, 1e-6, 1e-5)))
+
+def run(root, device, k=3, **kw):
+    kw.setdefault("sweep", (1e-8, 1e-6, 1e-5))
+    a = Analysis(str(root / "base"), [str(root / f"run{i}") for i in range(k)],
+                 AnalysisOptions(device=device, use_cache=False, **kw))
     a.run_all()
     a.close()
     return a.result
 
 
+def assert_same(cpu, gpu):
+    """Every field of every tensor's record equal; float sums to 1e-5 relative."""
+    assert gpu.device.startswith("cuda") and cpu.device == "cpu"
+    assert set(cpu.tensors) == set(gpu.tensors)
+    for name, r in cpu.tensors.items():
+        a, b = asdict(r), asdict(gpu.tensors[name])
+        for ra, rb in zip(a.pop("runs"), b.pop("runs")):
+            for f in FLOAT_FIELDS:
+                x, y = ra.pop(f), rb.pop(f)
+                assert x == pytest.approx(y, rel=1e-5, abs=1e-12) or (math.isnan(x) and math.isnan(y)), (name, f)
+            assert ra == rb, name
+        assert a == b, name
+
+
+def write(root, base, runs):
+    save(base, root / "base")
+    for i, r in enumerate(runs):
+        save(r, root / f"run{i}")
+
+
 def test_cuda_equals_cpu(tmp_path):
     b = base_state()
-    save(b, tmp_path / "base")
-    for i in range(3):
-        save(sparse_run(b, i, scale=3e-4), tmp_path / f"run{i}")
-    cpu, gpu = run(tmp_path, "cpu"), run(tmp_path, "cuda")
-    assert gpu.device.startswith("cuda")
-    for name, r in cpu.tensors.items():
-        g = gpu.tensors[name]
-        assert [s.updated for s in g.runs] == [s.updated for s in r.runs]
-        assert [s.sweep for s in g.runs] == [s.sweep for s in r.runs]
-        assert [s.rank for s in g.runs] == [s.rank for s in r.runs]
-        assert g.both == r.both and g.agreement == r.agreement and g.sign_agree == r.sign_agree
+    write(tmp_path, b, [sparse_run(b, i, scale=3e-4) for i in range(3)])
+    assert_same(run(tmp_path, "cpu"), run(tmp_path, "cuda"))
 
 
-@pytest.mark.parametrize("shape,rank", [((4864, 896), 896), ((896, 4864), 37), ((2048, 2048), 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+@pytest.mark.parametrize("criterion", [("atol", 1e-5), ("exact", 0.0), ("relative", 1e-3)])
+def test_dtypes_criteria_multichunk_nonfinite(tmp_path, monkeypatch, dtype, criterion):
+    """Ragged multi-chunk tensors (small chunks forced), every dtype and criterion, NaN/Inf planted."""
+    monkeypatch.setattr(masks, "CUDA_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1000)
+    b = base_state(dtype=torch.float32)
+    runs = [sparse_run(b, i, scale=3e-3) for i in range(3)]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    b[name][0, 0] = float("nan")
+    runs[1][name][1, 1] = float("inf")
+    runs[2][name][2, 2] = float("-inf")
+    cast = lambda s: {k: v.to(dtype) for k, v in s.items()}  # noqa: E731
+    write(tmp_path, cast(b), [cast(r) for r in runs])
+    kw = dict(criterion=Criterion(*criterion), sweep=(1e-8, 1e-5) if dtype != torch.float8_e4m3fn else ())
+    assert_same(run(tmp_path, "cpu", **kw), run(tmp_path, "cuda:0", **kw))
+
+
+def test_mixed_dtypes_and_common_rows(tmp_path):
+    b = base_state()
+    runs = [sparse_run(b, i, scale=3e-3) for i in range(3)]
+    runs[1] = {k: v.float() for k, v in runs[1].items()}
+    runs[2]["model.embed_tokens.weight"] = torch.cat([runs[2]["model.embed_tokens.weight"],
+                                                      torch.zeros(5, 32, dtype=torch.bfloat16)])
+    write(tmp_path, b, runs)
+    assert_same(run(tmp_path, "cpu", common_rows=True), run(tmp_path, "cuda", common_rows=True))
+
+
+@pytest.mark.parametrize("k", [15, 16])
+def test_many_runs(tmp_path, k):
+    """15 runs take the coded histogram path, 16 the pairwise one: both equal the CPU."""
+    b = base_state(shapes={"model.layers.0.mlp.up_proj.weight": (96, 64), "model.norm.weight": (64,)})
+    write(tmp_path, b, [sparse_run(b, i, scale=3e-3) for i in range(k)])
+    assert_same(run(tmp_path, "cpu", k=k), run(tmp_path, "cuda", k=k))
+
+
+def test_ranks_on_realistic_bf16_updates(tmp_path):
+    """Near-square and long matrices with bf16 RL-like deltas: CUDA's Gram route equals the CPU reference."""
+    shapes = {"a.weight": (512, 512), "b.weight": (768, 512), "c.weight": (2048, 256), "d.weight": (256, 1536)}
+    b = base_state(shapes=shapes)
+    write(tmp_path, b, [sparse_run(b, i, scale=2e-4, density=0.2) for i in range(2)])
+    cpu, gpu = run(tmp_path, "cpu", k=2), run(tmp_path, "cuda", k=2)
+    assert_same(cpu, gpu)
+    assert all(s.rank is not None for t in gpu.tensors.values() for s in t.runs)
+
+
+@pytest.mark.parametrize("shape,rank", [((4864, 896), 896), ((896, 4864), 37), ((2048, 2048), 2048),
+                                        ((2048, 2048), 700)])
 def test_gpu_rank_matches_gesvd(shape, rank):
     """Well-separated spectra (singular values in [1, 2], the rest exactly zero): the true rank is known."""
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -45,3 +114,56 @@ def test_gpu_rank_matches_gesvd(shape, rank):
     s = 1 + torch.rand(rank, device="cuda", generator=g, dtype=torch.float64)
     delta = ((u * s) @ v.T * 1e-3).float()
     assert update_rank(delta) == reference_rank(delta) == rank
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_staging_through_small_slices(tmp_path, layout):
+    """Tensors larger than all slices together, in many dtypes and with rows cut, arrive intact."""
+    state = {"a": torch.randn(1000, 37), "b": torch.randn(333).to(torch.bfloat16),
+             "c": torch.randn(64, 64).to(torch.float8_e4m3fn), "d": torch.randn(0, 4)}
+    save(state, tmp_path / "ck", layout=layout)
+    ck = open_checkpoint(str(tmp_path / "ck"))
+    stager = PinnedStager(torch.device("cuda:0"), slice_bytes=4096, slices=3)
+    for name, t in state.items():
+        for rows in (None, 17):
+            if rows and t.shape[0] < rows:
+                continue
+            got, event = stager.to_device(ck, name, rows)
+            ready([got], event)
+            want = t[:rows] if rows else t
+            assert got.is_cuda and got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+            assert torch.equal(got.cpu().view(torch.uint8), want.contiguous().view(torch.uint8))
+    stager.close()
+    ck.close()
+
+
+def test_analysis_pins_no_tensor(tmp_path, monkeypatch):
+    """Pinned memory is the stager's fixed slices: no Tensor.pin_memory() (whose blocks stay cached)."""
+    def refuse(self, *a, **k):
+        raise AssertionError("pin_memory() called")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    b = base_state()
+    write(tmp_path, b, [sparse_run(b, i) for i in range(2)])
+    assert len(run(tmp_path, "cuda", k=2).tensors) == len(b)
+
+
+def test_gpu_out_of_memory_falls_back_to_cpu(tmp_path, monkeypatch):
+    b = base_state()
+    write(tmp_path, b, [sparse_run(b, i, scale=3e-3) for i in range(3)])
+    cpu = run(tmp_path, "cpu")
+    real, seen = engine.compute_tensor, []
+
+    def flaky(base, *a, **k):
+        if base.is_cuda and not seen:
+            seen.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(base, *a, **k)
+
+    monkeypatch.setattr(engine, "compute_tensor", flaky)
+    gpu = run(tmp_path, "cuda")
+    fell = [t for t in gpu.tensors.values() if any("GPU ran out of memory" in n for n in t.notes)]
+    assert len(fell) == 1 and any("computed on the CPU after the GPU ran out" in n for n in gpu.notes)
+    for t in fell:
+        t.notes = [n for n in t.notes if "GPU ran out of memory" not in n]
+    assert_same(cpu, gpu)

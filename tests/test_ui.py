@@ -268,7 +268,7 @@ def test_snapshot_80x24(checkpoints, snap_compare):
         await pilot.press("j", "j", "l")
         await pilot.pause(0.2)
 
-    assert snap_compare(make_app(checkpoints), terminal_size=(80, 24), run_before=ready)
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
 
 
 def test_snapshot_120x40(checkpoints, snap_compare):
@@ -277,7 +277,7 @@ def test_snapshot_120x40(checkpoints, snap_compare):
         await pilot.press("3")
         await pilot.pause(0.2)
 
-    assert snap_compare(make_app(checkpoints), terminal_size=(120, 40), run_before=ready)
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
 
 
 async def test_tree_preview_comes_before_torch_work(checkpoints):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -91,7 +92,9 @@ def main(argv=None) -> int:
     print(f"[2/3] {len(spec['runs'])} fine-tuning runs on {args.jobs} process(es)", flush=True)
     jobs = [(name, kind, cfg, out, model_cfg) for name, (kind, cfg, _) in spec["runs"].items()]
     seconds = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    # spawn, not fork: a forked child of a process that has used CUDA (the test suite on a GPU box) or
+    # holds threads may fail or hang
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for name, acc, secs in pool.map(_train_one, jobs):
             accuracy[name] = acc
             seconds[name] = secs
