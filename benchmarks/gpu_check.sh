@@ -769,4 +769,6 @@ fi
 $PY "$CHECK" table --work "$WORK" | grep '^ROW' >> "$SUMMARY"
 { echo "| check | result | notes |"; echo "|---|---|---|"; grep '^ROW' "$SUMMARY" | sed 's/^ROW //'; } > "$OUT/table.md"
 log "done; table in $OUT/table.md, full logs in $OUT, scratch (checkpoints, outputs) in $WORK"
-grep -c '^FAIL' "$SUMMARY" | xargs -I{} echo "FAIL lines: {}" | tee -a "$SUMMARY"
+fails=$(grep -c '^FAIL' "$SUMMARY")
+echo "FAIL lines: $fails" | tee -a "$SUMMARY"
+[ "$fails" -eq 0 ]  # the exit status says whether every check passed
