@@ -499,12 +499,17 @@ def cmd_table(args):
     except (OSError, ValueError):
         print("INFO no timings to derive targets from")
         return 0
-    if "gpu_s" in floor:
+    if norank.get("rc") != 0:
+        row("target: cuda no-rank analysis / GPU read floor (<= 1.5x)", "FAILED", "the analysis did not finish")
+    elif "gpu_s" in floor:
         r = norank["wall_s"] / floor["gpu_s"]
         row("target: cuda no-rank analysis / GPU read floor (<= 1.5x)", f"{r:.2f}x", "PASS" if r <= 1.5 else "MISSED")
     try:
         rank = json.loads((work / "time-cuda-rank.json").read_text())
         rank_s = sum(v for k, v in rank["times_s"].items() if k.startswith("rank on"))
+        if rank.get("rc") != 0 or not rank["counts"]:
+            row("target: every rank of the 1.5B model, 3 runs (< 30 s)", "FAILED", "the analysis did not finish")
+            return 0
         row("target: every rank of the 1.5B model, 3 runs (< 30 s)", f"{rank_s:.1f} s",
             ("PASS" if rank_s < 30 else "MISSED") + f"; {sum(rank['counts'].values())} matrices")
     except (OSError, ValueError):
