@@ -10,7 +10,7 @@ import numpy as np
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 
-RESULT_VERSION = 4
+RESULT_VERSION = 5
 
 
 @dataclass
@@ -217,6 +217,8 @@ class AnalysisResult:
     planned: list[str] = field(default_factory=list)
     planned_numel: dict[str, int] = field(default_factory=dict)
     complete: bool = False
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> primary name, in the base
+    compare_dtype: str = "stored"
 
     @property
     def k(self) -> int:
