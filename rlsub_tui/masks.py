@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from rlsub_tui.dtypes import dtype_name, less_precise
-from rlsub_tui.rank import update_rank
+from rlsub_tui.rank import stacked_rank
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
 
@@ -210,12 +210,12 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     rank_note = None
     for j, run in enumerate(runs):
         rank = ranks[j] if ranks is not None else None
-        if rank is None and want_rank and base.ndim == 2:
+        if rank is None and want_rank and base.ndim in (2, 3):
             if nonfinite[j]:
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
                 bj = base if base.dtype == dtypes[j] else base.to(dtypes[j])
-                rank = update_rank(stored_delta(bj, run))
+                rank = stacked_rank(stored_delta(bj, run))
         stats.append(RunTensorStats(
             updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
             sq_base=sq_base[j], sweep=sweep_counts[j], rank=rank, dtype=dtype_name(dtypes[j]),

@@ -38,6 +38,9 @@ class TensorResult:
 
     @property
     def max_rank(self) -> int | None:
+        """min(m, n) of a matrix; for a 3-D stack of E expert matrices E·min(m, n), so the ratio is their mean."""
+        if len(self.shape) == 3:
+            return self.shape[0] * min(self.shape[1:])
         return min(self.shape) if len(self.shape) == 2 else None
 
     def to_dict(self) -> dict:
