@@ -161,14 +161,14 @@ class Checkpoint:
     def path(self) -> str:
         return self.source
 
-    def config(self) -> dict:
-        """The model's config.json beside the weights ({} when absent or unreadable: it only refines)."""
+    def config(self) -> dict | None:
+        """The model's config.json beside the weights; None when absent or unreadable (it only refines)."""
         path = config_file(self.files)
         try:
-            data = json.loads(path.read_text()) if path else {}
+            data = json.loads(path.read_text()) if path else None
         except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+            return None
+        return data if isinstance(data, dict) else None
 
     def storage_key(self, name: str) -> tuple | None:
         """For a pickled tensor, what identifies its memory (two names with one key are one tensor); else None."""

@@ -22,7 +22,7 @@ def block_scales(ckpt: Checkpoint) -> dict[str, str]:
 
 
 def block_size(ckpt: Checkpoint) -> tuple[int, int]:
-    q = ckpt.config().get("quantization_config")
+    q = (ckpt.config() or {}).get("quantization_config")
     size = q.get("weight_block_size") if isinstance(q, dict) else None
     if isinstance(size, list) and len(size) == 2 and all(type(x) is int and x > 0 for x in size):
         return size[0], size[1]

@@ -45,7 +45,7 @@ def _ends_with(name: str, suffixes: tuple[str, ...]) -> bool:
 
 def _tied_by_config(ckpt: Checkpoint) -> dict[str, str]:
     config = ckpt.config()
-    if not config or config.get("tie_word_embeddings", True) is not True:
+    if config is None or config.get("tie_word_embeddings", True) is not True:
         return {}
     heads = [n for n in ckpt.tensors if _ends_with(n, HEADS)]
     embeds = [n for n in ckpt.tensors if _ends_with(n, EMBEDDINGS)]
