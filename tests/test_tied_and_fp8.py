@@ -185,3 +185,17 @@ def test_a_scale_that_does_not_fit_is_listed(tmp_path):
     result = analyze(tmp_path / "base", [tmp_path / "run"])
     assert [k.tensor for k in result.skipped] == ["w"]
     assert "does not fit" in result.skipped[0].reason
+
+
+def test_a_changed_config_is_not_answered_from_the_cache(tmp_path):
+    b = {n: t.clone() for n, t in tied_state().items()}
+    run = sparse_run(b, 0)
+    run["lm_head.weight"] = run["model.embed_tokens.weight"].clone()
+    save(b, tmp_path / "base")
+    save(run, tmp_path / "run")
+    cached = dict(use_cache=True, cache_dir=tmp_path / "cache")
+    assert "lm_head.weight" in analyze(tmp_path / "base", [tmp_path / "run"], **cached).tied
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"tie_word_embeddings": False, "x": 1}))
+    again = analyze(tmp_path / "base", [tmp_path / "run"], **cached)
+    assert again.tied == {} and "lm_head.weight" in again.tensors
+    assert again.stats().numel == analyze(tmp_path / "base", [tmp_path / "run"]).stats().numel
