@@ -99,7 +99,7 @@ class Layout:
         """A tensor's dtype as compared: an fp8 weight with a block scale is dequantised to float32."""
         return torch.float32 if name in self.scales else self.ckpt.tensors[name].dtype
 
-    def scale_problem(self, name: str, rows_shape: tuple[int, ...]) -> str | None:
+    def scale_problem(self, name: str) -> str | None:
         scale = self.scales.get(name)
         if scale is None:
             return None
@@ -117,15 +117,9 @@ class Planning:
 
 
 def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = False,
-                 policy: str = "stored") -> tuple[list[TensorPlan], list[Skipped]]:
-    """Match tensors by name (ignoring wrapper prefixes) and shape; list every one left out, and why."""
-    p = plan_analysis(base, runs, common_rows, policy)
-    return p.plans, p.skipped
-
-
-def plan_analysis(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = False,
-                  policy: str = "stored") -> Planning:
-    """Plan every comparison: tied aliases and fp8 block scales folded in, one dtype per pair."""
+                 policy: str = "stored") -> Planning:
+    """Match tensors by name (ignoring wrapper prefixes) and shape, list every one left out and why;
+    tied aliases and fp8 block scales folded in, one comparison dtype per pair."""
     layouts = [Layout.of(c) for c in [base] + runs]
     bl, run_layouts = layouts[0], layouts[1:]
     skipped: list[Skipped] = []
@@ -179,7 +173,7 @@ def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows
     info = bl.ckpt.tensors[name]
     key = canonical(name)
     base_dtype = bl.compared_dtype(name)
-    problem = bl.scale_problem(name, info.shape)
+    problem = bl.scale_problem(name)
     if problem:
         return None, [("*", f"fp8 weight not compared: {problem}")]
     run_names, reasons, rows, tnotes, run_dtypes, scales = [], [], None, [], [], [bl.scales.get(name)]
@@ -203,7 +197,7 @@ def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows
                 hint = " (use --common-rows to compare the rows they share)" if same_tail else ""
                 reasons.append((run.label, f"shape {list(oinfo.shape)} differs from base {list(info.shape)}{hint}"))
                 continue
-        problem = lay.scale_problem(other, oinfo.shape)
+        problem = lay.scale_problem(other)
         if problem:
             reasons.append((run.label, f"fp8 weight not compared: {problem}"))
             continue
@@ -258,7 +252,7 @@ class Analysis:
         self.device = resolve_device(self.options.device)
         self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
-        planning = plan_analysis(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
+        planning = plan_tensors(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
         self.plans, skipped = planning.plans, planning.skipped
         notes = self._same_checkpoint_notes() + planning.notes
         self.result = AnalysisResult(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlsub_tui.dtypes import dtype_name, less_precise
+from rlsub_tui.dtypes import dtype_name
 from rlsub_tui.rank import stacked_rank
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
@@ -16,9 +16,6 @@ from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTen
 CHUNK_ELEMENTS = 1 << 22  # elementwise work is done in chunks this size: cache-friendly, bounded memory
 MAX_CODED_RUNS = 15  # up to this many runs, pair overlaps come from one histogram of per-parameter run codes
 MAX_RUNS = 128  # per-parameter counters are int16; pair overlaps grow as K², so this is the supported K
-
-
-compare_dtype = less_precise  # the pairwise rule for mixed dtypes (see dtypes.py)
 
 
 def _arith_dtype(dtype: torch.dtype) -> torch.dtype:

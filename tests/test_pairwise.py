@@ -271,3 +271,14 @@ def test_nonfinite_rule_matches_numpy_on_random_data():
     assert comp.multi == int(several.sum())
     assert comp.sign_agree == int((several & ((pos == count) | (neg == count))).sum())
     assert comp.agreement == [int((count == j).sum()) for j in range(4)]
+
+
+def test_forced_dtype_shows_in_the_summary(tmp_path, capsys):
+    assert main(["analyze", f"{SAMPLE}/base-fp32", f"{SAMPLE}/fp32-grpo-lowlr-seed1", "--compare-dtype", "bf16",
+                 "--out", str(tmp_path / "out"), "--quiet", "--no-rank", "--no-cache"]) == 0
+    assert "every pair compared in bf16" in capsys.readouterr().out.splitlines()[0]
+    import json
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["compare_dtype"] == "bf16"
+    rows = (tmp_path / "out" / "matrices.csv").read_text().splitlines()
+    assert rows[0].split(",")[2] == "dtype" and {r.split(",")[2] for r in rows[1:]} == {"bf16"}
