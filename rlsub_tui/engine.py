@@ -146,6 +146,8 @@ def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = F
                 if name not in lay.tied:
                     skipped.append(Skipped(name, lay.ckpt.label, f"tied to {bl.tied[alias_keys[key]]} in the base "
                                                                   "but a separate tensor in this run; not compared"))
+            elif name in lay.tied:
+                continue  # the run's own alias: compared under its primary name
             elif key not in base_keys and name not in lay.scales.values():
                 skipped.append(Skipped(name, lay.ckpt.label, "only in this run, not in the base"))
     if runs and not plans:

@@ -192,3 +192,16 @@ def test_tied_state_dict_counts_the_embedding_once(models):
     b.close()
     assert {n: [s.updated for s in r.runs] for n, r in other.tensors.items()} == \
         {n: [s.updated for s in r.runs] for n, r in result.tensors.items()}
+
+
+def test_mixed_layouts_tied_in_the_runs_only(models):
+    """Base from save_pretrained (no lm_head), runs from torch.save(state_dict) (lm_head on wte's storage)."""
+    base = models["gpt2"]["safetensors"][0]
+    runs = models["gpt2"]["state_dict"][1:]
+    a = Analysis(str(base), [str(d) for d in runs], AnalysisOptions(use_cache=False, rank=False))
+    result = a.run_all()
+    a.close()
+    assert not result.skipped and result.tied == {}
+    oracle = _oracle("gpt2", "safetensors", models["gpt2"]["safetensors"])
+    assert {n: [s.updated for s in r.runs] for n, r in result.tensors.items()} == \
+        {n: [int(m.sum()) for m in masks] for n, (_, masks, _) in oracle.items()}
