@@ -21,21 +21,25 @@ SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_lay
              num_key_value_heads=2, max_position_embeddings=32)
 
 
+CONFIGS = {  # family: (config class in transformers, its arguments)
+    "gpt2": ("GPT2Config", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                bos_token_id=0, eos_token_id=0)),
+    "qwen2": ("Qwen2Config", dict(SMALL, tie_word_embeddings=True)),
+    "llama": ("LlamaConfig", dict(SMALL, bos_token_id=0, eos_token_id=0)),
+    "opt": ("OPTConfig", dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=32, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0,
+                              pad_token_id=1)),
+    "gemma": ("GemmaConfig", dict(SMALL, head_dim=8, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    "phi3": ("Phi3Config", dict(SMALL, pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    "mixtral": ("MixtralConfig", dict(SMALL, num_local_experts=4, num_experts_per_tok=2, bos_token_id=0,
+                                      eos_token_id=0)),
+}
+
+
 def configs() -> dict:
-    t = transformers
-    return {
-        "gpt2": t.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                             bos_token_id=0, eos_token_id=0),
-        "qwen2": t.Qwen2Config(**SMALL, tie_word_embeddings=True),
-        "llama": t.LlamaConfig(**SMALL, bos_token_id=0, eos_token_id=0),
-        "opt": t.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=32, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0,
-                           pad_token_id=1),
-        "gemma": t.GemmaConfig(**SMALL, head_dim=8, bos_token_id=0, eos_token_id=0, pad_token_id=1),
-        "phi3": t.Phi3Config(**SMALL, pad_token_id=0, bos_token_id=0, eos_token_id=0),
-        "mixtral": t.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, bos_token_id=0,
-                                   eos_token_id=0),
-    }
+    """The families this transformers has (all seven in 5.x); a missing one is skipped, not faked."""
+    return {family: getattr(transformers, cls)(**kw) for family, (cls, kw) in CONFIGS.items()
+            if hasattr(transformers, cls)}
 
 
 # (family, layout): save_pretrained safetensors, sharded safetensors, or torch.save(model.state_dict())
@@ -151,6 +155,8 @@ def _oracle(family, layout, dirs):
 
 @pytest.mark.parametrize("family,layout", CASES, ids=[f"{f}-{lay}" for f, lay in CASES])
 def test_counts_equal_named_parameters(models, family, layout):
+    if family not in models:
+        pytest.skip(f"this transformers has no {CONFIGS[family][0]}")
     dirs = models[family][layout]
     a = Analysis(str(dirs[0]), [str(d) for d in dirs[1:]], AnalysisOptions(use_cache=False))
     result = a.run_all()
