@@ -33,7 +33,7 @@ APP_ID = "rlsub-tui-cache-1"
 def analysis_key(base_fp: str, run_fps: list[str], options: AnalysisOptions) -> str:
     """Cache key of an analysis: the checkpoints' fingerprints and every option that changes a number."""
     blob = json.dumps([RESULT_VERSION, base_fp, run_fps, options.criterion.name, options.criterion.value,
-                       list(options.sweep), options.rank, options.common_rows])
+                       list(options.sweep), options.rank, options.common_rows, options.compare_dtype])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -45,7 +45,7 @@ def default_cache_dir() -> Path:
 
 
 class ResultCache:
-    """Per-tensor results keyed by an analysis key; ranks keyed by (base, run) alone."""
+    """Per-tensor results keyed by an analysis key; ranks keyed by (base, run) and (tensor, rows, dtype)."""
 
     def __init__(self, directory: Path | None = None):
         self.directory = Path(directory) if directory else default_cache_dir()
@@ -124,6 +124,7 @@ class ResultCache:
             "sweep": list(result.sweep), "device": result.device, "planned": result.planned,
             "planned_numel": result.planned_numel, "notes": result.notes,
             "skipped": [[k.tensor, k.run, k.reason] for k in result.skipped],
+            "tied": result.tied, "compare_dtype": result.compare_dtype,
         }
         try:
             self._conn.execute("INSERT OR REPLACE INTO analyses VALUES (?, ?)", (analysis, json.dumps(payload)))
@@ -196,7 +197,8 @@ def reopen(base: str, runs: list[str], options: AnalysisOptions) -> AnalysisResu
             tensors={n: tensors[n] for n in planned},
             skipped=[Skipped(str(t), str(r), str(why)) for t, r, why in meta["skipped"]],
             notes=[str(n) for n in meta["notes"]], planned=planned,
-            planned_numel={str(k): int(v) for k, v in meta["planned_numel"].items()}, complete=True)
+            planned_numel={str(k): int(v) for k, v in meta["planned_numel"].items()}, complete=True,
+            tied={str(a): str(p) for a, p in meta["tied"].items()}, compare_dtype=str(meta["compare_dtype"]))
     except (OSError, KeyError, TypeError, ValueError, InputError):
         return None
     finally:

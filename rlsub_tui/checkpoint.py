@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.errors import CheckpointError
-from rlsub_tui.locate import MAX_HEADER_BYTES, fingerprint, locate
+from rlsub_tui.locate import MAX_HEADER_BYTES, config_file, fingerprint, locate
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -160,6 +160,23 @@ class Checkpoint:
     @property
     def path(self) -> str:
         return self.source
+
+    def config(self) -> dict | None:
+        """The model's config.json beside the weights; None when absent or unreadable (it only refines)."""
+        path = config_file(self.files)
+        try:
+            data = json.loads(path.read_text()) if path else None
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def storage_key(self, name: str) -> tuple | None:
+        """For a pickled tensor, what identifies its memory (two names with one key are one tensor); else None."""
+        info = self.tensors[name]
+        if self.layout == "safetensors":
+            return None
+        t = self._pickled[info.file][name]
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint's bytes for caching (see locate.fingerprint)."""

@@ -41,6 +41,9 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eta", type=_float, default=1e-3, help="relative threshold (default 1e-3)")
     g.add_argument("--sweep", type=_sweep, default=(), metavar="T1,T2,...",
                    help="also report sparsity at each of these atol tolerances, in the same pass")
+    g.add_argument("--compare-dtype", choices=["stored", "bf16", "fp16", "fp32"], default="stored",
+                   help="dtype each run is compared with the base in; stored (default): the less precise of "
+                        "that pair; bf16 reproduces the paper's script, which loads everything in bf16")
     c = p.add_argument_group("computation")
     c.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda or cuda:N")
     c.add_argument("--no-rank", action="store_true", help="skip the update-rank computation")
@@ -55,7 +58,7 @@ def analysis_options(args):
     value = args.tolerance if args.criterion == "atol" else args.eta if args.criterion == "relative" else 0.0
     return AnalysisOptions(criterion=Criterion(args.criterion, value), sweep=tuple(args.sweep),
                            rank=not args.no_rank, device=args.device, common_rows=args.common_rows,
-                           use_cache=not args.no_cache)
+                           use_cache=not args.no_cache, compare_dtype=args.compare_dtype)
 
 
 def analyze_parser() -> argparse.ArgumentParser:

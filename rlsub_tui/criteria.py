@@ -9,6 +9,7 @@ from pathlib import Path
 from rlsub_tui.errors import InputError
 
 CRITERIA = ("atol", "exact", "relative")
+COMPARE_DTYPES = ("stored", "bf16", "fp16", "fp32")  # stored: each pair in the less precise of its two dtypes
 # |w0| magnitude bins for "which weights changed": bin 0 holds zeros (and subnormals), bin b >= 1 holds
 # |w0| in [2^x, 2^(x+1)) with x = MAG_X_MIN + b - 1, clamped to [MAG_X_MIN, MAG_X_MAX] at both ends.
 MAG_X_MIN = -25
@@ -49,6 +50,7 @@ class RunTensorStats:
     sweep: list[int] = field(default_factory=list)
     rank: int | None = None
     magnitude_updated: list[int] = field(default_factory=list)
+    dtype: str = ""  # the dtype this run was compared with the base in
 
 
 @dataclass
@@ -60,8 +62,11 @@ class AnalysisOptions:
     common_rows: bool = False
     use_cache: bool = True
     cache_dir: Path | None = None
+    compare_dtype: str = "stored"
 
     def __post_init__(self):
+        if self.compare_dtype not in COMPARE_DTYPES:
+            raise InputError(f"unknown --compare-dtype '{self.compare_dtype}'; choose one of {', '.join(COMPARE_DTYPES)}.")
         for t in self.sweep:
             if not math.isfinite(t) or t < 0:
                 raise InputError(f"sweep tolerance {t} must be a finite number >= 0.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,21 +16,14 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
 from rlsub_tui.formatting import size
 from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
-from rlsub_tui.masks import compare_dtype, compute_tensor
+from rlsub_tui import fp8
+from rlsub_tui.dtypes import DTYPE_NAMES, CastLog, dtype_name, pair_dtype  # noqa: F401  (re-exported)
+from rlsub_tui.masks import MAX_RUNS, compute_tensor
+from rlsub_tui.tied import find_tied, tied_note
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
 from rlsub_tui.staging import PinnedStager, ready
-
-DTYPE_NAMES = {
-    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.float8_e4m3fn: "f8_e4m3", torch.float8_e5m2: "f8_e5m2",
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
 
 @dataclass
 class TensorPlan:
@@ -38,11 +31,13 @@ class TensorPlan:
 
     name: str
     run_names: list[str]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the base's dtype as compared (float32 for a dequantised fp8 weight)
     shape: tuple[int, ...]
     rows: int | None  # compare only the first `rows` rows (vocab resized, --common-rows)
     nbytes: int
     notes: list[str]
+    run_dtypes: list[torch.dtype] = field(default_factory=list)  # the dtype each run is compared in
+    scales: list[str | None] = field(default_factory=list)  # block scale of the base, then of each run
 
     @property
     def numel(self) -> int:
@@ -50,6 +45,12 @@ class TensorPlan:
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def shown_dtype(self) -> str:
+        """The comparison dtype, or every one of them in run order when pairs differ."""
+        names = list(dict.fromkeys(dtype_name(d) for d in self.run_dtypes)) or [dtype_name(self.dtype)]
+        return "/".join(names)
 
 
 @dataclass
@@ -84,65 +85,75 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = False
-                 ) -> tuple[list[TensorPlan], list[Skipped]]:
-    """Match tensors by name (ignoring wrapper prefixes) and shape; list every one left out, and why."""
+@dataclass
+class Layout:
+    """What planning needs to know about one checkpoint besides its header: aliases and fp8 block scales."""
+
+    ckpt: Checkpoint
+    tied: dict[str, str]  # alias -> primary
+    scales: dict[str, str]  # fp8 weight -> its block scale
+    block: tuple[int, int]
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> "Layout":
+        scales = fp8.block_scales(ckpt)
+        return cls(ckpt, find_tied(ckpt), scales, fp8.block_size(ckpt) if scales else fp8.DEFAULT_BLOCK)
+
+    def compared_dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype as compared: an fp8 weight with a block scale is dequantised to float32."""
+        return torch.float32 if name in self.scales else self.ckpt.tensors[name].dtype
+
+    def scale_problem(self, name: str) -> str | None:
+        scale = self.scales.get(name)
+        if scale is None:
+            return None
+        return fp8.scale_mismatch(self.ckpt.tensors[name].shape, self.ckpt.tensors[scale].shape, self.block)
+
+
+@dataclass
+class Planning:
+    """The outcome of matching tensors: the plans, what was left out, and the notes that go with them."""
+
+    plans: list[TensorPlan]
+    skipped: list[Skipped]
+    notes: list[str]
+    tied: dict[str, str]
+
+
+def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = False,
+                 policy: str = "stored") -> Planning:
+    """Match tensors by name (ignoring wrapper prefixes) and shape, list every one left out and why;
+    tied aliases and fp8 block scales folded in, one comparison dtype per pair."""
+    layouts = [Layout.of(c) for c in [base] + runs]
+    bl, run_layouts = layouts[0], layouts[1:]
     skipped: list[Skipped] = []
-    run_maps = []
-    for run in runs:
-        m: dict[str, str] = {}
-        for name in run.tensors:
-            m.setdefault(canonical(name), name)
-        run_maps.append(m)
+    casts = CastLog(policy)
+    run_maps = [_name_map(lay) for lay in run_layouts]
+    consumed = set(bl.scales.values())  # block scales are used to dequantise, not compared themselves
     base_keys = {canonical(n): n for n in base.tensors}
+    alias_keys = {canonical(a): a for a in bl.tied}
     plans = []
     for name, info in base.tensors.items():
-        key = canonical(name)
+        if name in bl.tied or name in consumed:
+            continue
         if not info.dtype.is_floating_point:
             skipped.append(Skipped(name, "*", f"not a floating-point tensor ({dtype_name(info.dtype)})"))
             continue
-        run_names, reasons, dtype, rows, tnotes = [], [], info.dtype, None, []
-        for run, m in zip(runs, run_maps):
-            other = m.get(key)
-            if other is None:
-                reasons.append((run.label, "missing in this run"))
-                continue
-            oinfo = run.tensors[other]
-            if not oinfo.dtype.is_floating_point:
-                reasons.append((run.label, f"not a floating-point tensor in this run ({dtype_name(oinfo.dtype)})"))
-                continue
-            if oinfo.shape != info.shape:
-                same_tail = len(oinfo.shape) == len(info.shape) >= 1 and oinfo.shape[1:] == info.shape[1:]
-                if common_rows and same_tail:
-                    r = min(oinfo.shape[0], info.shape[0])
-                    rows = r if rows is None else min(rows, r)
-                    tnotes.append(f"{run.label}: shape {list(oinfo.shape)} vs base {list(info.shape)}; "
-                                  f"compared on the first {r} rows")
-                else:
-                    hint = " (use --common-rows to compare the rows they share)" if same_tail else ""
-                    reasons.append((run.label, f"shape {list(oinfo.shape)} differs from base {list(info.shape)}{hint}"))
-                    continue
-            if oinfo.dtype != dtype:
-                new = compare_dtype(dtype, oinfo.dtype)
-                tnotes.append(f"{run.label}: {dtype_name(oinfo.dtype)} vs base {dtype_name(info.dtype)}; "
-                              f"compared in {dtype_name(new)} (the less precise)")
-                dtype = compare_dtype(new, dtype)
-            run_names.append(other)
+        plan, reasons = _plan_one(name, bl, run_layouts, run_maps, common_rows, policy, casts)
         if reasons:
-            for label, reason in reasons:
-                skipped.append(Skipped(name, label, reason))
-            continue
-        shape = info.shape if rows is None else (rows,) + info.shape[1:]
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * info.dtype.itemsize + sum(
-            numel * r.tensors[n].dtype.itemsize for r, n in zip(runs, run_names))
-        plans.append(TensorPlan(name, run_names, dtype, shape, rows, nbytes, tnotes))
-    for run, m in zip(runs, run_maps):
+            skipped.extend(Skipped(name, label, reason) for label, reason in reasons)
+        else:
+            plans.append(plan)
+    for lay, m in zip(run_layouts, run_maps):
         for key, name in m.items():
-            if key not in base_keys:
-                skipped.append(Skipped(name, run.label, "only in this run, not in the base"))
+            if key in alias_keys:
+                if name not in lay.tied:
+                    skipped.append(Skipped(name, lay.ckpt.label, f"tied to {bl.tied[alias_keys[key]]} in the base "
+                                                                  "but a separate tensor in this run; not compared"))
+            elif name in lay.tied:
+                continue  # the run's own alias: compared under its primary name
+            elif key not in base_keys and name not in lay.scales.values():
+                skipped.append(Skipped(name, lay.ckpt.label, "only in this run, not in the base"))
     if runs and not plans:
         raise InputError(
             f"{base.source} and the runs have no tensor in common that can be compared "
@@ -150,7 +161,83 @@ def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = F
             if skipped else f"{base.source}: nothing to compare.")
     file_order = {f: i for i, f in enumerate(base.files)}
     plans.sort(key=lambda p: (file_order[base.tensors[p.name].file], base.tensors[p.name].offset))
-    return plans, skipped
+    notes = [tied_note(a, prim, f"the base '{base.label}'") for a, prim in bl.tied.items()]
+    notes += casts.notes() + _fp8_notes(plans, bl)
+    return Planning(plans, skipped, notes, dict(bl.tied))
+
+
+def _name_map(lay: Layout) -> dict[str, str]:
+    """canonical name -> the run's name, aliases kept (a tie the base lacks is compared as stored)."""
+    m: dict[str, str] = {}
+    for name in lay.ckpt.tensors:
+        m.setdefault(canonical(name), name)
+    return m
+
+
+def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows, policy, casts: CastLog):
+    """The plan for one base tensor, or the (run, reason) pairs that keep it out."""
+    info = bl.ckpt.tensors[name]
+    key = canonical(name)
+    base_dtype = bl.compared_dtype(name)
+    problem = bl.scale_problem(name)
+    if problem:
+        return None, [("*", f"fp8 weight not compared: {problem}")]
+    run_names, reasons, rows, tnotes, run_dtypes, scales = [], [], None, [], [], [bl.scales.get(name)]
+    for lay, m in zip(run_layouts, run_maps):
+        run, other = lay.ckpt, m.get(key)
+        if other is None:
+            reasons.append((run.label, "missing in this run"))
+            continue
+        oinfo = run.tensors[other]
+        if not oinfo.dtype.is_floating_point:
+            reasons.append((run.label, f"not a floating-point tensor in this run ({dtype_name(oinfo.dtype)})"))
+            continue
+        if oinfo.shape != info.shape:
+            same_tail = len(oinfo.shape) == len(info.shape) >= 1 and oinfo.shape[1:] == info.shape[1:]
+            if common_rows and same_tail:
+                r = min(oinfo.shape[0], info.shape[0])
+                rows = r if rows is None else min(rows, r)
+                tnotes.append(f"{run.label}: shape {list(oinfo.shape)} vs base {list(info.shape)}; "
+                              f"compared on the first {r} rows")
+            else:
+                hint = " (use --common-rows to compare the rows they share)" if same_tail else ""
+                reasons.append((run.label, f"shape {list(oinfo.shape)} differs from base {list(info.shape)}{hint}"))
+                continue
+        problem = lay.scale_problem(other)
+        if problem:
+            reasons.append((run.label, f"fp8 weight not compared: {problem}"))
+            continue
+        if name in bl.scales and oinfo.dtype in fp8.FP8 and other not in lay.scales:
+            reasons.append((run.label, "fp8 without a block scale in this run, with one in the base"))
+            continue
+        run_dtype = lay.compared_dtype(other)
+        pair = pair_dtype(base_dtype, run_dtype, policy)
+        casts.record(run.label, base_dtype, run_dtype, pair)
+        run_names.append(other)
+        run_dtypes.append(pair)
+        scales.append(lay.scales.get(other))
+    if reasons:
+        return None, reasons
+    shape = info.shape if rows is None else (rows,) + info.shape[1:]
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * info.dtype.itemsize + sum(
+        numel * lay.ckpt.tensors[n].dtype.itemsize for lay, n in zip(run_layouts, run_names))
+    return TensorPlan(name, run_names, base_dtype, shape, rows, nbytes, tnotes, run_dtypes, scales), []
+
+
+def _fp8_notes(plans: list[TensorPlan], bl: Layout) -> list[str]:
+    scaled = sum(1 for p in plans if any(s is not None for s in p.scales))
+    raw = sum(1 for p in plans if any(d in fp8.FP8 for d in p.run_dtypes))
+    notes = []
+    if scaled:
+        notes.append(f"{scaled} fp8 tensors were dequantised with their block scales (weight_scale_inv, "
+                     f"{bl.block[0]}x{bl.block[1]} blocks) and compared in float32 or less; "
+                     "the scales are not compared themselves.")
+    if raw:
+        notes.append(f"{raw} fp8 tensors have no block scale: compared on their stored fp8 codes.")
+    return notes
 
 
 class Analysis:
@@ -161,6 +248,8 @@ class Analysis:
         self.options = options or AnalysisOptions()
         if not runs:
             raise InputError("no runs given: name at least one fine-tuned checkpoint after the base.")
+        if len(runs) > MAX_RUNS:
+            raise InputError(f"{len(runs)} runs given; at most {MAX_RUNS} can be compared in one analysis.")
         specs = [parse_run_spec(r) for r in runs]
         if labels is None:
             labels = [name for name, _ in specs]
@@ -169,14 +258,16 @@ class Analysis:
         self.device = resolve_device(self.options.device)
         self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
-        self.plans, skipped = plan_tensors(self.base, self.runs, self.options.common_rows)
-        notes = self._same_checkpoint_notes()
+        planning = plan_tensors(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
+        self.plans, skipped = planning.plans, planning.skipped
+        notes = self._same_checkpoint_notes() + planning.notes
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,
             run_labels=[r.label for r in self.runs], run_paths=[r.source for r in self.runs],
             criterion=self.options.criterion, sweep=tuple(self.options.sweep), device=str(self.device),
             skipped=skipped, notes=notes, planned=[p.name for p in self.plans],
-            planned_numel={p.name: p.numel for p in self.plans})
+            planned_numel={p.name: p.numel for p in self.plans}, tied=planning.tied,
+            compare_dtype=self.options.compare_dtype)
         self.cache = ResultCache(self.options.cache_dir) if self.options.use_cache else None
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)
@@ -218,38 +309,56 @@ class Analysis:
             torch.cuda.set_device(self.device)  # else the reader thread would create a context on GPU 0
 
     def _pair_keys(self) -> list[str]:
+        """Per (base, run) pair: what a cached rank depends on besides the tensor, its rows and its dtype."""
         base_fp, run_fps = self.fingerprints()
-        return [hashlib.sha256(f"{base_fp}|{fp}|{self.options.common_rows}".encode()).hexdigest()
-                for fp in run_fps]
+        return [hashlib.sha256(f"{base_fp}|{fp}".encode()).hexdigest() for fp in run_fps]
 
-    def _load(self, plan: TensorPlan) -> tuple[list[torch.Tensor], object]:
-        """Base and run tensors of one plan, on the analysis device (runs in the reader thread).
+    @staticmethod
+    def _rank_key(plan: TensorPlan, j: int) -> str:
+        """A cached rank is valid for this tensor compared on these rows in this dtype, whatever the company."""
+        return f"{plan.name}|{plan.rows}|{dtype_name(plan.run_dtypes[j])}"
 
-        On CUDA the copies are still in flight: the second value is the event to wait for (see _ready).
+    def _sources(self, plan: TensorPlan) -> list[tuple[Checkpoint, str, torch.dtype, str | None]]:
+        """(checkpoint, tensor name, dtype to compare in, fp8 block-scale name) for the base, then each run."""
+        return [(self.base, plan.name, plan.dtype, plan.scales[0])] + list(
+            zip(self.runs, plan.run_names, plan.run_dtypes, plan.scales[1:]))
+
+    def _load(self, plan: TensorPlan) -> tuple[list[torch.Tensor], list, object]:
+        """Stored tensors of one plan on the analysis device, and their fp8 block scales (reader thread).
+
+        On CUDA the copies are still in flight: the last value is the event to wait for (staging.ready).
         """
+        sources = self._sources(plan)
+        scales = [ckpt.read(sc) if sc is not None else None for ckpt, _, _, sc in sources]
         if self.device.type != "cuda":
-            return self._load_cpu(plan), None
+            return [ckpt.read(name, rows=plan.rows) for ckpt, name, _, _ in sources], scales, None
         if self._stager is None:
             self._stager = PinnedStager(self.device)
-        sources = [(self.base, plan.name)] + list(zip(self.runs, plan.run_names))
-        staged = [self._stager.to_device(ckpt, name, plan.rows) for ckpt, name in sources]
-        return [t for t, _ in staged], staged[-1][1]  # one stream: the last event covers every copy
+        staged = [self._stager.to_device(ckpt, name, plan.rows) for ckpt, name, _, _ in sources]
+        return [t for t, _ in staged], scales, staged[-1][1]  # one stream: the last event covers every copy
 
-    def _load_cpu(self, plan: TensorPlan) -> list[torch.Tensor]:
-        sources = [(self.base, plan.name)] + list(zip(self.runs, plan.run_names))
-        return [ckpt.read(name, rows=plan.rows) for ckpt, name in sources]
+    def _load_cpu(self, plan: TensorPlan) -> tuple[list[torch.Tensor], list, None]:
+        sources = self._sources(plan)
+        return ([ckpt.read(name, rows=plan.rows) for ckpt, name, _, _ in sources],
+                [ckpt.read(sc) if sc is not None else None for ckpt, _, _, sc in sources], None)
 
-    def _compute(self, plan: TensorPlan, loaded: list[torch.Tensor], known: list[int | None]):
-        tensors = [t if t.dtype == plan.dtype else t.to(plan.dtype) for t in loaded]
-        return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
-                              want_rank=self.options.rank, ranks=known)
+    def _compute(self, plan: TensorPlan, loaded, known: list[int | None]):
+        """Dequantise fp8 block-scaled weights, cast each to its comparison dtype, and compute."""
+        tensors, scales, _ = loaded
+        ready_tensors = []
+        for (ckpt, _, dtype, _), t, scale in zip(self._sources(plan), tensors, scales):
+            if scale is not None:
+                t = fp8.dequantise(t, scale.to(t.device), fp8.block_size(ckpt))
+            ready_tensors.append(t if t.dtype == dtype else t.to(dtype))
+        return compute_tensor(ready_tensors[0], ready_tensors[1:], self.options.criterion, tuple(self.options.sweep),
+                              want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes)
 
     def _compute_planned(self, plan: TensorPlan, pending, known: list[int | None]):
         """Wait for a tensor's read, compute it; on a GPU out-of-memory error, compute it on the CPU instead."""
         try:
-            loaded, event = pending.result()
-            if event is not None:
-                ready(loaded, event)
+            loaded = pending.result()
+            if loaded[2] is not None:
+                ready(loaded[0], loaded[2])
             return self._compute(plan, loaded, known), []
         except torch.OutOfMemoryError:
             if self.device.type != "cuda":
@@ -290,17 +399,18 @@ class Analysis:
                 current = pending
                 pending = reader.submit(self._load, todo[i + 1]) if i + 1 < len(todo) else None
                 # cached ranks are reused; with --no-rank none are passed, so none are reported
-                known = [ranks[j].get(plan.name) if self.options.rank else None for j in range(len(self.runs))]
+                rank_keys = [self._rank_key(plan, j) for j in range(len(self.runs))]
+                known = [ranks[j].get(rank_keys[j]) if self.options.rank else None for j in range(len(self.runs))]
                 comp, extra_notes = self._compute_planned(plan, current, known)
                 del current
-                result = TensorResult.from_computation(plan.name, dtype_name(plan.dtype), plan.shape, plan.numel,
+                result = TensorResult.from_computation(plan.name, plan.shown_dtype, plan.shape, plan.numel,
                                                        comp, plan.notes + extra_notes)
                 self.result.tensors[plan.name] = result
                 if self.cache:
                     self.cache.store_result(key, result)
                     for j, s in enumerate(result.runs):
                         if s.rank is not None and known[j] is None:
-                            self.cache.store_rank(pair_keys[j], plan.name, s.rank)
+                            self.cache.store_rank(pair_keys[j], rank_keys[j], s.rank)
                 done += 1
                 bytes_done += plan.nbytes
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)

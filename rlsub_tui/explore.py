@@ -195,11 +195,11 @@ def tensor_columns(result: AnalysisResult) -> list[Column]:
         Column("updated", "updated", "count", "parameters counted as updated"),
         Column("sparsity", "sparsity", "pct", "1 - updated / params"),
         Column("rank", "rank", "text", "rank of Δ (PyTorch's default float32 tolerance)"),
-        Column("max_rank", "max", "text", "min(m, n)"),
+        Column("max_rank", "max", "text", "min(m, n); E·min(m, n) for a stack of E expert matrices"),
         Column("rank_ratio", "rank/max", "pct", "rank / max"),
         Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
         Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
-        Column("nonfinite", "NaN/Inf", "count", "NaN or Inf values in either checkpoint (counted as updated)"),
+        Column("nonfinite", "NaN/Inf", "count", "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)"),
     ]
     cols += [Column(f"sweep:{t:g}", f"sp@{t:g}", "pct", f"sparsity at atol {t:g}") for t in result.sweep]
     return cols

@@ -71,7 +71,7 @@ def matrices_csv(result: AnalysisResult) -> str:
         for i, s in enumerate(r.runs):
             n = r.numel
             max_rank = r.max_rank if s.rank is not None else None
-            row = [name, result.run_labels[i], r.dtype, "x".join(map(str, r.shape)), n, s.updated,
+            row = [name, result.run_labels[i], s.dtype or r.dtype, "x".join(map(str, r.shape)), n, s.updated,
                    1 - s.updated / n if n else math.nan, s.nonfinite,
                    s.sum_abs_delta / n if n else math.nan,
                    math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
@@ -146,6 +146,7 @@ def summary_dict(result: AnalysisResult) -> dict:
         "criterion": {"name": result.criterion.name,
                       "value": None if result.criterion.name == "exact" else result.criterion.value},
         "sweep": list(result.sweep),
+        "compare_dtype": result.compare_dtype,
         "device": result.device,
         "complete": result.complete,
         "tensors": s.tensors,
@@ -159,6 +160,7 @@ def summary_dict(result: AnalysisResult) -> dict:
                            "fraction": json_value(s.sign_agreement())},
         "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),
         "skipped": [{"tensor": k.tensor, "run": k.run, "reason": k.reason} for k in result.skipped],
+        "tied": [{"alias": a, "counted_as": p} for a, p in result.tied.items()],
         "notes": result.notes + sorted({f"{name}: {n}" for name, r in result.tensors.items() for n in r.notes}),
     }
 

@@ -71,10 +71,20 @@ def _header_digest(file: Path) -> str:
     return h.hexdigest()
 
 
+def config_file(files: list[Path]) -> Path | None:
+    """The config.json beside a checkpoint's weights, if there is one."""
+    config = files[0].parent / "config.json" if files else None
+    return config if config is not None and config.is_file() else None
+
+
 def fingerprint(files: list[Path]) -> str:
-    """Identity of a checkpoint's bytes for caching: every file's path, size, mtime and header."""
+    """Identity of a checkpoint's bytes for caching: every file's path, size, mtime and header.
+
+    The config.json beside the weights counts too: tied embeddings and fp8 block sizes are read from it.
+    """
     h = hashlib.sha256()
-    for file in sorted(files):
+    config = config_file(files)
+    for file in sorted(files) + ([config] if config else []):
         st = file.stat()
         h.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
         h.update(_header_digest(file).encode())

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlsub_tui.rank import update_rank
+from rlsub_tui.dtypes import dtype_name
+from rlsub_tui.rank import stacked_rank
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
 
@@ -24,13 +25,7 @@ def chunk_elements(device: torch.device, k: int) -> int:
         return CHUNK_ELEMENTS
     return CUDA_CHUNK_ELEMENTS if k <= MAX_CODED_RUNS else CUDA_CHUNK_ELEMENTS >> 2
 MAX_CODED_RUNS = 15  # up to this many runs, pair overlaps come from one histogram of per-parameter run codes
-
-
-def compare_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The less precise of two floating dtypes (larger machine epsilon): the stated rule for mixed dtypes."""
-    if a == b:
-        return a
-    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+MAX_RUNS = 128  # per-parameter counters are int16; pair overlaps grow as K², so this is the supported K
 
 
 def _arith_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,16 +84,24 @@ def _bincount(x: torch.Tensor, minlength: int) -> np.ndarray:
     return np.bincount(x.reshape(-1).numpy(), minlength=minlength)
 
 
+def _sum_sq(x: torch.Tensor) -> float:
+    return float(torch.dot(x, x))
+
+
 def _nonzero(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))  # far faster than mask.sum() on bool tensors
 
 
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
-                   ranks: list[int | None] | None = None) -> TensorComputation:
+                   ranks: list[int | None] | None = None,
+                   dtypes: list[torch.dtype] | None = None) -> TensorComputation:
     """Masks, counts, pair overlaps, agreement and ranks for one tensor.
 
-    `base` and every run must have one shape and one dtype (the engine casts mixed dtypes first).
+    `base` and every run must have one shape. `dtypes[j]` is the dtype run j is compared in (default:
+    the base's); run j must already be in it, the base is cast to it chunk by chunk, so each run's
+    numbers depend on its own pair alone. A position whose Δ is NaN/Inf counts as updated by that
+    run and is left out of its Σ|Δ|, ‖Δ‖², ‖W0‖² and of the sign agreement.
     `ranks`, when given, are known ranks (from the cache) and are not recomputed.
     Elementwise work runs over chunks of CHUNK_ELEMENTS, so temporaries stay small whatever the tensor.
     For up to MAX_CODED_RUNS runs each parameter gets a code (bit j set when run j updated it), and
@@ -106,10 +109,10 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     overlap and the agreement histogram at once.
     """
     k = len(runs)
-    dtype = base.dtype
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    tol = _rounded(criterion.value, dtype) if criterion.name == "atol" else 0.0
-    sweep_tols = [_rounded(t, dtype) for t in sweep]
+    dtypes = list(dtypes) if dtypes is not None else [base.dtype] * k
+    works = [torch.float64 if dt == torch.float64 else torch.float32 for dt in dtypes]
+    tols = [_rounded(criterion.value, dt) if criterion.name == "atol" else 0.0 for dt in dtypes]
+    sweep_tols = [[_rounded(t, dt) for t in sweep] for dt in dtypes]
     flat_base = base.reshape(-1)
     flat_runs = [r.reshape(-1) for r in runs]
     n = flat_base.numel()
@@ -121,7 +124,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     nonfinite = [0] * k
     sum_abs = [0.0] * k
     sq_delta = [0.0] * k
-    sq_base = 0.0
+    sq_base = [0.0] * k
     sweep_counts = [[0] * len(sweep) for _ in range(k)]
     joint = np.zeros(MAG_BINS << k if coded else 1, dtype=np.int64)  # (bin, code) histogram
     table = magnitude_table(k if coded else 0, dev)
@@ -135,52 +138,59 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     chunk = chunk_elements(dev, k)
     for start in range(0, n, chunk):
         b = flat_base[start:start + chunk]
-        b32 = b.to(torch.float32)
-        bins = magnitude_bins(b32, table)  # already shifted left by k when coded
-        sq = float(torch.dot(b32, b32))
-        if not math.isfinite(sq):
-            clean = torch.nan_to_num(b32, nan=0.0, posinf=0.0, neginf=0.0)
-            sq = float(torch.dot(clean, clean))
-        sq_base += sq
-        count = torch.zeros(b.shape, dtype=torch.int8, device=dev)
-        signs = torch.zeros(b.shape, dtype=torch.int8, device=dev)
+        bins = magnitude_bins(b.to(torch.float32), table)  # already shifted left by k when coded
+        base_sq: dict[torch.dtype, float] = {}
+        # int16: an int8 counter overflows past 127 runs (K is capped at MAX_RUNS in the engine)
+        count = torch.zeros(b.shape, dtype=torch.int16, device=dev)
+        signs = torch.zeros(b.shape, dtype=torch.int16, device=dev)
         code = torch.zeros(b.shape, dtype=code_dtype, device=dev) if coded else None
+        unsigned = None  # positions whose Δ is NaN/Inf in some run: no sign to agree on
         masks = []
         for j, run in enumerate(flat_runs):
             r = run[start:start + chunk]
-            d = stored_delta(b, r).to(work)
+            bj = b if b.dtype == dtypes[j] else b.to(dtypes[j])
+            work = works[j]
+            d = stored_delta(bj, r).to(work)
             absd = d.abs()
             total = float(absd.sum())
             bad = 0
-            if not math.isfinite(total):  # NaN/Inf in base or run (rare): zero them out, count as updated
+            if not math.isfinite(total):  # NaN/Inf in Δ (rare): zero it out, count as updated
                 finite = torch.isfinite(d)
                 bad = b.numel() - _nonzero(finite)
                 d = torch.where(finite, d, torch.zeros_like(d))
                 absd = d.abs()
                 total = float(absd.sum())
-            if criterion.name == "atol":
-                mask = absd > tol
-            elif criterion.name == "exact":
-                mask = r != b
+                unsigned = ~finite if unsigned is None else unsigned | ~finite
+                sq_base[j] += _sum_sq(torch.where(finite, bj.to(work), torch.zeros_like(d)))
             else:
-                bw, rw = b.to(work), r.to(work)
+                if dtypes[j] not in base_sq:
+                    base_sq[dtypes[j]] = _sum_sq(bj.to(work))
+                sq_base[j] += base_sq[dtypes[j]]
+            if criterion.name == "atol":
+                mask = absd > tols[j]
+            elif criterion.name == "exact":
+                mask = r != bj
+            else:
+                bw, rw = bj.to(work), r.to(work)
                 mask = (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
             if bad:
                 mask |= ~finite
                 nonfinite[j] += bad
             updated[j] += _nonzero(mask)
-            for i, t in enumerate(sweep_tols):
+            for i, t in enumerate(sweep_tols[j]):
                 sweep_counts[j][i] += _nonzero(absd > t) + bad
             sum_abs[j] += total
             sq_delta[j] += float(torch.dot(d, d))
             count += mask
-            signs += torch.sign(d).to(torch.int8) * mask
+            signs += torch.sign(d).to(torch.int16) * mask
             if coded:
                 code |= mask.to(code_dtype) << j
             else:
                 masks.append(mask)
                 mag_updated[j] += _bincount(bins[mask], MAG_BINS)
         several = count >= 2
+        if unsigned is not None:
+            several &= ~unsigned
         multi += _nonzero(several)
         sign_agree += _nonzero(several & (signs.abs() == count))
         if coded:
@@ -208,14 +218,15 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     rank_note = None
     for j, run in enumerate(runs):
         rank = ranks[j] if ranks is not None else None
-        if rank is None and want_rank and base.ndim == 2:
+        if rank is None and want_rank and base.ndim in (2, 3):
             if nonfinite[j]:
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
-                rank = update_rank(stored_delta(base, run))
+                bj = base if base.dtype == dtypes[j] else base.to(dtypes[j])
+                rank = stacked_rank(stored_delta(bj, run))
         stats.append(RunTensorStats(
             updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
-            sq_base=sq_base, sweep=sweep_counts[j], rank=rank,
+            sq_base=sq_base[j], sweep=sweep_counts[j], rank=rank, dtype=dtype_name(dtypes[j]),
             magnitude_updated=[int(x) for x in mag_updated[j]],
         ))
     return TensorComputation(

@@ -53,6 +53,13 @@ def update_rank(delta: torch.Tensor) -> int:
     return int((eig > threshold).sum())
 
 
+def stacked_rank(delta: torch.Tensor) -> int:
+    """Rank of a 2-D update; for a 3-D stack of expert matrices, the sum of each expert's rank."""
+    if delta.ndim == 3:
+        return sum(update_rank(d) for d in delta)
+    return update_rank(delta)
+
+
 def reference_rank(delta: torch.Tensor) -> int:
     """The reference implementation's rank (Mukherjee et al.), for checks and benchmarks."""
     if delta.is_cuda:

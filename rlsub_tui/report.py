@@ -12,6 +12,7 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
     lines = [
         f"base {result.base_label}  ·  {result.k} run(s)  ·  {s.tensors} tensors, {count(s.numel)} parameters  ·  "
         f"criterion {result.criterion.describe()}  ·  device {result.device}"
+        + ("" if result.compare_dtype == "stored" else f"  ·  every pair compared in {result.compare_dtype}")
         + ("" if result.complete else "  ·  INCOMPLETE (cancelled)"),
         "",
     ]

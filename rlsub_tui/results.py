@@ -10,7 +10,7 @@ import numpy as np
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 
-RESULT_VERSION = 4
+RESULT_VERSION = 5
 
 
 @dataclass
@@ -38,6 +38,9 @@ class TensorResult:
 
     @property
     def max_rank(self) -> int | None:
+        """min(m, n) of a matrix; for a 3-D stack of E expert matrices E·min(m, n), so the ratio is their mean."""
+        if len(self.shape) == 3:
+            return self.shape[0] * min(self.shape[1:])
         return min(self.shape) if len(self.shape) == 2 else None
 
     def to_dict(self) -> dict:
@@ -217,6 +220,8 @@ class AnalysisResult:
     planned: list[str] = field(default_factory=list)
     planned_numel: dict[str, int] = field(default_factory=dict)
     complete: bool = False
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> primary name, in the base
+    compare_dtype: str = "stored"
 
     @property
     def k(self) -> int:

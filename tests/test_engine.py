@@ -178,7 +178,10 @@ def test_mixed_dtypes_compare_in_less_precise(tmp_path):
     save(run32, tmp_path / "run")
     a = analyze(tmp_path / "base", [tmp_path / "run"], rank=False)
     r = a.result.tensors["model.norm.weight"]
-    assert r.dtype == "bf16" and any("compared in bf16" in n for n in r.notes)
+    # the cast is named once for the run (issue 9: not one line per tensor)
+    assert r.dtype == "bf16" and r.runs[0].dtype == "bf16" and not r.notes
+    cast = [n for n in a.result.notes if "compared in bf16" in n]
+    assert len(cast) == 1 and "'run'" in cast[0] and f"{len(b)} tensors fp32 vs base bf16" in cast[0]
     run_bf = {n: t.to(torch.bfloat16) for n, t in run32.items()}
     check = reference.pooled([[reference.mask(b[n].float().numpy(), run_bf[n].float().numpy(), "bf16")
                                for n in b]])

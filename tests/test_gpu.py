@@ -167,3 +167,31 @@ def test_gpu_out_of_memory_falls_back_to_cpu(tmp_path, monkeypatch):
     for t in fell:
         t.notes = [n for n in t.notes if "GPU ran out of memory" not in n]
     assert_same(cpu, gpu)
+
+
+@pytest.mark.parametrize("k", [3, 64])
+def test_cuda_equals_cpu_with_pair_dtypes_nonfinite_and_many_runs(k):
+    """Per-pair comparison dtypes, NaN/Inf and K past the coded path give the CPU's numbers on the GPU."""
+    from rlsub_tui.masks import Criterion, compute_tensor
+
+    g = torch.Generator().manual_seed(k)
+    base = torch.randn(40, 24, generator=g) * 0.05
+    base[0, 0] = float("nan")
+    runs, dtypes = [], []
+    for j in range(k):
+        r = base + (torch.rand(base.shape, generator=g) < 0.4) * torch.randn(base.shape, generator=g) * 1e-3
+        r[1, j % 24] = float("inf")
+        dt = torch.bfloat16 if j % 2 else torch.float32
+        runs.append(r.to(dt))
+        dtypes.append(dt)
+    out = {}
+    for device in ("cpu", "cuda"):
+        out[device] = compute_tensor(base.to(device), [r.to(device) for r in runs], Criterion(), sweep=(1e-6,),
+                                     want_rank=False, dtypes=dtypes)
+    cpu, gpu = out["cpu"], out["cuda"]
+    assert [s.updated for s in gpu.runs] == [s.updated for s in cpu.runs]
+    assert [s.nonfinite for s in gpu.runs] == [s.nonfinite for s in cpu.runs]
+    assert [s.sweep for s in gpu.runs] == [s.sweep for s in cpu.runs]
+    assert [s.sq_base for s in gpu.runs] == pytest.approx([s.sq_base for s in cpu.runs], rel=1e-6)
+    assert gpu.both == cpu.both and gpu.agreement == cpu.agreement
+    assert (gpu.multi, gpu.sign_agree) == (cpu.multi, cpu.sign_agree)

@@ -182,7 +182,7 @@ class ExplorerApp(App):
         # the app keeps its own result object; only the UI thread writes into it
         self.result = AnalysisResult(r.base_label, r.base_path, list(r.run_labels), list(r.run_paths), r.criterion,
                                      r.sweep, r.device, {}, list(r.skipped), list(r.notes), list(r.planned),
-                                     dict(r.planned_numel))
+                                     dict(r.planned_numel), tied=dict(r.tied), compare_dtype=r.compare_dtype)
         if self._preview_names == list(r.planned) and not self.filter_text:
             # the preview drew exactly this tree: keep it (and the user's place in it), attach the numbers
             self.index = explore.StatsIndex(self.roots, self.result)
