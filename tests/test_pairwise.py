@@ -282,3 +282,13 @@ def test_forced_dtype_shows_in_the_summary(tmp_path, capsys):
     assert summary["compare_dtype"] == "bf16"
     rows = (tmp_path / "out" / "matrices.csv").read_text().splitlines()
     assert rows[0].split(",")[2] == "dtype" and {r.split(",")[2] for r in rows[1:]} == {"bf16"}
+
+
+def test_gram_pair_intersections_equal_numpy():
+    from rlsub_tui.masks import PAIR_BLOCK, pair_intersections
+    g = np.random.default_rng(5)
+    n = PAIR_BLOCK * 2 + 17  # several blocks and a ragged end
+    masks = [g.random(n) < p for p in (0.0, 0.3, 0.9, 1.0, 0.5)]
+    got = pair_intersections([torch.from_numpy(m) for m in masks])
+    want = np.array([[int((a & c).sum()) for c in masks] for a in masks])
+    assert (got == want).all() and got.dtype == np.int64
