@@ -80,6 +80,9 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="fine-tuned checkpoint, optionally NAME=PATH")
     p.add_argument("--out", required=True, type=Path, help="directory for the output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--step-gap", type=int, default=1, metavar="K",
+                   help="for a timeline RUN (a folder of checkpoint-N ...), compare each step with the one K "
+                        "checkpoints before (default 1)")
     add_analysis_options(p)
     return p
 
@@ -159,10 +162,15 @@ def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.export import write_outputs
     from rlsub_tui.report import summary_text
 
+    from rlsub_tui.steps import resolve_runs
+
     args = analyze_parser().parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out}: exists and is not a directory.")
-    analysis = Analysis(args.base, args.runs, analysis_options(args))
+    if args.step_gap < 1:
+        raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
+    resolved = resolve_runs(args.runs)
+    analysis = Analysis(args.base, resolved.paths, analysis_options(args), labels=resolved.labels)
     try:
         for k in analysis.result.skipped:
             print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
@@ -184,10 +192,37 @@ def run_analyze(argv: list[str]) -> int:
         if any(s.nonfinite for s in r.runs):
             counts = ", ".join(f"{lbl} {s.nonfinite}" for lbl, s in zip(result.run_labels, r.runs) if s.nonfinite)
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
-    write_outputs(result, args.out)
+    timeline = _run_timelines(args, resolved, result.run_labels) if resolved.timelines else None
+    write_outputs(result, args.out, timeline)
     print(summary_text(result))
-    print(f"\nwrote {args.out.resolve()}/{{matrices,pairs,agreement,groups}}.csv and summary.json")
+    names = "matrices,pairs,agreement,groups" + (",timeline" if timeline else "")
+    print(f"\nwrote {args.out.resolve()}/{{{names}}}.csv and summary.json")
     return 0
+
+
+def _run_timelines(args, resolved, labels: list[str]):
+    """The second pass of `analyze` when some runs are timelines: each step against the base and the previous."""
+    from rlsub_tui.timeline import TimelineAnalysis
+
+    named = [(labels[i], t) for i, t in sorted(resolved.timelines.items())]
+    for label, t in named:
+        print(f"rlsub-tui: note: {label} is a timeline of {len(t.steps)} checkpoints (steps "
+              f"{', '.join(map(str, t.steps))}); its last step stands for it in overlap and agreement",
+              file=sys.stderr)
+    analysis = TimelineAnalysis(args.base, named, criterion_option(args), args.step_gap)
+    try:
+        bar = None if args.quiet else ProgressLine()
+        last = []
+        def progress(p):
+            last[:] = [p]
+            if bar:
+                bar.update(p)
+        result = analysis.run(progress)
+        if bar and last:
+            bar.update(last[0], final=True)
+    finally:
+        analysis.close()
+    return result
 
 
 def run_masks(argv: list[str]) -> int:
@@ -249,7 +284,9 @@ def run_explore(argv: list[str]) -> int:
     from rlsub_tui.sample_paths import sample_checkpoints
 
     if args.checkpoints:
-        base, runs = args.checkpoints[0], args.checkpoints[1:]
+        from rlsub_tui.steps import resolve_runs, run_specs
+
+        base, runs = args.checkpoints[0], run_specs(resolve_runs(args.checkpoints[1:]))
     else:
         base, runs = sample_checkpoints()
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()

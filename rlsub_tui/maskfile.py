@@ -15,8 +15,9 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.criteria import Criterion
 from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
 from rlsub_tui.errors import InputError
-from rlsub_tui.locate import parse_run_spec, unique_labels
+from rlsub_tui.locate import unique_labels
 from rlsub_tui.masks import update_mask
+from rlsub_tui.steps import resolve_runs
 from rlsub_tui.safetensors_out import DTYPE_CODES, Entry, SafetensorsWriter, atomic_file
 
 MASK_FORMAT = "rlsub-tui mask file 1"
@@ -51,13 +52,16 @@ class MaskFileReport:
 
 
 def open_runs(base: str, runs: list[str]) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open a base and runs given as PATH or NAME=PATH, with unique labels as `analyze` gives them."""
+    """Open a base and runs given as PATH or NAME=PATH, with unique labels as `analyze` gives them.
+
+    A timeline (a folder of step checkpoints) stands for its last step, labelled with the folder's name.
+    """
     if not runs:
         raise InputError("no runs given: name at least one fine-tuned checkpoint after the base.")
-    specs = [parse_run_spec(r) for r in runs]
-    wanted = [name or Path(p.rstrip("/")).name or p for name, p in specs]
+    resolved = resolve_runs(runs)
+    wanted = [name or Path(p.rstrip("/")).name or p for name, p in zip(resolved.labels, resolved.paths)]
     base_ckpt = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
-    return base_ckpt, [open_checkpoint(p, label=lbl) for (_, p), lbl in zip(specs, unique_labels(wanted))]
+    return base_ckpt, [open_checkpoint(p, label=lbl) for p, lbl in zip(resolved.paths, unique_labels(wanted))]
 
 
 def check_mask_out(out: Path, inputs: list[Checkpoint], force: bool) -> None:

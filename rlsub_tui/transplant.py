@@ -18,6 +18,7 @@ from safetensors import safe_open
 from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.engine import Progress
 from rlsub_tui.errors import InputError
+from rlsub_tui.locate import parse_run_spec
 from rlsub_tui.maskfile import MASK_FORMAT, open_runs, tensor_digest
 from rlsub_tui.masks import CHUNK_ELEMENTS
 from rlsub_tui.names import canonical
@@ -208,7 +209,8 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
             targets.append(Path(control_out) if control_out else out.with_name(f"{out.name}-random{control_seed}"))
         if len({t.resolve() for t in targets}) < len(targets):
             raise InputError(f"--control-out {targets[-1]}: is the same directory as --out.")
-        dirs = [d for d in (checkpoint_dir(base), checkpoint_dir(run)) if d is not None]
+        named = Path(parse_run_spec(run_path)[1]).expanduser()  # a timeline folder, if the run is one
+        dirs = [d for d in (checkpoint_dir(base), checkpoint_dir(run), named if named.is_dir() else None) if d]
         files = [*base.files, *run.files, mask.path]
         for t, flag in zip(targets, ("--out", "--control-out")):
             check_out_dir(t, flag, dirs, files, force)
