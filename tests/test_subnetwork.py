@@ -352,3 +352,39 @@ def test_transplant_replaces_an_earlier_one_with_force(three, capsys):
     assert cli(["transplant", tmp / "base", tmp / "r1", "--mask", mask, "--out", tmp / "t", "--quiet",
                 "--force"], capsys)[0] == 0
     assert not (tmp / "t" / "stale.txt").exists() and (tmp / "t" / "model.safetensors").is_file()
+
+
+def test_readme_freeze_example_keeps_everything_outside_the_mask(tmp_path, capsys):
+    """Run the README's gradient-hook block on a tiny model: entries outside the mask never move."""
+    transformers = pytest.importorskip("transformers")
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) <= 12
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = raw_state(tmp_path / "base")
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(t.shape, generator=g) < 0.3 for n, t in base.items() if n != "model.norm.weight"}
+    save_file(masks, str(tmp_path / "mask.safetensors"))
+    scope = {"base_dir": str(tmp_path / "base"), "mask_file": str(tmp_path / "mask.safetensors")}
+    exec(block, scope)
+    model, optimizer = scope["model"], scope["optimizer"]
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2  # large enough that bf16 storage shows every step
+    for _ in range(3):
+        ids = torch.randint(0, 64, (2, 8), generator=g)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = 0
+    for name, p in model.named_parameters():
+        before, after = bits(base[name]), bits(p.detach())
+        if name in masks:
+            assert np.array_equal(before[~masks[name].numpy()], after[~masks[name].numpy()]), name
+            moved += int((before != after).sum())
+        else:
+            assert np.array_equal(before, after), name
+    assert moved > 1000
