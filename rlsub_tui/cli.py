@@ -128,6 +128,8 @@ def explore_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="BASE then RUN ... (NAME=PATH to label a run); none: the bundled sample")
     p.add_argument("--export-dir", type=Path, default=None, help="where 'e' writes CSVs (default: current directory)")
+    p.add_argument("--step-gap", type=int, default=1, metavar="K",
+                   help="timeline chart: compare each step with the one K checkpoints before (default 1)")
     add_analysis_options(p)
     return p
 
@@ -161,7 +163,6 @@ def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.engine import Analysis
     from rlsub_tui.export import write_outputs
     from rlsub_tui.report import summary_text
-
     from rlsub_tui.steps import resolve_runs
 
     args = analyze_parser().parse_args(argv)
@@ -171,7 +172,10 @@ def run_analyze(argv: list[str]) -> int:
         raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
     resolved = resolve_runs(args.runs)
     analysis = Analysis(args.base, resolved.paths, analysis_options(args), labels=resolved.labels)
+    timelines = None
     try:
+        # opened (and checked: step checkpoints must agree) before anything is computed
+        timelines = _open_timelines(args, resolved, analysis.result.run_labels) if resolved.timelines else None
         for k in analysis.result.skipped:
             print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
         for note in analysis.result.notes:
@@ -184,15 +188,17 @@ def run_analyze(argv: list[str]) -> int:
         if bar and last is not None:
             bar.update(last, final=True)
         result = analysis.result
+        timeline = _stream(timelines.run, args.quiet) if timelines else None
     finally:
         analysis.close()
+        if timelines:
+            timelines.close()
     for name, r in result.tensors.items():
         for n in r.notes:
             print(f"rlsub-tui: note: {name}: {n}", file=sys.stderr)
         if any(s.nonfinite for s in r.runs):
             counts = ", ".join(f"{lbl} {s.nonfinite}" for lbl, s in zip(result.run_labels, r.runs) if s.nonfinite)
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
-    timeline = _run_timelines(args, resolved, result.run_labels) if resolved.timelines else None
     write_outputs(result, args.out, timeline)
     print(summary_text(result))
     names = "matrices,pairs,agreement,groups" + (",timeline" if timeline else "")
@@ -200,8 +206,8 @@ def run_analyze(argv: list[str]) -> int:
     return 0
 
 
-def _run_timelines(args, resolved, labels: list[str]):
-    """The second pass of `analyze` when some runs are timelines: each step against the base and the previous."""
+def _open_timelines(args, resolved, labels: list[str]):
+    """The second pass of `analyze` when some runs are timelines, opened from headers."""
     from rlsub_tui.timeline import TimelineAnalysis
 
     named = [(labels[i], t) for i, t in sorted(resolved.timelines.items())]
@@ -209,19 +215,22 @@ def _run_timelines(args, resolved, labels: list[str]):
         print(f"rlsub-tui: note: {label} is a timeline of {len(t.steps)} checkpoints (steps "
               f"{', '.join(map(str, t.steps))}); its last step stands for it in overlap and agreement",
               file=sys.stderr)
-    analysis = TimelineAnalysis(args.base, named, criterion_option(args), args.step_gap)
-    try:
-        bar = None if args.quiet else ProgressLine()
-        last = []
-        def progress(p):
-            last[:] = [p]
-            if bar:
-                bar.update(p)
-        result = analysis.run(progress)
-        if bar and last:
-            bar.update(last[0], final=True)
-    finally:
-        analysis.close()
+    return TimelineAnalysis(args.base, named, criterion_option(args), args.step_gap)
+
+
+def _stream(work, quiet: bool):
+    """Call work(on_progress) with a progress bar on stderr unless quiet; return what it returns."""
+    bar = None if quiet else ProgressLine()
+    last = []
+
+    def progress(p):
+        last[:] = [p]
+        if bar:
+            bar.update(p)
+
+    result = work(progress)
+    if bar and last:
+        bar.update(last[0], final=True)
     return result
 
 
@@ -229,16 +238,9 @@ def run_masks(argv: list[str]) -> int:
     from rlsub_tui.maskfile import write_mask_file
 
     args = masks_parser().parse_args(argv)
-    bar = None if args.quiet else ProgressLine()
-    last = []
-    def progress(p):
-        last[:] = [p]
-        if bar:
-            bar.update(p)
-    report = write_mask_file(args.base, args.runs, args.out, criterion_option(args), args.min_runs,
-                             args.per_run, args.force, on_progress=progress)
-    if bar and last:
-        bar.update(last[0], final=True)
+    report = _stream(lambda progress: write_mask_file(args.base, args.runs, args.out, criterion_option(args),
+                                                      args.min_runs, args.per_run, args.force, progress),
+                     args.quiet)
     for s in report.skipped:
         print(f"rlsub-tui: warning: no mask for {s.tensor} [{s.run}]: {s.reason}", file=sys.stderr)
     for label, true in zip(report.labels, report.true):
@@ -253,16 +255,9 @@ def run_transplant(argv: list[str]) -> int:
     from rlsub_tui.transplant import transplant
 
     args = transplant_parser().parse_args(argv)
-    bar = None if args.quiet else ProgressLine()
-    last = []
-    def progress(p):
-        last[:] = [p]
-        if bar:
-            bar.update(p)
-    report = transplant(args.base, args.run, args.mask, args.out, args.mask_run, args.random_control,
-                        args.control_out, args.force, on_progress=progress)
-    if bar and last:
-        bar.update(last[0], final=True)
+    report = _stream(lambda progress: transplant(args.base, args.run, args.mask, args.out, args.mask_run,
+                                                 args.random_control, args.control_out, args.force, progress),
+                     args.quiet)
     for note in report.notes:
         print(f"rlsub-tui: note: {note}", file=sys.stderr)
     if report.copied:
@@ -283,14 +278,18 @@ def run_explore(argv: list[str]) -> int:
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
     from rlsub_tui.sample_paths import sample_checkpoints
 
-    if args.checkpoints:
-        from rlsub_tui.steps import resolve_runs, run_specs
+    from rlsub_tui.steps import resolve_runs, run_specs
 
-        base, runs = args.checkpoints[0], run_specs(resolve_runs(args.checkpoints[1:]))
+    if args.step_gap < 1:
+        raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
+    if args.checkpoints:
+        base, specs = args.checkpoints[0], args.checkpoints[1:]
     else:
-        base, runs = sample_checkpoints()
+        base, specs = sample_checkpoints()
+    resolved = resolve_runs(specs)
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
-    app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir))
+    app = ExplorerApp(ExplorerConfig(base=base, runs=run_specs(resolved), options=options, export_dir=export_dir,
+                                     timelines=resolved.timelines, step_gap=args.step_gap))
     app.run()
     return app.return_code or 0
 

@@ -113,11 +113,15 @@ class TimelineAnalysis:
                 for label, t in timelines]
         self.result = TimelineResult(criterion, gap, runs, skipped=skipped)
 
-    def run(self, on_progress: Callable[[Progress], None] | None = None) -> TimelineResult:
+    def run(self, on_progress: Callable[[Progress], None] | None = None,
+            cancelled: Callable[[], bool] = lambda: False) -> TimelineResult | None:
+        """Every tensor through every timeline; None if cancelled() turns true between tensors."""
         start = time.perf_counter()
         total = sum(p.nbytes for p in self.plans)
         done = 0
         for i, plan in enumerate(self.plans):
+            if cancelled():
+                return None
             base = self.base.read(plan.name)
             offset = 0
             for r, ckpts in enumerate(self.steps):

@@ -249,3 +249,53 @@ def test_masks_and_transplant_take_a_timeline_as_its_last_step(tmp_path, capsys)
     code, _, err = cli(["transplant", tmp_path / "base", tmp_path / "tl", "--mask", mask, "--out",
                         tmp_path / "tl" / "t2", "--quiet"], capsys)
     assert code == 2 and "input checkpoint directory" in err
+
+
+# --- the explorer's chart ---------------------------------------------------------------------------------------
+
+async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
+    from rlsub_tui import explore
+    from rlsub_tui.criteria import AnalysisOptions
+    from rlsub_tui.steps import run_specs
+    from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+    from rlsub_tui.ui.chart import ChartPanel
+
+    b, states = timeline_states(3)
+    steps = [10, 20, 30]
+    save(b, tmp_path / "base")
+    write_timeline(tmp_path / "tl", states, steps)
+    save(sparse_run(b, 4), tmp_path / "plain")
+    resolved = resolve_runs([str(tmp_path / "tl"), str(tmp_path / "plain")])
+    app = ExplorerApp(ExplorerConfig(str(tmp_path / "base"), run_specs(resolved), AnalysisOptions(rank=False),
+                                     tmp_path / "exports", timelines=resolved.timelines))
+    want, _ = expected_rows(b, states, steps)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        app._redraw_results()
+        await pilot.press("7")
+        await pilot.pause()
+        assert app.result.run_labels == ["tl", "plain"]
+        for key, names in (("model", list(b)), ("tensor:model.layers.0.mlp.up_proj.weight",
+                                                ["model.layers.0.mlp.up_proj.weight"])):
+            app.focus_node = explore.find(app.roots, key)
+            app._show_focus()
+            await pilot.pause()
+            data = app.query_one(ChartPanel).data
+            assert data.name == "timeline" and data.message is None and data.x == steps
+            n = sum(b[name].numel() for name in names)
+            for i, s in enumerate(steps):
+                rows = [want[(name, s)] for name in names]
+                assert data.series["tl vs base"][i] == pytest.approx(100 * (1 - sum(r["updated_vs_base"] for r in rows) / n))
+                assert data.series["tl step"][i] == pytest.approx(100 * (1 - sum(r["updated_vs_prev"] for r in rows) / n))
+                assert data.series["tl union"][i] == pytest.approx(100 * sum(r["union_so_far"] for r in rows) / n)
+
+    plain = ExplorerApp(ExplorerConfig(str(tmp_path / "base"), [str(tmp_path / "plain")], AnalysisOptions(rank=False),
+                                       tmp_path / "exports"))
+    async with plain.run_test(size=(100, 30)) as pilot:
+        await plain.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        await pilot.press("7")
+        await pilot.pause()
+        data = plain.query_one(ChartPanel).data
+        assert data.name == "timeline" and "no timeline" in data.message
