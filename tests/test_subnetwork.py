@@ -388,3 +388,50 @@ def test_readme_freeze_example_keeps_everything_outside_the_mask(tmp_path, capsy
         else:
             assert np.array_equal(before, after), name
     assert moved > 1000
+
+
+@pytest.mark.parametrize("layout", ["bin-sharded", "bin", "file"])
+def test_transplant_of_pickled_and_single_file_runs(tmp_path, capsys, layout):
+    b = base_state()
+    save(b, tmp_path / "base")
+    run = sparse_run(b, 3)
+    written = save(run, tmp_path / "run", layout=layout)
+    mask = tmp_path / "m.safetensors"
+    assert cli(["masks", tmp_path / "base", f"r={written}", "--per-run", "--criterion", "exact", "--out", mask,
+                "--quiet"], capsys)[0] == 0
+    code, _, err = cli(["transplant", tmp_path / "base", written, "--mask", mask, "--out", tmp_path / "t",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "t").iterdir())
+    expected = {"bin-sharded": ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                "model.safetensors.index.json", "transplant.json"],
+                "bin": ["config.json", "model.safetensors", "transplant.json"],
+                "file": ["transplant.json", "weights.safetensors"]}[layout]
+    assert names == expected
+    got = raw_state(tmp_path / "t")
+    assert set(got) == set(run)
+    for n in run:
+        np.testing.assert_array_equal(bits(got[n]), bits(run[n]))
+    if layout == "bin-sharded":
+        index = json.loads((tmp_path / "t" / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+
+
+def test_fp32_base_bf16_run_and_a_moved_base(tmp_path, capsys):
+    """Mixed dtypes compare in bf16 and write bf16; the base is known by its bytes, not its path."""
+    b32 = base_state(dtype=torch.float32)
+    save(b32, tmp_path / "base")
+    run = sparse_run({n: t.to(torch.bfloat16) for n, t in b32.items()}, 2)
+    save(run, tmp_path / "run")
+    mask = tmp_path / "m.safetensors"
+    assert cli(["masks", tmp_path / "base", tmp_path / "run", "--per-run", "--criterion", "exact", "--out", mask,
+                "--quiet"], capsys)[0] == 0
+    import shutil
+    shutil.copytree(tmp_path / "base", tmp_path / "moved-base")
+    code, _, err = cli(["transplant", tmp_path / "moved-base", tmp_path / "run", "--mask", mask, "--out",
+                        tmp_path / "t", "--quiet"], capsys)
+    assert code == 0, err
+    got = raw_state(tmp_path / "t")
+    for n in run:
+        assert got[n].dtype == torch.bfloat16
+        np.testing.assert_array_equal(bits(got[n]), bits(run[n]))
