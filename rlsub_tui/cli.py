@@ -244,7 +244,7 @@ def run_masks(argv: list[str]) -> int:
     for s in report.skipped:
         print(f"rlsub-tui: warning: no mask for {s.tensor} [{s.run}]: {s.reason}", file=sys.stderr)
     for label, true in zip(report.labels, report.true):
-        what = f"run {label}" if label else f"mask ({args.min_runs or 'all'} of {len(args.runs)} runs)"
+        what = f"run {label}" if label else f"updated by at least {report.min_runs} of {report.runs} run(s)"
         share = true / report.numel if report.numel else float("nan")
         print(f"{what}: {true} of {report.numel} parameters true (density {share:.4%})")
     print(f"wrote {args.out.resolve()}")

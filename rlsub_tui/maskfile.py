@@ -46,6 +46,8 @@ class MaskFileReport:
 
     path: Path
     labels: list[str | None]  # None: the one combined (at-least-J) mask
+    min_runs: int = 1
+    runs: int = 1
     numel: int = 0
     true: list[int] = field(default_factory=list)
     skipped: list = field(default_factory=list)
@@ -121,7 +123,7 @@ def write_mask_file(base_path: str, run_paths: list[str], out: Path, criterion: 
         plans, skipped = plan_tensors(base, runs)
         labels = [r.label for r in runs] if per_run else [None]
         mode = "per-run" if per_run else ("consensus" if j == k else "at-least")
-        report = MaskFileReport(out, labels, skipped=skipped, true=[0] * len(labels))
+        report = MaskFileReport(out, labels, j, k, skipped=skipped, true=[0] * len(labels))
         entries = [Entry(mask_key(lbl, p.name), torch.bool, p.shape) for p in plans for lbl in labels]
         counts, tensors = _placeholder(plans, base, labels)
         biggest = _metadata(criterion, base, runs, mode, j, counts, tensors, skipped)
