@@ -66,7 +66,12 @@ def test_completion_mask_stops_after_eos():
 def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
     assert generate(["--out", str(tmp_path), "--quick", "--jobs", "1"]) == 0
     expected = {n: tuple(p.shape) for n, p in TinyLlama(LlamaConfig()).named_parameters()}
-    for run in ["base", "grpo-lowlr-seed1", "grpo-highlr-seed3", "sft", "fp32-grpo-lowlr-seed1", "base-fp32"]:
+    from rlsub_tui.steps import find_timeline
+
+    timeline = find_timeline(str(tmp_path / "grpo-lowlr-seed1"))
+    assert timeline.steps == [4, 10, 16]
+    for run in ["base", "grpo-lowlr-seed1/checkpoint-4", "grpo-lowlr-seed1/checkpoint-16", "grpo-highlr-seed3", "sft",
+                "fp32-grpo-lowlr-seed1", "base-fp32"]:
         with safe_open(str(tmp_path / run / "model.safetensors"), "pt") as f:
             assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == expected
             want = "F32" if "fp32" in run else "BF16"
@@ -75,4 +80,6 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
         assert cfg["architectures"] == ["LlamaForCausalLM"]
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["quick"] and "grpo-lowlr" in record["measurements"]
+    assert [t["steps"] for t in record["measurements"]["grpo-lowlr"]["timelines"]] == [[4, 10, 16]] * 3
+    assert record["measurements"]["transplant"]["mask_true"] >= 0
     assert (tmp_path / "README.md").read_text().startswith("# The bundled sample")

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,11 +29,14 @@ def plan(quick: bool) -> dict:
         return max(2, int(n * scale))
 
     runs = {}
-    for s in SEEDS:
-        runs[f"grpo-lowlr-seed{s}"] = ("grpo", train.GRPOConfig(steps=steps(800), lr=3e-6, seed=s), torch.bfloat16)
+    for s in SEEDS:  # timelines: checkpoint-STEP folders, the last one the run's final weights
+        runs[f"grpo-lowlr-seed{s}"] = ("grpo", train.GRPOConfig(steps=steps(800), lr=3e-6, seed=s,
+                                                                snapshots=(steps(200), steps(500))), torch.bfloat16)
     for s in SEEDS:
         runs[f"grpo-highlr-seed{s}"] = ("grpo", train.GRPOConfig(steps=steps(300), lr=1e-5, seed=s), torch.bfloat16)
-    runs["sft"] = ("sft", train.SFTConfig(steps=steps(800), lr=3e-6, seed=1), torch.bfloat16)
+    # GRPO takes two optimiser steps per batch (1600 for 800 batches, fewer where a batch's groups all
+    # got one reward): SFT gets as many optimiser steps, so that "SFT is sparser" is not about step counts
+    runs["sft"] = ("sft", train.SFTConfig(steps=steps(1600), lr=3e-6, seed=1), torch.bfloat16)
     return {
         "model": LlamaConfig(),
         "pretrain": train.PretrainConfig(steps=steps(450)),
@@ -40,19 +44,24 @@ def plan(quick: bool) -> dict:
     }
 
 
-def _train_one(args) -> tuple[str, float, float]:
+def _train_one(args) -> tuple[str, float, float, int | None]:
     name, kind, cfg, out, model_cfg = args
     torch.set_num_threads(1)  # one thread per process: deterministic and parallel across runs
     tr, te = task.split_pairs()
     t0 = time.perf_counter()
+    stats: dict = {}
+    shutil.rmtree(out / name, ignore_errors=True)  # a folder of step checkpoints must hold nothing else
+    timeline = kind == "grpo" and bool(cfg.snapshots)
     if kind == "grpo":
-        model = train.grpo(model_cfg, out / "base", cfg, tr, name)
+        def snapshot(step, model):
+            train.save_checkpoint(model, out / name / f"checkpoint-{step}", torch.bfloat16)
+        model = train.grpo(model_cfg, out / "base", cfg, tr, name, on_snapshot=snapshot, stats=stats)
     else:
         model = train.sft(model_cfg, out / "base", cfg, tr, name)
-    train.save_checkpoint(model, out / name, torch.bfloat16)
+    train.save_checkpoint(model, out / name / f"checkpoint-{cfg.steps}" if timeline else out / name, torch.bfloat16)
     if name == "grpo-lowlr-seed1":
         train.save_checkpoint(model, out / "fp32-grpo-lowlr-seed1", torch.float32)
-    return name, train.accuracy(model, te), time.perf_counter() - t0
+    return name, train.accuracy(model, te), time.perf_counter() - t0, stats.get("optimizer_steps", cfg.steps)
 
 
 def sha256(path: Path) -> str:
@@ -90,17 +99,20 @@ def main(argv=None) -> int:
     print(f"      base held-out accuracy {accuracy['base']:.3f}", flush=True)
     print(f"[2/3] {len(spec['runs'])} fine-tuning runs on {args.jobs} process(es)", flush=True)
     jobs = [(name, kind, cfg, out, model_cfg) for name, (kind, cfg, _) in spec["runs"].items()]
-    seconds = {}
+    seconds, optimizer_steps = {}, {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for name, acc, secs in pool.map(_train_one, jobs):
+        for name, acc, secs, updates in pool.map(_train_one, jobs):
             accuracy[name] = acc
             seconds[name] = secs
-            print(f"      {name:<20} held-out accuracy {acc:.3f}  ({secs:.0f}s)", flush=True)
+            optimizer_steps[name] = updates
+            print(f"      {name:<20} held-out accuracy {acc:.3f}  ({secs:.0f}s, {updates} optimiser steps)",
+                  flush=True)
     accuracy["fp32-grpo-lowlr-seed1"] = accuracy["grpo-lowlr-seed1"]
     print("[3/3] measuring with rlsub-tui's own engine", flush=True)
-    from rlsub_tui.sample.report import measure
+    from rlsub_tui.sample.report import measure, measure_transplant
 
     measurements = measure(out)
+    measurements["transplant"] = measure_transplant(out, model_cfg, te)
     from rlsub_tui.sample.report import render_readme
 
     record = {
@@ -110,6 +122,7 @@ def main(argv=None) -> int:
         "pretrain": asdict(spec["pretrain"]),
         "runs": {name: {"kind": kind, "config": asdict(cfg)} for name, (kind, cfg, _) in spec["runs"].items()},
         "held_out_accuracy": accuracy,
+        "optimizer_steps": optimizer_steps,
         "measurements": measurements,
         "quick": args.quick,
     }

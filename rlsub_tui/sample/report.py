@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from rlsub_tui.engine import Analysis, AnalysisOptions
+from rlsub_tui.export import timeline_summary
 from rlsub_tui.masks import Criterion
+from rlsub_tui.steps import resolve_runs
+from rlsub_tui.timeline import TimelineAnalysis
 
 # family -> (base, runs)
 FAMILIES = {
@@ -22,9 +26,10 @@ def measure(root: Path) -> dict:
         paths = [str(root / n) for n in names if (root / n).is_dir()]
         if not paths or not (root / base).is_dir():
             continue
-        a = Analysis(str(root / base), paths,
+        resolved = resolve_runs(paths)  # a timeline stands for its last step
+        a = Analysis(str(root / base), resolved.paths,
                      AnalysisOptions(criterion=Criterion("atol", 1e-5), sweep=(1e-8, 1e-7, 1e-6, 1e-5),
-                                     use_cache=False, device="cpu"))
+                                     use_cache=False, device="cpu"), labels=resolved.labels)
         result = a.run_all()
         a.close()
         s = result.stats()
@@ -42,8 +47,34 @@ def measure(root: Path) -> dict:
         fam["sign_agreement"] = s.sign_agreement()
         norms = result.stats([n for n in result.tensors if "norm" in n])
         fam["norm_sparsity_mean"] = norms.mean_sparsity()
+        if resolved.timelines:
+            t = TimelineAnalysis(str(root / base), [(result.run_labels[i], tl) for i, tl in
+                                                    sorted(resolved.timelines.items())], Criterion("atol", 1e-5))
+            fam["timelines"] = timeline_summary(t.run())
+            t.close()
         out[family] = fam
     return out
+
+
+def measure_transplant(root: Path, model_cfg, held_out) -> dict:
+    """Held-out accuracy of the base plus the lowlr seeds' consensus update (from seed 1), and a random control."""
+    from rlsub_tui.maskfile import write_mask_file
+    from rlsub_tui.sample import train
+    from rlsub_tui.transplant import transplant
+
+    seeds = [str(root / f"grpo-lowlr-seed{s}") for s in (1, 2, 3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        mask = Path(tmp) / "consensus.safetensors"
+        made = write_mask_file(str(root / "base"), seeds, mask, Criterion("atol", 1e-5))
+        report = transplant(str(root / "base"), seeds[0], mask, Path(tmp) / "consensus", control_seed=0)
+        acc = {o.kind: train.accuracy(train.load_model(o.path, model_cfg), held_out) for o in report.outputs}
+    transplanted, control = report.outputs
+    return {
+        "run": "grpo-lowlr-seed1", "mask": "consensus of grpo-lowlr-seed1..3 (atol 1e-5)", "control_seed": 0,
+        "numel": made.numel, "mask_true": made.true[0], "run_changed": report.run_differs,
+        "transplant_changed": transplanted.changed_from_base, "control_changed": control.changed_from_base,
+        "accuracy_transplant": acc["transplant"], "accuracy_control": acc["random-control"],
+    }
 
 
 def _p(x) -> str:
@@ -76,11 +107,20 @@ def render_readme(record: dict) -> str:
         "group, clipped policy ratio (0.2) over 2 updates per batch, no KL term, Adam (0.9, 0.95), no weight decay, "
         "gradient clipping 1.0, fp32 master weights and Adam state; final weights saved in bf16.",
     ]
+    steps_taken = record.get("optimizer_steps", {})
     for name, r in sorted(runs.items()):
         c = r["config"]
-        lines.append(f"  - `{name}`: {r['kind']}, {c['steps']} steps, lr {c['lr']:g}, seed {c['seed']}")
+        snaps = list(c.get("snapshots") or [])
+        where = (f", saved at steps {', '.join(map(str, snaps + [c['steps']]))} as `{name}/checkpoint-STEP` "
+                 "(a timeline; the last is the run)" if snaps else "")
+        taken = f", {steps_taken[name]} optimiser steps" if name in steps_taken else ""
+        lines.append(f"  - `{name}`: {r['kind']}, {c['steps']} steps{taken}, lr {c['lr']:g}, seed {c['seed']}{where}")
+    grpo_taken = [v for k, v in steps_taken.items() if k.startswith("grpo-lowlr")]
     lines += [
-        "- **SFT** (`sft`): the same base, cross-entropy on correct answers, batch 16, same optimiser.",
+        "- **SFT** (`sft`): the same base, cross-entropy on correct answers, batch 16, same optimiser and learning "
+        "rate as `grpo-lowlr`, and as many optimiser steps as GRPO's nominal two per batch"
+        + (f" (the `grpo-lowlr` runs took {min(grpo_taken)}-{max(grpo_taken)}: a batch whose groups all got one "
+           "reward takes none)" if grpo_taken else "") + ", so that the SFT-vs-RL comparison is not one of step counts.",
         "- `fp32-grpo-lowlr-seed1`: the same weights as `grpo-lowlr-seed1` saved in fp32; `base-fp32` is the bf16 "
         "base stored in fp32 (identical values), to compare the two without rounding to bf16.",
         "",
@@ -109,6 +149,7 @@ def render_readme(record: dict) -> str:
                          f"{_p(f['consensus_chance'])} for independent runs; where two or more seeds updated a "
                          f"parameter, {_p(f['sign_agreement'])} moved it in the same direction; norm weights "
                          f"{_p(f['norm_sparsity_mean'])} sparse.")
+    lines += timeline_lines(m) + transplant_lines(m, acc)
     lines += [
         "",
         "## What it shows, honestly",
@@ -127,7 +168,8 @@ def render_readme(record: dict) -> str:
         f"- SFT vs RL: {sft_sentence(m)}",
         f"- bf16 vs fp32: {fp32_sentence(m)}",
         "",
-        "Open the GRPO runs (the default) with `rlsub-tui`; add the SFT contrast or the fp32 pair by naming them:",
+        "Open the GRPO runs (the default) with `rlsub-tui` (chart 7 draws the `grpo-lowlr` timelines); add the SFT",
+        "contrast or the fp32 pair by naming them:",
         "",
         "    S=$(python -c 'from rlsub_tui.sample_paths import sample_dir; print(sample_dir())')",
         "    rlsub-tui $S/base $S/grpo-lowlr-seed* sft=$S/sft",
@@ -157,3 +199,41 @@ def fp32_sentence(m: dict) -> str:
     return (f"`grpo-lowlr-seed1` is {_p(bf16)} sparse as saved in bf16, but its fp32 copy against the fp32 base "
             f"is {_p(fp32['sparsity'])} sparse at atol 1e-5 and {_p(fp32['sparsity_sweep'][0])} at 1e-8: nearly "
             f"every parameter the bf16 checkpoint shows as unchanged did move, by less than bf16 can store.")
+
+
+def timeline_lines(m: dict) -> list[str]:
+    """The `grpo-lowlr` timelines, pooled per step (see the main README for the definitions)."""
+    timelines = m.get("grpo-lowlr", {}).get("timelines", [])
+    if not timelines:
+        return []
+    lines = ["", "## Training timelines (`grpo-lowlr`, atol 1e-5)", "",
+             "| run | step | sparsity vs base | sparsity vs previous checkpoint | overlap with the previous step "
+             "(chance) | union so far | lossless patch / dense |", "|---|---|---|---|---|---|---|"]
+    for t in timelines:
+        for s in t["per_step"]:
+            overlap = "–" if s["overlap_prev"] is None else f"{_p(s['overlap_prev'])} ({_p(s['overlap_prev_random'])})"
+            lines.append(f"| {t['label']} | {s['prev_step']} → {s['step']} | {_p(s['sparsity_vs_base'])} | "
+                         f"{_p(s['sparsity_vs_prev'])} | {overlap} | {_p(s['union_density'])} | "
+                         f"{_p(s['patch_ratio'])} |")
+    return lines
+
+
+def transplant_lines(m: dict, acc: dict) -> list[str]:
+    t = m.get("transplant")
+    if not t:
+        return []
+    n = t["numel"]
+    return [
+        "", "## The subnetwork transplanted", "",
+        f"`rlsub-tui masks` over the three `grpo-lowlr` seeds gives the consensus mask ({_p(t['mask_true'] / n)} of "
+        f"parameters, updated by all three); `rlsub-tui transplant` puts `{t['run']}`'s values there and the base's "
+        f"elsewhere, and a random control takes the run's values on as many positions per tensor, drawn uniformly "
+        f"(seed {t['control_seed']}). The run differs from the base at {_p(t['run_changed'] / n)} of parameters; "
+        f"the transplant at {_p(t['transplant_changed'] / n)}, the control at {_p(t['control_changed'] / n)}.",
+        "",
+        "| checkpoint | held-out accuracy |", "|---|---|",
+        f"| base | {_p(acc['base'])} |",
+        f"| {t['run']} (the full run) | {_p(acc.get(t['run']))} |",
+        f"| consensus transplant | {_p(t['accuracy_transplant'])} |",
+        f"| random control | {_p(t['accuracy_control'])} |",
+    ]
