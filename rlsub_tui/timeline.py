@@ -14,7 +14,7 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.criteria import Criterion
 from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
 from rlsub_tui.errors import InputError
-from rlsub_tui.masks import update_mask
+from rlsub_tui.masks import CHUNK_ELEMENTS, update_mask
 from rlsub_tui.steps import Timeline
 
 INDEX_BYTES = 4  # a sparse patch stores each changed position as a 4-byte index plus the new stored value
@@ -170,7 +170,9 @@ class TimelineAnalysis:
             self.result.rows.append(row)
             if self.gap == 1:  # with a longer gap the previous checkpoint is read again when needed
                 held = (j, cur)
-        run.first_changed += np.bincount(first.reshape(-1).numpy(), minlength=len(ckpts) + 1)
+        flat = first.reshape(-1).numpy()
+        for start in range(0, flat.size, CHUNK_ELEMENTS):  # np.bincount widens to int64: keep that small
+            run.first_changed += np.bincount(flat[start:start + CHUNK_ELEMENTS], minlength=len(ckpts) + 1)
 
     def close(self) -> None:
         self.base.close()
