@@ -201,6 +201,11 @@ def run_analyze(argv: list[str]) -> int:
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
     write_outputs(result, args.out, timeline)
     print(summary_text(result))
+    if timeline is not None:
+        from rlsub_tui.export import timeline_summary
+        from rlsub_tui.report import timeline_text
+
+        print(timeline_text(timeline_summary(timeline)))
     names = "matrices,pairs,agreement,groups" + (",timeline" if timeline else "")
     print(f"\nwrote {args.out.resolve()}/{{{names}}}.csv and summary.json")
     return 0

@@ -197,7 +197,9 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
                control_seed: int | None = None, control_out: Path | None = None, force: bool = False,
                on_progress: Callable[[Progress], None] | None = None) -> TransplantReport:
     """Write θ0 + M ⊙ Δ (and, with a seed, the random-mask control) as checkpoints shaped like the run."""
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
+    if not out.name:
+        raise InputError(f"--out {out}: name a directory to write the transplant into.")
     if control_seed is not None and control_seed < 0:
         raise InputError(f"--random-control {control_seed}: the seed must be a non-negative integer.")
     base, (run,) = open_runs(base_path, [run_path])
@@ -206,7 +208,8 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
         plan = plan_transplant(mask, base, run)
         targets = [out]
         if control_seed is not None:
-            targets.append(Path(control_out) if control_out else out.with_name(f"{out.name}-random{control_seed}"))
+            targets.append(Path(control_out).expanduser().resolve() if control_out
+                           else out.with_name(f"{out.name}-random{control_seed}"))
         if len({t.resolve() for t in targets}) < len(targets):
             raise InputError(f"--control-out {targets[-1]}: is the same directory as --out.")
         named = Path(parse_run_spec(run_path)[1]).expanduser()  # a timeline folder, if the run is one

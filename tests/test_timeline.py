@@ -139,6 +139,7 @@ def test_timeline_csv_and_summary_match_numpy(tmp_path, capsys, gap):
                           tmp_path / "out", "--quiet", "--no-rank", "--step-gap", gap], capsys)
     assert code == 0, err
     assert "seed1 is a timeline of 4 checkpoints" in err
+    assert f"timeline seed1 (step gap {gap}):" in out
     rows = read_csv(tmp_path / "out" / "timeline.csv")
     want, first_hist = expected_rows(b, states, steps, gap)
     assert len(rows) == len(want) == len(b) * len(steps)
@@ -161,6 +162,10 @@ def test_timeline_csv_and_summary_match_numpy(tmp_path, capsys, gap):
         assert pooled["numel"] == n
         assert pooled["sparsity_vs_base"] == pytest.approx(1 - sum(w["updated_vs_base"] for w in mine) / n)
         assert pooled["union_so_far"] == sum(w["union_so_far"] for w in mine)
+        from rlsub_tui.formatting import pct
+        assert any(line.strip().endswith(pct(pooled["patch_ratio"])) and pct(pooled["sparsity_vs_base"]) in line
+                   for line in out.splitlines() if line.strip().startswith(f"{pooled['prev_step']} → {s}")
+                   ) or pooled["prev_step"] is None
         assert pooled["dense_bytes"] == 2 * n
         if mine[0]["patch_bytes"] is not None:
             assert pooled["patch_bytes"] == sum(w["patch_bytes"] for w in mine)
