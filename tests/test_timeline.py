@@ -304,3 +304,30 @@ async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
         await pilot.pause()
         data = plain.query_one(ChartPanel).data
         assert data.name == "timeline" and "no timeline" in data.message
+
+
+async def test_explorer_refuses_a_bad_timeline_before_computing(tmp_path, monkeypatch):
+    import rlsub_tui.engine as engine
+    from rlsub_tui.criteria import AnalysisOptions
+    from rlsub_tui.steps import run_specs
+    from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+    from rlsub_tui.ui.dialogs import ErrorDialog
+
+    b, states = timeline_states(2)
+    save(b, tmp_path / "base")
+    broken = dict(states[1])
+    del broken["lm_head.weight"]
+    write_timeline(tmp_path / "tl", [states[0], broken], [1, 2])
+    computed = []
+    real = engine.compute_tensor
+    monkeypatch.setattr(engine, "compute_tensor", lambda *a, **k: computed.append(1) or real(*a, **k))
+    resolved = resolve_runs([str(tmp_path / "tl")])
+    app = ExplorerApp(ExplorerConfig(str(tmp_path / "base"), run_specs(resolved), AnalysisOptions(rank=False),
+                                     tmp_path / "exports", timelines=resolved.timelines))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, ErrorDialog)
+        assert "lm_head.weight" in app.screen.message and "checkpoint-2" in app.screen.message
+        assert not computed and not app.running
+        assert app.timeline_state.startswith("the timeline was not computed")

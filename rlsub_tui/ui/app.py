@@ -135,15 +135,16 @@ class ExplorerApp(App):
         from rlsub_tui.cache import reopen
 
         cached = reopen(cfg.base, cfg.runs, self.options)
-        if cached is not None:  # a finished analysis of exactly this: no torch needed at all
-            self.post_message(AnalysisOpened(cached, 0, generation))
-            n = len(cached.planned)
-            self.post_message(TensorsComputed(list(cached.tensors.values()), n, n, 0, 0, 0.0, generation))
+        if cached is not None:  # a finished analysis of exactly this: no torch needed at all (unless timelines)
             try:
-                self._timelines(cached.run_labels, generation, worker)
+                timelines = self._open_timelines(cached.run_labels)
             except InputError as exc:
                 self.post_message(AnalysisFailed(str(exc), generation))
                 return
+            self.post_message(AnalysisOpened(cached, 0, generation))
+            n = len(cached.planned)
+            self.post_message(TensorsComputed(list(cached.tensors.values()), n, n, 0, 0, 0.0, generation))
+            self._run_timelines(timelines, generation, worker)
             self.post_message(AnalysisFinished(not worker.is_cancelled, generation))
             return
         from rlsub_tui.engine import Analysis  # imports torch: a second or so
@@ -152,7 +153,10 @@ class ExplorerApp(App):
         except InputError as exc:
             self.post_message(AnalysisFailed(str(exc), generation))
             return
+        timelines = None
         try:
+            # opened (and checked: step checkpoints must agree) before anything is computed
+            timelines = self._open_timelines(analysis.result.run_labels)
             self.post_message(AnalysisOpened(analysis.result, analysis.bytes_total, generation))
             batch, last_post = [], time.monotonic()
             progress = None
@@ -164,7 +168,7 @@ class ExplorerApp(App):
             if batch and progress is not None:
                 self.post_message(self._batch(batch, progress, generation))
             if analysis.result.complete and not worker.is_cancelled:
-                self._timelines(analysis.result.run_labels, generation, worker)
+                self._run_timelines(timelines, generation, worker)
             self.post_message(AnalysisFinished(analysis.result.complete and not worker.is_cancelled, generation))
         except InputError as exc:
             self.post_message(AnalysisFailed(str(exc), generation))
@@ -172,21 +176,28 @@ class ExplorerApp(App):
             self.post_message(AnalysisFailed(f"the analysis failed: {type(exc).__name__}: {exc}", generation))
         finally:
             analysis.close()
+            if timelines is not None:
+                timelines.close()
 
-    def _timelines(self, labels: list[str], generation: int, worker) -> None:
-        """The timeline pass, in the worker after the runs: posts TimelineComputed, or nothing if cancelled."""
+    def _open_timelines(self, labels: list[str]):
+        """The timeline pass's checkpoints, opened from headers (None without timelines); raises InputError."""
         cfg = self.config
         if not cfg.timelines:
-            return
+            return None
         from rlsub_tui.timeline import TimelineAnalysis
 
         named = [(labels[i], t) for i, t in sorted(cfg.timelines.items())]
-        analysis = TimelineAnalysis(cfg.base, named, self.options.criterion, cfg.step_gap)
+        return TimelineAnalysis(cfg.base, named, self.options.criterion, cfg.step_gap)
+
+    def _run_timelines(self, timelines, generation: int, worker) -> None:
+        """The timeline pass, in the worker after the runs: posts TimelineComputed, or nothing if cancelled."""
+        if timelines is None:
+            return
         try:
-            result = analysis.run(lambda p: self.post_message(TimelineProgress(p.done, p.total, generation)),
-                                  cancelled=lambda: worker.is_cancelled)
+            result = timelines.run(lambda p: self.post_message(TimelineProgress(p.done, p.total, generation)),
+                                   cancelled=lambda: worker.is_cancelled)
         finally:
-            analysis.close()
+            timelines.close()
         if result is not None:
             self.post_message(TimelineComputed(result, generation))
 
