@@ -13,6 +13,9 @@ from rlsub_tui.errors import InputError
 
 USAGE_EXPLORE = "rlsub-tui [BASE RUN [RUN ...]] [options]   (no arguments: the bundled sample)"
 USAGE_ANALYZE = "rlsub-tui analyze BASE RUN [RUN ...] --out DIR [options]"
+USAGE_TRANSPLANT = ("rlsub-tui transplant BASE RUN --mask FILE.safetensors --out DIR [--mask-run NAME] "
+                    "[--random-control SEED [--control-out DIR]] [--force]")
+USAGE_MASKS = "rlsub-tui masks BASE RUN [RUN ...] --out FILE.safetensors [--min-runs J | --per-run] [options]"
 
 
 def _float(text: str) -> float:
@@ -32,13 +35,18 @@ def _sweep(text: str) -> tuple[float, ...]:
     return tuple(sorted(_float(p.strip()) for p in parts))
 
 
-def add_analysis_options(p: argparse.ArgumentParser) -> None:
+def add_criterion_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("what counts as updated")
     g.add_argument("--criterion", choices=["atol", "exact", "relative"], default="atol",
                    help="atol: |Δ| > tolerance in the stored dtype (paper default); exact: stored values differ; "
                         "relative: |Δ| > eta·max(|w0|,|w1|)")
     g.add_argument("--tolerance", type=_float, default=1e-5, help="atol tolerance (default 1e-5)")
     g.add_argument("--eta", type=_float, default=1e-3, help="relative threshold (default 1e-3)")
+    return g
+
+
+def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    g = add_criterion_options(p)
     g.add_argument("--sweep", type=_sweep, default=(), metavar="T1,T2,...",
                    help="also report sparsity at each of these atol tolerances, in the same pass")
     g.add_argument("--compare-dtype", choices=["stored", "bf16", "fp16", "fp32"], default="stored",
@@ -52,11 +60,17 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
 
 
-def analysis_options(args):
-    from rlsub_tui.criteria import AnalysisOptions, Criterion
+def criterion_option(args):
+    from rlsub_tui.criteria import Criterion
 
     value = args.tolerance if args.criterion == "atol" else args.eta if args.criterion == "relative" else 0.0
-    return AnalysisOptions(criterion=Criterion(args.criterion, value), sweep=tuple(args.sweep),
+    return Criterion(args.criterion, value)
+
+
+def analysis_options(args):
+    from rlsub_tui.criteria import AnalysisOptions
+
+    return AnalysisOptions(criterion=criterion_option(args), sweep=tuple(args.sweep),
                            rank=not args.no_rank, device=args.device, common_rows=args.common_rows,
                            use_cache=not args.no_cache, compare_dtype=args.compare_dtype)
 
@@ -69,7 +83,44 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="fine-tuned checkpoint, optionally NAME=PATH")
     p.add_argument("--out", required=True, type=Path, help="directory for the output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--step-gap", type=int, default=1, metavar="K",
+                   help="for a timeline RUN (a folder of checkpoint-N ...), compare each step with the one K "
+                        "checkpoints before (default 1)")
     add_analysis_options(p)
+    return p
+
+
+def masks_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlsub-tui masks", usage=USAGE_MASKS,
+                                description="Write which parameters the runs updated, per tensor, as bool tensors "
+                                            "of the base's shape in one safetensors file.")
+    p.add_argument("base", help="base checkpoint: model directory, .safetensors/.bin file, or cached model id")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="fine-tuned checkpoint, optionally NAME=PATH")
+    p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    p.add_argument("--min-runs", type=int, default=None, metavar="J",
+                   help="true where at least J of the K runs updated the parameter (default K: the consensus)")
+    p.add_argument("--per-run", action="store_true", help="one mask per run, keyed RUN/TENSOR")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_criterion_options(p)
+    return p
+
+
+def transplant_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlsub-tui transplant", usage=USAGE_TRANSPLANT,
+                                description="Write θ0 + M ⊙ Δ: the base with the run's values where the mask is "
+                                            "true, as a checkpoint in the run's layout and dtype.")
+    p.add_argument("base", help="base checkpoint the mask was made from")
+    p.add_argument("run", help="fine-tuned checkpoint whose update is transplanted")
+    p.add_argument("--mask", required=True, type=Path, help="mask file written by 'rlsub-tui masks'")
+    p.add_argument("--mask-run", default=None, metavar="NAME", help="which run's mask, in a --per-run mask file")
+    p.add_argument("--out", required=True, type=Path, help="directory for the transplanted checkpoint")
+    p.add_argument("--random-control", type=int, default=None, metavar="SEED",
+                   help="also write a control: per tensor as many true entries as the mask, drawn uniformly")
+    p.add_argument("--control-out", type=Path, default=None, metavar="DIR",
+                   help="directory for the control (default: OUT-randomSEED)")
+    p.add_argument("--force", action="store_true", help="replace an earlier transplant in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -80,6 +131,8 @@ def explore_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="BASE then RUN ... (NAME=PATH to label a run); none: the bundled sample")
     p.add_argument("--export-dir", type=Path, default=None, help="where 'e' writes CSVs (default: current directory)")
+    p.add_argument("--step-gap", type=int, default=1, metavar="K",
+                   help="timeline chart: compare each step with the one K checkpoints before (default 1)")
     add_analysis_options(p)
     return p
 
@@ -113,12 +166,19 @@ def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.engine import Analysis
     from rlsub_tui.export import write_outputs
     from rlsub_tui.report import summary_text
+    from rlsub_tui.steps import resolve_runs
 
     args = analyze_parser().parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out}: exists and is not a directory.")
-    analysis = Analysis(args.base, args.runs, analysis_options(args))
+    if args.step_gap < 1:
+        raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
+    resolved = resolve_runs(args.runs)
+    analysis = Analysis(args.base, resolved.paths, analysis_options(args), labels=resolved.labels)
+    timelines = None
     try:
+        # opened (and checked: step checkpoints must agree) before anything is computed
+        timelines = _open_timelines(args, resolved, analysis.result.run_labels) if resolved.timelines else None
         for k in analysis.result.skipped:
             print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
         for note in analysis.result.notes:
@@ -131,17 +191,90 @@ def run_analyze(argv: list[str]) -> int:
         if bar and last is not None:
             bar.update(last, final=True)
         result = analysis.result
+        timeline = _stream(timelines.run, args.quiet) if timelines else None
     finally:
         analysis.close()
+        if timelines:
+            timelines.close()
     for name, r in result.tensors.items():
         for n in r.notes:
             print(f"rlsub-tui: note: {name}: {n}", file=sys.stderr)
         if any(s.nonfinite for s in r.runs):
             counts = ", ".join(f"{lbl} {s.nonfinite}" for lbl, s in zip(result.run_labels, r.runs) if s.nonfinite)
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
-    write_outputs(result, args.out)
+    write_outputs(result, args.out, timeline)
     print(summary_text(result))
-    print(f"\nwrote {args.out.resolve()}/{{matrices,pairs,agreement,groups}}.csv and summary.json")
+    if timeline is not None:
+        from rlsub_tui.export import timeline_summary
+        from rlsub_tui.report import timeline_text
+
+        print(timeline_text(timeline_summary(timeline)))
+    names = "matrices,pairs,agreement,groups" + (",timeline" if timeline else "")
+    print(f"\nwrote {args.out.resolve()}/{{{names}}}.csv and summary.json")
+    return 0
+
+
+def _open_timelines(args, resolved, labels: list[str]):
+    """The second pass of `analyze` when some runs are timelines, opened from headers."""
+    from rlsub_tui.timeline import TimelineAnalysis
+
+    named = [(labels[i], t) for i, t in sorted(resolved.timelines.items())]
+    for label, t in named:
+        print(f"rlsub-tui: note: {label} is a timeline of {len(t.steps)} checkpoints (steps "
+              f"{', '.join(map(str, t.steps))}); its last step stands for it in overlap and agreement",
+              file=sys.stderr)
+    return TimelineAnalysis(args.base, named, criterion_option(args), args.step_gap)
+
+
+def _stream(work, quiet: bool):
+    """Call work(on_progress) with a progress bar on stderr unless quiet; return what it returns."""
+    bar = None if quiet else ProgressLine()
+    last = []
+
+    def progress(p):
+        last[:] = [p]
+        if bar:
+            bar.update(p)
+
+    result = work(progress)
+    if bar and last:
+        bar.update(last[0], final=True)
+    return result
+
+
+def run_masks(argv: list[str]) -> int:
+    from rlsub_tui.maskfile import write_mask_file
+
+    args = masks_parser().parse_args(argv)
+    report = _stream(lambda progress: write_mask_file(args.base, args.runs, args.out, criterion_option(args),
+                                                      args.min_runs, args.per_run, args.force, progress),
+                     args.quiet)
+    for s in report.skipped:
+        print(f"rlsub-tui: warning: no mask for {s.tensor} [{s.run}]: {s.reason}", file=sys.stderr)
+    for label, true in zip(report.labels, report.true):
+        what = f"run {label}" if label else f"updated by at least {report.min_runs} of {report.runs} run(s)"
+        share = true / report.numel if report.numel else float("nan")
+        print(f"{what}: {true} of {report.numel} parameters true (density {share:.4%})")
+    print(f"wrote {args.out.resolve()}")
+    return 0
+
+
+def run_transplant(argv: list[str]) -> int:
+    from rlsub_tui.transplant import transplant
+
+    args = transplant_parser().parse_args(argv)
+    report = _stream(lambda progress: transplant(args.base, args.run, args.mask, args.out, args.mask_run,
+                                                 args.random_control, args.control_out, args.force, progress),
+                     args.quiet)
+    for note in report.notes:
+        print(f"rlsub-tui: note: {note}", file=sys.stderr)
+    if report.copied:
+        print(f"rlsub-tui: note: {len(report.copied)} tensors not in the mask were copied from the run "
+              f"(first: {', '.join(report.copied[:3])}); listed in transplant.json", file=sys.stderr)
+    print(f"masked tensors: {report.numel} parameters, of which the run changed {report.run_differs}")
+    for o in report.outputs:
+        print(f"{o.kind}: mask true at {o.mask_true}, differs from the base at {o.changed_from_base}; "
+              f"wrote {o.path.resolve()}")
     return 0
 
 
@@ -153,12 +286,18 @@ def run_explore(argv: list[str]) -> int:
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
     from rlsub_tui.sample_paths import sample_checkpoints
 
+    from rlsub_tui.steps import resolve_runs, run_specs
+
+    if args.step_gap < 1:
+        raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
     if args.checkpoints:
-        base, runs = args.checkpoints[0], args.checkpoints[1:]
+        base, specs = args.checkpoints[0], args.checkpoints[1:]
     else:
-        base, runs = sample_checkpoints()
+        base, specs = sample_checkpoints()
+    resolved = resolve_runs(specs)
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
-    app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir))
+    app = ExplorerApp(ExplorerConfig(base=base, runs=run_specs(resolved), options=options, export_dir=export_dir,
+                                     timelines=resolved.timelines, step_gap=args.step_gap))
     app.run()
     return app.return_code or 0
 
@@ -168,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "analyze":
             return run_analyze(argv[1:])
+        if argv and argv[0] == "masks":
+            return run_masks(argv[1:])
+        if argv and argv[0] == "transplant":
+            return run_transplant(argv[1:])
         return run_explore(argv)
     except InputError as exc:
         print(f"rlsub-tui: error: {exc}", file=sys.stderr)

@@ -258,7 +258,7 @@ class ChartData:
         return header, [[xs[i]] + [self.series[s][i] for s in self.series] for i in range(len(self.x))]
 
 
-CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude"]
+CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline"]
 CHART_TITLES = {
     "depth": "sparsity by layer depth",
     "overlap": "overlap between runs",
@@ -266,14 +266,62 @@ CHART_TITLES = {
     "rank": "update rank per matrix",
     "sweep": "sparsity against tolerance",
     "magnitude": "updated fraction by |w0|",
+    "timeline": "training timeline",
 }
 
 
-def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "o1") -> ChartData:
+def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "o1", timeline=None,
+          timeline_state: str = "none") -> ChartData:
+    """`timeline` (a timeline.TimelineResult) feeds the timeline chart; `timeline_state` says why it is absent."""
+    if name == "timeline":
+        return timeline_chart(node, timeline, timeline_state)
     return {
         "depth": depth_chart, "overlap": lambda n, r: overlap_chart(n, r, overlap_metric),
         "agreement": agreement_chart, "rank": rank_chart, "sweep": sweep_chart, "magnitude": magnitude_chart,
     }[name](node, result)
+
+
+TIMELINE_ABSENT = {
+    "none": "no timeline: name a folder of step checkpoints (checkpoint-N, global_step_N, ...) as a RUN",
+    "waiting": "computing the timeline after the runs…",
+    "cancelled": "the timeline was not computed (cancelled)",
+}
+
+
+def timeline_chart(node: Node, timeline, state: str = "none") -> ChartData:
+    """Per timeline run and step, pooled over the node: sparsity vs base, vs the previous step, union density.
+
+    Points a run does not have (another run's steps; no previous step yet) are NaN and not drawn.
+    """
+    title = "timeline: sparsity vs base, vs previous step, and union density"
+    if timeline is None:
+        return ChartData("timeline", title, "step", "%", [], {}, message=TIMELINE_ABSENT.get(state, state))
+    wanted = set(node.tensors)
+    sums: dict[tuple[str, int], list[int]] = {}
+    for r in timeline.rows:
+        if r.tensor in wanted:
+            acc = sums.setdefault((r.run, r.step), [0, 0, 0, 0, 0])
+            acc[0] += r.numel
+            acc[1] += r.updated_vs_base
+            acc[2] += r.union_so_far
+            if r.updated_vs_prev is not None:
+                acc[3] += r.updated_vs_prev
+                acc[4] += r.numel
+    xs = sorted({step for _, step in sums})
+    series: dict[str, list[float]] = {}
+    gap = f"{timeline.gap}-step" if timeline.gap > 1 else "step"
+    for run in timeline.runs:
+        vs_base, vs_prev, union = [], [], []
+        for x in xs:
+            n, upd, uni, upd_prev, n_prev = sums.get((run.label, x), [0, 0, 0, 0, 0])
+            vs_base.append(100 * (1 - upd / n) if n else math.nan)
+            union.append(100 * uni / n if n else math.nan)
+            vs_prev.append(100 * (1 - upd_prev / n_prev) if n_prev else math.nan)
+        series[f"{run.label} vs base"] = vs_base
+        series[f"{run.label} {gap}"] = vs_prev
+        series[f"{run.label} union"] = union
+    msg = None if xs else "no timeline numbers for these tensors"
+    return ChartData("timeline", title + " (%)", "step", "% of params", xs, series, message=msg)
 
 
 def depth_chart(node: Node, result: AnalysisResult) -> ChartData:

@@ -165,20 +165,76 @@ def summary_dict(result: AnalysisResult) -> dict:
     }
 
 
-def write_outputs(result: AnalysisResult, out: Path) -> list[Path]:
-    """Write matrices.csv, pairs.csv, agreement.csv, groups.csv and summary.json into `out`, each atomically.
+TIMELINE_COLUMNS = ["tensor", "run", "step", "prev_step", "numel", "updated_vs_base", "updated_vs_prev",
+                    "overlap_prev", "union_so_far", "patch_bytes", "dense_bytes", "overlap_prev_random"]
+
+
+def timeline_csv(timeline) -> str:
+    """One row per tensor, timeline run and step (a timeline.TimelineResult)."""
+    rows = [[getattr(r, c) for c in TIMELINE_COLUMNS] for r in timeline.rows]
+    return csv_text(TIMELINE_COLUMNS, rows)
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def timeline_summary(timeline) -> list[dict]:
+    """Per timeline run: every step pooled over tensors, and the step at which parameters first changed."""
+    out = []
+    by_step: dict[tuple[str, int], list] = {}
+    for r in timeline.rows:
+        by_step.setdefault((r.run, r.step), []).append(r)
+    for run in timeline.runs:
+        per_step = []
+        for step in run.steps:
+            rows = by_step[(run.label, step)]
+            n = sum(r.numel for r in rows)
+            has_prev = rows[0].prev_step is not None
+            has_overlap = rows[0].both_prev is not None
+            upd_prev = sum(r.updated_vs_prev for r in rows) if has_prev else None
+            patch = sum(r.patch_bytes for r in rows) if has_prev else None
+            dense = sum(r.dense_bytes for r in rows)
+            per_step.append({
+                "step": step, "prev_step": rows[0].prev_step, "numel": n,
+                "updated_vs_base": sum(r.updated_vs_base for r in rows),
+                "sparsity_vs_base": 1 - sum(r.updated_vs_base for r in rows) / n if n else None,
+                "updated_vs_prev": upd_prev,
+                "sparsity_vs_prev": 1 - upd_prev / n if has_prev and n else None,
+                "overlap_prev": _ratio(sum(r.both_prev for r in rows), upd_prev) if has_overlap else None,
+                "overlap_prev_random": _ratio(sum(r.prev_updated for r in rows), n) if has_overlap else None,
+                "union_so_far": sum(r.union_so_far for r in rows),
+                "union_density": _ratio(sum(r.union_so_far for r in rows), n),
+                "patch_bytes": patch, "dense_bytes": dense,
+                "patch_ratio": _ratio(patch, dense) if has_prev else None,
+            })
+        first = {str(s): int(c) for s, c in zip(run.steps, run.first_changed[1:])}
+        first["never"] = int(run.first_changed[0])
+        out.append({"label": run.label, "path": run.path, "steps": run.steps, "step_gap": timeline.gap,
+                    "per_step": per_step, "first_changed": first})
+    return out
+
+
+def write_outputs(result: AnalysisResult, out: Path, timeline=None) -> list[Path]:
+    """Write matrices.csv, pairs.csv, agreement.csv, groups.csv and summary.json into `out`, each atomically;
+    with a timeline (timeline.TimelineResult), also timeline.csv and summary.json's `timelines`.
 
     Every file is rendered in memory first, so a failure before writing leaves nothing behind.
     Only these names are touched in `out`.
     """
     out = Path(out)
+    summary = summary_dict(result)
+    if timeline is not None:
+        summary["timelines"] = timeline_summary(timeline)
     files = {
         "matrices.csv": matrices_csv(result),
         "pairs.csv": pairs_csv(result),
         "agreement.csv": agreement_csv(result),
         "groups.csv": groups_csv(result),
-        "summary.json": json.dumps(summary_dict(result), indent=2, allow_nan=False) + "\n",
+        "summary.json": json.dumps(summary, indent=2, allow_nan=False) + "\n",
     }
+    if timeline is not None:
+        files["timeline.csv"] = timeline_csv(timeline)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in files.items():

@@ -257,3 +257,27 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,
     )
+
+
+def update_mask(base: torch.Tensor, run: torch.Tensor, criterion: Criterion) -> torch.Tensor:
+    """Which parameters count as updated (a bool tensor of base's shape), by the same rule as compute_tensor.
+
+    `base` and `run` share one shape and one dtype. NaN/Inf in the update count as updated.
+    """
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    tol = _rounded(criterion.value, base.dtype) if criterion.name == "atol" else 0.0
+    out = torch.empty(base.shape, dtype=torch.bool, device=base.device)
+    flat_out, flat_base, flat_run = out.reshape(-1), base.reshape(-1), run.reshape(-1)
+    for start in range(0, flat_base.numel(), CHUNK_ELEMENTS):
+        b = flat_base[start:start + CHUNK_ELEMENTS]
+        r = flat_run[start:start + CHUNK_ELEMENTS]
+        d = stored_delta(b, r).to(work)
+        if criterion.name == "atol":
+            mask = d.abs() > tol
+        elif criterion.name == "exact":
+            mask = r != b
+        else:
+            bw, rw = b.to(work), r.to(work)
+            mask = (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
+        flat_out[start:start + CHUNK_ELEMENTS] = mask | ~torch.isfinite(d)
+    return out

@@ -53,3 +53,22 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
         if len(result.skipped) > 5:
             lines.append(f"  … {len(result.skipped) - 5} more")
     return "\n".join(lines)
+
+
+def timeline_text(timelines: list[dict]) -> str:
+    """Per timeline run and step, pooled over tensors (export.timeline_summary's dicts)."""
+    lines = []
+    for t in timelines:
+        lines += ["", f"timeline {t['label']} (step gap {t['step_gap']}):",
+                  f"  {'step':>14} {'vs base':>9} {'vs prev':>9} {'overlap prev':>13} {'union':>9} {'patch/dense':>12}"]
+        for s in t["per_step"]:
+            prev = "" if s["prev_step"] is None else f"{s['prev_step']} → "
+            overlap = "–" if s["overlap_prev"] is None else f"{pct(s['overlap_prev'])} ({pct(s['overlap_prev_random'])})"
+            lines.append(f"  {prev + str(s['step']):>14} {pct(s['sparsity_vs_base']):>9} "
+                         f"{pct(s['sparsity_vs_prev']):>9} "
+                         f"{overlap:>13} {pct(s['union_density']):>9} "
+                         f"{pct(s['patch_ratio']):>12}")
+    if lines:
+        lines.append("  (vs base / vs prev: sparsity; overlap prev: share of this step's updates also updated in the "
+                     "previous step, chance in brackets; union: density of everything updated so far)")
+    return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -20,7 +20,8 @@ from rlsub_tui.export import atomic_write, csv_text
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
-from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed, TreePreview
+from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed,
+                                   TimelineComputed, TimelineProgress, TreePreview)
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 
@@ -33,6 +34,8 @@ class ExplorerConfig:
     runs: list[str]
     options: object  # rlsub_tui.engine.AnalysisOptions (imported lazily: torch loads in the worker)
     export_dir: Path
+    timelines: dict = field(default_factory=dict)  # run index -> steps.Timeline, for the timeline chart
+    step_gap: int = 1
 
 
 class ExplorerApp(App):
@@ -65,6 +68,7 @@ class ExplorerApp(App):
         Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank"),
         Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
         Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
+        Binding("7", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline"),
     ]
 
     def __init__(self, config: ExplorerConfig):
@@ -83,6 +87,8 @@ class ExplorerApp(App):
         self.running = False
         self.last_export: Path | None = None
         self._dirty = False
+        self.timeline = None  # timeline.TimelineResult, once computed
+        self.timeline_state = "waiting" if config.timelines else "none"
 
     # ----------------------------------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -110,6 +116,8 @@ class ExplorerApp(App):
     def start_analysis(self) -> None:
         self.generation += 1
         self.running = True
+        self.timeline = None
+        self.timeline_state = "waiting" if self.config.timelines else "none"
         self.query_one("#progress", ProgressBar).update(total=None, progress=0)
         self.analyze(self.generation)
 
@@ -127,11 +135,17 @@ class ExplorerApp(App):
         from rlsub_tui.cache import reopen
 
         cached = reopen(cfg.base, cfg.runs, self.options)
-        if cached is not None:  # a finished analysis of exactly this: no torch needed at all
+        if cached is not None:  # a finished analysis of exactly this: no torch needed at all (unless timelines)
+            try:
+                timelines = self._open_timelines(cached.run_labels)
+            except InputError as exc:
+                self.post_message(AnalysisFailed(str(exc), generation))
+                return
             self.post_message(AnalysisOpened(cached, 0, generation))
             n = len(cached.planned)
             self.post_message(TensorsComputed(list(cached.tensors.values()), n, n, 0, 0, 0.0, generation))
-            self.post_message(AnalysisFinished(True, generation))
+            self._run_timelines(timelines, generation, worker)
+            self.post_message(AnalysisFinished(not worker.is_cancelled, generation))
             return
         from rlsub_tui.engine import Analysis  # imports torch: a second or so
         try:
@@ -139,7 +153,10 @@ class ExplorerApp(App):
         except InputError as exc:
             self.post_message(AnalysisFailed(str(exc), generation))
             return
+        timelines = None
         try:
+            # opened (and checked: step checkpoints must agree) before anything is computed
+            timelines = self._open_timelines(analysis.result.run_labels)
             self.post_message(AnalysisOpened(analysis.result, analysis.bytes_total, generation))
             batch, last_post = [], time.monotonic()
             progress = None
@@ -150,6 +167,8 @@ class ExplorerApp(App):
                     batch, last_post = [], time.monotonic()
             if batch and progress is not None:
                 self.post_message(self._batch(batch, progress, generation))
+            if analysis.result.complete and not worker.is_cancelled:
+                self._run_timelines(timelines, generation, worker)
             self.post_message(AnalysisFinished(analysis.result.complete and not worker.is_cancelled, generation))
         except InputError as exc:
             self.post_message(AnalysisFailed(str(exc), generation))
@@ -157,6 +176,30 @@ class ExplorerApp(App):
             self.post_message(AnalysisFailed(f"the analysis failed: {type(exc).__name__}: {exc}", generation))
         finally:
             analysis.close()
+            if timelines is not None:
+                timelines.close()
+
+    def _open_timelines(self, labels: list[str]):
+        """The timeline pass's checkpoints, opened from headers (None without timelines); raises InputError."""
+        cfg = self.config
+        if not cfg.timelines:
+            return None
+        from rlsub_tui.timeline import TimelineAnalysis
+
+        named = [(labels[i], t) for i, t in sorted(cfg.timelines.items())]
+        return TimelineAnalysis(cfg.base, named, self.options.criterion, cfg.step_gap)
+
+    def _run_timelines(self, timelines, generation: int, worker) -> None:
+        """The timeline pass, in the worker after the runs: posts TimelineComputed, or nothing if cancelled."""
+        if timelines is None:
+            return
+        try:
+            result = timelines.run(lambda p: self.post_message(TimelineProgress(p.done, p.total, generation)),
+                                   cancelled=lambda: worker.is_cancelled)
+        finally:
+            timelines.close()
+        if result is not None:
+            self.post_message(TimelineComputed(result, generation))
 
     @staticmethod
     def _batch(batch, p, generation) -> TensorsComputed:
@@ -219,10 +262,22 @@ class ExplorerApp(App):
             f"{msg.done}/{msg.total} tensors · {size(rate)}/s · {duration(left)} left · esc cancels")
         self._dirty = True
 
+    def on_timeline_progress(self, msg: TimelineProgress) -> None:
+        if msg.generation == self.generation:
+            self.query_one("#progress-text", Static).update(f"timeline: {msg.done}/{msg.total} tensors · esc cancels")
+
+    def on_timeline_computed(self, msg: TimelineComputed) -> None:
+        if msg.generation != self.generation:
+            return
+        self.timeline = msg.timeline
+        self._dirty = True
+
     def on_analysis_finished(self, msg: AnalysisFinished) -> None:
         if msg.generation != self.generation:
             return
         self.running = False
+        if self.timeline is None and self.config.timelines:
+            self.timeline_state = "cancelled"
         done = len(self.result.tensors) if self.result else 0
         total = len(self.result.planned) if self.result else 0
         text = f"{done}/{total} tensors · " + ("complete" if msg.complete else "cancelled: showing what is done")
@@ -235,6 +290,7 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        self.timeline_state = "the timeline was not computed (the analysis failed)"
         self.query_one("#progress", ProgressBar).update(total=1, progress=0)  # stop the busy animation
         self.query_one("#progress-text", Static).update("failed: see the message")
         self.push_screen(ErrorDialog("Cannot analyse these checkpoints", msg.error))
@@ -272,7 +328,8 @@ class ExplorerApp(App):
         self.query_one(ChartPanel).show(self.current_chart())
 
     def current_chart(self) -> explore.ChartData:
-        return explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric)
+        return explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric,
+                             self.timeline, self.timeline_state)
 
     @on(LayerTree.NodeHighlighted)
     def _highlighted(self, event: LayerTree.NodeHighlighted) -> None:

@@ -36,7 +36,9 @@ class ChartPanel(PlotextPlot):
             plt.xlabel("matrix (see table / export for names)")
         else:
             for label, ys in data.series.items():
-                plt.plot(data.x, ys, label=label, marker="braille")
+                points = [(x, y) for x, y in zip(data.x, ys) if y == y]  # NaN: a point this series lacks
+                if points:
+                    plt.plot([x for x, _ in points], [y for _, y in points], label=label, marker="braille")
             if data.name in ("depth",):
                 plt.xticks(data.x)
         self.refresh()

@@ -62,7 +62,9 @@ maximum min(m,n), mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius), NaN/Inf count, a
 1 sparsity by layer depth (one line per run) · 2 overlap: o1 = \\|A∩B\\|/\\|A\\| per run pair
 against chance \\|B\\|/n (`o` switches to Jaccard) · 3 agreement: % of parameters updated by
 exactly j of K runs against independent runs (Poisson-binomial) · 4 rank ratio per matrix ·
-5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight).
+5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight) ·
+7 training timeline (a RUN that is a folder of step checkpoints): per step, sparsity against the
+base, sparsity against the previous step, and the union of everything updated so far (% of params).
 
 ## Keys
 | key | action |
@@ -72,7 +74,7 @@ exactly j of K runs against independent runs (Poisson-binomial) · 4 rank ratio 
 | enter | focus the node: table and chart follow it |
 | tab | next pane |
 | / | filter the tree by name (esc clears) |
-| 1-6, [ ] | choose chart · o overlap metric |
+| 1-7, [ ] | choose chart · o overlap metric |
 | s / S | sort the table by the next column (▼ largest first) / reverse it |
 | e / x | export the table / the chart's data to CSV |
 | c | criterion and tolerance |

@@ -50,3 +50,20 @@ class AnalysisFinished(Message):
 class AnalysisFailed(Message):
     error: str
     generation: int
+
+
+@dataclass
+class TimelineProgress(Message):
+    """The timeline pass (after the runs) has done `done` of `total` tensors."""
+
+    done: int
+    total: int
+    generation: int
+
+
+@dataclass
+class TimelineComputed(Message):
+    """Every step of every timeline run (a timeline.TimelineResult)."""
+
+    timeline: object
+    generation: int

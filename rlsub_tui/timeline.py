@@ -1,0 +1,182 @@
+"""Training timelines: a run saved at several steps, followed tensor by tensor from the base to its last step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
+from rlsub_tui.criteria import Criterion
+from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
+from rlsub_tui.errors import InputError
+from rlsub_tui.masks import CHUNK_ELEMENTS, update_mask
+from rlsub_tui.steps import Timeline
+
+INDEX_BYTES = 4  # a sparse patch stores each changed position as a 4-byte index plus the new stored value
+
+
+@dataclass
+class TimelineRow:
+    """One tensor of one run at one step: against the base and against the step `gap` checkpoints before."""
+
+    tensor: str
+    run: str
+    step: int
+    prev_step: int | None  # None: fewer than `gap` checkpoints before this one
+    numel: int
+    updated_vs_base: int
+    updated_vs_prev: int | None
+    both_prev: int | None  # updated in this step and in the previous step (same gap)
+    prev_updated: int | None  # updated in the previous step
+    union_so_far: int
+    patch_bytes: int | None
+    dense_bytes: int
+
+    @property
+    def overlap_prev(self) -> float | None:
+        if self.both_prev is None or not self.updated_vs_prev:
+            return None
+        return self.both_prev / self.updated_vs_prev
+
+    @property
+    def overlap_prev_random(self) -> float | None:
+        return None if self.prev_updated is None or not self.numel else self.prev_updated / self.numel
+
+
+@dataclass
+class RunTimeline:
+    """One timeline's steps and, per step index (0 = never), how many parameters first changed there."""
+
+    label: str
+    path: str
+    steps: list[int]
+    first_changed: np.ndarray  # length len(steps) + 1
+
+
+@dataclass
+class TimelineResult:
+    criterion: Criterion
+    gap: int
+    runs: list[RunTimeline]
+    rows: list[TimelineRow] = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+
+def _check_agreement(t: Timeline, ckpts: list[Checkpoint]) -> None:
+    first = ckpts[0]
+    for c in ckpts[1:]:
+        for name, info in first.tensors.items():
+            other = c.tensors.get(name)
+            if other is None:
+                raise InputError(f"timeline {t.path}: '{name}' is in {first.source} but not in {c.source}.")
+            if other.shape != info.shape:
+                raise InputError(f"timeline {t.path}: '{name}' has shape {list(other.shape)} in {c.source} but "
+                                 f"{list(info.shape)} in {first.source}.")
+        extra = next((n for n in c.tensors if n not in first.tensors), None)
+        if extra is not None:
+            raise InputError(f"timeline {t.path}: '{extra}' is in {c.source} but not in {first.source}.")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def patch_positions(prev: torch.Tensor, cur: torch.Tensor) -> int:
+    """Positions whose stored bits differ: what a lossless patch from `prev` to `cur` must carry."""
+    if prev.dtype != cur.dtype:
+        return cur.numel()
+    return int(torch.count_nonzero(_bits(prev) != _bits(cur)))
+
+
+class TimelineAnalysis:
+    """A base and one or more timelines, opened from headers; `run()` streams through the tensors."""
+
+    def __init__(self, base: str, timelines: list[tuple[str, Timeline]], criterion: Criterion, gap: int = 1):
+        if gap < 1:
+            raise InputError(f"--step-gap {gap}: must be 1 or more.")
+        self.criterion, self.gap = criterion, gap
+        self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
+        self.timelines = timelines
+        self.steps: list[list[Checkpoint]] = []
+        for label, t in timelines:
+            ckpts = [open_checkpoint(str(p), label=f"{label}@{s}") for s, p in zip(t.steps, t.checkpoints)]
+            _check_agreement(t, ckpts)
+            self.steps.append(ckpts)
+        every = [c for ckpts in self.steps for c in ckpts]
+        self.plans, skipped = plan_tensors(self.base, every)
+        runs = [RunTimeline(label, str(t.path), list(t.steps), np.zeros(len(t.steps) + 1, dtype=np.int64))
+                for label, t in timelines]
+        self.result = TimelineResult(criterion, gap, runs, skipped=skipped)
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None,
+            cancelled: Callable[[], bool] = lambda: False) -> TimelineResult | None:
+        """Every tensor through every timeline; None if cancelled() turns true between tensors."""
+        start = time.perf_counter()
+        total = sum(p.nbytes for p in self.plans)
+        done = 0
+        for i, plan in enumerate(self.plans):
+            if cancelled():
+                return None
+            base = self.base.read(plan.name)
+            offset = 0
+            for r, ckpts in enumerate(self.steps):
+                names = plan.run_names[offset:offset + len(ckpts)]
+                offset += len(ckpts)
+                self._follow(plan, base, r, ckpts, names)
+            del base
+            done += plan.nbytes
+            if on_progress:
+                on_progress(Progress(i + 1, len(self.plans), done, total, time.perf_counter() - start, None, False))
+        return self.result
+
+    def _follow(self, plan: TensorPlan, base: torch.Tensor, r: int, ckpts: list[Checkpoint], names: list[str]) -> None:
+        """One tensor through one timeline, holding the base, the previous and the current version at most.
+
+        `base` is as stored; masks compare in the plan's dtype, patches in the stored bits.
+        """
+        run = self.result.runs[r]
+        base_cmp = base.to(plan.dtype)
+        union = torch.zeros(plan.shape, dtype=torch.bool)
+        first = torch.zeros(plan.shape, dtype=torch.int16 if len(ckpts) < 32767 else torch.int32)
+        step_masks: dict[int, torch.Tensor] = {}  # extended index (0 = base) -> mask of the step ending there
+        held: tuple[int, torch.Tensor] = (0, base)
+        for j in range(1, len(ckpts) + 1):
+            cur = ckpts[j - 1].read(names[j - 1])
+            cur_cmp = cur.to(plan.dtype)
+            vs_base = update_mask(base_cmp, cur_cmp, self.criterion)
+            first[vs_base & ~union] = j
+            union |= vs_base
+            row = TimelineRow(plan.name, run.label, run.steps[j - 1], None, plan.numel, int(torch.count_nonzero(vs_base)),
+                              None, None, None, int(torch.count_nonzero(union)), None,
+                              plan.numel * cur.element_size())
+            p = j - self.gap
+            if p >= 0:
+                prev = held[1] if held[0] == p else (base if p == 0 else ckpts[p - 1].read(names[p - 1]))
+                step = update_mask(prev.to(plan.dtype), cur_cmp, self.criterion)
+                row.prev_step = 0 if p == 0 else run.steps[p - 1]
+                row.updated_vs_prev = int(torch.count_nonzero(step))
+                row.patch_bytes = patch_positions(prev, cur) * (INDEX_BYTES + cur.element_size())
+                earlier = step_masks.pop(p, None)
+                if earlier is not None:
+                    row.both_prev = int(torch.count_nonzero(step & earlier))
+                    row.prev_updated = int(torch.count_nonzero(earlier))
+                step_masks[j] = step
+                del prev
+            self.result.rows.append(row)
+            if self.gap == 1:  # with a longer gap the previous checkpoint is read again when needed
+                held = (j, cur)
+        flat = first.reshape(-1).numpy()
+        for start in range(0, flat.size, CHUNK_ELEMENTS):  # np.bincount widens to int64: keep that small
+            run.first_changed += np.bincount(flat[start:start + CHUNK_ELEMENTS], minlength=len(ckpts) + 1)
+
+    def close(self) -> None:
+        self.base.close()
+        for ckpts in self.steps:
+            for c in ckpts:
+                c.close()
+
