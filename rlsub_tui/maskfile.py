@@ -120,7 +120,8 @@ def write_mask_file(base_path: str, run_paths: list[str], out: Path, criterion: 
         if not 1 <= j <= k:
             raise InputError(f"--min-runs {j}: must be between 1 and the number of runs ({k}).")
         check_mask_out(out, [base, *runs], force)
-        plans, skipped = plan_tensors(base, runs)
+        planning = plan_tensors(base, runs)
+        plans, skipped = planning.plans, planning.skipped
         labels = [r.label for r in runs] if per_run else [None]
         mode = "per-run" if per_run else ("consensus" if j == k else "at-least")
         report = MaskFileReport(out, labels, j, k, skipped=skipped, true=[0] * len(labels))
@@ -154,9 +155,10 @@ def _stream(writer: SafetensorsWriter, base: Checkpoint, runs: list[Checkpoint],
         raw = base.read(plan.name)
         info = base.tensors[plan.name]
         base_tensors[plan.name] = [DTYPE_CODES[info.dtype], list(info.shape), tensor_digest(raw)]
-        b = raw.to(plan.dtype)
+        # each run against the base in that pair's comparison dtype (see dtypes.pair_dtype)
+        masks = [update_mask(raw.to(d), r.read(n).to(d), criterion)
+                 for r, n, d in zip(runs, plan.run_names, plan.run_dtypes)]
         del raw
-        masks = [update_mask(b, r.read(n).to(plan.dtype), criterion) for r, n in zip(runs, plan.run_names)]
         if labels == [None]:
             votes = torch.zeros(plan.shape, dtype=torch.int16)
             for m in masks:

@@ -108,7 +108,8 @@ class TimelineAnalysis:
             _check_agreement(t, ckpts)
             self.steps.append(ckpts)
         every = [c for ckpts in self.steps for c in ckpts]
-        self.plans, skipped = plan_tensors(self.base, every)
+        planning = plan_tensors(self.base, every)
+        self.plans, skipped = planning.plans, planning.skipped
         runs = [RunTimeline(label, str(t.path), list(t.steps), np.zeros(len(t.steps) + 1, dtype=np.int64))
                 for label, t in timelines]
         self.result = TimelineResult(criterion, gap, runs, skipped=skipped)
@@ -126,29 +127,30 @@ class TimelineAnalysis:
             offset = 0
             for r, ckpts in enumerate(self.steps):
                 names = plan.run_names[offset:offset + len(ckpts)]
+                dtypes = plan.run_dtypes[offset:offset + len(ckpts)]
                 offset += len(ckpts)
-                self._follow(plan, base, r, ckpts, names)
+                self._follow(plan, base, r, ckpts, names, dtypes)
             del base
             done += plan.nbytes
             if on_progress:
                 on_progress(Progress(i + 1, len(self.plans), done, total, time.perf_counter() - start, None, False))
         return self.result
 
-    def _follow(self, plan: TensorPlan, base: torch.Tensor, r: int, ckpts: list[Checkpoint], names: list[str]) -> None:
+    def _follow(self, plan: TensorPlan, base: torch.Tensor, r: int, ckpts: list[Checkpoint], names: list[str],
+                dtypes: list[torch.dtype]) -> None:
         """One tensor through one timeline, holding the base, the previous and the current version at most.
 
-        `base` is as stored; masks compare in the plan's dtype, patches in the stored bits.
+        `base` is as stored; masks compare in each step's pair dtype with the base, patches in the stored bits.
         """
         run = self.result.runs[r]
-        base_cmp = base.to(plan.dtype)
         union = torch.zeros(plan.shape, dtype=torch.bool)
         first = torch.zeros(plan.shape, dtype=torch.int16 if len(ckpts) < 32767 else torch.int32)
         step_masks: dict[int, torch.Tensor] = {}  # extended index (0 = base) -> mask of the step ending there
         held: tuple[int, torch.Tensor] = (0, base)
         for j in range(1, len(ckpts) + 1):
             cur = ckpts[j - 1].read(names[j - 1])
-            cur_cmp = cur.to(plan.dtype)
-            vs_base = update_mask(base_cmp, cur_cmp, self.criterion)
+            cur_cmp = cur.to(dtypes[j - 1])
+            vs_base = update_mask(base.to(dtypes[j - 1]), cur_cmp, self.criterion)
             first[vs_base & ~union] = j
             union |= vs_base
             row = TimelineRow(plan.name, run.label, run.steps[j - 1], None, plan.numel, int(torch.count_nonzero(vs_base)),
@@ -157,7 +159,7 @@ class TimelineAnalysis:
             p = j - self.gap
             if p >= 0:
                 prev = held[1] if held[0] == p else (base if p == 0 else ckpts[p - 1].read(names[p - 1]))
-                step = update_mask(prev.to(plan.dtype), cur_cmp, self.criterion)
+                step = update_mask(prev.to(dtypes[j - 1]), cur_cmp, self.criterion)
                 row.prev_step = 0 if p == 0 else run.steps[p - 1]
                 row.updated_vs_prev = int(torch.count_nonzero(step))
                 row.patch_bytes = patch_positions(prev, cur) * (INDEX_BYTES + cur.element_size())
