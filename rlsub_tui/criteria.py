@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsub_tui.errors import InputError
+from rlsub_tui.spectrum import RankFigures
 
 CRITERIA = ("atol", "exact", "relative")
 # |w0| magnitude bins for "which weights changed": bin 0 holds zeros (and subnormals), bin b >= 1 holds
@@ -49,6 +50,25 @@ class RunTensorStats:
     sweep: list[int] = field(default_factory=list)
     rank: int | None = None
     magnitude_updated: list[int] = field(default_factory=list)
+    # from the singular values of the same decomposition as `rank` (spectrum.py); None where rank is
+    stable_rank: float | None = None
+    energy_rank_90: int | None = None
+    energy_rank_99: int | None = None
+    effective_rank: float | None = None
+
+    def set_rank(self, figures) -> None:
+        """Take rank and spectrum figures from a spectrum.RankFigures (None leaves all of them None)."""
+        for name in SPECTRUM_FIELDS:
+            setattr(self, name, getattr(figures, name) if figures is not None else None)
+
+    def rank_figures(self) -> RankFigures | None:
+        """The rank and spectrum figures as one record (for the cache); None when no rank was computed."""
+        if self.rank is None:
+            return None
+        return RankFigures(*(getattr(self, name) for name in SPECTRUM_FIELDS))
+
+
+SPECTRUM_FIELDS = ("rank", "stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
 
 
 @dataclass

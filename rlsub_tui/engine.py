@@ -20,6 +20,7 @@ from rlsub_tui.masks import compare_dtype, compute_tensor
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
+from rlsub_tui.spectrum import RankFigures
 from rlsub_tui.staging import PinnedStager, ready
 
 DTYPE_NAMES = {
@@ -239,12 +240,12 @@ class Analysis:
         sources = [(self.base, plan.name)] + list(zip(self.runs, plan.run_names))
         return [ckpt.read(name, rows=plan.rows) for ckpt, name in sources]
 
-    def _compute(self, plan: TensorPlan, loaded: list[torch.Tensor], known: list[int | None]):
+    def _compute(self, plan: TensorPlan, loaded: list[torch.Tensor], known: list[RankFigures | None]):
         tensors = [t if t.dtype == plan.dtype else t.to(plan.dtype) for t in loaded]
         return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
                               want_rank=self.options.rank, ranks=known)
 
-    def _compute_planned(self, plan: TensorPlan, pending, known: list[int | None]):
+    def _compute_planned(self, plan: TensorPlan, pending, known: list[RankFigures | None]):
         """Wait for a tensor's read, compute it; on a GPU out-of-memory error, compute it on the CPU instead."""
         try:
             loaded, event = pending.result()
@@ -300,7 +301,7 @@ class Analysis:
                     self.cache.store_result(key, result)
                     for j, s in enumerate(result.runs):
                         if s.rank is not None and known[j] is None:
-                            self.cache.store_rank(pair_keys[j], plan.name, s.rank)
+                            self.cache.store_rank(pair_keys[j], plan.name, s.rank_figures())
                 done += 1
                 bytes_done += plan.nbytes
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)

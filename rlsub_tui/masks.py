@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlsub_tui.rank import update_rank
+from rlsub_tui.rank import update_rank_figures
+from rlsub_tui.spectrum import RankFigures
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
 
@@ -95,11 +96,11 @@ def _nonzero(mask: torch.Tensor) -> int:
 
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
-                   ranks: list[int | None] | None = None) -> TensorComputation:
+                   ranks: list[RankFigures | None] | None = None) -> TensorComputation:
     """Masks, counts, pair overlaps, agreement and ranks for one tensor.
 
     `base` and every run must have one shape and one dtype (the engine casts mixed dtypes first).
-    `ranks`, when given, are known ranks (from the cache) and are not recomputed.
+    `ranks`, when given, are known ranks with their spectra (from the cache) and are not recomputed.
     Elementwise work runs over chunks of CHUNK_ELEMENTS, so temporaries stay small whatever the tensor.
     For up to MAX_CODED_RUNS runs each parameter gets a code (bit j set when run j updated it), and
     one histogram of (|w0| bin, code) per chunk yields updated counts by magnitude, every pair's
@@ -212,12 +213,13 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
             if nonfinite[j]:
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
-                rank = update_rank(stored_delta(base, run))
+                rank = update_rank_figures(stored_delta(base, run))
         stats.append(RunTensorStats(
             updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
-            sq_base=sq_base, sweep=sweep_counts[j], rank=rank,
+            sq_base=sq_base, sweep=sweep_counts[j],
             magnitude_updated=[int(x) for x in mag_updated[j]],
         ))
+        stats[-1].set_rank(rank)
     return TensorComputation(
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,

@@ -10,7 +10,7 @@ import numpy as np
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 
-RESULT_VERSION = 4
+RESULT_VERSION = 5  # 5: spectrum figures per run
 
 
 @dataclass

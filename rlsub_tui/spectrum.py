@@ -1,0 +1,56 @@
+"""What an update's singular values say beyond its default rank: stable, energy and effective rank (numpy, no torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+ENERGY_FRACTIONS = (0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class RankFigures:
+    """The default rank of one run's update matrix and the figures of its spectrum (science.md)."""
+
+    rank: int
+    stable_rank: float
+    energy_rank_90: int
+    energy_rank_99: int
+    effective_rank: float
+
+
+def stable_rank(sq: np.ndarray) -> float:
+    """‖Δ‖_F² / σ_1² from the squared singular values; 0 for a zero update."""
+    top = float(sq.max()) if sq.size else 0.0
+    return float(sq.sum() / top) if top > 0 else 0.0
+
+
+def energy_rank(sq: np.ndarray, fraction: float) -> int:
+    """The smallest k with Σ_{i≤k} σ_i² ≥ fraction · Σ σ_i² (σ sorted descending); 0 for a zero update."""
+    ordered = np.sort(sq)[::-1]
+    total = float(ordered.sum())
+    if total <= 0:
+        return 0
+    cumulative = np.cumsum(ordered)
+    return min(int(np.searchsorted(cumulative, fraction * total, side="left")) + 1, ordered.size)
+
+
+def effective_rank(sq: np.ndarray) -> float:
+    """Roy & Vetterli's exp(−Σ p_i ln p_i), p_i = σ_i / Σ σ_j; 0 for a zero update."""
+    sigma = np.sqrt(sq)
+    total = float(sigma.sum())
+    if total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(math.exp(-float(np.sum(p * np.log(p)))))
+
+
+def rank_figures(rank: int, squared_singular_values) -> RankFigures:
+    """RankFigures from a rank and the σ_i² of the same matrix (float64; tiny negative eigenvalues count as 0)."""
+    sq = np.clip(np.asarray(squared_singular_values, dtype=np.float64).reshape(-1), 0.0, None)
+    return RankFigures(rank=int(rank), stable_rank=stable_rank(sq),
+                       energy_rank_90=energy_rank(sq, ENERGY_FRACTIONS[0]),
+                       energy_rank_99=energy_rank(sq, ENERGY_FRACTIONS[1]),
+                       effective_rank=effective_rank(sq))
