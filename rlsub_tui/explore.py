@@ -15,6 +15,10 @@ from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
 
 KIND_ORDER = ["embedding", "attention", "mlp", "norm", "head", "other"]
+CHANCE_POOLED = "chance"  # the paper's null: every parameter alike
+CHANCE_STRAT = "chance tensor×|w0|"  # the stratified null: per tensor and |w0| exponent
+SPECTRUM_TITLES = {"stable_rank": "stable", "energy_rank_90": "e90", "energy_rank_99": "e99",
+                   "effective_rank": "eff"}  # column titles of the spectrum figures, as ratios to min(m, n)
 
 
 @dataclass
@@ -162,6 +166,12 @@ def table_columns(result: AnalysisResult) -> list[Column]:
     for label in result.run_labels:
         cols.append(Column(f"sparsity:{label}", f"sp {label}", "pct",
                            f"update sparsity of run {label}: 1 - updated / params"))
+    cols += [Column("jaccard_chance_strat", "@str", "ratio",
+                    "mean Jaccard chance level of the stratified null (per tensor × |w0| exponent)"),
+             Column("consensus_chance_strat", "all K@str", "pct",
+                    "consensus expected under the stratified null (per tensor × |w0| exponent)")]
+    cols += [Column(f"spectrum:{f}", title, "pct", f"mean {f.replace('_', ' ')} / min(m,n) over matrices and runs")
+             for f, title in SPECTRUM_TITLES.items()]
     cols.append(Column("done", "done", "text", "tensors computed / tensors in the node"))
     return cols
 
@@ -179,8 +189,11 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "jaccard_chance": jac_chance,
         "consensus": s.consensus() if result.k > 1 else math.nan,
         "consensus_chance": s.consensus_chance() if result.k > 1 else math.nan,
+        "jaccard_chance_strat": s.mean_jaccard_chance_strat(),
+        "consensus_chance_strat": s.consensus_chance_strat() if result.k > 1 else math.nan,
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
+    values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_TITLES})
     return values
 
 
@@ -197,6 +210,7 @@ def tensor_columns(result: AnalysisResult) -> list[Column]:
         Column("rank", "rank", "text", "rank of Δ (PyTorch's default float32 tolerance)"),
         Column("max_rank", "max", "text", "min(m, n)"),
         Column("rank_ratio", "rank/max", "pct", "rank / max"),
+        *(Column(f"spectrum:{f}", title, "pct", f"{f.replace('_', ' ')} / max") for f, title in SPECTRUM_TITLES.items()),
         Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
         Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
         Column("nonfinite", "NaN/Inf", "count", "NaN or Inf values in either checkpoint (counted as updated)"),
@@ -223,6 +237,9 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
             "rel_delta_norm": math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
             "nonfinite": s.nonfinite,
         }
+        for f in SPECTRUM_TITLES:
+            v = getattr(s, f)
+            row[f"spectrum:{f}"] = v / r.max_rank if v is not None and r.max_rank else math.nan
         for j, t in enumerate(result.sweep):
             row[f"sweep:{t:g}"] = 1 - s.sweep[j] / n if n and j < len(s.sweep) else math.nan
         rows.append(row)
@@ -301,30 +318,28 @@ def overlap_chart(node: Node, result: AnalysisResult, metric: str = "o1") -> Cha
     if result.k < 2:
         return ChartData("overlap", CHART_TITLES["overlap"], "pair", metric, [], {},
                          message="overlap needs two or more runs")
-    ticks, observed, chance = [], [], []
+    ticks, observed, chance, strat = [], [], [], []
+    key = "jaccard" if metric == "jaccard" else "o1"
     for a, b, p in s.pairs():
         ticks.append(f"{a + 1}·{b + 1}")
-        if metric == "jaccard":
-            observed.append(p["jaccard"])
-            chance.append(p["jaccard_random"])
-        else:
-            observed.append(p["o1"])
-            chance.append(p["o1_random"])
+        observed.append(p[key])
+        chance.append(p[f"{key}_random"])
+        strat.append(p[f"{key}_random_strat"])
     title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
     msg = None if s.tensors else "waiting for results…"
-    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric,
-                     list(range(len(ticks))), {"observed": observed, "chance": chance}, ticks, message=msg)
+    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric, list(range(len(ticks))),
+                     {"observed": observed, CHANCE_POOLED: chance, CHANCE_STRAT: strat}, ticks, message=msg)
 
 
 def agreement_chart(node: Node, result: AnalysisResult) -> ChartData:
     s = result.stats(node.tensors)
     if not s.numel:
         return ChartData("agreement", CHART_TITLES["agreement"], "j", "%", [], {}, message="waiting for results…")
-    chance = s.agreement_chance()
     xs = list(range(result.k + 1))
     return ChartData("agreement", CHART_TITLES["agreement"] + " (% of params)", "j", "% of params", xs,
                      {"observed": [100 * float(c) / s.numel for c in s.agreement],
-                      "chance": [100 * float(c) / s.numel for c in chance]})
+                      CHANCE_POOLED: [100 * float(c) / s.numel for c in s.agreement_chance()],
+                      CHANCE_STRAT: [100 * float(c) / s.numel for c in s.agreement_chance_strat()]})
 
 
 def rank_chart(node: Node, result: AnalysisResult) -> ChartData:

@@ -189,3 +189,27 @@ def test_outputs_carry_the_stratified_null(analysed):
     assert summary["agreement_chance_strat"] == pytest.approx(list(want["agreement_chance_strat"]), rel=1e-9)
     assert summary["consensus_chance_strat"] == pytest.approx(want["consensus_chance_strat"], rel=1e-9)
     assert summary["pairs"][0]["o1_random_strat"] == pytest.approx(want["pairs"][(0, 1)]["o1_random_strat"])
+
+
+def test_charts_and_summary_show_both_chance_levels(analysed):
+    from rlsub_tui.explore import CHANCE_POOLED, CHANCE_STRAT, agreement_chart, build_tree, overlap_chart
+    from rlsub_tui.formatting import pct
+    from rlsub_tui.report import summary_text
+
+    result, *_ = analysed
+    model = build_tree(list(result.planned))[0]
+    s = result.stats()
+    for metric, key in (("o1", "o1"), ("jaccard", "jaccard")):
+        chart = overlap_chart(model, result, metric)
+        pairs = list(s.pairs())
+        assert chart.series[CHANCE_POOLED] == [p[f"{key}_random"] for _, _, p in pairs]
+        assert chart.series[CHANCE_STRAT] == [p[f"{key}_random_strat"] for _, _, p in pairs]
+        assert chart.series[CHANCE_STRAT] != chart.series[CHANCE_POOLED]
+    chart = agreement_chart(model, result)
+    assert chart.series[CHANCE_STRAT] == pytest.approx(list(100 * s.agreement_chance_strat() / s.numel))
+    assert sum(chart.series[CHANCE_STRAT]) == pytest.approx(100)
+    header, rows = chart.rows()
+    assert header == ["j", "observed", CHANCE_POOLED, CHANCE_STRAT]
+    text = summary_text(result)
+    assert f"{pct(s.consensus_chance_strat())} stratified chance" in text
+    assert "strat" in text.splitlines()[[i for i, line in enumerate(text.splitlines()) if "o1" in line][0]]
