@@ -126,3 +126,112 @@ def test_svd_route_near_threshold_spectrum():
     assert f.energy_rank_90 == expected["energy_rank_90"] == 87
     assert f.energy_rank_99 == expected["energy_rank_99"] == 99
     assert f.stable_rank == pytest.approx(68.5, rel=1e-4)
+
+
+# --- through the engine, the exports and the cache ----------------------------------------------------
+
+def _checkpoints(tmp_path, k=2):
+    from synthetic import base_state, save, sparse_run
+
+    b = base_state()
+    runs = [sparse_run(b, s) for s in range(k)]
+    save(b, tmp_path / "base")
+    for i, r in enumerate(runs):
+        save(r, tmp_path / f"run{i}")
+    return b, runs, str(tmp_path / "base"), [str(tmp_path / f"run{i}") for i in range(k)]
+
+
+def _analyze(base, runs, **kw):
+    from rlsub_tui.engine import Analysis, AnalysisOptions
+
+    a = Analysis(base, runs, AnalysisOptions(**kw))
+    a.run_all()
+    a.close()
+    return a.result
+
+
+def test_engine_spectra_match_numpy_and_export(tmp_path):
+    import csv
+
+    import reference
+    from rlsub_tui.export import write_outputs
+
+    b, runs, base, run_paths = _checkpoints(tmp_path)
+    result = _analyze(base, run_paths, use_cache=False)
+    ratios = {f: [] for f in ("stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")}
+    for name, tr in result.tensors.items():
+        for i, s in enumerate(tr.runs):
+            d = reference.stored_delta(b[name].float().numpy(), runs[i][name].float().numpy(), "bf16")
+            if d.ndim != 2:
+                assert (s.stable_rank, s.energy_rank_90, s.energy_rank_99, s.effective_rank) == (None,) * 4
+                continue
+            want = numpy_figures(torch.from_numpy(d))
+            assert (s.energy_rank_90, s.energy_rank_99) == (want["energy_rank_90"], want["energy_rank_99"]), name
+            assert s.stable_rank == pytest.approx(want["stable_rank"], rel=1e-4)
+            assert s.effective_rank == pytest.approx(want["effective_rank"], rel=1e-4)
+            for f in ratios:
+                ratios[f].append(want[f] / min(d.shape))
+    stats = result.stats()
+    for f, values in ratios.items():
+        assert stats.mean_spectrum_ratio(f) == pytest.approx(np.mean(values), rel=1e-4), f
+    write_outputs(result, tmp_path / "out")
+    with open(tmp_path / "out" / "matrices.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        s = result.tensors[row["tensor"]].runs[result.run_labels.index(row["run"])]
+        if s.rank is None:
+            assert row["energy_rank_99"] == row["stable_rank"] == ""
+        else:
+            assert int(row["energy_rank_99"]) == s.energy_rank_99
+            assert float(row["effective_rank"]) == s.effective_rank
+    with open(tmp_path / "out" / "groups.csv") as fh:
+        model = [r for r in csv.DictReader(fh) if r["group"] == "model"]
+    for i, row in enumerate(model):
+        assert float(row["mean_energy_rank_99_ratio"]) == pytest.approx(stats.mean_spectrum_ratio("energy_rank_99", i))
+
+
+def test_spectra_are_cached_with_the_rank(tmp_path, monkeypatch):
+    import rlsub_tui.masks
+    from rlsub_tui.criteria import Criterion
+
+    _, _, base, run_paths = _checkpoints(tmp_path)
+    first = _analyze(base, run_paths, cache_dir=tmp_path / "cache")
+
+    def no_decomposition(delta):
+        raise AssertionError("the rank and its spectrum should come from the cache")
+
+    monkeypatch.setattr(rlsub_tui.masks, "update_rank_figures", no_decomposition)
+    other = _analyze(base, run_paths, cache_dir=tmp_path / "cache", criterion=Criterion("exact"))
+    for name, tr in first.tensors.items():
+        assert [s.rank_figures() for s in other.tensors[name].runs] == [s.rank_figures() for s in tr.runs]
+    assert any(s.energy_rank_99 for tr in other.tensors.values() for s in tr.runs)
+
+
+def test_a_rank_cached_without_spectrum_is_recomputed(tmp_path):
+    """A cache written before spectra existed holds bare ranks: they are not reused (no empty spectra)."""
+    import sqlite3
+
+    from rlsub_tui.cache import APP_ID
+
+    _, _, base, run_paths = _checkpoints(tmp_path, k=1)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    fresh = _analyze(base, run_paths, use_cache=False)
+    from rlsub_tui.engine import Analysis, AnalysisOptions
+
+    probe = Analysis(base, run_paths, AnalysisOptions(use_cache=False))
+    pair = probe._pair_keys()[0]
+    probe.close()
+    conn = sqlite3.connect(cache / "results.sqlite")
+    conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                       "CREATE TABLE ranks (pair TEXT NOT NULL, tensor TEXT NOT NULL, rank INTEGER NOT NULL,"
+                       " PRIMARY KEY (pair, tensor));")
+    conn.execute("INSERT INTO meta VALUES ('app', ?)", (APP_ID,))
+    conn.executemany("INSERT INTO ranks VALUES (?, ?, ?)", [(pair, name, 1) for name in fresh.planned])  # wrong, bare
+    conn.commit()
+    conn.close()
+    a = Analysis(base, run_paths, AnalysisOptions(cache_dir=cache))
+    a.run_all()
+    a.close()
+    for name, tr in fresh.tensors.items():
+        assert a.result.tensors[name].runs[0].rank_figures() == tr.runs[0].rank_figures()
