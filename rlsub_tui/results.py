@@ -47,6 +47,17 @@ class TensorResult:
         updated = np.array([s.magnitude_updated for s in self.runs], dtype=np.int64).reshape(len(self.runs), -1)
         return updated, np.asarray(self.magnitude_numel, dtype=np.int64)
 
+    def chance_strat(self) -> tuple[np.ndarray, np.ndarray]:
+        """This tensor's part of the stratified null: expected intersections E (K, K) and expected agreement
+        counts (K + 1,). Computed once: a record does not change after it is made, and every node holding
+        the tensor adds the same numbers."""
+        cached = self.__dict__.get("_chance_strat")
+        if cached is None:
+            updated, numel = self.strata()
+            cached = (overlap.expected_intersections(updated, numel), overlap.agreement_chance_strat(updated, numel))
+            self.__dict__["_chance_strat"] = cached
+        return cached
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["both"] = [[a, b, n] for (a, b), n in self.both.items()]
@@ -134,9 +145,9 @@ class Stats:
         self.multi += r.multi
         self.sign_agree += r.sign_agree
         self.magnitude_numel += np.asarray(r.magnitude_numel, dtype=np.int64)
-        strata_updated, strata_numel = r.strata()
-        self.expected_both += overlap.expected_intersections(strata_updated, strata_numel)
-        self.agreement_expected_strat += overlap.agreement_chance_strat(strata_updated, strata_numel)
+        expected_both, agreement_expected = r.chance_strat()
+        self.expected_both += expected_both
+        self.agreement_expected_strat += agreement_expected
 
     @classmethod
     def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":

@@ -48,8 +48,14 @@ def effective_rank(sq: np.ndarray) -> float:
 
 
 def rank_figures(rank: int, squared_singular_values) -> RankFigures:
-    """RankFigures from a rank and the σ_i² of the same matrix (float64; tiny negative eigenvalues count as 0)."""
-    sq = np.clip(np.asarray(squared_singular_values, dtype=np.float64).reshape(-1), 0.0, None)
+    """RankFigures from a rank and the σ_i² of the same matrix (float64).
+
+    Only the `rank` largest values enter the figures: the rest lie below the rank's own float32
+    tolerance, i.e. they are zero to the precision of the data, and their rounding noise differs
+    between the SVD and the Gram route (so leaving them out keeps CPU and GPU figures equal).
+    """
+    sq = np.sort(np.asarray(squared_singular_values, dtype=np.float64).reshape(-1))[::-1][:max(int(rank), 0)]
+    sq = np.clip(sq, 0.0, None)
     return RankFigures(rank=int(rank), stable_rank=stable_rank(sq),
                        energy_rank_90=energy_rank(sq, ENERGY_FRACTIONS[0]),
                        energy_rank_99=energy_rank(sq, ENERGY_FRACTIONS[1]),

@@ -14,8 +14,11 @@ from rlsub_tui.spectrum import effective_rank, energy_rank, rank_figures, stable
 
 
 def numpy_figures(delta: torch.Tensor) -> dict:
-    """The four figures straight from the definitions in science.md, on numpy's float64 SVD."""
-    sigma = np.linalg.svd(delta.float().numpy().astype(np.float64), compute_uv=False)
+    """The four figures straight from the definitions in science.md, on numpy's float64 SVD, over the
+    singular values above PyTorch's default float32 rank tolerance (the ones the rank counts)."""
+    d = delta.float().numpy()
+    sigma = np.linalg.svd(d.astype(np.float64), compute_uv=False)
+    sigma = sigma[sigma > sigma[0] * max(d.shape) * np.finfo(np.float32).eps]
     energy = sigma ** 2
     cumulative = np.cumsum(energy) / energy.sum()
     p = sigma / sigma.sum()
@@ -235,3 +238,27 @@ def test_a_rank_cached_without_spectrum_is_recomputed(tmp_path):
     a.close()
     for name, tr in fresh.tensors.items():
         assert a.result.tensors[name].runs[0].rank_figures() == tr.runs[0].rank_figures()
+
+
+@pytest.mark.parametrize("kind", ["bf16 sparse", "exact rank 8", "bf16 rank 8"])
+def test_both_routes_give_the_same_figures(kind):
+    """The Gram route (every shape on a GPU) and the SVD route (near-square on the CPU) agree on the
+    figures: only singular values above the rank's tolerance enter them, so the routes' noise floors do not."""
+    from rlsub_tui.rank import _gram_route, _svd_route
+
+    shape = (300, 260)
+    g = torch.Generator().manual_seed(4)
+    if kind == "bf16 sparse":
+        update = torch.randn(shape, generator=g) * 3e-4 * (torch.rand(shape, generator=g) < 0.3)
+        delta = bf16_merge(shape, update, seed=5)
+    elif kind == "exact rank 8":
+        delta = low_rank(shape, 8, 1.0, seed=6)
+    else:
+        delta = bf16_merge(shape, low_rank(shape, 8, 1e-3, seed=7), seed=8)
+    by_svd, by_gram = rank_figures(*_svd_route(delta)), rank_figures(*_gram_route(delta))
+    assert by_svd.rank == by_gram.rank == int(torch.linalg.matrix_rank(delta.float()))
+    assert (by_svd.energy_rank_90, by_svd.energy_rank_99) == (by_gram.energy_rank_90, by_gram.energy_rank_99)
+    assert by_svd.stable_rank == pytest.approx(by_gram.stable_rank, rel=1e-5)
+    assert by_svd.effective_rank == pytest.approx(by_gram.effective_rank, rel=1e-5)
+    if kind == "exact rank 8":
+        assert by_svd.rank == 8 and by_svd.effective_rank <= 8
