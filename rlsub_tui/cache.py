@@ -27,10 +27,12 @@ CREATE TABLE IF NOT EXISTS analyses (analysis TEXT PRIMARY KEY, payload TEXT NOT
 CREATE TABLE IF NOT EXISTS rank_spectra (
     pair TEXT NOT NULL, tensor TEXT NOT NULL, rank INTEGER NOT NULL, stable_rank REAL NOT NULL,
     energy_rank_90 INTEGER NOT NULL, energy_rank_99 INTEGER NOT NULL, effective_rank REAL NOT NULL,
-    PRIMARY KEY (pair, tensor));
+    energy_curve TEXT NOT NULL, PRIMARY KEY (pair, tensor));
 """
 # Ranks cached before spectra existed (table `ranks`) are never read: they are recomputed with their spectra.
 APP_ID = "rlsub-tui-cache-1"
+RANK_SPECTRA_COLUMNS = ("pair", "tensor", "rank", "stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank",
+                        "energy_curve")
 
 
 def analysis_key(base_fp: str, run_fps: list[str], options: AnalysisOptions) -> str:
@@ -61,6 +63,9 @@ class ResultCache:
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(rank_spectra)")]
+        if columns != list(RANK_SPECTRA_COLUMNS):  # written by an earlier layout: start it again
+            conn.executescript("DROP TABLE rank_spectra;" + SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key = 'app'").fetchone()
         if row is None:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
@@ -149,14 +154,15 @@ class ResultCache:
             return {}
         try:
             rows = self._conn.execute(
-                "SELECT tensor, rank, stable_rank, energy_rank_90, energy_rank_99, effective_rank "
+                "SELECT tensor, rank, stable_rank, energy_rank_90, energy_rank_99, effective_rank, energy_curve "
                 "FROM rank_spectra WHERE pair = ?", (pair,)).fetchall()
         except sqlite3.Error:
             return {}
         out = {}
-        for tensor, rank, stable, e90, e99, eff in rows:
+        for tensor, rank, stable, e90, e99, eff, curve in rows:
             try:
-                out[tensor] = RankFigures(int(rank), float(stable), int(e90), int(e99), float(eff))
+                out[tensor] = RankFigures(int(rank), float(stable), int(e90), int(e99), float(eff),
+                                          tuple(float(x) for x in json.loads(curve)))
             except (TypeError, ValueError):
                 continue
         return out
@@ -165,9 +171,9 @@ class ResultCache:
         if self._conn is None:
             return
         try:
-            self._conn.execute("INSERT OR REPLACE INTO rank_spectra VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._conn.execute("INSERT OR REPLACE INTO rank_spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (pair, tensor, figures.rank, figures.stable_rank, figures.energy_rank_90,
-                                figures.energy_rank_99, figures.effective_rank))
+                                figures.energy_rank_99, figures.effective_rank, json.dumps(list(figures.energy_curve))))
         except sqlite3.Error:
             pass
 

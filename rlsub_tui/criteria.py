@@ -55,17 +55,20 @@ class RunTensorStats:
     energy_rank_90: int | None = None
     energy_rank_99: int | None = None
     effective_rank: float | None = None
+    energy_curve: list[float] | None = None  # cumulative energy at k/min(m,n) = 0, 0.01, ..., 1 (spectrum.py)
 
     def set_rank(self, figures) -> None:
         """Take rank and spectrum figures from a spectrum.RankFigures (None leaves all of them None)."""
         for name in SPECTRUM_FIELDS:
             setattr(self, name, getattr(figures, name) if figures is not None else None)
+        if figures is not None:
+            self.energy_curve = list(figures.energy_curve)
 
     def rank_figures(self) -> RankFigures | None:
         """The rank and spectrum figures as one record (for the cache); None when no rank was computed."""
         if self.rank is None:
             return None
-        return RankFigures(*(getattr(self, name) for name in SPECTRUM_FIELDS))
+        return RankFigures(*(getattr(self, name) for name in SPECTRUM_FIELDS), tuple(self.energy_curve or ()))
 
 
 SPECTRUM_FIELDS = ("rank", "stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")

@@ -13,6 +13,7 @@ import numpy as np
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
+from rlsub_tui.spectrum import CURVE_POINTS as SPECTRUM_POINTS
 
 KIND_ORDER = ["embedding", "attention", "mlp", "norm", "head", "other"]
 CHANCE_POOLED = "chance"  # the paper's null: every parameter alike
@@ -275,7 +276,7 @@ class ChartData:
         return header, [[xs[i]] + [self.series[s][i] for s in self.series] for i in range(len(self.x))]
 
 
-CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude"]
+CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "spectrum"]
 CHART_TITLES = {
     "depth": "sparsity by layer depth",
     "overlap": "overlap between runs",
@@ -283,6 +284,7 @@ CHART_TITLES = {
     "rank": "update rank per matrix",
     "sweep": "sparsity against tolerance",
     "magnitude": "updated fraction by |w0|",
+    "spectrum": "cumulative energy of Δ's spectrum",
 }
 
 
@@ -290,6 +292,7 @@ def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "
     return {
         "depth": depth_chart, "overlap": lambda n, r: overlap_chart(n, r, overlap_metric),
         "agreement": agreement_chart, "rank": rank_chart, "sweep": sweep_chart, "magnitude": magnitude_chart,
+        "spectrum": spectrum_chart,
     }[name](node, result)
 
 
@@ -381,3 +384,25 @@ def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
     msg = None if xs else "waiting for results…"
     return ChartData("magnitude", CHART_TITLES["magnitude"] + " (|w0| in [2^x, 2^(x+1)))", "log2 |w0|",
                      "updated %", xs, series, message=msg)
+
+
+def spectrum_chart(node: Node, result: AnalysisResult) -> ChartData:
+    """Share of ‖Δ‖_F² in the top k singular values against k / min(m, n), one line per run: the focused
+    matrix's own curve, or for a group the unweighted mean of its matrices' curves."""
+    curves = {label: [] for label in result.run_labels}
+    matrices = 0
+    for t in node.tensors:
+        r = result.tensors.get(t)
+        if r is None or not r.max_rank:
+            continue
+        matrices += 1
+        for label, s in zip(result.run_labels, r.runs):
+            if s.energy_curve:
+                curves[label].append(s.energy_curve)
+    series = {label: [100 * float(v) for v in np.mean(np.asarray(c), axis=0)] for label, c in curves.items() if c}
+    xs = [j / SPECTRUM_POINTS for j in range(SPECTRUM_POINTS + 1)]
+    title = CHART_TITLES["spectrum"] + ("" if node.is_tensor else f" (mean of {matrices} matrices)")  # short:
+    # plotext drops a title wider than the plot
+    msg = None if series else ("no 2-D matrices with a computed spectrum here" if matrices or result.tensors
+                               else "waiting for results…")
+    return ChartData("spectrum", title, "k / min(m,n)", "energy %", xs if series else [], series, message=msg)

@@ -12,7 +12,7 @@ from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 
 SPECTRUM_RATIOS = ("stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
 
-RESULT_VERSION = 5  # 5: spectrum figures per run
+RESULT_VERSION = 6  # 5: spectrum figures per run; 6: with the cumulative-energy curve
 
 
 @dataclass

@@ -262,3 +262,43 @@ def test_both_routes_give_the_same_figures(kind):
     assert by_svd.effective_rank == pytest.approx(by_gram.effective_rank, rel=1e-5)
     if kind == "exact rank 8":
         assert by_svd.rank == 8 and by_svd.effective_rank <= 8
+
+
+def test_energy_curve_against_numpy():
+    from rlsub_tui.spectrum import CURVE_POINTS
+
+    shape = (300, 260)
+    delta = bf16_merge(shape, low_rank(shape, 8, 1e-3, seed=9), seed=10)
+    f = update_rank_figures(delta)
+    sigma = np.linalg.svd(delta.float().numpy().astype(np.float64), compute_uv=False)
+    sigma = sigma[sigma > sigma[0] * max(shape) * np.finfo(np.float32).eps]
+    cumulative = np.concatenate([[0.0], np.cumsum(sigma ** 2) / np.sum(sigma ** 2)])
+    side = min(shape)
+    want = [cumulative[min(math.ceil(j * side / CURVE_POINTS), sigma.size)] for j in range(CURVE_POINTS + 1)]
+    assert len(f.energy_curve) == CURVE_POINTS + 1
+    assert f.energy_curve == pytest.approx(want, abs=2e-6)
+    assert f.energy_curve[0] == 0 and f.energy_curve[-1] == pytest.approx(1.0)
+    assert list(f.energy_curve) == sorted(f.energy_curve)
+    assert f.energy_curve[4] > 0.99  # 8 of 260 directions (x = 0.04 -> k = 11) hold the energy
+    assert update_rank_figures(torch.zeros(20, 30)).energy_curve == ()
+
+
+def test_spectrum_chart_for_a_matrix_and_a_group(tmp_path):
+    from rlsub_tui.explore import build_tree, find, spectrum_chart
+
+    _, _, base, run_paths = _checkpoints(tmp_path)
+    result = _analyze(base, run_paths, use_cache=False)
+    roots = build_tree(list(result.planned))
+    name = "model.layers.0.mlp.up_proj.weight"
+    chart = spectrum_chart(find(roots, f"tensor:{name}"), result)
+    assert chart.message is None and list(chart.series) == result.run_labels
+    for label, s in zip(result.run_labels, result.tensors[name].runs):
+        assert chart.series[label] == pytest.approx([100 * v for v in s.energy_curve])
+    header, rows = chart.rows()
+    assert header == ["k / min(m,n)"] + result.run_labels and len(rows) == 101
+    layer = spectrum_chart(find(roots, "model.layers.0"), result)
+    mats = [t for t in result.planned if t.startswith("model.layers.0.") and len(result.tensors[t].shape) == 2]
+    mean = np.mean([result.tensors[t].runs[0].energy_curve for t in mats], axis=0)
+    assert layer.series[result.run_labels[0]] == pytest.approx(list(100 * mean))
+    norm = spectrum_chart(find(roots, "tensor:model.norm.weight"), result)
+    assert norm.message and not norm.series

@@ -65,6 +65,7 @@ class ExplorerApp(App):
         Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank"),
         Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
         Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
+        Binding("7", "chart('spectrum')", "Spectrum", show=False, id="app.chart_spectrum"),
     ]
 
     def __init__(self, config: ExplorerConfig):

@@ -67,7 +67,9 @@ NaN/Inf count, and sparsity at each sweep tolerance.
 against chance \\|B\\|/n and the stratified chance E/\\|A\\| (`o` switches to Jaccard) · 3 agreement:
 % of parameters updated by exactly j of K runs against independent runs (Poisson-binomial), pooled
 and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
-5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight).
+5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight) · 7 cumulative
+energy of Δ's spectrum: share of ‖Δ‖²_F in the top k singular values against k/min(m,n), one line per
+run (a group: the mean curve of its matrices).
 
 ## Keys
 | key | action |
@@ -77,7 +79,7 @@ and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
 | enter | focus the node: table and chart follow it |
 | tab | next pane |
 | / | filter the tree by name (esc clears) |
-| 1-6, [ ] | choose chart · o overlap metric |
+| 1-7, [ ] | choose chart · o overlap metric |
 | s / S | sort the table by the next column (▼ largest first) / reverse it |
 | e / x | export the table / the chart's data to CSV |
 | c | criterion and tolerance |
