@@ -302,3 +302,26 @@ def test_spectrum_chart_for_a_matrix_and_a_group(tmp_path):
     assert layer.series[result.run_labels[0]] == pytest.approx(list(100 * mean))
     norm = spectrum_chart(find(roots, "tensor:model.norm.weight"), result)
     assert norm.message and not norm.series
+
+
+def test_a_rank_spectra_table_of_an_earlier_layout_is_rebuilt(tmp_path):
+    import sqlite3
+
+    from rlsub_tui.cache import APP_ID, ResultCache
+    from rlsub_tui.spectrum import RankFigures
+
+    conn = sqlite3.connect(tmp_path / "results.sqlite")
+    conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                       "CREATE TABLE rank_spectra (pair TEXT NOT NULL, tensor TEXT NOT NULL, rank INTEGER NOT NULL,"
+                       " stable_rank REAL NOT NULL, energy_rank_90 INTEGER NOT NULL, energy_rank_99 INTEGER NOT NULL,"
+                       " effective_rank REAL NOT NULL, PRIMARY KEY (pair, tensor));")
+    conn.execute("INSERT INTO meta VALUES ('app', ?)", (APP_ID,))
+    conn.execute("INSERT INTO rank_spectra VALUES ('p', 'w', 3, 1.5, 2, 3, 2.5)")
+    conn.commit()
+    conn.close()
+    cache = ResultCache(tmp_path)
+    assert cache.load_ranks("p") == {}  # the curve-less row is gone, not half-read
+    figures = RankFigures(3, 1.5, 2, 3, 2.5, (0.0, 0.5, 1.0))
+    cache.store_rank("p", "w", figures)
+    assert cache.load_ranks("p") == {"w": figures}
+    cache.close()
