@@ -55,7 +55,7 @@ NaN/Inf in either checkpoint counts as updated.
 | sp RUN | update sparsity of that run |
 | @str | mean Jaccard chance of the stratified null: expected \\|A∩B\\| = Σ a_s·b_s/n_s over strata s = tensor × exponent of \\|w0\\| |
 | all K@str | consensus expected under the stratified null (a Poisson-binomial per stratum) |
-| stable / e90 / e99 / eff | mean over 2-D matrices and runs, each / min(m,n): stable rank ‖Δ‖²_F/σ₁²; energy rank at 90% / 99% (fewest σ holding that share of Σσ²); effective rank exp(−Σ p ln p), p = σ/Σσ |
+| stable / e90 / e99 / eff | mean over 2-D matrices and runs, each / min(m,n): stable rank ‖Δ‖_F²/σ₁²; energy rank at 90% / 99% (fewest σ holding that share of Σσ²); effective rank exp(−Σ p ln p), p = σ/Σσ |
 | done | tensors computed so far / tensors in the row |
 
 For a single tensor the table has one row per run: updated count, sparsity, rank and its
@@ -68,7 +68,7 @@ against chance \\|B\\|/n and the stratified chance E/\\|A\\| (`o` switches to Ja
 % of parameters updated by exactly j of K runs against independent runs (Poisson-binomial), pooled
 and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
 5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight) · 7 cumulative
-energy of Δ's spectrum: share of ‖Δ‖²_F in the top k singular values against k/min(m,n), one line per
+energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against k/min(m,n), one line per
 run (a group: the mean curve of its matrices).
 
 ## Keys
