@@ -206,7 +206,10 @@ def build_fixtures(root):
 
 # ---------------------------------------------------------------------------------------- comparing
 FLOAT_FIELDS = ("sum_abs_delta", "sq_delta", "sq_base")
-EXPECTED_FLOAT_COLUMNS = {"mean_abs_delta", "rel_delta_norm"}  # float32 reductions: order differs CPU/GPU
+EXPECTED_FLOAT_COLUMNS = {"mean_abs_delta", "rel_delta_norm",  # float32 reductions: order differs CPU/GPU
+                          # spectra: near-square matrices take the SVD route on the CPU, the Gram route on CUDA
+                          "stable_rank", "effective_rank", "mean_stable_rank_ratio", "mean_effective_rank_ratio"}
+SPECTRUM_FLOATS = ("stable_rank", "effective_rank")
 
 
 def rel_diff(a, b):
@@ -224,7 +227,7 @@ def route(shape):
     from rlsub_tui.rank import SQUARISH
     if len(shape) != 2:
         return "-"
-    return "gram+eigvalsh" if GPU == "cuda" or max(shape) >= SQUARISH * min(shape) else "cpu matrix_rank"
+    return "gram+eigvalsh" if GPU == "cuda" or max(shape) >= SQUARISH * min(shape) else "cpu svdvals"
 
 
 def compare_results(rc, rg, tol=1e-5, check_complete=True):
@@ -250,8 +253,14 @@ def compare_results(rc, rg, tol=1e-5, check_complete=True):
             for f in ("updated", "nonfinite", "sweep", "magnitude_updated"):
                 if getattr(sc, f) != getattr(sg, f):
                     bad.append((name, f"run{j}.{f}", str(getattr(sc, f))[:80], str(getattr(sg, f))[:80]))
-            if sc.rank != sg.rank:
-                bad.append((name, f"run{j}.rank", sc.rank, sg.rank, f"shape {tc.shape} route {route(tc.shape)}"))
+            for f in ("rank", "energy_rank_90", "energy_rank_99"):
+                if getattr(sc, f) != getattr(sg, f):
+                    bad.append((name, f"run{j}.{f}", getattr(sc, f), getattr(sg, f),
+                                f"shape {tc.shape} route {route(tc.shape)}"))
+            for f in SPECTRUM_FLOATS:
+                x, y = getattr(sc, f), getattr(sg, f)
+                if (x is None) != (y is None) or (x is not None and rel_diff(x, y) > tol):
+                    bad.append((name, f"run{j}.{f}", x, y, f"shape {tc.shape} route {route(tc.shape)}"))
             for f in FLOAT_FIELDS:
                 d = rel_diff(getattr(sc, f), getattr(sg, f))
                 maxrel = max(maxrel, d if math.isfinite(d) else 0.0)
@@ -528,7 +537,7 @@ def cmd_timed(args):
         torch.zeros(1, device="cuda")  # context creation, timed apart from the analysis
         times["cuda context init"] = time.perf_counter() - t_cuda
 
-    orig_load, orig_compute, orig_rank = engine.Analysis._load, engine.compute_tensor, masks.update_rank
+    orig_load, orig_compute, orig_rank = engine.Analysis._load, engine.compute_tensor, masks.stacked_rank_figures
 
     def load(self, plan):
         t = time.perf_counter()
@@ -543,15 +552,15 @@ def cmd_timed(args):
         return r
 
     def rank(delta):
-        m, n = delta.shape
-        key = f"rank on {delta.device.type} ({route((m, n)) if delta.is_cuda or max(m, n) >= SQUARISH * min(m, n) else 'matrix_rank'})"
+        m, n = delta.shape[-2:]
+        key = f"rank on {delta.device.type} ({route((m, n)) if delta.is_cuda or max(m, n) >= SQUARISH * min(m, n) else 'svdvals'})"
         t = time.perf_counter()
         r = orig_rank(delta)
         times[key] += time.perf_counter() - t
         counts[key] += 1
         return r
 
-    engine.Analysis._load, engine.compute_tensor, masks.update_rank = load, compute, rank
+    engine.Analysis._load, engine.compute_tensor, masks.stacked_rank_figures = load, compute, rank
 
     def report(rc, partial=False):
         stats = {"tag": args.tag, "rc": rc, "partial": partial, "wall_s": round(time.perf_counter() - t_start, 2),

@@ -16,6 +16,7 @@ from rlsub_tui.criteria import AnalysisOptions, Criterion
 from rlsub_tui.errors import InputError
 from rlsub_tui.locate import fingerprint, locate, parse_run_spec, unique_labels
 from rlsub_tui.results import RESULT_VERSION, AnalysisResult, Skipped, TensorResult
+from rlsub_tui.spectrum import RankFigures
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -23,11 +24,15 @@ CREATE TABLE IF NOT EXISTS tensor_results (
     analysis TEXT NOT NULL, tensor TEXT NOT NULL, payload TEXT NOT NULL,
     PRIMARY KEY (analysis, tensor));
 CREATE TABLE IF NOT EXISTS analyses (analysis TEXT PRIMARY KEY, payload TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ranks (
-    pair TEXT NOT NULL, tensor TEXT NOT NULL, rank INTEGER NOT NULL,
-    PRIMARY KEY (pair, tensor));
+CREATE TABLE IF NOT EXISTS rank_spectra (
+    pair TEXT NOT NULL, tensor TEXT NOT NULL, rank INTEGER NOT NULL, stable_rank REAL NOT NULL,
+    energy_rank_90 INTEGER NOT NULL, energy_rank_99 INTEGER NOT NULL, effective_rank REAL NOT NULL,
+    energy_curve TEXT NOT NULL, PRIMARY KEY (pair, tensor));
 """
+# Ranks cached before spectra existed (table `ranks`) are never read: they are recomputed with their spectra.
 APP_ID = "rlsub-tui-cache-1"
+RANK_SPECTRA_COLUMNS = ("pair", "tensor", "rank", "stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank",
+                        "energy_curve")
 
 
 def analysis_key(base_fp: str, run_fps: list[str], options: AnalysisOptions) -> str:
@@ -45,7 +50,7 @@ def default_cache_dir() -> Path:
 
 
 class ResultCache:
-    """Per-tensor results keyed by an analysis key; ranks keyed by (base, run) and (tensor, rows, dtype)."""
+    """Per-tensor results keyed by an analysis key; ranks and their spectra keyed by (base, run) and (tensor, rows, dtype)."""
 
     def __init__(self, directory: Path | None = None):
         self.directory = Path(directory) if directory else default_cache_dir()
@@ -58,6 +63,9 @@ class ResultCache:
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(rank_spectra)")]
+        if columns != list(RANK_SPECTRA_COLUMNS):  # written by an earlier layout: start it again
+            conn.executescript("DROP TABLE rank_spectra;" + SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key = 'app'").fetchone()
         if row is None:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
@@ -141,20 +149,32 @@ class ResultCache:
             return None
         return payload if isinstance(payload, dict) and payload.get("version") == RESULT_VERSION else None
 
-    def load_ranks(self, pair: str) -> dict[str, int]:
+    def load_ranks(self, pair: str) -> dict[str, RankFigures]:
+        """Ranks with their spectrum figures, by tensor; a row that does not parse is left out (recomputed)."""
         if self._conn is None:
             return {}
         try:
-            return {t: int(r) for t, r in
-                    self._conn.execute("SELECT tensor, rank FROM ranks WHERE pair = ?", (pair,)).fetchall()}
+            rows = self._conn.execute(
+                "SELECT tensor, rank, stable_rank, energy_rank_90, energy_rank_99, effective_rank, energy_curve "
+                "FROM rank_spectra WHERE pair = ?", (pair,)).fetchall()
         except sqlite3.Error:
             return {}
+        out = {}
+        for tensor, rank, stable, e90, e99, eff, curve in rows:
+            try:
+                out[tensor] = RankFigures(int(rank), float(stable), int(e90), int(e99), float(eff),
+                                          tuple(float(x) for x in json.loads(curve)))
+            except (TypeError, ValueError):
+                continue
+        return out
 
-    def store_rank(self, pair: str, tensor: str, rank: int) -> None:
+    def store_rank(self, pair: str, tensor: str, figures: RankFigures) -> None:
         if self._conn is None:
             return
         try:
-            self._conn.execute("INSERT OR REPLACE INTO ranks VALUES (?, ?, ?)", (pair, tensor, rank))
+            self._conn.execute("INSERT OR REPLACE INTO rank_spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (pair, tensor, figures.rank, figures.stable_rank, figures.energy_rank_90,
+                                figures.energy_rank_99, figures.effective_rank, json.dumps(list(figures.energy_curve))))
         except sqlite3.Error:
             pass
 

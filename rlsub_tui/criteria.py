@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsub_tui.errors import InputError
+from rlsub_tui.spectrum import RankFigures
 
 CRITERIA = ("atol", "exact", "relative")
 COMPARE_DTYPES = ("stored", "bf16", "fp16", "fp32")  # stored: each pair in the less precise of its two dtypes
@@ -51,6 +52,28 @@ class RunTensorStats:
     rank: int | None = None
     magnitude_updated: list[int] = field(default_factory=list)
     dtype: str = ""  # the dtype this run was compared with the base in
+    # from the singular values of the same decomposition as `rank` (spectrum.py); None where rank is
+    stable_rank: float | None = None
+    energy_rank_90: int | None = None
+    energy_rank_99: int | None = None
+    effective_rank: float | None = None
+    energy_curve: list[float] | None = None  # cumulative energy at k/min(m,n) = 0, 0.01, ..., 1 (spectrum.py)
+
+    def set_rank(self, figures) -> None:
+        """Take rank and spectrum figures from a spectrum.RankFigures (None leaves all of them None)."""
+        for name in SPECTRUM_FIELDS:
+            setattr(self, name, getattr(figures, name) if figures is not None else None)
+        if figures is not None:
+            self.energy_curve = list(figures.energy_curve)
+
+    def rank_figures(self) -> RankFigures | None:
+        """The rank and spectrum figures as one record (for the cache); None when no rank was computed."""
+        if self.rank is None:
+            return None
+        return RankFigures(*(getattr(self, name) for name in SPECTRUM_FIELDS), tuple(self.energy_curve or ()))
+
+
+SPECTRUM_FIELDS = ("rank", "stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from rlsub_tui.tied import find_tied, tied_note
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
+from rlsub_tui.spectrum import RankFigures
 from rlsub_tui.staging import PinnedStager, ready
 
 @dataclass
@@ -342,7 +343,7 @@ class Analysis:
         return ([ckpt.read(name, rows=plan.rows) for ckpt, name, _, _ in sources],
                 [ckpt.read(sc) if sc is not None else None for ckpt, _, _, sc in sources], None)
 
-    def _compute(self, plan: TensorPlan, loaded, known: list[int | None]):
+    def _compute(self, plan: TensorPlan, loaded, known: list[RankFigures | None]):
         """Dequantise fp8 block-scaled weights, cast each to its comparison dtype, and compute."""
         tensors, scales, _ = loaded
         ready_tensors = []
@@ -353,7 +354,7 @@ class Analysis:
         return compute_tensor(ready_tensors[0], ready_tensors[1:], self.options.criterion, tuple(self.options.sweep),
                               want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes)
 
-    def _compute_planned(self, plan: TensorPlan, pending, known: list[int | None]):
+    def _compute_planned(self, plan: TensorPlan, pending, known: list[RankFigures | None]):
         """Wait for a tensor's read, compute it; on a GPU out-of-memory error, compute it on the CPU instead."""
         try:
             loaded = pending.result()
@@ -410,7 +411,7 @@ class Analysis:
                     self.cache.store_result(key, result)
                     for j, s in enumerate(result.runs):
                         if s.rank is not None and known[j] is None:
-                            self.cache.store_rank(pair_keys[j], rank_keys[j], s.rank)
+                            self.cache.store_rank(pair_keys[j], rank_keys[j], s.rank_figures())
                 done += 1
                 bytes_done += plan.nbytes
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)

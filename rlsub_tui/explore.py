@@ -13,8 +13,13 @@ import numpy as np
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
+from rlsub_tui.spectrum import CURVE_POINTS as SPECTRUM_POINTS
 
 KIND_ORDER = ["embedding", "attention", "mlp", "norm", "head", "other"]
+CHANCE_POOLED = "chance"  # the paper's null: every parameter alike
+CHANCE_STRAT = "chance tensor×|w0|"  # the stratified null: per tensor and |w0| exponent
+SPECTRUM_TITLES = {"stable_rank": "stable", "energy_rank_90": "e90", "energy_rank_99": "e99",
+                   "effective_rank": "eff"}  # column titles of the spectrum figures, as ratios to min(m, n)
 
 
 @dataclass
@@ -162,6 +167,12 @@ def table_columns(result: AnalysisResult) -> list[Column]:
     for label in result.run_labels:
         cols.append(Column(f"sparsity:{label}", f"sp {label}", "pct",
                            f"update sparsity of run {label}: 1 - updated / params"))
+    cols += [Column("jaccard_chance_strat", "@str", "ratio",
+                    "mean Jaccard chance level of the stratified null (per tensor × |w0| exponent)"),
+             Column("consensus_chance_strat", "all K@str", "pct",
+                    "consensus expected under the stratified null (per tensor × |w0| exponent)")]
+    cols += [Column(f"spectrum:{f}", title, "pct", f"mean {f.replace('_', ' ')} / min(m,n) over matrices and runs")
+             for f, title in SPECTRUM_TITLES.items()]
     cols.append(Column("done", "done", "text", "tensors computed / tensors in the node"))
     return cols
 
@@ -179,8 +190,11 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "jaccard_chance": jac_chance,
         "consensus": s.consensus() if result.k > 1 else math.nan,
         "consensus_chance": s.consensus_chance() if result.k > 1 else math.nan,
+        "jaccard_chance_strat": s.mean_jaccard_chance_strat(),
+        "consensus_chance_strat": s.consensus_chance_strat() if result.k > 1 else math.nan,
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
+    values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_TITLES})
     return values
 
 
@@ -197,6 +211,7 @@ def tensor_columns(result: AnalysisResult) -> list[Column]:
         Column("rank", "rank", "text", "rank of Δ (PyTorch's default float32 tolerance)"),
         Column("max_rank", "max", "text", "min(m, n); E·min(m, n) for a stack of E expert matrices"),
         Column("rank_ratio", "rank/max", "pct", "rank / max"),
+        *(Column(f"spectrum:{f}", title, "pct", f"{f.replace('_', ' ')} / max") for f, title in SPECTRUM_TITLES.items()),
         Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
         Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
         Column("nonfinite", "NaN/Inf", "count", "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)"),
@@ -223,6 +238,9 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
             "rel_delta_norm": math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
             "nonfinite": s.nonfinite,
         }
+        for f in SPECTRUM_TITLES:
+            v = getattr(s, f)
+            row[f"spectrum:{f}"] = v / r.max_rank if v is not None and r.max_rank else math.nan
         for j, t in enumerate(result.sweep):
             row[f"sweep:{t:g}"] = 1 - s.sweep[j] / n if n and j < len(s.sweep) else math.nan
         rows.append(row)
@@ -258,7 +276,7 @@ class ChartData:
         return header, [[xs[i]] + [self.series[s][i] for s in self.series] for i in range(len(self.x))]
 
 
-CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline"]
+CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline", "spectrum"]
 CHART_TITLES = {
     "depth": "sparsity by layer depth",
     "overlap": "overlap between runs",
@@ -267,6 +285,7 @@ CHART_TITLES = {
     "sweep": "sparsity against tolerance",
     "magnitude": "updated fraction by |w0|",
     "timeline": "training timeline",
+    "spectrum": "cumulative energy of Δ's spectrum",
 }
 
 
@@ -278,6 +297,7 @@ def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "
     return {
         "depth": depth_chart, "overlap": lambda n, r: overlap_chart(n, r, overlap_metric),
         "agreement": agreement_chart, "rank": rank_chart, "sweep": sweep_chart, "magnitude": magnitude_chart,
+        "spectrum": spectrum_chart,
     }[name](node, result)
 
 
@@ -349,30 +369,28 @@ def overlap_chart(node: Node, result: AnalysisResult, metric: str = "o1") -> Cha
     if result.k < 2:
         return ChartData("overlap", CHART_TITLES["overlap"], "pair", metric, [], {},
                          message="overlap needs two or more runs")
-    ticks, observed, chance = [], [], []
+    ticks, observed, chance, strat = [], [], [], []
+    key = "jaccard" if metric == "jaccard" else "o1"
     for a, b, p in s.pairs():
         ticks.append(f"{a + 1}·{b + 1}")
-        if metric == "jaccard":
-            observed.append(p["jaccard"])
-            chance.append(p["jaccard_random"])
-        else:
-            observed.append(p["o1"])
-            chance.append(p["o1_random"])
+        observed.append(p[key])
+        chance.append(p[f"{key}_random"])
+        strat.append(p[f"{key}_random_strat"])
     title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
     msg = None if s.tensors else "waiting for results…"
-    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric,
-                     list(range(len(ticks))), {"observed": observed, "chance": chance}, ticks, message=msg)
+    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric, list(range(len(ticks))),
+                     {"observed": observed, CHANCE_POOLED: chance, CHANCE_STRAT: strat}, ticks, message=msg)
 
 
 def agreement_chart(node: Node, result: AnalysisResult) -> ChartData:
     s = result.stats(node.tensors)
     if not s.numel:
         return ChartData("agreement", CHART_TITLES["agreement"], "j", "%", [], {}, message="waiting for results…")
-    chance = s.agreement_chance()
     xs = list(range(result.k + 1))
     return ChartData("agreement", CHART_TITLES["agreement"] + " (% of params)", "j", "% of params", xs,
                      {"observed": [100 * float(c) / s.numel for c in s.agreement],
-                      "chance": [100 * float(c) / s.numel for c in chance]})
+                      CHANCE_POOLED: [100 * float(c) / s.numel for c in s.agreement_chance()],
+                      CHANCE_STRAT: [100 * float(c) / s.numel for c in s.agreement_chance_strat()]})
 
 
 def rank_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -414,3 +432,25 @@ def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
     msg = None if xs else "waiting for results…"
     return ChartData("magnitude", CHART_TITLES["magnitude"] + " (|w0| in [2^x, 2^(x+1)))", "log2 |w0|",
                      "updated %", xs, series, message=msg)
+
+
+def spectrum_chart(node: Node, result: AnalysisResult) -> ChartData:
+    """Share of ‖Δ‖_F² in the top k singular values against k / min(m, n), one line per run: the focused
+    matrix's own curve, or for a group the unweighted mean of its matrices' curves."""
+    curves = {label: [] for label in result.run_labels}
+    matrices = 0
+    for t in node.tensors:
+        r = result.tensors.get(t)
+        if r is None or not r.max_rank:
+            continue
+        matrices += 1
+        for label, s in zip(result.run_labels, r.runs):
+            if s.energy_curve:
+                curves[label].append(s.energy_curve)
+    series = {label: [100 * float(v) for v in np.mean(np.asarray(c), axis=0)] for label, c in curves.items() if c}
+    xs = [j / SPECTRUM_POINTS for j in range(SPECTRUM_POINTS + 1)]
+    title = CHART_TITLES["spectrum"] + ("" if node.is_tensor else f" (mean of {matrices} matrices)")  # short:
+    # plotext drops a title wider than the plot
+    msg = None if series else ("no 2-D matrices with a computed spectrum here" if matrices or result.tensors
+                               else "waiting for results…")
+    return ChartData("spectrum", title, "k / min(m,n)", "energy %", xs if series else [], series, message=msg)

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from rlsub_tui.results import AnalysisResult, Stats
+from rlsub_tui.results import SPECTRUM_RATIOS, AnalysisResult, Stats
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -62,6 +62,7 @@ def sweep_label(t: float) -> str:
 def matrices_csv(result: AnalysisResult) -> str:
     header = ["tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite",
               "mean_abs_delta", "rel_delta_norm", "rank", "max_rank", "rank_ratio"]
+    header += list(SPECTRUM_RATIOS)
     header += [sweep_label(t) for t in result.sweep]
     rows = []
     for name in result.planned:
@@ -76,6 +77,7 @@ def matrices_csv(result: AnalysisResult) -> str:
                    s.sum_abs_delta / n if n else math.nan,
                    math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
                    s.rank, max_rank, s.rank / max_rank if max_rank else None]
+            row += [getattr(s, f) for f in SPECTRUM_RATIOS]
             row += [1 - c / n if n else math.nan for c in s.sweep]
             rows.append(row)
     return csv_text(header, rows)
@@ -83,7 +85,8 @@ def matrices_csv(result: AnalysisResult) -> str:
 
 def pairs_csv(result: AnalysisResult) -> str:
     header = ["tensor", "run_a", "run_b", "updated_a", "updated_b", "both", "o1", "o2",
-              "o1_random", "o2_random", "jaccard", "jaccard_random"]
+              "o1_random", "o2_random", "jaccard", "jaccard_random",
+              "o1_random_strat", "o2_random_strat", "jaccard_random_strat"]
     rows = []
     for name in result.planned:
         r = result.tensors.get(name)
@@ -96,18 +99,26 @@ def pairs_csv(result: AnalysisResult) -> str:
 
 
 def agreement_csv(result: AnalysisResult) -> str:
-    header = ["tensor", "numel"] + [f"agree_{j}" for j in range(result.k + 1)] + ["updated_by_2plus", "sign_agree"]
+    """Per tensor: the observed histogram, both chance histograms (expected counts) and consensus chances."""
+    js = range(result.k + 1)
+    header = (["tensor", "numel"] + [f"agree_{j}" for j in js] + ["updated_by_2plus", "sign_agree"]
+              + [f"chance_{j}" for j in js] + [f"chance_strat_{j}" for j in js]
+              + ["consensus_chance", "consensus_chance_strat"])
     rows = []
     for name in result.planned:
         r = result.tensors.get(name)
         if r is None:
             continue
-        rows.append([name, r.numel] + r.agreement + [r.multi, r.sign_agree])
+        s = Stats.of([r], result.k)
+        rows.append([name, r.numel] + r.agreement + [r.multi, r.sign_agree]
+                    + [float(x) for x in s.agreement_chance()] + [float(x) for x in s.agreement_chance_strat()]
+                    + [s.consensus_chance(), s.consensus_chance_strat()])
     return csv_text(header, rows)
 
 
 def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
+    header += [f"mean_{f}_ratio" for f in SPECTRUM_RATIOS]
     header += [sweep_label(t) for t in result.sweep]
     from rlsub_tui.explore import build_tree
 
@@ -118,6 +129,7 @@ def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
         s = result.stats(g.tensors)
         for i, label in enumerate(result.run_labels):
             row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]
+            row += [s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS]
             row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
             rows.append(row)
     return header, rows
@@ -136,6 +148,7 @@ def summary_dict(result: AnalysisResult) -> dict:
             "label": label, "path": result.run_paths[i], "numel": s.numel, "updated": int(s.updated[i]),
             "sparsity": json_value(s.sparsity(i)), "mean_rank_ratio": json_value(s.mean_rank_ratio(i)),
             "nonfinite": int(s.nonfinite[i]),
+            **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f, i)) for f in SPECTRUM_RATIOS},
             "mean_abs_delta": json_value(s.mean_abs_delta(i)), "rel_delta_norm": json_value(s.relative_norm(i)),
             "sweep": {sweep_label(t): json_value(s.sweep_sparsity(i, j)) for j, t in enumerate(result.sweep)},
         })
@@ -154,11 +167,14 @@ def summary_dict(result: AnalysisResult) -> dict:
         "pairs": pairs,
         "agreement": [int(x) for x in s.agreement],
         "agreement_chance": [float(x) for x in s.agreement_chance()],
+        "agreement_chance_strat": [float(x) for x in s.agreement_chance_strat()],
         "consensus": json_value(s.consensus()), "consensus_chance": json_value(s.consensus_chance()),
+        "consensus_chance_strat": json_value(s.consensus_chance_strat()),
         "union": json_value(s.union()),
         "sign_agreement": {"updated_by_2plus": s.multi, "same_sign": s.sign_agree,
                            "fraction": json_value(s.sign_agreement())},
         "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),
+        **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f)) for f in SPECTRUM_RATIOS},
         "skipped": [{"tensor": k.tensor, "run": k.run, "reason": k.reason} for k in result.skipped],
         "tied": [{"alias": a, "counted_as": p} for a, p in result.tied.items()],
         "notes": result.notes + sorted({f"{name}: {n}" for name, r in result.tensors.items() for n in r.notes}),

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from rlsub_tui.dtypes import dtype_name
-from rlsub_tui.rank import stacked_rank
+from rlsub_tui.rank import stacked_rank_figures
+from rlsub_tui.spectrum import RankFigures
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
 
@@ -113,7 +114,7 @@ def _nonzero(mask: torch.Tensor) -> int:
 
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
-                   ranks: list[int | None] | None = None,
+                   ranks: list[RankFigures | None] | None = None,
                    dtypes: list[torch.dtype] | None = None) -> TensorComputation:
     """Masks, counts, pair overlaps, agreement and ranks for one tensor.
 
@@ -121,7 +122,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     the base's); run j must already be in it, the base is cast to it chunk by chunk, so each run's
     numbers depend on its own pair alone. A position whose Δ is NaN/Inf counts as updated by that
     run and is left out of its Σ|Δ|, ‖Δ‖², ‖W0‖² and of the sign agreement.
-    `ranks`, when given, are known ranks (from the cache) and are not recomputed.
+    `ranks`, when given, are known ranks with their spectra (from the cache) and are not recomputed.
     Elementwise work runs over chunks of CHUNK_ELEMENTS, so temporaries stay small whatever the tensor.
     For up to MAX_CODED_RUNS runs each parameter gets a code (bit j set when run j updated it), and
     one histogram of (|w0| bin, code) per chunk yields updated counts by magnitude, every pair's
@@ -247,12 +248,13 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
                 bj = base if base.dtype == dtypes[j] else base.to(dtypes[j])
-                rank = stacked_rank(stored_delta(bj, run))
+                rank = stacked_rank_figures(stored_delta(bj, run))
         stats.append(RunTensorStats(
             updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
-            sq_base=sq_base[j], sweep=sweep_counts[j], rank=rank, dtype=dtype_name(dtypes[j]),
+            sq_base=sq_base[j], sweep=sweep_counts[j], dtype=dtype_name(dtypes[j]),
             magnitude_updated=[int(x) for x in mag_updated[j]],
         ))
+        stats[-1].set_rank(rank)
     return TensorComputation(
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,

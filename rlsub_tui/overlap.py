@@ -43,3 +43,42 @@ def agreement_chance(densities: list[float]) -> np.ndarray:
         probs[1:] = probs[1:] * (1 - p) + probs[:-1] * p
         probs[0] *= 1 - p
     return probs
+
+
+# --- the stratified null (science.md, "A fair chance level") -----------------------------------------
+# A stratum is one tensor x one |w0| magnitude bin. Within a stratum a random run updates uniformly at
+# the stratum's own density, so pooled figures sum expected counts over strata (never average ratios).
+
+
+def expected_intersections(updated: np.ndarray, numel: np.ndarray) -> np.ndarray:
+    """E[a, b] = Σ_s a_s · b_s / n_s for every pair of runs; updated is (K, S) counts, numel (S,) stratum sizes."""
+    updated = np.asarray(updated, dtype=np.float64)
+    numel = np.asarray(numel, dtype=np.float64)
+    used = numel > 0
+    counts = updated[:, used]
+    return counts @ (counts / numel[used]).T
+
+
+def one_sided_chance_strat(expected_both: float, updated_a: int, updated_b: int) -> tuple[float, float]:
+    """(o1, o2) chance levels under the stratified null: (E / |A|, E / |B|)."""
+    return ratio(expected_both, updated_a), ratio(expected_both, updated_b)
+
+
+def jaccard_chance_strat(expected_both: float, updated_a: int, updated_b: int) -> float:
+    """Jaccard chance level under the stratified null: E / (|A| + |B| − E)."""
+    return ratio(expected_both, updated_a + updated_b - expected_both)
+
+
+def agreement_chance_strat(updated: np.ndarray, numel: np.ndarray) -> np.ndarray:
+    """Expected count of parameters updated by exactly j of K runs (j = 0..K): a Poisson-binomial in each
+    stratum with that stratum's densities, weighted by n_s and summed over strata."""
+    updated = np.asarray(updated, dtype=np.float64)
+    numel = np.asarray(numel, dtype=np.float64)
+    used = numel > 0
+    densities = updated[:, used] / numel[used]  # (K, S)
+    probs = np.zeros((int(used.sum()), updated.shape[0] + 1))
+    probs[:, 0] = 1.0
+    for p in densities:
+        probs[:, 1:] = probs[:, 1:] * (1 - p)[:, None] + probs[:, :-1] * p[:, None]
+        probs[:, 0] *= 1 - p
+    return numel[used] @ probs

@@ -7,6 +7,10 @@ from rlsub_tui.formatting import count, pct, ratio
 from rlsub_tui.results import AnalysisResult
 
 
+def _lift(observed: float, chance: float) -> float:
+    return observed / chance if chance else float("nan")
+
+
 def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
     s = result.stats()
     lines = [
@@ -18,34 +22,41 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
     ]
     sweep_cols = [sweep_label(t) for t in result.sweep]
     rw = min(max([len(x) for x in result.run_labels] + [3]), 40)
-    head = f"{'run':<{rw}} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'NaN/Inf':>8}" + "".join(
+    head = f"{'run':<{rw}} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'e99/max':>8} {'NaN/Inf':>8}" + "".join(
         f" {c:>16}" for c in sweep_cols)
     lines.append(head)
     for i, label in enumerate(result.run_labels):
         row = (f"{label[:rw]:<{rw}} {pct(s.sparsity(i)):>9} {count(int(s.updated[i])):>9} "
-               f"{pct(s.mean_rank_ratio(i)):>9} {int(s.nonfinite[i]):>8}")
+               f"{pct(s.mean_rank_ratio(i)):>9} {pct(s.mean_spectrum_ratio('energy_rank_99', i)):>8} "
+               f"{int(s.nonfinite[i]):>8}")
         row += "".join(f" {pct(s.sweep_sparsity(i, j)):>16}" for j in range(len(result.sweep)))
         lines.append(row)
     pairs = list(s.pairs())
     if pairs:
         names = [f"{result.run_labels[a]} vs {result.run_labels[b]}" for a, b, _ in pairs[:max_pairs]]
         w = min(max(len(n) for n in names), 60)
-        lines += ["", f"{'pair':<{w}} {'o1':>7} {'o2':>7} {'chance':>15} {'jaccard':>8} {'chance':>7} {'lift':>5}"]
+        lines += ["", "chance: the pooled null (every parameter alike) | strat: per tensor × |w0| exponent",
+                  f"{'pair':<{w}} {'o1':>7} {'o2':>7} {'chance':>15} {'strat':>15} {'jaccard':>8} {'chance':>7} "
+                  f"{'strat':>7} {'lift':>5} {'/strat':>6}"]
         for name, (a, b, p) in zip(names, pairs):
-            lift = p["jaccard"] / p["jaccard_random"] if p["jaccard_random"] else float("nan")
             lines.append(
                 f"{name[:w]:<{w}} {pct(p['o1']):>7} {pct(p['o2']):>7} "
-                f"{pct(p['o1_random']) + ' / ' + pct(p['o2_random']):>15} {ratio(p['jaccard'], 3):>8} "
-                f"{ratio(p['jaccard_random'], 3):>7} {ratio(lift, 2):>5}")
+                f"{pct(p['o1_random']) + ' / ' + pct(p['o2_random']):>15} "
+                f"{pct(p['o1_random_strat']) + ' / ' + pct(p['o2_random_strat']):>15} {ratio(p['jaccard'], 3):>8} "
+                f"{ratio(p['jaccard_random'], 3):>7} {ratio(p['jaccard_random_strat'], 3):>7} "
+                f"{ratio(_lift(p['jaccard'], p['jaccard_random']), 2):>5} "
+                f"{ratio(_lift(p['jaccard'], p['jaccard_random_strat']), 2):>6}")
         if len(pairs) > max_pairs:
             lines.append(f"… and {len(pairs) - max_pairs} more pairs in pairs.csv / summary.json")
-        chance = s.agreement_chance()
-        lines += ["", "updated by exactly j runs (observed vs independent-runs chance):"]
-        lines.append("  " + "  ".join(f"j={j}: {pct(s.agreement[j] / s.numel if s.numel else float('nan'))} "
-                                       f"({pct(chance[j] / s.numel if s.numel else float('nan'))})"
+        chance, strat = s.agreement_chance(), s.agreement_chance_strat()
+        share = (lambda c: c / s.numel) if s.numel else (lambda c: float("nan"))
+        lines += ["", "updated by exactly j runs: observed (chance pooled / stratified):"]
+        lines.append("  " + "  ".join(f"j={j}: {pct(share(s.agreement[j]))} "
+                                       f"({pct(share(chance[j]))} / {pct(share(strat[j]))})"
                                        for j in range(result.k + 1)))
-        lines.append(f"  consensus (all runs) {pct(s.consensus())} vs {pct(s.consensus_chance())} by chance;  "
-                     f"union {pct(s.union())};  same sign where 2+ runs updated: {pct(s.sign_agreement())}")
+        lines.append(f"  consensus (all runs) {pct(s.consensus())} vs {pct(s.consensus_chance())} pooled, "
+                     f"{pct(s.consensus_chance_strat())} stratified chance;  union {pct(s.union())};  "
+                     f"same sign where 2+ runs updated: {pct(s.sign_agreement())}")
     if result.skipped:
         lines += ["", f"{len(result.skipped)} tensor(s) skipped (see summary.json 'skipped'):"]
         for k in result.skipped[:5]:

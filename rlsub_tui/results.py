@@ -10,7 +10,9 @@ import numpy as np
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 
-RESULT_VERSION = 5
+SPECTRUM_RATIOS = ("stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
+
+RESULT_VERSION = 7  # 5: per-pair dtypes, spectrum figures per run; 6: the cumulative-energy curve; 7: both
 
 
 @dataclass
@@ -43,6 +45,22 @@ class TensorResult:
             return self.shape[0] * min(self.shape[1:])
         return min(self.shape) if len(self.shape) == 2 else None
 
+    def strata(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per |w0| magnitude bin of this tensor (its strata): updated counts (K, bins) and sizes (bins,)."""
+        updated = np.array([s.magnitude_updated for s in self.runs], dtype=np.int64).reshape(len(self.runs), -1)
+        return updated, np.asarray(self.magnitude_numel, dtype=np.int64)
+
+    def chance_strat(self) -> tuple[np.ndarray, np.ndarray]:
+        """This tensor's part of the stratified null: expected intersections E (K, K) and expected agreement
+        counts (K + 1,). Computed once: a record does not change after it is made, and every node holding
+        the tensor adds the same numbers."""
+        cached = self.__dict__.get("_chance_strat")
+        if cached is None:
+            updated, numel = self.strata()
+            cached = (overlap.expected_intersections(updated, numel), overlap.agreement_chance_strat(updated, numel))
+            self.__dict__["_chance_strat"] = cached
+        return cached
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["both"] = [[a, b, n] for (a, b), n in self.both.items()]
@@ -62,6 +80,8 @@ class TensorResult:
         k = len(runs)
         if len(result.agreement) != k + 1 or sum(result.agreement) != result.numel:
             raise ValueError("inconsistent result record")
+        if len(result.magnitude_numel) != MAG_BINS or any(len(s.magnitude_updated) != MAG_BINS for s in runs):
+            raise ValueError("inconsistent result record")  # the strata of the stratified null
         return result
 
 
@@ -100,6 +120,9 @@ class Stats:
         self.magnitude_numel = np.zeros(MAG_BINS, dtype=np.int64)
         self.magnitude_updated = np.zeros((k, MAG_BINS), dtype=np.int64)
         self.rank_ratios: list[list[float]] = [[] for _ in range(k)]
+        self.spectrum_ratios = {f: [[] for _ in range(k)] for f in SPECTRUM_RATIOS}
+        self.expected_both = np.zeros((k, k))  # Σ over strata of a_s·b_s/n_s (the stratified null)
+        self.agreement_expected_strat = np.zeros(k + 1)
 
     def add(self, r: TensorResult) -> None:
         self.tensors += 1
@@ -115,6 +138,9 @@ class Stats:
             self.magnitude_updated[i] += np.asarray(s.magnitude_updated, dtype=np.int64)
             if s.rank is not None and r.max_rank:
                 self.rank_ratios[i].append(s.rank / r.max_rank)
+                for f, ratios in self.spectrum_ratios.items():
+                    if getattr(s, f) is not None:
+                        ratios[i].append(getattr(s, f) / r.max_rank)
         for (a, b), n in r.both.items():
             self.both[a, b] += n
             self.both[b, a] += n
@@ -122,6 +148,9 @@ class Stats:
         self.multi += r.multi
         self.sign_agree += r.sign_agree
         self.magnitude_numel += np.asarray(r.magnitude_numel, dtype=np.int64)
+        expected_both, agreement_expected = r.chance_strat()
+        self.expected_both += expected_both
+        self.agreement_expected_strat += agreement_expected
 
     @classmethod
     def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":
@@ -154,6 +183,12 @@ class Stats:
         vals = [x for r in self.rank_ratios for x in r]
         return float(np.mean(vals)) if vals else math.nan
 
+    def mean_spectrum_ratio(self, figure: str, i: int | None = None) -> float:
+        """Unweighted mean over matrices (and runs, when i is None) of a spectrum figure / min(m, n)."""
+        per_run = self.spectrum_ratios[figure]
+        vals = [x for r in (per_run if i is None else [per_run[i]]) for x in r]
+        return float(np.mean(vals)) if vals else math.nan
+
     def mean_abs_delta(self, i: int) -> float:
         return overlap.ratio(self.sum_abs[i], self.numel)
 
@@ -165,11 +200,15 @@ class Stats:
         ua, ub, both = int(self.updated[a]), int(self.updated[b]), int(self.both[a, b])
         o1, o2 = overlap.one_sided(both, ua, ub)
         r1, r2 = overlap.one_sided_chance(ua, ub, self.numel)
+        expected = float(self.expected_both[a, b])
+        s1, s2 = overlap.one_sided_chance_strat(expected, ua, ub)
         return {
             "updated_a": ua, "updated_b": ub, "both": both,
             "o1": o1, "o2": o2, "o1_random": r1, "o2_random": r2,
             "jaccard": overlap.jaccard(both, ua, ub),
             "jaccard_random": overlap.jaccard_chance(ua, ub, self.numel),
+            "o1_random_strat": s1, "o2_random_strat": s2,
+            "jaccard_random_strat": overlap.jaccard_chance_strat(expected, ua, ub),
         }
 
     def pairs(self):
@@ -182,6 +221,10 @@ class Stats:
         ps = [p for _, _, p in self.pairs()]
         return _mean_defined([p["jaccard"] for p in ps]), _mean_defined([p["jaccard_random"] for p in ps])
 
+    def mean_jaccard_chance_strat(self) -> float:
+        """Mean over run pairs of the stratified Jaccard chance level."""
+        return _mean_defined([p["jaccard_random_strat"] for _, _, p in self.pairs()])
+
     # --- across all K runs --------------------------------------------------------------------------
     def agreement_chance(self) -> np.ndarray:
         """Expected count of parameters updated by exactly j runs if runs were independent."""
@@ -193,6 +236,13 @@ class Stats:
 
     def consensus_chance(self) -> float:
         return float(self.agreement_chance()[self.k] / self.numel) if self.numel else math.nan
+
+    def agreement_chance_strat(self) -> np.ndarray:
+        """Expected count updated by exactly j runs under the stratified null (summed over tensor × |w0| bin)."""
+        return self.agreement_expected_strat.copy()
+
+    def consensus_chance_strat(self) -> float:
+        return float(self.agreement_expected_strat[self.k] / self.numel) if self.numel else math.nan
 
     def union(self) -> float:
         """Fraction of parameters updated by at least one run."""

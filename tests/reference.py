@@ -82,3 +82,39 @@ def numpy_rank(delta: np.ndarray) -> int:
     if s.size == 0:
         return 0
     return int((s > s.max() * max(d.shape) * np.finfo(np.float32).eps).sum())
+
+
+def exponent_stratum(base: np.ndarray, low: int = -25, high: int = 3) -> np.ndarray:
+    """floor(log2 |w0|) clamped to [low, high], from np.frexp; zeros and subnormals get low - 1."""
+    a = np.abs(base.astype(np.float32)).reshape(-1)
+    _, e = np.frexp(a.astype(np.float64))
+    out = np.clip(e - 1, low, high)
+    return np.where(a < np.finfo(np.float32).tiny, low - 1, out)
+
+
+def stratified_null(bases: list[np.ndarray], masks: list[list[np.ndarray]]) -> dict:
+    """The stratified chance levels of science.md, by brute force: strata = tensor x exponent of |w0|;
+    the agreement histogram enumerates every subset of runs in every stratum."""
+    import itertools
+
+    k = len(masks)
+    strata = []  # (n_s, [a_s per run])
+    for t, base in enumerate(bases):
+        bins = exponent_stratum(base)
+        for value in np.unique(bins):
+            where = bins == value
+            strata.append((int(where.sum()), [int(masks[r][t].reshape(-1)[where].sum()) for r in range(k)]))
+    updated = [sum(s[1][r] for s in strata) for r in range(k)]
+    pairs = {}
+    for a in range(k):
+        for b in range(a + 1, k):
+            e = sum(sa[a] * sa[b] / n for n, sa in strata)
+            pairs[(a, b)] = {"expected": e, "o1_random_strat": e / updated[a], "o2_random_strat": e / updated[b],
+                             "jaccard_random_strat": e / (updated[a] + updated[b] - e)}
+    chance = np.zeros(k + 1)
+    for n, counts in strata:
+        p = [c / n for c in counts]
+        for subset in itertools.product([0, 1], repeat=k):
+            chance[sum(subset)] += n * np.prod([p[r] if bit else 1 - p[r] for r, bit in enumerate(subset)])
+    numel = sum(n for n, _ in strata)
+    return {"pairs": pairs, "agreement_chance_strat": chance, "consensus_chance_strat": chance[k] / numel}

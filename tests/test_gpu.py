@@ -20,6 +20,7 @@ from rlsub_tui.staging import PinnedStager, ready
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 FLOAT_FIELDS = {"sum_abs_delta", "sq_delta", "sq_base"}  # float32 reductions: summation order differs
+SPECTRUM_FLOATS = {"stable_rank", "effective_rank"}  # near-square: the SVD route on the CPU, Gram on CUDA
 
 
 def run(root, device, k=3, **kw):
@@ -41,6 +42,9 @@ def assert_same(cpu, gpu):
             for f in FLOAT_FIELDS:
                 x, y = ra.pop(f), rb.pop(f)
                 assert x == pytest.approx(y, rel=1e-5, abs=1e-12) or (math.isnan(x) and math.isnan(y)), (name, f)
+            for f in SPECTRUM_FLOATS:
+                x, y = ra.pop(f), rb.pop(f)
+                assert (x is None and y is None) or x == pytest.approx(y, rel=1e-5), (name, f)
             assert ra == rb, name
         assert a == b, name
 

@@ -76,3 +76,16 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
     record = json.loads((tmp_path / "training.json").read_text())
     assert record["quick"] and "grpo-lowlr" in record["measurements"]
     assert (tmp_path / "README.md").read_text().startswith("# The bundled sample")
+    # measuring again (no training) keeps every earlier figure and adds nothing stale
+    before = record["measurements"]
+    (tmp_path / "README.md").unlink()
+    assert generate(["--out", str(tmp_path), "--remeasure"]) == 0
+    again = json.loads((tmp_path / "training.json").read_text())
+    assert again["measurements"] == before and again["held_out_accuracy"] == record["held_out_accuracy"]
+    readme = (tmp_path / "README.md").read_text()
+    assert "Spectrum of the updates" in readme and "stratified" in readme
+    fam = before["grpo-lowlr"]
+    assert 0 <= fam["consensus_chance_strat"] <= 1
+    assert all(0 <= v["mean_energy_rank_99_ratio"] <= v["mean_rank_ratio"] for v in fam["runs"].values())
+    sums = json.loads((tmp_path / "SHA256SUMS.json").read_text())
+    assert sums["training.json"] == hashlib.sha256((tmp_path / "training.json").read_bytes()).hexdigest()

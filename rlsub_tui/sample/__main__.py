@@ -67,13 +67,31 @@ def write_checksums(out: Path) -> None:
     (out / "SHA256SUMS.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
 
 
+def remeasure(out: Path) -> int:
+    """Measure an existing sample again (after the engine gained figures) without retraining it."""
+    from rlsub_tui.sample.report import measure, render_readme
+
+    record = json.loads((out / "training.json").read_text())
+    record["measurements"] = measure(out)
+    (out / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(render_readme(record))
+    write_checksums(out)
+    print(f"measured {out.resolve()} again: training.json, README.md, SHA256SUMS.json rewritten", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsub_tui.sample", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("sample_data"))
     p.add_argument("--quick", action="store_true", help="a few steps of everything (for tests)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--remeasure", action="store_true",
+                   help="no training: measure the checkpoints already in --out again and rewrite "
+                        "training.json's measurements, README.md and SHA256SUMS.json")
     args = p.parse_args(argv)
     out: Path = args.out
+    if args.remeasure:
+        return remeasure(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = plan(args.quick)
     model_cfg: LlamaConfig = spec["model"]

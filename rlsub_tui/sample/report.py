@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rlsub_tui.engine import Analysis, AnalysisOptions
 from rlsub_tui.masks import Criterion
+from rlsub_tui.results import SPECTRUM_RATIOS
 
 # family -> (base, runs)
 FAMILIES = {
@@ -34,11 +35,13 @@ def measure(root: Path) -> dict:
                 "sparsity": s.sparsity(i),
                 "sparsity_sweep": [s.sweep_sparsity(i, j) for j in range(len(result.sweep))],
                 "mean_rank_ratio": s.mean_rank_ratio(i),
+                **{f"mean_{f}_ratio": s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS},
             }
         pairs = [dict(run_a=result.run_labels[x], run_b=result.run_labels[y], **p) for x, y, p in s.pairs()]
         fam["pairs"] = pairs
         fam["consensus"] = s.consensus()
         fam["consensus_chance"] = s.consensus_chance()
+        fam["consensus_chance_strat"] = s.consensus_chance_strat()
         fam["sign_agreement"] = s.sign_agreement()
         norms = result.stats([n for n in result.tensors if "norm" in n])
         fam["norm_sparsity_mean"] = norms.mean_sparsity()
@@ -48,6 +51,22 @@ def measure(root: Path) -> dict:
 
 def _p(x) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def _r(x) -> str:
+    return "–" if x is None or x != x else f"{x:.3f}"
+
+
+def spectrum_table(m: dict) -> list[str]:
+    """Per run, the mean over matrices of each spectrum figure / min(m, n) (README: "Spectrum of the update")."""
+    lines = ["", "Spectrum of the updates (mean over the 2-D matrices of each figure / min(m, n); README):", "",
+             "| checkpoint | rank | stable rank | energy rank 90% | energy rank 99% | effective rank |",
+             "|---|---|---|---|---|---|"]
+    for fam in ("grpo-lowlr", "grpo-highlr", "sft", "fp32"):
+        for label, v in m.get(fam, {}).get("runs", {}).items():
+            lines.append(f"| {label} | {_p(v['mean_rank_ratio'])} | "
+                         + " | ".join(_p(v.get(f"mean_{f}_ratio")) for f in SPECTRUM_RATIOS) + " |")
+    return lines
 
 
 def render_readme(record: dict) -> str:
@@ -95,18 +114,23 @@ def render_readme(record: dict) -> str:
             sweep = " / ".join(_p(x) for x in v["sparsity_sweep"])
             lines.append(f"| {label} | {_p(acc.get(label))} | {_p(v['sparsity'])} | {sweep} | "
                          f"{_p(v['mean_rank_ratio'])} |")
-    lines += ["", "Cross-seed overlap within each GRPO family (observed against chance):", "",
-              "| pair | o1 | o2 | o1 chance | o2 chance | Jaccard | Jaccard chance |", "|---|---|---|---|---|---|---|"]
+    lines += spectrum_table(m)
+    lines += ["", "Cross-seed overlap within each GRPO family, observed against two chance levels: the paper's "
+              "(every parameter alike) and the stratified one (per tensor × binary exponent of |w0|, README):", "",
+              "| pair | o1 | o2 | o1 chance | o2 chance | o1 / o2 chance, stratified | Jaccard | Jaccard chance "
+              "| Jaccard chance, stratified |", "|---|---|---|---|---|---|---|---|---|"]
     for fam in ("grpo-lowlr", "grpo-highlr"):
         for p in m.get(fam, {}).get("pairs", []):
             lines.append(f"| {p['run_a']} vs {p['run_b']} | {_p(p['o1'])} | {_p(p['o2'])} | {_p(p['o1_random'])} | "
-                         f"{_p(p['o2_random'])} | {p['jaccard']:.3f} | {p['jaccard_random']:.3f} |")
+                         f"{_p(p['o2_random'])} | {_p(p.get('o1_random_strat'))} / {_p(p.get('o2_random_strat'))} | "
+                         f"{p['jaccard']:.3f} | {p['jaccard_random']:.3f} | {_r(p.get('jaccard_random_strat'))} |")
     lines.append("")
     for fam in ("grpo-lowlr", "grpo-highlr"):
         f = m.get(fam)
         if f:
             lines.append(f"- `{fam}`: updated by all three seeds {_p(f['consensus'])} of parameters against "
-                         f"{_p(f['consensus_chance'])} for independent runs; where two or more seeds updated a "
+                         f"{_p(f['consensus_chance'])} for independent runs ({_p(f.get('consensus_chance_strat'))} "
+                         f"stratified); where two or more seeds updated a "
                          f"parameter, {_p(f['sign_agreement'])} moved it in the same direction; norm weights "
                          f"{_p(f['norm_sparsity_mean'])} sparse.")
     lines += [
@@ -123,7 +147,9 @@ def render_readme(record: dict) -> str:
         "- The seeds update nearly the same set: overlap, Jaccard and consensus above their chance levels, and",
         "  updates of the same sign where seeds agree. The margin over chance is small because chance is high",
         "  when 90% of parameters change.",
-        "- Norm weights are left alone far more often than matrices; the updates are nearly full rank.",
+        "- Norm weights are left alone far more often than matrices.",
+        f"- Rank: {spectrum_sentence(m)}",
+        f"- A fairer chance level: {strat_sentence(m)}",
         f"- SFT vs RL: {sft_sentence(m)}",
         f"- bf16 vs fp32: {fp32_sentence(m)}",
         "",
@@ -135,6 +161,38 @@ def render_readme(record: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def spectrum_sentence(m: dict) -> str:
+    try:
+        runs = [v for fam in ("grpo-lowlr", "grpo-highlr") for v in m[fam]["runs"].values()]
+        rank = [v["mean_rank_ratio"] for v in runs]
+        e99 = [v["mean_energy_rank_99_ratio"] for v in runs]
+        e90 = [v["mean_energy_rank_90_ratio"] for v in runs]
+    except KeyError:
+        return "not measured."
+    fp32 = next(iter(m.get("fp32", {}).get("runs", {}).values()), None)
+    fp32_part = ("" if fp32 is None else
+                 f" The fp32 copy of `grpo-lowlr-seed1`, free of bf16 rounding, is alike: {_p(fp32['mean_rank_ratio'])} "
+                 f"default rank, 99% of the energy in {_p(fp32.get('mean_energy_rank_99_ratio'))}.")
+    return (f"by PyTorch's default tolerance the GRPO updates are nearly full rank ({_p(min(rank))}-{_p(max(rank))} "
+            f"of the maximum), but 99% of their energy lies in {_p(min(e99))}-{_p(max(e99))} of the directions and "
+            f"90% in {_p(min(e90))}-{_p(max(e90))}: the default rank counts every direction above float32 "
+            f"precision however little it carries; a few directions dominate.{fp32_part}")
+
+
+def strat_sentence(m: dict) -> str:
+    try:
+        pairs = [p for fam in ("grpo-lowlr", "grpo-highlr") for p in m[fam]["pairs"]]
+        margin = [p["jaccard"] - p["jaccard_random"] for p in pairs]
+        margin_strat = [p["jaccard"] - p["jaccard_random_strat"] for p in pairs]
+    except KeyError:
+        return "not measured."
+    higher = all(p["jaccard_random_strat"] >= p["jaccard_random"] for p in pairs)
+    return (f"chance computed per tensor and |w0| exponent is {'higher' if higher else 'not always higher'} than "
+            f"the pooled one (update rates differ between tensors and weight magnitudes); the seeds' Jaccard "
+            f"exceeds it by {min(margin_strat):.3f}-{max(margin_strat):.3f} instead of "
+            f"{min(margin):.3f}-{max(margin):.3f} over the pooled chance.")
 
 
 def sft_sentence(m: dict) -> str:

@@ -69,6 +69,7 @@ class ExplorerApp(App):
         Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
         Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
         Binding("7", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline"),
+        Binding("8", "chart('spectrum')", "Spectrum", show=False, id="app.chart_spectrum"),
     ]
 
     def __init__(self, config: ExplorerConfig):

@@ -53,18 +53,25 @@ NaN/Inf in either checkpoint counts as updated.
 | @rnd (after all K) | consensus expected if runs were independent: the product of densities |
 | rank | mean of rank(Δ)/min(m,n) over the row's 2-D matrices and runs (PyTorch's default float32 tolerance) |
 | sp RUN | update sparsity of that run |
+| @str | mean Jaccard chance of the stratified null: expected \\|A∩B\\| = Σ a_s·b_s/n_s over strata s = tensor × exponent of \\|w0\\| |
+| all K@str | consensus expected under the stratified null (a Poisson-binomial per stratum) |
+| stable / e90 / e99 / eff | mean over 2-D matrices and runs, each / min(m,n): stable rank ‖Δ‖_F²/σ₁²; energy rank at 90% / 99% (fewest σ holding that share of Σσ²); effective rank exp(−Σ p ln p), p = σ/Σσ |
+| done | tensors computed so far / tensors in the row |
 
 For a single tensor the table has one row per run: updated count, sparsity, rank and its
-maximum min(m,n), mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius), NaN/Inf count, and sparsity at each sweep tolerance.
-| done | tensors computed so far / tensors in the row |
+maximum min(m,n), rank/max, the four spectrum figures / max, mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius),
+NaN/Inf count, and sparsity at each sweep tolerance.
 
 ## Charts
 1 sparsity by layer depth (one line per run) · 2 overlap: o1 = \\|A∩B\\|/\\|A\\| per run pair
-against chance \\|B\\|/n (`o` switches to Jaccard) · 3 agreement: % of parameters updated by
-exactly j of K runs against independent runs (Poisson-binomial) · 4 rank ratio per matrix ·
+against chance \\|B\\|/n and the stratified chance E/\\|A\\| (`o` switches to Jaccard) · 3 agreement:
+% of parameters updated by exactly j of K runs against independent runs (Poisson-binomial), pooled
+and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
 5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight) ·
 7 training timeline (a RUN that is a folder of step checkpoints): per step, sparsity against the
-base, sparsity against the previous step, and the union of everything updated so far (% of params).
+base, sparsity against the previous step, and the union of everything updated so far (% of params) ·
+8 cumulative energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against k/min(m,n),
+one line per run (a group: the mean curve of its matrices).
 
 ## Keys
 | key | action |
@@ -74,7 +81,7 @@ base, sparsity against the previous step, and the union of everything updated so
 | enter | focus the node: table and chart follow it |
 | tab | next pane |
 | / | filter the tree by name (esc clears) |
-| 1-7, [ ] | choose chart · o overlap metric |
+| 1-8, [ ] | choose chart · o overlap metric |
 | s / S | sort the table by the next column (▼ largest first) / reverse it |
 | e / x | export the table / the chart's data to CSV |
 | c | criterion and tolerance |
