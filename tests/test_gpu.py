@@ -45,6 +45,8 @@ def assert_same(cpu, gpu):
             for f in SPECTRUM_FLOATS:
                 x, y = ra.pop(f), rb.pop(f)
                 assert (x is None and y is None) or x == pytest.approx(y, rel=1e-5), (name, f)
+            x, y = ra.pop("energy_curve"), rb.pop("energy_curve")  # from σ² of different routes
+            assert (x is None and y is None) or x == pytest.approx(y, abs=1e-5), (name, "energy_curve")
             assert ra == rb, name
         assert a == b, name
 
