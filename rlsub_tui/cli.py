@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from rlsub_tui import __version__
 from rlsub_tui.errors import InputError
 
 USAGE_EXPLORE = "rlsub-tui [BASE RUN [RUN ...]] [options]   (no arguments: the bundled sample)"
@@ -26,6 +27,8 @@ def _float(text: str) -> float:
 
 
 def _sweep(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("none", "off"):
+        return ()
     parts = [p for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("give tolerances separated by commas, e.g. 1e-8,1e-7,1e-6,1e-5")
@@ -33,17 +36,21 @@ def _sweep(text: str) -> tuple[float, ...]:
 
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what counts as updated")
+    from rlsub_tui.criteria import DEFAULT_SWEEP
+
+    sweep_default = ",".join(f"{t:g}" for t in DEFAULT_SWEEP) if DEFAULT_SWEEP else "none (no sweep)"
+    g = p.add_argument_group("what counts as updated (defaults: the paper's atol, tolerance 1e-5)")
     g.add_argument("--criterion", choices=["atol", "exact", "relative"], default="atol",
-                   help="atol: |Δ| > tolerance in the stored dtype (paper default); exact: stored values differ; "
-                        "relative: |Δ| > eta·max(|w0|,|w1|)")
-    g.add_argument("--tolerance", type=_float, default=1e-5, help="atol tolerance (default 1e-5)")
-    g.add_argument("--eta", type=_float, default=1e-3, help="relative threshold (default 1e-3)")
-    g.add_argument("--sweep", type=_sweep, default=(), metavar="T1,T2,...",
-                   help="also report sparsity at each of these atol tolerances, in the same pass")
+                   help="atol: |Δ| > tolerance in the stored dtype (the paper's; the default); exact: stored "
+                        "values differ; relative: |Δ| > eta·max(|w0|,|w1|)")
+    g.add_argument("--tolerance", type=_float, default=1e-5, help="the atol tolerance (default 1e-5)")
+    g.add_argument("--eta", type=_float, default=1e-3, help="the relative criterion's η (default 1e-3)")
+    g.add_argument("--sweep", type=_sweep, default=DEFAULT_SWEEP, metavar="T1,T2,...|none",
+                   help="also report sparsity at each of these atol tolerances, in the same pass "
+                        f"(default {sweep_default}; 'none' turns it off)")
     c = p.add_argument_group("computation")
-    c.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda or cuda:N")
-    c.add_argument("--no-rank", action="store_true", help="skip the update-rank computation")
+    c.add_argument("--device", default="auto", help="auto (GPU if torch sees one; the default), cpu, cuda or cuda:N")
+    c.add_argument("--no-rank", action="store_true", help="skip the update-rank computation (default: computed)")
     c.add_argument("--common-rows", action="store_true",
                    help="compare tensors whose first dimension differs (resized vocab) on the rows they share")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
@@ -66,6 +73,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="fine-tuned checkpoint, optionally NAME=PATH")
     p.add_argument("--out", required=True, type=Path, help="directory for the output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
     add_analysis_options(p)
     return p
 
@@ -76,7 +84,10 @@ def explore_parser() -> argparse.ArgumentParser:
                                             "Subcommand: 'analyze' (no UI, writes CSV/JSON).")
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="BASE then RUN ... (NAME=PATH to label a run); none: the bundled sample")
-    p.add_argument("--export-dir", type=Path, default=None, help="where 'e' writes CSVs (default: current directory)")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="where 'e' (the table) and 'x' (the chart's data) write their CSV files, each with a "
+                        ".json beside it saying what it shows (default: the current directory)")
+    p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
     add_analysis_options(p)
     return p
 
@@ -109,6 +120,7 @@ class ProgressLine:
 def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.engine import Analysis
     from rlsub_tui.export import write_outputs
+    from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
     from rlsub_tui.report import summary_text
 
     args = analyze_parser().parse_args(argv)
@@ -119,7 +131,7 @@ def run_analyze(argv: list[str]) -> int:
         for k in analysis.result.skipped:
             print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
         for note in analysis.result.notes:
-            print(f"rlsub-tui: note: {note}", file=sys.stderr)
+            print(f"rlsub-tui: {'warning' if NOT_A_FINE_TUNE in note else 'note'}: {note}", file=sys.stderr)
         bar = None if args.quiet else ProgressLine()
         last = None
         for last in analysis.run():
@@ -130,6 +142,9 @@ def run_analyze(argv: list[str]) -> int:
         result = analysis.result
     finally:
         analysis.close()
+    for warning in distance_warnings(result):
+        result.notes.append(warning)
+        print(f"rlsub-tui: warning: {warning}", file=sys.stderr)
     for name, r in result.tensors.items():
         for n in r.notes:
             print(f"rlsub-tui: note: {name}: {n}", file=sys.stderr)
@@ -157,7 +172,23 @@ def run_explore(argv: list[str]) -> int:
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
     app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir))
     app.run()
+    if app.failed:  # the analysis could not start: say so here too, for scripts and scrollback
+        print(f"rlsub-tui: error: {app.failed}", file=sys.stderr)
     return app.return_code or 0
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`| head`): stop quietly, as command-line tools do.
+
+    Output files are written before anything is printed, so they are complete. stdout is pointed at
+    /dev/null so that the interpreter's last flush does not complain either.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"rlsub-tui: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("\nrlsub-tui: interrupted; no output written.", file=sys.stderr)
         return 130

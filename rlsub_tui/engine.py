@@ -16,6 +16,7 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
 from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
 from rlsub_tui.masks import compare_dtype, compute_tensor
+from rlsub_tui.kinship import open_warnings
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
@@ -166,7 +167,7 @@ class Analysis:
         self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
         self.plans, skipped = plan_tensors(self.base, self.runs, self.options.common_rows)
-        notes = self._same_checkpoint_notes()
+        notes = open_warnings(self.base, self.runs, skipped) + self._same_checkpoint_notes()
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,
             run_labels=[r.label for r in self.runs], run_paths=[r.source for r in self.runs],

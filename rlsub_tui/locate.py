@@ -177,9 +177,40 @@ def locate(source: str) -> Located:
         raise CheckpointError(
             f"{source}: holds {len(singles)} .safetensors files but no model.safetensors.index.json to join them."
         )
+    inner = checkpoint_subfolders(path)
+    if inner:
+        shown = ", ".join(p.name for p in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
+        raise CheckpointError(
+            f"{source}: holds no checkpoint itself but {len(inner)} checkpoint folder(s) ({shown}): "
+            f"name one of them, e.g. {path / inner[-1].name}."
+        )
     raise CheckpointError(
         f"{source}: holds no checkpoint (no model.safetensors, shard index or pytorch_model.bin)."
     )
+
+
+STEP = re.compile(r"(\d+)$")
+
+
+def checkpoint_subfolders(path: Path) -> list[Path]:
+    """Subfolders that hold weights (a Trainer's checkpoint-N/, global_step_N/ ...), by the step in their name."""
+    try:
+        found = [d for d in path.iterdir() if d.is_dir() and _holds_weights(d)]
+    except OSError:
+        return []
+
+    def order(d: Path):
+        m = STEP.search(d.name)
+        return (0, int(m.group(1)), d.name) if m else (1, 0, d.name)
+
+    return sorted(found, key=order)
+
+
+def _holds_weights(d: Path) -> bool:
+    try:
+        return any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") for f in d.iterdir())
+    except OSError:
+        return False
 
 
 def _from_index(source: str, path: Path, index: Path) -> Located:
