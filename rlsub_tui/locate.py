@@ -180,20 +180,23 @@ def locate(source: str) -> Located:
     inner = checkpoint_subfolders(path)
     if inner:
         shown = ", ".join(p.name for p in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
+        stepped = [p for p in inner if STEP.search(p.name)]
+        example = stepped[-1] if stepped else inner[0]
         raise CheckpointError(
             f"{source}: holds no checkpoint itself but {len(inner)} checkpoint folder(s) ({shown}): "
-            f"name one of them, e.g. {path / inner[-1].name}."
+            f"name one of them, e.g. {path / example.name}."
         )
     raise CheckpointError(
         f"{source}: holds no checkpoint (no model.safetensors, shard index or pytorch_model.bin)."
     )
 
 
-STEP = re.compile(r"(\d+)$")
+# Training-step folders: a Trainer's checkpoint-N, verl's global_step_N, step_N, ckpt-N, iter_N.
+STEP = re.compile(r"^(?:checkpoint|global_step|step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)
 
 
 def checkpoint_subfolders(path: Path) -> list[Path]:
-    """Subfolders that hold weights (a Trainer's checkpoint-N/, global_step_N/ ...), by the step in their name."""
+    """Subfolders that hold weights: training-step folders first, by step, then the others by name."""
     try:
         found = [d for d in path.iterdir() if d.is_dir() and _holds_weights(d)]
     except OSError:

@@ -462,6 +462,7 @@ async def test_criterion_dialog_shows_the_sweep_as_a_value_or_plainly_off(checkp
     app = make_app(checkpoints, sweep=())
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)
+        assert "no sweep" in app.sub_title
         await pilot.press("5")
         assert "no tolerance sweep" in app.query_one(ChartPanel).data.message
         await pilot.press("c")
@@ -505,3 +506,31 @@ async def test_another_architecture_is_a_plain_warning_in_the_explorer(tmp_path)
         errors = [n for n in app._notifications if n.severity == "error"]
         assert any("Qwen2ForCausalLM" in n.message and "LlamaForCausalLM" in n.message for n in errors)
         assert any("‖Δ‖/‖W0‖" in n.message for n in errors)
+
+
+async def test_filter_typed_while_loading_then_cleared_leaves_the_whole_model(checkpoints, monkeypatch):
+    import rlsub_tui.engine as engine
+
+    gate = threading.Event()
+    real = engine.compute_tensor
+
+    def gated(*a, **kw):
+        gate.wait(10)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "compute_tensor", gated)
+    app = make_app(checkpoints, use_cache=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("slash", *"mlp")
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if app.result is not None:
+                break
+        tree = app.query_one(LayerTree)
+        assert tree.get_node_at_line(0).data.label == "base (filter 'mlp': 6 of 21 tensors)"
+        await pilot.press("escape")
+        gate.set()
+        await settle(app, pilot)
+        assert app.filter_text == "" and tree.get_node_at_line(0).data.label == "base (21 tensors)"
+        table = app.query_one(ChildrenTable)
+        assert sum(r["numel"] for r in table.rows_data) == sum(app.result.planned_numel.values())

@@ -203,7 +203,7 @@ class ExplorerApp(App):
         self._preview_names = None
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
-                          + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")
+                          + (f" · sweep {len(r.sweep)}" if r.sweep else " · no sweep") + f" · {r.device}")
         self.query_one("#progress", ProgressBar).update(total=len(r.planned), progress=0)
         self.query_one("#progress-text", Static).update(f"0/{len(r.planned)} tensors · {size(msg.bytes_total)} to read")
         for warning in (n for n in r.notes if NOT_A_FINE_TUNE in n):
@@ -402,6 +402,8 @@ class ExplorerApp(App):
             atomic_write(sidecar_path(path), json.dumps(meta, indent=2, allow_nan=False) + "\n")
             atomic_write(path, text)
         except OSError as exc:
+            if not path.exists():  # no sidecar without its CSV
+                sidecar_path(path).unlink(missing_ok=True)
             self.push_screen(ErrorDialog("Export failed", f"{path}: cannot be written ({exc.strerror or exc})."))
             return
         self.last_export = path

@@ -44,7 +44,8 @@ Close this help with **esc**, **q** or **?** (arrows / page keys scroll it).
 the stored dtype (t rounded to that dtype, as `torch.isclose` does); `exact`: the stored values
 differ; `relative` (η = 1e-3 by default): |Δ| > η·max(|w0|,|w1|). NaN/Inf in either checkpoint
 counts as updated. The **sweep** (`sp@t` columns, chart 5) is the sparsity under `atol` at each
-listed tolerance, computed in the same pass.
+listed tolerance, computed in the same pass: on by default at the paper's 1e-8, 1e-7, 1e-6, 1e-5
+(`--sweep none`, or an empty sweep box in `c`, turns it off; the title bar then says "no sweep").
 
 **Runs are numbered** 1..K in the order given on the command line (the title bar lists how many);
 `i·j` in the overlap chart is the pair of runs i and j, named in full in its CSV (`x`).
