@@ -233,7 +233,7 @@ def write_outputs(result: AnalysisResult, out: Path) -> list[Path]:
         "pairs.csv": pairs_csv(result),
         "agreement.csv": agreement_csv(result),
         "groups.csv": groups_csv(result),
-        "summary.json": json.dumps(summary_dict(result), indent=2, allow_nan=False) + "\n",
+        "summary.json": json.dumps(summary_dict(result), indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     }
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -371,6 +371,10 @@ async def test_help_says_how_to_close_it_and_closes(checkpoints):
         await settle(app, pilot)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
+        # the session's runs, numbered as in the overlap chart's i·j, with their paths
+        for i in range(3):
+            assert f"- run {i + 1}: `seed{i}` {checkpoints / f'seed{i}'}" in app.screen.session
+        assert "sweep: 1e-08, 1e-05" in app.screen.session
         hint = app.screen.query_one("#help-close")
         assert "esc" in str(hint.render()) and hint.region.bottom <= 24 and hint.region.height == 1
         await pilot.press("escape")

@@ -320,7 +320,18 @@ class ExplorerApp(App):
         self.exit(return_code=2 if self.failed else 0)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen())
+        self.push_screen(HelpScreen(self._session_text()))
+
+    def _session_text(self) -> str:
+        """The help's last section: what this explorer compares, runs numbered as in the charts."""
+        r = self.result
+        if r is None:
+            return f"Opening {self.config.base} and {len(self.config.runs)} run(s)…"
+        lines = [f"Base: `{r.base_label}` ({r.base_path})  ", f"Criterion: {r.criterion.describe()}; sweep: "
+                 + (", ".join(f"{t:g}" for t in r.sweep) if r.sweep else "off") + f"; device {r.device}", "",
+                 "Runs (i and j in the overlap chart's `i·j`):", ""]
+        lines += [f"- run {i + 1}: `{label}` {path}" for i, (label, path) in enumerate(zip(r.run_labels, r.run_paths))]
+        return "\n".join(lines)
 
     def action_warnings(self) -> None:
         self.push_screen(WarningsScreen(self.result.skipped, self.result.notes + self._tensor_notes()))
@@ -399,7 +410,8 @@ class ExplorerApp(App):
         path = self._export_path(what)
         try:
             self.config.export_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(sidecar_path(path), json.dumps(meta, indent=2, allow_nan=False) + "\n")
+            sidecar = json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+            atomic_write(sidecar_path(path), sidecar)
             atomic_write(path, text)
         except OSError as exc:
             if not path.exists():  # no sidecar without its CSV

@@ -103,11 +103,18 @@ is active, and what every column means.
 
 
 class HelpScreen(ModalScreen[None]):
+    """Definitions and keys, then what this session compares (its runs numbered as in the charts)."""
+
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close", id="help.close")]
 
+    def __init__(self, session: str = ""):
+        super().__init__()
+        self.session = session
+
     def compose(self) -> ComposeResult:
+        text = HELP + ("\n## This session\n" + self.session + "\n" if self.session else "")
         with VerticalScroll(id="help-box", classes="dialog"):
-            yield Markdown(HELP)
+            yield Markdown(text)
         yield Static("esc, q or ? closes the help", id="help-close", classes="hint")
 
     def action_close(self) -> None:
