@@ -5,10 +5,11 @@
     python benchmarks/bench_sweep.py --layers 4          # a quicker end-to-end look
 
 First `compute_tensor` alone, in this process, on one thread, on two layers of real shapes, CPU
-time, with and without rank. Then, unless --in-process-only, whole `analyze` runs: they alternate (off, on, off, on, ...) on the same files with the page cache warm; the median of
-each is compared, with and without the rank computation. Each run is a fresh process; besides its
-wall time we record its CPU time (user + system, all threads), which other processes on a shared
-machine disturb far less than the wall time.
+time, with and without rank. Then, unless --in-process-only, whole `analyze` runs: they alternate
+(off, on, off, on, ...) on the same files with the page cache warm; the median of each is
+compared, with and without the rank computation. Each run is a fresh process; besides its wall
+time we record its CPU time (user + system, all threads). On a busy shared machine both swing
+wildly (see BENCHMARKS.md): trust the in-process figure there.
 """
 
 from __future__ import annotations

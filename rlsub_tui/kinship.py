@@ -13,8 +13,9 @@ from pathlib import Path
 NOT_A_FINE_TUNE = "does not look like a fine-tune of the base"
 # Rule 2: more than this share of the base's tensors has no comparable tensor in the run.
 UNMATCHED_LIMIT = 0.5
-# Rule 3: the median over tensors of the run's ‖Δ‖/‖W0‖ is above this. Fine-tuning moves weights by a few percent of their
-# norm at most (RL runs by ~0.1-1%); two unrelated models of one shape are at ~1 (~1.4 for random inits).
+# Rule 3: the median over tensors of the run's ‖Δ‖/‖W0‖ is above this. Fine-tuning moves weights by a few
+# percent of their norm at most (the bundled RL and SFT runs: ~1-2%); two unrelated models of one shape are
+# at ~1 (~1.4 for two random inits).
 RELATIVE_NORM_LIMIT = 0.5
 
 

@@ -78,8 +78,9 @@ class ChildrenTable(DataTable):
             self.add_column(c.title + arrow, key=c.key)
         self.columns_spec = columns
         self.rows_data = self._sorted(rows)
+        width = name_width(self.scrollable_content_region.width)
         for i, row in enumerate(self.rows_data):
-            self.add_row(*(display(row[c.key], c.kind, name_width(self.scrollable_content_region.width)) for c in columns), key=str(i))
+            self.add_row(*(display(row[c.key], c.kind, width) for c in columns), key=str(i))
         if self.rows_data:
             self.move_cursor(row=min(keep_row, len(self.rows_data) - 1), animate=False)
 
