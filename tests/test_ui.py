@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import threading
 from pathlib import Path
 
@@ -538,3 +539,30 @@ async def test_filter_typed_while_loading_then_cleared_leaves_the_whole_model(ch
         assert app.filter_text == "" and tree.get_node_at_line(0).data.label == "base (21 tensors)"
         table = app.query_one(ChildrenTable)
         assert sum(r["numel"] for r in table.rows_data) == sum(app.result.planned_numel.values())
+
+
+async def test_table_is_drawn_at_full_column_widths_at_once(checkpoints):
+    """A frame drawn right after the table is refilled (before Textual's idle-time measuring) must not
+    cut values to the column titles' widths; that frame used to stay until the cursor moved."""
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        table = app.query_one(ChildrenTable)
+        app._show_focus()  # refill, and draw at once
+        first = table.render_line(1).text
+        assert "embed_tokens.weight" in first and re.search(r" 0\.\d{3} ", first), first  # jacc with 3 digits
+        await pilot.pause(0.3)
+        assert table.render_line(1).text == first
+        for key, col in table.columns.items():  # every column as wide as its widest cell
+            widest = max([table.get_cell(rk, key).cell_len for rk in table.rows] + [col.label.cell_len])
+            assert col.get_render_width(table) >= widest + 2 * table.cell_padding, key
+
+
+async def test_a_chart_with_nothing_to_draw_says_why_at_80x24(checkpoints):
+    app = make_app(checkpoints, sweep=())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("5")
+        await pilot.pause(0.3)
+        screen = re.sub(r"<[^>]+>", "", app.export_screenshot()).replace("&#160;", " ")
+        assert "no tolerance sweep: press c and give a" in screen  # wrapped inside the frame, not dropped
