@@ -153,7 +153,8 @@ def run_analyze(argv: list[str]) -> int:
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
     write_outputs(result, args.out)
     print(summary_text(result))
-    print(f"\nwrote {args.out.resolve()}/{{matrices,pairs,agreement,groups}}.csv and summary.json")
+    print(f"\nwrote {args.out.resolve()}/{{matrices,pairs,agreement,groups}}.csv and summary.json "
+          "(fractions, not percent; summary.json records the criterion, sweep and paths they come from)")
     return 0
 
 
