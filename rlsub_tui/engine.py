@@ -16,7 +16,7 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
 from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
 from rlsub_tui.masks import compare_dtype, compute_tensor
-from rlsub_tui.kinship import open_warnings
+from rlsub_tui.kinship import architectures_note, open_warnings
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
@@ -166,7 +166,10 @@ class Analysis:
         self.device = resolve_device(self.options.device)
         self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
-        self.plans, skipped = plan_tensors(self.base, self.runs, self.options.common_rows)
+        try:
+            self.plans, skipped = plan_tensors(self.base, self.runs, self.options.common_rows)
+        except InputError as exc:  # nothing in common: name the architectures, the likely reason
+            raise InputError(f"{str(exc).rstrip('.')}{architectures_note(self.base, self.runs)}.") from None
         notes = open_warnings(self.base, self.runs, skipped) + self._same_checkpoint_notes()
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,

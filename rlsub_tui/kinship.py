@@ -41,6 +41,16 @@ def _archs(base_arch: str | None, run_arch: str | None) -> str:
     return f"config.json: base {base_arch or 'unknown'}, run {run_arch or 'unknown'}"
 
 
+def architectures_note(base, runs) -> str:
+    """' (config.json: base X; runs Y, Z)', or '' when no config.json names an architecture."""
+    base_arch = architecture(base.files)
+    run_archs = [architecture(r.files) for r in runs]
+    if not base_arch and not any(run_archs):
+        return ""
+    return (f" (config.json: base {base_arch or 'unknown'}; run(s) "
+            + ", ".join(f"{r.label} {a or 'unknown'}" for r, a in zip(runs, run_archs)) + ")")
+
+
 def open_warnings(base, runs, skipped) -> list[str]:
     """Rules 1 and 2, known from the headers: another architecture named in config.json, or more than
     half of the base's tensors unmatched in the run. `base`, `runs`: opened checkpoints; `skipped`: the

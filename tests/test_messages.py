@@ -166,3 +166,18 @@ def test_mostly_unmatched_run_is_flagged(pair, capsys):
 def test_a_real_fine_tune_gives_no_such_warning(pair, capsys):
     assert main(["analyze", str(pair / "base"), str(pair / "run"), "--out", str(pair / "out"), "--quiet"]) == 0
     assert "fine-tune" not in capsys.readouterr().err
+
+
+def test_nothing_in_common_names_both_architectures(tmp_path, capsys):
+    T = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    qwen = tiny_transformers_model("qwen2", 0, tmp_path / "qwen2")
+    torch.manual_seed(2)
+    T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)).save_pretrained(
+        tmp_path / "gpt2")
+    code = main(["analyze", str(qwen), str(tmp_path / "gpt2"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    line = next(l for l in err.splitlines() if l.startswith("rlsub-tui: error:"))
+    assert code == 2 and "no tensor in common" in line
+    assert "(config.json: base Qwen2ForCausalLM; run(s) gpt2 GPT2LMHeadModel)." in line
+    assert not (tmp_path / "out").exists()
