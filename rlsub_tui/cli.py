@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from rlsub_tui import __version__
 from rlsub_tui.errors import InputError
 
 USAGE_EXPLORE = "rlsub-tui [BASE RUN [RUN ...]] [options]   (no arguments: the bundled sample)"
@@ -29,6 +30,8 @@ def _float(text: str) -> float:
 
 
 def _sweep(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("none", "off"):
+        return ()
     parts = [p for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("give tolerances separated by commas, e.g. 1e-8,1e-7,1e-6,1e-5")
@@ -36,25 +39,29 @@ def _sweep(text: str) -> tuple[float, ...]:
 
 
 def add_criterion_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = p.add_argument_group("what counts as updated")
+    g = p.add_argument_group("what counts as updated (defaults: the paper's atol, tolerance 1e-5)")
     g.add_argument("--criterion", choices=["atol", "exact", "relative"], default="atol",
-                   help="atol: |Δ| > tolerance in the stored dtype (paper default); exact: stored values differ; "
-                        "relative: |Δ| > eta·max(|w0|,|w1|)")
-    g.add_argument("--tolerance", type=_float, default=1e-5, help="atol tolerance (default 1e-5)")
-    g.add_argument("--eta", type=_float, default=1e-3, help="relative threshold (default 1e-3)")
+                   help="atol: |Δ| > tolerance in the stored dtype (the paper's; the default); exact: stored "
+                        "values differ; relative: |Δ| > eta·max(|w0|,|w1|)")
+    g.add_argument("--tolerance", type=_float, default=1e-5, help="the atol tolerance (default 1e-5)")
+    g.add_argument("--eta", type=_float, default=1e-3, help="the relative criterion's η (default 1e-3)")
     return g
 
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
+    from rlsub_tui.criteria import DEFAULT_SWEEP
+
+    sweep_default = ",".join(f"{t:g}" for t in DEFAULT_SWEEP) if DEFAULT_SWEEP else "none (no sweep)"
     g = add_criterion_options(p)
-    g.add_argument("--sweep", type=_sweep, default=(), metavar="T1,T2,...",
-                   help="also report sparsity at each of these atol tolerances, in the same pass")
+    g.add_argument("--sweep", type=_sweep, default=DEFAULT_SWEEP, metavar="T1,T2,...|none",
+                   help="also report sparsity at each of these atol tolerances, in the same pass "
+                        f"(default {sweep_default}; 'none' turns it off)")
     g.add_argument("--compare-dtype", choices=["stored", "bf16", "fp16", "fp32"], default="stored",
                    help="dtype each run is compared with the base in; stored (default): the less precise of "
                         "that pair; bf16 reproduces the paper's script, which loads everything in bf16")
     c = p.add_argument_group("computation")
-    c.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda or cuda:N")
-    c.add_argument("--no-rank", action="store_true", help="skip the update-rank computation")
+    c.add_argument("--device", default="auto", help="auto (GPU if torch sees one; the default), cpu, cuda or cuda:N")
+    c.add_argument("--no-rank", action="store_true", help="skip the update-rank computation (default: computed)")
     c.add_argument("--common-rows", action="store_true",
                    help="compare tensors whose first dimension differs (resized vocab) on the rows they share")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
@@ -86,6 +93,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-gap", type=int, default=1, metavar="K",
                    help="for a timeline RUN (a folder of checkpoint-N ...), compare each step with the one K "
                         "checkpoints before (default 1)")
+    p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
     add_analysis_options(p)
     return p
 
@@ -130,9 +138,12 @@ def explore_parser() -> argparse.ArgumentParser:
                                             "Subcommand: 'analyze' (no UI, writes CSV/JSON).")
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="BASE then RUN ... (NAME=PATH to label a run); none: the bundled sample")
-    p.add_argument("--export-dir", type=Path, default=None, help="where 'e' writes CSVs (default: current directory)")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="where 'e' (the table) and 'x' (the chart's data) write their CSV files, each with a "
+                        ".json beside it saying what it shows (default: the current directory)")
     p.add_argument("--step-gap", type=int, default=1, metavar="K",
                    help="timeline chart: compare each step with the one K checkpoints before (default 1)")
+    p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
     add_analysis_options(p)
     return p
 
@@ -165,6 +176,7 @@ class ProgressLine:
 def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.engine import Analysis
     from rlsub_tui.export import write_outputs
+    from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
     from rlsub_tui.report import summary_text
     from rlsub_tui.steps import resolve_runs
 
@@ -182,7 +194,7 @@ def run_analyze(argv: list[str]) -> int:
         for k in analysis.result.skipped:
             print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
         for note in analysis.result.notes:
-            print(f"rlsub-tui: note: {note}", file=sys.stderr)
+            print(f"rlsub-tui: {'warning' if NOT_A_FINE_TUNE in note else 'note'}: {note}", file=sys.stderr)
         bar = None if args.quiet else ProgressLine()
         last = None
         for last in analysis.run():
@@ -196,6 +208,9 @@ def run_analyze(argv: list[str]) -> int:
         analysis.close()
         if timelines:
             timelines.close()
+    for warning in distance_warnings(result):
+        result.notes.append(warning)
+        print(f"rlsub-tui: warning: {warning}", file=sys.stderr)
     for name, r in result.tensors.items():
         for n in r.notes:
             print(f"rlsub-tui: note: {name}: {n}", file=sys.stderr)
@@ -210,7 +225,8 @@ def run_analyze(argv: list[str]) -> int:
 
         print(timeline_text(timeline_summary(timeline)))
     names = "matrices,pairs,agreement,groups" + (",timeline" if timeline else "")
-    print(f"\nwrote {args.out.resolve()}/{{{names}}}.csv and summary.json")
+    print(f"\nwrote {args.out.resolve()}/{{{names}}}.csv and summary.json "
+          "(fractions, not percent; summary.json records the criterion, sweep and paths they come from)")
     return 0
 
 
@@ -299,7 +315,23 @@ def run_explore(argv: list[str]) -> int:
     app = ExplorerApp(ExplorerConfig(base=base, runs=run_specs(resolved), options=options, export_dir=export_dir,
                                      timelines=resolved.timelines, step_gap=args.step_gap))
     app.run()
+    if app.failed:  # the analysis could not start: say so here too, for scripts and scrollback
+        print(f"rlsub-tui: error: {app.failed}", file=sys.stderr)
     return app.return_code or 0
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`| head`): stop quietly, as command-line tools do.
+
+    Output files are written before anything is printed, so they are complete. stdout is pointed at
+    /dev/null so that the interpreter's last flush does not complain either.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"rlsub-tui: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print("\nrlsub-tui: interrupted; no output written.", file=sys.stderr)
         return 130

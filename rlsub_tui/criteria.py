@@ -16,6 +16,9 @@ COMPARE_DTYPES = ("stored", "bf16", "fp16", "fp32")  # stored: each pair in the 
 MAG_X_MIN = -25
 MAG_X_MAX = 3
 MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
+# The tolerance sweep on by default: Mukherjee et al. Table 6's columns (see BENCHMARKS.md for its cost).
+PAPER_SWEEP = (1e-8, 1e-7, 1e-6, 1e-5)
+DEFAULT_SWEEP: tuple[float, ...] = PAPER_SWEEP
 
 
 @dataclass(frozen=True)

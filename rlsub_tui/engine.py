@@ -20,6 +20,7 @@ from rlsub_tui import fp8
 from rlsub_tui.dtypes import DTYPE_NAMES, CastLog, dtype_name, pair_dtype  # noqa: F401  (re-exported)
 from rlsub_tui.masks import MAX_RUNS, compute_tensor
 from rlsub_tui.tied import find_tied, tied_note
+from rlsub_tui.kinship import architectures_note, open_warnings
 from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
@@ -259,9 +260,12 @@ class Analysis:
         self.device = resolve_device(self.options.device)
         self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
-        planning = plan_tensors(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
+        try:
+            planning = plan_tensors(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
+        except InputError as exc:  # nothing in common: name the architectures, the likely reason
+            raise InputError(f"{str(exc).rstrip('.')}{architectures_note(self.base, self.runs)}.") from None
         self.plans, skipped = planning.plans, planning.skipped
-        notes = self._same_checkpoint_notes() + planning.notes
+        notes = open_warnings(self.base, self.runs, skipped) + self._same_checkpoint_notes() + planning.notes
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,
             run_labels=[r.label for r in self.runs], run_paths=[r.source for r in self.runs],

@@ -6,6 +6,7 @@ The UI only renders these; the tests and the CSV export use the same functions.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,7 +115,14 @@ def filter_tree(roots: list[Node], text: str) -> list[Node]:
         tensors = [t for k in kids for t in k.tensors]
         return Node(node.key, node.label, tensors, kids, level=node.level)
 
-    return [k for k in (keep(r) for r in roots) if k is not None]
+    kept = []
+    for root in roots:
+        k = keep(root)
+        if k is not None:  # the root says that its numbers pool only the matching tensors
+            name = re.sub(r" \(\d+ tensors\)$", "", root.label)
+            k.label = f"{name} (filter '{text}': {len(k.tensors)} of {len(root.tensors)} tensors)"
+            kept.append(k)
+    return kept
 
 
 class StatsIndex:
@@ -269,11 +277,22 @@ class ChartData:
     series: dict[str, list[float]]
     xticks: list[str] | None = None
     message: str | None = None  # shown instead of a plot when there is nothing to draw
+    percent: bool = True  # series are percentages (for the plot); exports write fractions
+    x_columns: dict[str, list] | None = None  # what exports write instead of x (run names, tolerances)
+    meaning: dict[str, str] = field(default_factory=dict)  # export column -> what it holds
 
     def rows(self) -> tuple[list[str], list[list]]:
-        header = [self.xlabel] + list(self.series)
-        xs = self.xticks or self.x
-        return header, [[xs[i]] + [self.series[s][i] for s in self.series] for i in range(len(self.x))]
+        """The chart's data as written to CSV: fractions, never percent, and named x values."""
+        xcols = self.x_columns or {self.xlabel: list(self.xticks or self.x)}
+        scale = 0.01 if self.percent else 1.0
+        header = list(xcols) + list(self.series)
+        rows = [[xcols[c][i] for c in xcols] + [float(self.series[s][i]) * scale for s in self.series]
+                for i in range(len(self.x))]
+        return header, rows
+
+    def columns(self) -> dict[str, str]:
+        header, _ = self.rows()
+        return {c: self.meaning.get(c, self.meaning.get("*", "")) for c in header}
 
 
 CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline", "spectrum"]
@@ -361,7 +380,8 @@ def depth_chart(node: Node, result: AnalysisResult) -> ChartData:
         for i, label in enumerate(result.run_labels):
             series[label].append(100 * s.sparsity(i))
     msg = None if xs else ("no layered tensors in this node" if not layers else "waiting for results…")
-    return ChartData("depth", CHART_TITLES["depth"], "layer", "sparsity %", xs, series, message=msg)
+    return ChartData("depth", CHART_TITLES["depth"], "layer", "sparsity %", xs, series, message=msg,
+                     meaning={"layer": "layer index", "*": "update sparsity of that run over the layer's tensors"})
 
 
 def overlap_chart(node: Node, result: AnalysisResult, metric: str = "o1") -> ChartData:
@@ -369,17 +389,26 @@ def overlap_chart(node: Node, result: AnalysisResult, metric: str = "o1") -> Cha
     if result.k < 2:
         return ChartData("overlap", CHART_TITLES["overlap"], "pair", metric, [], {},
                          message="overlap needs two or more runs")
-    ticks, observed, chance, strat = [], [], [], []
-    key = "jaccard" if metric == "jaccard" else "o1"
+    key, chance_key = ("jaccard", "jaccard_random") if metric == "jaccard" else ("o1", "o1_random")
+    ticks, run_a, run_b, observed, chance, strat = [], [], [], [], [], []
     for a, b, p in s.pairs():
         ticks.append(f"{a + 1}·{b + 1}")
+        run_a.append(result.run_labels[a])
+        run_b.append(result.run_labels[b])
         observed.append(p[key])
-        chance.append(p[f"{key}_random"])
-        strat.append(p[f"{key}_random_strat"])
+        chance.append(p[chance_key])
+        strat.append(p[f"{chance_key}_strat"])
     title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
     msg = None if s.tensors else "waiting for results…"
-    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric, list(range(len(ticks))),
-                     {"observed": observed, CHANCE_POOLED: chance, CHANCE_STRAT: strat}, ticks, message=msg)
+    meaning = {"run_a": "run A (number i in the chart's i·j)", "run_b": "run B (number j)",
+               "o1": "|A∩B|/|A|: share of A's updated parameters that B also updated",
+               "o1_random": "o1 if B were a uniformly random set of its size: |B|/n",
+               "o1_random_strat": "o1 under the stratified null (per tensor × |w0| exponent): E/|A|",
+               "jaccard": "|A∩B|/|A∪B|", "jaccard_random": "Jaccard of independent random sets: pq/(p+q-pq)",
+               "jaccard_random_strat": "Jaccard under the stratified null: E/(|A|+|B|-E)"}
+    return ChartData("overlap", f"{title} per run pair i·j vs chance", "pair", metric,
+                     list(range(len(ticks))), {key: observed, chance_key: chance, f"{chance_key}_strat": strat},
+                     ticks, message=msg, percent=False, x_columns={"run_a": run_a, "run_b": run_b}, meaning=meaning)
 
 
 def agreement_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -390,7 +419,12 @@ def agreement_chart(node: Node, result: AnalysisResult) -> ChartData:
     return ChartData("agreement", CHART_TITLES["agreement"] + " (% of params)", "j", "% of params", xs,
                      {"observed": [100 * float(c) / s.numel for c in s.agreement],
                       CHANCE_POOLED: [100 * float(c) / s.numel for c in s.agreement_chance()],
-                      CHANCE_STRAT: [100 * float(c) / s.numel for c in s.agreement_chance_strat()]})
+                      CHANCE_STRAT: [100 * float(c) / s.numel for c in s.agreement_chance_strat()]},
+                     meaning={"j": "number of runs that updated a parameter",
+                              "observed": "share of parameters updated by exactly j runs",
+                              CHANCE_POOLED: "that share for independent runs of the same densities "
+                                             "(Poisson-binomial)",
+                              CHANCE_STRAT: "the same per tensor × |w0| exponent stratum, summed over strata"})
 
 
 def rank_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -405,7 +439,9 @@ def rank_chart(node: Node, result: AnalysisResult) -> ChartData:
             ratios.append(100 * float(np.mean(rs)))
     msg = None if ticks else "no 2-D matrices with a computed rank here"
     return ChartData("rank", CHART_TITLES["rank"] + " (mean over runs)", "matrix", "rank / max %",
-                     list(range(len(ticks))), {"rank ratio": ratios}, ticks, message=msg)
+                     list(range(len(ticks))), {"rank ratio": ratios}, ticks, message=msg,
+                     x_columns={"tensor": ticks},
+                     meaning={"tensor": "a 2-D tensor", "rank ratio": "mean over runs of rank(Δ)/min(m,n)"})
 
 
 def sweep_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -417,7 +453,9 @@ def sweep_chart(node: Node, result: AnalysisResult) -> ChartData:
     series = {label: [100 * s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
               for i, label in enumerate(result.run_labels)}
     msg = None if s.tensors else "waiting for results…"
-    return ChartData("sweep", CHART_TITLES["sweep"], "log10 tolerance", "sparsity %", xs, series, message=msg)
+    return ChartData("sweep", CHART_TITLES["sweep"], "log10 tolerance", "sparsity %", xs, series, message=msg,
+                     x_columns={"tolerance": list(result.sweep)},
+                     meaning={"tolerance": "atol tolerance t", "*": "update sparsity of that run under atol t"})
 
 
 def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -431,7 +469,10 @@ def magnitude_chart(node: Node, result: AnalysisResult) -> ChartData:
             series[label].append(100 * s.magnitude_updated[i, b] / s.magnitude_numel[b])
     msg = None if xs else "waiting for results…"
     return ChartData("magnitude", CHART_TITLES["magnitude"] + " (|w0| in [2^x, 2^(x+1)))", "log2 |w0|",
-                     "updated %", xs, series, message=msg)
+                     "updated %", xs, series, message=msg,
+                     meaning={"log2 |w0|": "x: base weights with |w0| in [2^x, 2^(x+1)); the first and last bins "
+                                           "also hold smaller and larger |w0| (zeros are left out)",
+                              "*": "share of that bin's parameters the run updated"})
 
 
 def spectrum_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -453,4 +494,6 @@ def spectrum_chart(node: Node, result: AnalysisResult) -> ChartData:
     # plotext drops a title wider than the plot
     msg = None if series else ("no 2-D matrices with a computed spectrum here" if matrices or result.tensors
                                else "waiting for results…")
-    return ChartData("spectrum", title, "k / min(m,n)", "energy %", xs if series else [], series, message=msg)
+    return ChartData("spectrum", title, "k / min(m,n)", "energy %", xs if series else [], series, message=msg,
+                     meaning={"k / min(m,n)": "x: the top k singular values of Δ, as a share of min(m, n)",
+                              "*": "share of ‖Δ‖_F² in those k singular values (%)"})

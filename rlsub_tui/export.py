@@ -10,7 +10,20 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from rlsub_tui import __version__
 from rlsub_tui.results import SPECTRUM_RATIOS, AnalysisResult, Stats
+
+UNITS = ("fractions: sparsity, overlaps, Jaccard, consensus, union, shares of parameters and rank ratios "
+         "are in [0, 1] (0.25 = 25%), never percent; counts are numbers of parameters")
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -18,6 +31,7 @@ def atomic_write(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a file we write gets the usual mode
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -35,8 +49,10 @@ def cell(value) -> str | int:
     """A CSV cell: full precision, undefined fractions (NaN) and missing values empty."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else repr(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
     return value
 
 
@@ -57,6 +73,45 @@ def json_value(value):
 
 def sweep_label(t: float) -> str:
     return f"sparsity@{t:g}"
+
+
+def criterion_dict(result: AnalysisResult) -> dict:
+    c = result.criterion
+    return {"name": c.name, "value": None if c.name == "exact" else c.value}
+
+
+def updated_when(result: AnalysisResult) -> str:
+    """The criterion in words."""
+    c = result.criterion
+    rule = {"atol": f"|Δ| > {c.value:g} with Δ in the stored dtype (the tolerance rounded to that dtype)",
+            "exact": "the stored values differ",
+            "relative": f"|Δ| > {c.value:g}·max(|w0|, |w1|), in float32"}[c.name]
+    return f"a parameter counts as updated when {rule}; NaN/Inf in either checkpoint counts as updated"
+
+
+def provenance(result: AnalysisResult, shows: str, tensors: list[str], columns: dict[str, str],
+               filter_text: str = "") -> dict:
+    """What an exported table or chart holds and how it was computed: written beside it as NAME.json."""
+    done = sum(1 for t in tensors if t in result.tensors)
+    return {
+        "written_by": f"rlsub-tui {__version__}",
+        "shows": shows,
+        "filter": ({"tensor_name_contains": filter_text, "note": "only tensors whose name contains this "
+                    "text are in the rows and pooled numbers"} if filter_text else None),
+        "tensors": len(tensors), "tensors_computed": done, "complete": done == len(tensors),
+        "criterion": criterion_dict(result),
+        "updated_when": updated_when(result),
+        "sweep": list(result.sweep),
+        "base": {"label": result.base_label, "path": result.base_path},
+        "runs": [{"number": i + 1, "label": lbl, "path": path}
+                 for i, (lbl, path) in enumerate(zip(result.run_labels, result.run_paths))],
+        "units": UNITS,
+        "columns": columns,
+    }
+
+
+def sidecar_path(csv_path: Path) -> Path:
+    return Path(csv_path).with_suffix(".json")
 
 
 def matrices_csv(result: AnalysisResult) -> str:
@@ -156,8 +211,10 @@ def summary_dict(result: AnalysisResult) -> dict:
               **{k: json_value(v) for k, v in p.items()}} for a, b, p in s.pairs()]
     return {
         "base": {"label": result.base_label, "path": result.base_path},
-        "criterion": {"name": result.criterion.name,
-                      "value": None if result.criterion.name == "exact" else result.criterion.value},
+        "written_by": f"rlsub-tui {__version__}",
+        "units": UNITS,
+        "criterion": criterion_dict(result),
+        "updated_when": updated_when(result),
         "sweep": list(result.sweep),
         "compare_dtype": result.compare_dtype,
         "device": result.device,
@@ -172,7 +229,8 @@ def summary_dict(result: AnalysisResult) -> dict:
         "consensus_chance_strat": json_value(s.consensus_chance_strat()),
         "union": json_value(s.union()),
         "sign_agreement": {"updated_by_2plus": s.multi, "same_sign": s.sign_agree,
-                           "fraction": json_value(s.sign_agreement())},
+                           "fraction": json_value(s.sign_agreement()),
+                           "chance": json_value(s.sign_agreement_chance())},
         "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),
         **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f)) for f in SPECTRUM_RATIOS},
         "skipped": [{"tensor": k.tensor, "run": k.run, "reason": k.reason} for k in result.skipped],
@@ -247,7 +305,7 @@ def write_outputs(result: AnalysisResult, out: Path, timeline=None) -> list[Path
         "pairs.csv": pairs_csv(result),
         "agreement.csv": agreement_csv(result),
         "groups.csv": groups_csv(result),
-        "summary.json": json.dumps(summary, indent=2, allow_nan=False) + "\n",
+        "summary.json": json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     }
     if timeline is not None:
         files["timeline.csv"] = timeline_csv(timeline)

@@ -187,9 +187,43 @@ def locate(source: str) -> Located:
         raise CheckpointError(
             f"{source}: holds {len(singles)} .safetensors files but no model.safetensors.index.json to join them."
         )
+    inner = checkpoint_subfolders(path)
+    if inner:
+        shown = ", ".join(p.name for p in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
+        stepped = [p for p in inner if STEP.search(p.name)]
+        example = stepped[-1] if stepped else inner[0]
+        raise CheckpointError(
+            f"{source}: holds no checkpoint itself but {len(inner)} checkpoint folder(s) ({shown}): "
+            f"name one of them, e.g. {path / example.name}."
+        )
     raise CheckpointError(
         f"{source}: holds no checkpoint (no model.safetensors, shard index or pytorch_model.bin)."
     )
+
+
+# Training-step folders: a Trainer's checkpoint-N, verl's global_step_N, step_N, ckpt-N, iter_N.
+STEP = re.compile(r"^(?:checkpoint|global_step|step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)
+
+
+def checkpoint_subfolders(path: Path) -> list[Path]:
+    """Subfolders that hold weights: training-step folders first, by step, then the others by name."""
+    try:
+        found = [d for d in path.iterdir() if d.is_dir() and _holds_weights(d)]
+    except OSError:
+        return []
+
+    def order(d: Path):
+        m = STEP.search(d.name)
+        return (0, int(m.group(1)), d.name) if m else (1, 0, d.name)
+
+    return sorted(found, key=order)
+
+
+def _holds_weights(d: Path) -> bool:
+    try:
+        return any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") for f in d.iterdir())
+    except OSError:
+        return False
 
 
 def _from_index(source: str, path: Path, index: Path) -> Located:

@@ -54,17 +54,31 @@ def place(name: str) -> Placement:
     )
 
 
+HEAD_PARTS = {"lm_head", "embed_out"}  # embed_out: GPT-NeoX/Pythia's output head
+EMBEDDING_PARTS = {"wte", "wpe", "word_embeddings"}  # GPT-2 token/position, Falcon/BLOOM tokens
+MLP_PARTS = {"fc1", "fc2", "c_fc", "fc_in", "fc_out"}  # OPT/Phi, GPT-2, GPT-J
+MLP_WORDS = ("mlp", "ffn", "feed_forward", "expert", "moe", "router")  # + Mixtral/Qwen-MoE experts, routers
+
+
 def tensor_kind(tensor_type: str) -> str:
-    """A coarse family for a tensor type: attention, mlp, norm, embedding, head or other."""
-    t = tensor_type.lower()
-    if "norm" in t or t.startswith("ln_"):
+    """A coarse family for a tensor type: attention, mlp, norm, embedding, head or other.
+
+    Decided per dotted component, in this order, so that one rule covers the common families
+    (Llama/Qwen/Mistral, GPT-2, GPT-NeoX, OPT, Falcon, Phi, Gemma, Mixtral and Qwen-MoE experts).
+    """
+    parts = tensor_type.lower().split(".")
+
+    def has(*words: str) -> bool:
+        return any(w in p for p in parts for w in words)
+
+    if has("norm") or any(p == "ln" or p.startswith("ln_") for p in parts):
         return "norm"
-    if "embed" in t or t.startswith("wte") or t.startswith("wpe"):
-        return "embedding"
-    if "lm_head" in t:
+    if HEAD_PARTS.intersection(parts):
         return "head"
-    if "attn" in t or "attention" in t:
+    if has("embed") or EMBEDDING_PARTS.intersection(parts):
+        return "embedding"
+    if has("attn", "attention"):
         return "attention"
-    if "mlp" in t or "ffn" in t or "feed_forward" in t or "experts" in t:
+    if has(*MLP_WORDS) or MLP_PARTS.intersection(parts):
         return "mlp"
     return "other"

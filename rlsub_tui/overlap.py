@@ -82,3 +82,10 @@ def agreement_chance_strat(updated: np.ndarray, numel: np.ndarray) -> np.ndarray
         probs[:, 1:] = probs[:, 1:] * (1 - p)[:, None] + probs[:, :-1] * p[:, None]
         probs[:, 0] *= 1 - p
     return numel[used] @ probs
+
+
+def sign_agreement_chance(agreement) -> float:
+    """Expected share of same-sign updates among parameters updated by two or more runs, if each run's
+    sign were a fair coin: a parameter updated by exactly j runs has all signs equal with chance 2^(1-j)."""
+    several = [(j, int(n)) for j, n in enumerate(agreement) if j >= 2]
+    return ratio(sum(n * 2.0 ** (1 - j) for j, n in several), sum(n for _, n in several))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rlsub_tui.export import sweep_label
+from rlsub_tui.export import sweep_label, updated_when
+from rlsub_tui.kinship import NOT_A_FINE_TUNE
 from rlsub_tui.formatting import count, pct, ratio
 from rlsub_tui.results import AnalysisResult
 
@@ -14,12 +15,17 @@ def _lift(observed: float, chance: float) -> float:
 def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
     s = result.stats()
     lines = [
-        f"base {result.base_label}  ·  {result.k} run(s)  ·  {s.tensors} tensors, {count(s.numel)} parameters  ·  "
-        f"criterion {result.criterion.describe()}  ·  device {result.device}"
+        f"base: {result.base_label} ({result.base_path})",
+        f"runs: {result.k} ({', '.join(result.run_labels)})  ·  {s.tensors} tensors, {count(s.numel)} parameters"
+        f"  ·  device {result.device}"
         + ("" if result.compare_dtype == "stored" else f"  ·  every pair compared in {result.compare_dtype}")
         + ("" if result.complete else "  ·  INCOMPLETE (cancelled)"),
+        f"criterion: {result.criterion.describe()}: {updated_when(result)}",
         "",
     ]
+    plain = [n for n in result.notes if NOT_A_FINE_TUNE in n]
+    if plain:
+        lines[-1:-1] = [f"WARNING: {n}" for n in plain]
     sweep_cols = [sweep_label(t) for t in result.sweep]
     rw = min(max([len(x) for x in result.run_labels] + [3]), 40)
     head = f"{'run':<{rw}} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'e99/max':>8} {'NaN/Inf':>8}" + "".join(
@@ -35,16 +41,18 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
     if pairs:
         names = [f"{result.run_labels[a]} vs {result.run_labels[b]}" for a, b, _ in pairs[:max_pairs]]
         w = min(max(len(n) for n in names), 60)
-        lines += ["", "chance: the pooled null (every parameter alike) | strat: per tensor × |w0| exponent",
+        lines += ["", "o1 = |A∩B|/|A|, o2 = |A∩B|/|B|, chance |B|/n / |A|/n (every parameter alike), strat: per "
+                      "tensor × |w0| exponent;", "jaccard = |A∩B|/|A∪B|, chance pq/(p+q-pq);  J lift = jaccard / "
+                      "its chance, /strat = jaccard / its stratified chance",
                   f"{'pair':<{w}} {'o1':>7} {'o2':>7} {'chance':>15} {'strat':>15} {'jaccard':>8} {'chance':>7} "
-                  f"{'strat':>7} {'lift':>5} {'/strat':>6}"]
+                  f"{'strat':>7} {'J lift':>6} {'/strat':>6}"]
         for name, (a, b, p) in zip(names, pairs):
             lines.append(
                 f"{name[:w]:<{w}} {pct(p['o1']):>7} {pct(p['o2']):>7} "
                 f"{pct(p['o1_random']) + ' / ' + pct(p['o2_random']):>15} "
                 f"{pct(p['o1_random_strat']) + ' / ' + pct(p['o2_random_strat']):>15} {ratio(p['jaccard'], 3):>8} "
                 f"{ratio(p['jaccard_random'], 3):>7} {ratio(p['jaccard_random_strat'], 3):>7} "
-                f"{ratio(_lift(p['jaccard'], p['jaccard_random']), 2):>5} "
+                f"{ratio(_lift(p['jaccard'], p['jaccard_random']), 2):>6} "
                 f"{ratio(_lift(p['jaccard'], p['jaccard_random_strat']), 2):>6}")
         if len(pairs) > max_pairs:
             lines.append(f"… and {len(pairs) - max_pairs} more pairs in pairs.csv / summary.json")
@@ -56,7 +64,8 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
                                        for j in range(result.k + 1)))
         lines.append(f"  consensus (all runs) {pct(s.consensus())} vs {pct(s.consensus_chance())} pooled, "
                      f"{pct(s.consensus_chance_strat())} stratified chance;  union {pct(s.union())};  "
-                     f"same sign where 2+ runs updated: {pct(s.sign_agreement())}")
+                     f"same sign where 2+ runs updated: {pct(s.sign_agreement())} "
+                     f"vs {pct(s.sign_agreement_chance())} if signs were coin flips")
     if result.skipped:
         lines += ["", f"{len(result.skipped)} tensor(s) skipped (see summary.json 'skipped'):"]
         for k in result.skipped[:5]:

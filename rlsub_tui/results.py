@@ -252,6 +252,10 @@ class Stats:
         """Among parameters updated by two or more runs, the fraction whose Δ has one sign in all of them."""
         return overlap.ratio(self.sign_agree, self.multi)
 
+    def sign_agreement_chance(self) -> float:
+        """sign_agreement if every run's sign were a fair coin (2^(1-j) for a parameter updated by j runs)."""
+        return overlap.sign_agreement_chance(self.agreement)
+
 
 @dataclass
 class AnalysisResult:

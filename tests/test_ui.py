@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import threading
 from pathlib import Path
 
@@ -180,7 +181,8 @@ async def test_export_table_and_chart(checkpoints):
         assert chart_path != path and "chart-agreement" in chart_path.name
         rows = list(csv.DictReader(open(chart_path)))
         assert [int(r["j"]) for r in rows] == [0, 1, 2, 3]
-        assert sum(float(r["observed"]) for r in rows) == pytest.approx(100.0)
+        # exports hold fractions, as every other file (the chart itself plots percent)
+        assert sum(float(r["observed"]) for r in rows) == pytest.approx(1.0)
         assert not list((checkpoints / "exports").glob("*.tmp"))
         await pilot.press("8", "x")  # the cumulative-energy curves of layer 0's matrices, one column per run
         rows = list(csv.DictReader(open(app.last_export)))
@@ -346,3 +348,225 @@ async def test_skipped_tensors_are_named_in_the_ui(checkpoints):
         assert "model.extra.weight [odd]: only in this run, not in the base" in text
         await pilot.press("escape")
         assert not isinstance(app.screen, WarningsScreen)
+
+
+# ------------------------------------------------------------------------------------------------
+# Help, focus, small terminals, exits
+
+
+def test_help_text_is_one_well_formed_markdown_table_per_block():
+    from rlsub_tui.ui.dialogs import HELP
+
+    lines = HELP.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|"):
+            # a table row: either the table's first line (followed by the separator) or after another row
+            starts = i + 1 < len(lines) and lines[i + 1].startswith("|---")
+            assert starts or lines[i - 1].startswith("|"), f"row outside a table: {line}"
+    assert "| done | tensors computed so far" in HELP
+    assert "η = 1e-3 by default" in HELP
+    assert "filled part (█) is the *updated* share" in HELP
+    assert "numbered** 1..K in the order given" in HELP and "`i·j`" in HELP
+    assert "Close this help with **esc**" in HELP
+
+
+async def test_help_says_how_to_close_it_and_closes(checkpoints):
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        # the session's runs, numbered as in the overlap chart's i·j, with their paths
+        for i in range(3):
+            assert f"- run {i + 1}: `seed{i}` {checkpoints / f'seed{i}'}" in app.screen.session
+        assert "sweep: 1e-08, 1e-05" in app.screen.session
+        hint = app.screen.query_one("#help-close")
+        assert "esc" in str(hint.render()) and hint.region.bottom <= 24 and hint.region.height == 1
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_tab_switches_between_tree_and_table_only(checkpoints):
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        tree, table = app.query_one(LayerTree), app.query_one(ChildrenTable)
+        assert app.focused is tree
+        await pilot.press("tab")
+        assert app.focused is table
+        await pilot.press("tab", "j")
+        assert app.focused is tree and app.filter_text == ""
+        await pilot.press("shift+tab")
+        assert app.focused is table
+        # in a dialog, tab still moves between its fields
+        await pilot.press("c")
+        first = app.focused
+        await pilot.press("tab")
+        assert isinstance(app.screen, CriterionDialog) and app.focused is not first
+
+
+async def test_filtered_root_says_what_it_pools(checkpoints):
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash", *"q_proj", "enter")
+        tree = app.query_one(LayerTree)
+        root_label = tree.get_node_at_line(0).data.label
+        assert root_label == "base (filter 'q_proj': 2 of 21 tensors)"
+        assert str(app.query_one("#table-title").render()).startswith("base (filter 'q_proj': 2 of 21 tensors)")
+        await pilot.press("escape")
+        assert tree.get_node_at_line(0).data.label == "base (21 tensors)"
+        await pilot.pause()
+        # after clearing, every column is as wide as its widest cell (nothing left cut)
+        table = app.query_one(ChildrenTable)
+        for key, col in table.columns.items():
+            cells = [table.get_cell(rk, key) for rk in table.rows]
+            widest = max([c.cell_len for c in cells] + [col.label.cell_len])
+            assert col.get_render_width(table) >= widest + 2 * table.cell_padding, key
+
+
+async def test_small_terminal_marks_clipped_values_and_keeps_dialogs_usable(checkpoints):
+    app = make_app(checkpoints)
+    async with app.run_test(size=(60, 20)) as pilot:
+        await settle(app, pilot)
+        table = app.query_one(ChildrenTable)
+        visible = table.scrollable_content_region.width
+        assert table.virtual_size.width > visible  # more columns than fit
+        for y in range(3):
+            line = table.render_line(y).text
+            assert line[visible - 1] == "…", line  # a cut line says so at the pane's edge
+        tree = app.query_one(LayerTree)
+        lines = [tree.render_line(y).text[:tree.scrollable_content_region.width] for y in range(4)]
+        assert any(l.rstrip().endswith("…") for l in lines)  # "base (21 tensors)" does not fit
+        await pilot.press("c")
+        dialog = app.screen
+        assert isinstance(dialog, CriterionDialog)
+        for button_id in ("#apply", "#cancel"):
+            region = dialog.query_one(button_id).region
+            assert region.height >= 1 and region.bottom <= 20 and region.right <= 60, (button_id, region)
+        await pilot.click("#cancel")
+        assert not isinstance(app.screen, CriterionDialog)
+
+
+async def test_80x24_names_are_abbreviated_from_the_left(checkpoints):
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        table = app.query_one(ChildrenTable)
+        first = table.get_row_at(0)
+        assert str(first[0]) == "…embed_tokens.weight"
+        # four columns fit whole in the pane (name, params, sparsity, jacc); the cut fifth is marked
+        widths = [c.get_render_width(table) for c in table.columns.values()]
+        visible = table.scrollable_content_region.width
+        assert sum(widths[:4]) <= visible < sum(widths[:5])
+        assert table.render_line(1).text[visible - 1] == "…"
+
+
+async def test_criterion_dialog_shows_the_sweep_as_a_value_or_plainly_off(checkpoints):
+    app = make_app(checkpoints, sweep=(1e-8, 1e-7, 1e-6, 1e-5))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("c")
+        assert app.screen.query_one("#sweep").value == "1e-08,1e-07,1e-06,1e-05"
+    app = make_app(checkpoints, sweep=())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        assert "no sweep" in app.sub_title
+        await pilot.press("5")
+        assert "no tolerance sweep" in app.query_one(ChartPanel).data.message
+        await pilot.press("c")
+        box = app.screen.query_one("#sweep")
+        assert box.value == "" and box.placeholder.startswith("off")
+
+
+def test_default_options_turn_the_papers_sweep_on():
+    from rlsub_tui.cli import analysis_options, explore_parser
+
+    assert analysis_options(explore_parser().parse_args([])).sweep == (1e-8, 1e-7, 1e-6, 1e-5)
+    assert analysis_options(explore_parser().parse_args(["--sweep", "none"])).sweep == ()
+
+
+async def test_failure_to_start_is_in_title_and_exit_status(checkpoints):
+    (checkpoints / "broken").mkdir()
+    (checkpoints / "broken" / "model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    app = make_app(checkpoints, runs=("seed0", "broken"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        assert isinstance(app.screen, ErrorDialog)
+        await pilot.press("enter")
+        assert "opening" not in app.sub_title and "could not open" in app.sub_title
+        await pilot.press("q")
+    assert app.return_code == 2
+    ok = make_app(checkpoints)
+    async with ok.run_test(size=(100, 30)) as pilot:
+        await settle(ok, pilot)
+        await pilot.press("q")
+    assert ok.return_code == 0
+
+
+async def test_another_architecture_is_a_plain_warning_in_the_explorer(tmp_path):
+    from test_messages import tiny_transformers_model
+
+    qwen = tiny_transformers_model("qwen2", 0, tmp_path / "qwen2")
+    tiny_transformers_model("llama", 1, tmp_path / "llama")
+    app = ExplorerApp(ExplorerConfig(str(qwen), [str(tmp_path / "llama")], AnalysisOptions(), tmp_path))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        errors = [n for n in app._notifications if n.severity == "error"]
+        assert any("Qwen2ForCausalLM" in n.message and "LlamaForCausalLM" in n.message for n in errors)
+        assert any("‖Δ‖/‖W0‖" in n.message for n in errors)
+
+
+async def test_filter_typed_while_loading_then_cleared_leaves_the_whole_model(checkpoints, monkeypatch):
+    import rlsub_tui.engine as engine
+
+    gate = threading.Event()
+    real = engine.compute_tensor
+
+    def gated(*a, **kw):
+        gate.wait(10)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "compute_tensor", gated)
+    app = make_app(checkpoints, use_cache=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("slash", *"mlp")
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if app.result is not None:
+                break
+        tree = app.query_one(LayerTree)
+        assert tree.get_node_at_line(0).data.label == "base (filter 'mlp': 6 of 21 tensors)"
+        await pilot.press("escape")
+        gate.set()
+        await settle(app, pilot)
+        assert app.filter_text == "" and tree.get_node_at_line(0).data.label == "base (21 tensors)"
+        table = app.query_one(ChildrenTable)
+        assert sum(r["numel"] for r in table.rows_data) == sum(app.result.planned_numel.values())
+
+
+async def test_table_is_drawn_at_full_column_widths_at_once(checkpoints):
+    """A frame drawn right after the table is refilled (before Textual's idle-time measuring) must not
+    cut values to the column titles' widths; that frame used to stay until the cursor moved."""
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        table = app.query_one(ChildrenTable)
+        app._show_focus()  # refill, and draw at once
+        first = table.render_line(1).text
+        assert "embed_tokens.weight" in first and re.search(r" 0\.\d{3} ", first), first  # jacc with 3 digits
+        await pilot.pause(0.3)
+        assert table.render_line(1).text == first
+        for key, col in table.columns.items():  # every column as wide as its widest cell
+            widest = max([table.get_cell(rk, key).cell_len for rk in table.rows] + [col.label.cell_len])
+            assert col.get_render_width(table) >= widest + 2 * table.cell_padding, key
+
+
+async def test_a_chart_with_nothing_to_draw_says_why_at_80x24(checkpoints):
+    app = make_app(checkpoints, sweep=())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("5")
+        await pilot.pause(0.3)
+        screen = re.sub(r"<[^>]+>", "", app.export_screenshot()).replace("&#160;", " ")
+        assert "no tolerance sweep: press c and give a" in screen  # wrapped inside the frame, not dropped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -16,8 +17,9 @@ from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static
 
 from rlsub_tui import explore
 from rlsub_tui.errors import InputError
-from rlsub_tui.export import atomic_write, csv_text
+from rlsub_tui.export import atomic_write, csv_text, provenance, sidecar_path
 from rlsub_tui.formatting import duration, size
+from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
 from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
 from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed,
@@ -49,6 +51,10 @@ class ExplorerApp(App):
         # "/" (even in one burst) land in the filter box
         Binding("slash", "filter", "Filter", id="app.filter", key_display="/", priority=True,
                 tooltip="Filter the tree by tensor name"),
+        # priority: tab and shift+tab switch between the two panes only (the filter box is reached with "/"),
+        # so a second tab never lands typed keys in the filter
+        Binding("tab,shift+tab", "switch_pane", "Pane", show=False, id="app.switch_pane", priority=True,
+                tooltip="Switch between the tree and the table"),
         Binding("escape", "cancel_or_clear", "Cancel", id="app.cancel",
                 tooltip="Cancel the computation (keeps what is done) or clear the filter"),
         Binding("e", "export_table", "Export", id="app.export_table", tooltip="Write the table to CSV"),
@@ -87,6 +93,7 @@ class ExplorerApp(App):
         self.generation = 0
         self.running = False
         self.last_export: Path | None = None
+        self.failed: str | None = None  # why the analysis could not start; quitting then exits with status 2
         self._dirty = False
         self.timeline = None  # timeline.TimelineResult, once computed
         self.timeline_state = "waiting" if config.timelines else "none"
@@ -224,6 +231,7 @@ class ExplorerApp(App):
         old_key = self.focus_node.key if self.focus_node else None
         r = msg.result
         # the app keeps its own result object; only the UI thread writes into it
+        self.failed = None
         self.result = AnalysisResult(r.base_label, r.base_path, list(r.run_labels), list(r.run_paths), r.criterion,
                                      r.sweep, r.device, {}, list(r.skipped), list(r.notes), list(r.planned),
                                      dict(r.planned_numel), tied=dict(r.tied), compare_dtype=r.compare_dtype)
@@ -239,9 +247,11 @@ class ExplorerApp(App):
         self._preview_names = None
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
-                          + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")
+                          + (f" · sweep {len(r.sweep)}" if r.sweep else " · no sweep") + f" · {r.device}")
         self.query_one("#progress", ProgressBar).update(total=len(r.planned), progress=0)
         self.query_one("#progress-text", Static).update(f"0/{len(r.planned)} tensors · {size(msg.bytes_total)} to read")
+        for warning in (n for n in r.notes if NOT_A_FINE_TUNE in n):
+            self.notify(warning, title="Not a fine-tune?", severity="error", timeout=30)
         if r.skipped or r.notes:
             shown = ", ".join(f"{k.tensor} [{k.run}]" for k in r.skipped[:3])
             more = f" and {len(r.skipped) - 3} more" if len(r.skipped) > 3 else ""
@@ -283,6 +293,10 @@ class ExplorerApp(App):
         total = len(self.result.planned) if self.result else 0
         text = f"{done}/{total} tensors · " + ("complete" if msg.complete else "cancelled: showing what is done")
         self.query_one("#progress-text", Static).update(text)
+        for warning in distance_warnings(self.result) if self.result else []:
+            if warning not in self.result.notes:
+                self.result.notes.append(warning)
+                self.notify(warning, title="Not a fine-tune?", severity="error", timeout=30)
         self._dirty = True
         self._redraw_results()
         self.refresh_bindings()
@@ -292,6 +306,9 @@ class ExplorerApp(App):
             return
         self.running = False
         self.timeline_state = "the timeline was not computed (the analysis failed)"
+        if self.result is None:  # the analysis could not start: quitting now reports it in the exit status
+            self.failed = msg.error
+            self.sub_title = "could not open the checkpoints"
         self.query_one("#progress", ProgressBar).update(total=1, progress=0)  # stop the busy animation
         self.query_one("#progress-text", Static).update("failed: see the message")
         self.push_screen(ErrorDialog("Cannot analyse these checkpoints", msg.error))
@@ -328,6 +345,10 @@ class ExplorerApp(App):
         self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
         self.query_one(ChartPanel).show(self.current_chart())
 
+    def on_resize(self, _event) -> None:
+        if self.result is not None:
+            self.call_after_refresh(self._show_focus)
+
     def current_chart(self) -> explore.ChartData:
         return explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric,
                              self.timeline, self.timeline_state)
@@ -346,21 +367,39 @@ class ExplorerApp(App):
 
     # ----------------------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters) -> bool | None:
-        if action == "filter" and len(self.screen_stack) > 1:
-            return False  # a dialog or the palette is open: "/" is just a character there
+        if action in ("filter", "switch_pane") and len(self.screen_stack) > 1:
+            return False  # a dialog or the palette is open: "/" is a character, tab moves between its fields
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
                       "overlap_metric", "reverse_sort", "warnings") and self.result is None:
             return None
         return True
 
+    async def action_quit(self) -> None:
+        self.exit(return_code=2 if self.failed else 0)
+
     def action_help(self) -> None:
-        self.push_screen(HelpScreen())
+        self.push_screen(HelpScreen(self._session_text()))
+
+    def _session_text(self) -> str:
+        """The help's last section: what this explorer compares, runs numbered as in the charts."""
+        r = self.result
+        if r is None:
+            return f"Opening {self.config.base} and {len(self.config.runs)} run(s)…"
+        lines = [f"Base: `{r.base_label}` ({r.base_path})  ", f"Criterion: {r.criterion.describe()}; sweep: "
+                 + (", ".join(f"{t:g}" for t in r.sweep) if r.sweep else "off") + f"; device {r.device}", "",
+                 "Runs (i and j in the overlap chart's `i·j`):", ""]
+        lines += [f"- run {i + 1}: `{label}` {path}" for i, (label, path) in enumerate(zip(r.run_labels, r.run_paths))]
+        return "\n".join(lines)
 
     def action_warnings(self) -> None:
         self.push_screen(WarningsScreen(self.result.skipped, self.result.notes + self._tensor_notes()))
 
     def _tensor_notes(self) -> list[str]:
         return sorted({f"{name}: {n}" for name, t in self.result.tensors.items() for n in t.notes})
+
+    def action_switch_pane(self) -> None:
+        tree, table = self.query_one(LayerTree), self.query_one(ChildrenTable)
+        (table if self.focused is tree else tree).focus()
 
     def action_filter(self) -> None:
         # always on screen (one line), so it can take focus at once: keys typed right after "/"
@@ -414,39 +453,68 @@ class ExplorerApp(App):
 
     def _export_path(self, what: str) -> Path:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.focus_node.key if self.focus_node else "model").strip("_")
+        if self.filter_text:
+            what += "-filter_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", self.filter_text).strip("_") or "text")
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = self.config.export_dir / f"rlsub-{slug}-{what}-{stamp}.csv"
         n = 2
-        while path.exists():
+        while path.exists() or sidecar_path(path).exists():
             path = self.config.export_dir / f"rlsub-{slug}-{what}-{stamp}-{n}.csv"
             n += 1
         return path
 
-    def _write(self, path: Path, text: str) -> None:
+    def _export(self, what: str, text: str, meta: dict) -> None:
+        """Write the CSV and, beside it, NAME.json saying what it shows and how it was computed."""
+        path = self._export_path(what)
         try:
             self.config.export_dir.mkdir(parents=True, exist_ok=True)
+            sidecar = json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+            atomic_write(sidecar_path(path), sidecar)
             atomic_write(path, text)
         except OSError as exc:
+            if not path.exists():  # no sidecar without its CSV
+                sidecar_path(path).unlink(missing_ok=True)
             self.push_screen(ErrorDialog("Export failed", f"{path}: cannot be written ({exc.strerror or exc})."))
             return
         self.last_export = path
-        self.notify(f"wrote {path}", title="Exported", timeout=8)
+        partial = "" if meta["complete"] else \
+            f" Partial: {meta['tensors_computed']}/{meta['tensors']} tensors computed, the rest left empty."
+        shown = f" Filtered: only tensors matching '{self.filter_text}'." if self.filter_text else ""
+        self.notify(f"wrote {path} (what it shows: {sidecar_path(path).name}).{shown}{partial}",
+                    title="Exported", severity="warning" if partial else "information", timeout=10)
+
+    def _nothing_computed(self) -> bool:
+        node = self.focus_node
+        if node is None or self.result is None:
+            return True
+        if not any(t in self.result.tensors for t in node.tensors):
+            self.notify(f"Nothing computed yet for {node.label}: nothing exported.", severity="warning")
+            return True
+        return False
 
     def action_export_table(self) -> None:
-        if self.focus_node is None:
+        if self._nothing_computed():
             return
         table = self.query_one(ChildrenTable)
         cols = table.columns_spec
         header = [c.key for c in cols]
         rows = [[r[c.key] for c in cols] for r in table.rows_data]
-        self._write(self._export_path("table"), csv_text(header, rows))
+        kids = "one row per child" if self.focus_node.children else "one row per run"
+        meta = provenance(self.result, f"table of {self.focus_node.label} ({self.focus_node.key}), {kids}",
+                          self.focus_node.tensors, {c.key: c.help for c in cols}, self.filter_text)
+        self._export("table", csv_text(header, rows), meta)
 
     def action_export_chart(self) -> None:
-        if self.focus_node is None:
+        if self._nothing_computed():
             return
         data = self.current_chart()
+        if data.message:
+            self.notify(f"The chart has no data to export: {data.message}", severity="warning")
+            return
         header, rows = data.rows()
-        self._write(self._export_path(f"chart-{data.name}"), csv_text(header, rows))
+        meta = provenance(self.result, f"chart '{data.title}' of {self.focus_node.label} ({self.focus_node.key})",
+                          self.focus_node.tensors, data.columns(), self.filter_text)
+        self._export(f"chart-{data.name}", csv_text(header, rows), meta)
 
     def action_criterion(self) -> None:
         o = self.options

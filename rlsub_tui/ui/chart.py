@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from textual_plotext import PlotextPlot
 
 from rlsub_tui.explore import ChartData
@@ -19,10 +21,7 @@ class ChartPanel(PlotextPlot):
         plt.clear_figure()
         plt.title(data.title)
         if data.message or not data.x:
-            plt.xlabel("")
-            plt.ylabel("")
-            plt.title(f"{data.title}: {data.message or 'nothing to draw'}")
-            self.refresh()
+            self._show_message(data.title, data.message or "nothing to draw")
             return
         plt.xlabel(data.xlabel)
         plt.ylabel(data.ylabel)
@@ -41,4 +40,19 @@ class ChartPanel(PlotextPlot):
                     plt.plot([x for x, _ in points], [y for _, y in points], label=label, marker="braille")
             if data.name in ("depth",):
                 plt.xticks(data.x)
+        self.refresh()
+
+    def _show_message(self, title: str, message: str) -> None:
+        """The message inside the frame, wrapped to its width (a long title alone would be dropped)."""
+        plt = self.plt
+        plt.title(title)
+        plt.xlabel("")
+        plt.ylabel("")
+        lines = textwrap.wrap(message, max(12, self.size.width - 8)) or [message]
+        plt.xlim(0, 1)
+        plt.ylim(0, 1)
+        plt.xticks([])
+        plt.yticks([])
+        for i, line in enumerate(lines[:6]):
+            plt.text(line, x=0.03, y=0.8 - i * 0.15, alignment="left")
         self.refresh()

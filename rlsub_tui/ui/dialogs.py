@@ -37,10 +37,25 @@ class ErrorDialog(ModalScreen[None]):
 HELP = """\
 # rlsub-tui: which parameters did the runs update?
 
-**Updated parameter**: under `atol` (default t = 1e-5) a parameter counts as updated when
-|Δ| > t with Δ = run − base computed in the stored dtype (t rounded to that dtype, as
-`torch.isclose` does); `exact`: the stored values differ; `relative`: |Δ| > η·max(|w0|,|w1|).
-NaN/Inf in either checkpoint counts as updated.
+Close this help with **esc**, **q** or **?** (arrows / page keys scroll it).
+
+**Updated parameter**, by the criterion chosen with `c` (shown in the title bar):
+`atol` (the default, tolerance t = 1e-5, the paper's): |Δ| > t with Δ = run − base computed in
+the stored dtype (t rounded to that dtype, as `torch.isclose` does); `exact`: the stored values
+differ; `relative` (η = 1e-3 by default): |Δ| > η·max(|w0|,|w1|). NaN/Inf in either checkpoint
+counts as updated. The **sweep** (`sp@t` columns, chart 5) is the sparsity under `atol` at each
+listed tolerance, computed in the same pass: on by default at the paper's 1e-8, 1e-7, 1e-6, 1e-5
+(`--sweep none`, or an empty sweep box in `c`, turns it off; the title bar then says "no sweep").
+
+**Runs are numbered** 1..K in the order given on the command line (the title bar lists how many);
+`i·j` in the overlap chart is the pair of runs i and j, named in full in its CSV (`x`).
+
+## The tree
+Each row reads `sparsity bar name`: the mean update sparsity of the node over the runs, then a
+bar of 6 cells whose filled part (█) is the *updated* share (1 − sparsity), so dense nodes stand
+out; `…` and `······` mean not computed yet; `3/9` after a name counts the tensors done so far.
+With a filter, the top row says how many tensors match: every number pools only those.
+A line cut at the pane's edge ends in `…`.
 
 ## Columns of the table
 | column | meaning |
@@ -63,15 +78,20 @@ maximum min(m,n), rank/max, the four spectrum figures / max, mean \\|Δ\\|, ‖�
 NaN/Inf count, and sparsity at each sweep tolerance.
 
 ## Charts
-1 sparsity by layer depth (one line per run) · 2 overlap: o1 = \\|A∩B\\|/\\|A\\| per run pair
-against chance \\|B\\|/n and the stratified chance E/\\|A\\| (`o` switches to Jaccard) · 3 agreement:
-% of parameters updated by exactly j of K runs against independent runs (Poisson-binomial), pooled
-and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
+1 sparsity by layer depth (one line per run) · 2 overlap per run pair i·j: o1 = \\|A∩B\\|/\\|A\\|
+against chance \\|B\\|/n and the stratified chance E/\\|A\\| (`o` switches to Jaccard against
+pq/(p+q−pq)) · 3 agreement: % of parameters updated by exactly j of K runs against independent runs
+(Poisson-binomial), pooled and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
 5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight) ·
 7 training timeline (a RUN that is a folder of step checkpoints): per step, sparsity against the
 base, sparsity against the previous step, and the union of everything updated so far (% of params) ·
 8 cumulative energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against k/min(m,n),
 one line per run (a group: the mean curve of its matrices).
+
+## Exports
+`e` writes the table, `x` the chart's data, as CSV in fractions (0.25 = 25%, never percent), each
+with a `.json` beside it that records the criterion, sweep, base and run paths, the filter if one
+is active, and what every column means.
 
 ## Keys
 | key | action |
@@ -79,24 +99,32 @@ one line per run (a group: the mean curve of its matrices).
 | ↑↓ / j k | move · ← → / h l collapse / expand (tree) |
 | g / G | top / bottom |
 | enter | focus the node: table and chart follow it |
-| tab | next pane |
-| / | filter the tree by name (esc clears) |
+| tab / shift+tab | switch between the tree and the table |
+| / | filter the tree by name (enter keeps it, esc clears) |
 | 1-8, [ ] | choose chart · o overlap metric |
 | s / S | sort the table by the next column (▼ largest first) / reverse it |
 | e / x | export the table / the chart's data to CSV |
-| c | criterion and tolerance |
+| c | criterion, tolerance, η and sweep |
 | esc | cancel the computation (keeps what is done) |
 | w | tensors not compared (and why), and notes |
-| ? | this help · q quit · ctrl+p command palette |
+| ? | this help (esc closes it) · q quit · ctrl+p command palette |
 """
 
 
 class HelpScreen(ModalScreen[None]):
+    """Definitions and keys, then what this session compares (its runs numbered as in the charts)."""
+
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close", id="help.close")]
 
+    def __init__(self, session: str = ""):
+        super().__init__()
+        self.session = session
+
     def compose(self) -> ComposeResult:
+        text = HELP + ("\n## This session\n" + self.session + "\n" if self.session else "")
         with VerticalScroll(id="help-box", classes="dialog"):
-            yield Markdown(HELP)
+            yield Markdown(text)
+        yield Static("esc, q or ? closes the help", id="help-close", classes="hint")
 
     def action_close(self) -> None:
         self.dismiss(None)
@@ -142,9 +170,9 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
 
     def compose(self) -> ComposeResult:
         c = self.current
-        with Vertical(id="criterion-box", classes="dialog"):
+        with VerticalScroll(id="criterion-box", classes="dialog"):
             yield Label("What counts as an updated parameter?")
-            yield Static("tab: next field · enter in a field: apply · esc: cancel", classes="hint")
+            yield Static("tab: next field · enter: apply · esc: cancel", classes="hint")
             with RadioSet(id="criterion-set", compact=True):
                 yield RadioButton("atol: |Δ| > tolerance (stored dtype)", value=c.criterion == "atol", id="atol")
                 yield RadioButton("exact: stored values differ", value=c.criterion == "exact", id="exact")
@@ -157,8 +185,9 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
                 yield Input(f"{c.eta:g}", id="eta", compact=True)
             with Horizontal(classes="field"):
                 yield Label("sweep")
-                yield Input(",".join(f"{t:g}" for t in c.sweep), placeholder="1e-8,1e-7,1e-6,1e-5", id="sweep",
-                            compact=True)
+                # the current sweep as a value, never as placeholder text: an empty box means no sweep
+                yield Input(",".join(f"{t:g}" for t in c.sweep), placeholder="off: e.g. 1e-8,1e-7,1e-6,1e-5",
+                            id="sweep", compact=True)
             yield Static("", id="criterion-error")
             with Horizontal(classes="buttons"):
                 yield Button("Apply", variant="primary", id="apply", compact=True)

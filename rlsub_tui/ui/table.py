@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import math
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.binding import Binding
+from textual.strip import Strip
 from textual.widgets import DataTable
 
 from rlsub_tui.explore import Column
 from rlsub_tui.formatting import count, pct, ratio, sci
+from rlsub_tui.ui.clipping import mark_clipped
 
 
-NAME_WIDTH = 24
+NAME_WIDTH = 24  # the widest a name column gets
+MIN_NAME_WIDTH = 12
 
 
 def short(name: str, width: int = NAME_WIDTH) -> str:
-    """Long names keep their start and end (the informative parts): 'post_attention_l…m.weight'."""
+    """Long names keep their end (the informative part, the leaf): '…embed_tokens.weight'."""
     if len(name) <= width:
         return name
-    head = (width - 1) * 2 // 3
-    return name[:head] + "…" + name[-(width - 1 - head):]
+    return "…" + name[-(width - 1):]
 
 
-def display(value, kind: str) -> Text:
+def name_width(table_width: int) -> int:
+    """5/12 of the table for names, within [MIN_NAME_WIDTH, NAME_WIDTH]: numbers keep the rest."""
+    return max(MIN_NAME_WIDTH, min(NAME_WIDTH, table_width * 5 // 12))
+
+
+def display(value, kind: str, width: int = NAME_WIDTH) -> Text:
     if kind == "count":
         return Text(count(value), justify="right")
     if kind == "pct":
@@ -32,7 +40,7 @@ def display(value, kind: str) -> Text:
         return Text(ratio(value, 3), justify="right")
     if kind == "sci":
         return Text(sci(value), justify="right")
-    return Text(short(str(value)))
+    return Text(short(str(value), width))
 
 
 def sort_value(value):
@@ -66,15 +74,28 @@ class ChildrenTable(DataTable):
         if self.sort_column not in keys:
             self.sort_column = None
         self.clear(columns=True)
-        for c in columns:
-            arrow = "" if c.key != self.sort_column else (" ▼" if self.sort_reverse else " ▲")
-            self.add_column(c.title + arrow, key=c.key)
         self.columns_spec = columns
         self.rows_data = self._sorted(rows)
-        for i, row in enumerate(self.rows_data):
-            self.add_row(*(display(row[c.key], c.kind) for c in columns), key=str(i))
+        width = name_width(self.scrollable_content_region.width)
+        cells = [[display(row[c.key], c.kind, width) for c in columns] for row in self.rows_data]
+        for j, c in enumerate(columns):
+            title = c.title + ("" if c.key != self.sort_column else (" ▼" if self.sort_reverse else " ▲"))
+            # widths fixed from the cells now: DataTable measures new rows only when idle, and a frame
+            # drawn before that would be cached with the titles' widths (cut values, until the cursor moved)
+            self.add_column(title, key=c.key, width=max([cell_len(title)] + [row[j].cell_len for row in cells]))
+        for i, row in enumerate(cells):
+            self.add_row(*row, key=str(i))
         if self.rows_data:
             self.move_cursor(row=min(keep_row, len(self.rows_data) - 1), animate=False)
+
+    def render_line(self, y: int) -> Strip:
+        strip = super().render_line(y)
+        visible = self.scrollable_content_region.width
+        header = 1 if self.show_header else 0
+        has_text = y < header or y - header + self.scroll_offset.y < self.row_count  # not blank below the rows
+        if has_text and self.virtual_size.width > self.scroll_x + visible:
+            return mark_clipped(strip, visible)
+        return strip
 
     def _sorted(self, rows: list[dict]) -> list[dict]:
         if self.sort_column is None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.binding import Binding
+from textual.strip import Strip
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
 from rlsub_tui.explore import Node, StatsIndex
 from rlsub_tui.formatting import pct
+from rlsub_tui.ui.clipping import mark_clipped
 
 BAR_WIDTH = 6
 
@@ -90,6 +92,18 @@ class LayerTree(Tree[Node]):
 
     def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
         self.refresh_labels(event.node)
+
+    def render_line(self, y: int) -> Strip:
+        strip = super().render_line(y)
+        index = y + self.scroll_offset.y
+        lines = self._tree_lines
+        if 0 <= index < len(lines):
+            line = lines[index]
+            full = self.get_label_width(line.node) + line._get_guide_width(self.guide_depth, self.show_root)
+            visible = self.scrollable_content_region.width
+            if full > self.scroll_x + visible:
+                return mark_clipped(strip, visible)
+        return strip
 
     def action_collapse_or_parent(self) -> None:
         node = self.cursor_node
