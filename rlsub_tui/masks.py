@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ class TensorComputation:
     sign_agree: int
     magnitude_numel: list[int]
     rank_note: str | None = None
+    run_codes: list[int] = field(default_factory=list)  # parameters per code (bit j: run j updated); up to 15 runs
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -221,4 +222,5 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     return TensorComputation(
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,
+        run_codes=[int(x) for x in by_code] if coded else [],
     )

@@ -10,7 +10,7 @@ import numpy as np
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
 
-RESULT_VERSION = 4
+RESULT_VERSION = 5
 
 
 @dataclass
@@ -28,13 +28,16 @@ class TensorResult:
     sign_agree: int
     magnitude_numel: list[int]
     notes: list[str] = field(default_factory=list)
+    # parameters per run code (bit j set: run j updated it), 2^K entries; empty beyond 15 runs. Any subset of
+    # runs' agreement histogram and consensus follow from it without the masks.
+    run_codes: list[int] = field(default_factory=list)
 
     @classmethod
     def from_computation(cls, name, dtype, shape, numel, comp, notes=()):
         """From a masks.TensorComputation."""
         notes = list(notes) + ([comp.rank_note] if comp.rank_note else [])
         return cls(name, dtype, list(shape), numel, comp.runs, comp.both, comp.agreement, comp.multi,
-                   comp.sign_agree, comp.magnitude_numel, notes)
+                   comp.sign_agree, comp.magnitude_numel, notes, list(comp.run_codes))
 
     @property
     def max_rank(self) -> int | None:
@@ -55,9 +58,12 @@ class TensorResult:
         both = {(int(a), int(b)): int(n) for a, b, n in d["both"]}
         result = cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d["shape"]], int(d["numel"]), runs,
                      both, [int(x) for x in d["agreement"]], int(d["multi"]), int(d["sign_agree"]),
-                     [int(x) for x in d["magnitude_numel"]], [str(n) for n in d.get("notes", [])])
+                     [int(x) for x in d["magnitude_numel"]], [str(n) for n in d.get("notes", [])],
+                     [int(x) for x in d.get("run_codes", [])])
         k = len(runs)
         if len(result.agreement) != k + 1 or sum(result.agreement) != result.numel:
+            raise ValueError("inconsistent result record")
+        if result.run_codes and (len(result.run_codes) != 1 << k or sum(result.run_codes) != result.numel):
             raise ValueError("inconsistent result record")
         return result
 
@@ -97,6 +103,8 @@ class Stats:
         self.magnitude_numel = np.zeros(MAG_BINS, dtype=np.int64)
         self.magnitude_updated = np.zeros((k, MAG_BINS), dtype=np.int64)
         self.rank_ratios: list[list[float]] = [[] for _ in range(k)]
+        self.run_codes = np.zeros(1 << k if k <= 15 else 0, dtype=np.int64)
+        self.coded = k <= 15  # False once a tensor without run codes is added
 
     def add(self, r: TensorResult) -> None:
         self.tensors += 1
@@ -119,6 +127,10 @@ class Stats:
         self.multi += r.multi
         self.sign_agree += r.sign_agree
         self.magnitude_numel += np.asarray(r.magnitude_numel, dtype=np.int64)
+        if self.coded and len(r.run_codes) == len(self.run_codes):
+            self.run_codes += np.asarray(r.run_codes, dtype=np.int64)
+        else:
+            self.coded = False
 
     @classmethod
     def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":
