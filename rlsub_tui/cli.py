@@ -77,6 +77,9 @@ def explore_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
                    help="BASE then RUN ... (NAME=PATH to label a run); none: the bundled sample")
     p.add_argument("--export-dir", type=Path, default=None, help="where 'e' writes CSVs (default: current directory)")
+    p.add_argument("--runs", default=None, metavar="SEL",
+                   help="runs the pooled figures use at start: numbers (1,3 or 1-3), labels or globs "
+                        "(grpo-lowlr-*), comma separated; r changes it in the explorer")
     add_analysis_options(p)
     return p
 
@@ -154,8 +157,13 @@ def run_explore(argv: list[str]) -> int:
         base, runs = args.checkpoints[0], args.checkpoints[1:]
     else:
         base, runs = sample_checkpoints()
+    if args.runs is not None:
+        from rlsub_tui.selection import parse_runs, run_labels
+
+        parse_runs(args.runs, run_labels(runs))  # a bad selection is refused before the UI starts
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
-    app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir))
+    app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
+                                        run_selection=args.runs))
     app.run()
     return app.return_code or 0
 

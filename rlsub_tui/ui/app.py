@@ -12,19 +12,24 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import ContentSwitcher, Footer, Header, Input, Label, ProgressBar, Static
 
-from rlsub_tui import explore
+from rlsub_tui import explore, glance
 from rlsub_tui.errors import InputError
 from rlsub_tui.export import atomic_write, csv_text
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.selection import SelectedStats, parse_runs
 from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
+from rlsub_tui.ui.heatmap import HeatmapPanel
 from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed, TreePreview
+from rlsub_tui.ui.runs import RunChooser
+from rlsub_tui.ui.summary import SummaryStrip
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 
 BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
+VIEWS = explore.CHARTS + ["heatmap"]  # keys 1-7
 
 
 @dataclass
@@ -33,6 +38,7 @@ class ExplorerConfig:
     runs: list[str]
     options: object  # rlsub_tui.engine.AnalysisOptions (imported lazily: torch loads in the worker)
     export_dir: Path
+    run_selection: str | None = None  # --runs: which runs the pooled figures use at start (default all)
 
 
 class ExplorerApp(App):
@@ -54,7 +60,9 @@ class ExplorerApp(App):
         Binding("c", "criterion", "Criterion", id="app.criterion", tooltip="Change criterion or tolerance"),
         Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the next column"),
         Binding("S", "reverse_sort", "Reverse", show=False, id="app.reverse_sort", tooltip="Reverse the sort"),
-        Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric"),
+        Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric",
+                tooltip="Overlap chart: o1 or Jaccard; heatmap: o1, Jaccard or lift"),
+        Binding("r", "choose_runs", "Runs", id="app.choose_runs", tooltip="Choose the runs the pooled figures use"),
         Binding("w", "warnings", "Warnings", show=False, id="app.warnings",
                 tooltip="Tensors not compared (and why) and other notes"),
         Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
@@ -65,6 +73,8 @@ class ExplorerApp(App):
         Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank"),
         Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
         Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
+        Binding("7", "chart('heatmap')", "Heatmap", show=False, id="app.chart_heatmap",
+                tooltip="Overlap of every pair of chosen runs, coloured by lift over chance"),
     ]
 
     def __init__(self, config: ExplorerConfig):
@@ -78,6 +88,8 @@ class ExplorerApp(App):
         self.focus_node: explore.Node | None = None
         self.chart_name = "depth"
         self.overlap_metric = "o1"
+        self.heatmap_measure = "o1"
+        self.selected_runs: tuple[int, ...] = ()  # chosen runs (0-based); set when the analysis opens
         self.filter_text = ""
         self.generation = 0
         self.running = False
@@ -93,8 +105,11 @@ class ExplorerApp(App):
                 yield LayerTree(id="tree")
             with Vertical(id="right"):
                 yield Label("", id="table-title")
+                yield SummaryStrip(id="summary")
                 yield ChildrenTable(id="table")
-                yield ChartPanel(id="chart")
+                with ContentSwitcher(initial="chart", id="views"):
+                    yield ChartPanel(id="chart")
+                    yield HeatmapPanel(id="heatmap")
         with Horizontal(id="status"):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
@@ -193,6 +208,7 @@ class ExplorerApp(App):
             self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
             self._rebuild_tree(old_key)
         self._preview_names = None
+        self._choose_initial_runs(r.run_labels)
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
                           + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")
@@ -204,6 +220,16 @@ class ExplorerApp(App):
             text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
                 (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
             self.notify(text, severity="warning", timeout=10)
+
+    def _choose_initial_runs(self, labels: list[str]) -> None:
+        self.selected_runs = tuple(range(len(labels)))
+        if self.config.run_selection and self.generation == 1:
+            try:
+                self.selected_runs = parse_runs(self.config.run_selection, labels)
+            except InputError as exc:
+                self.push_screen(ErrorDialog("Cannot choose these runs; using all", str(exc)))
+        elif self.selected_runs and max(self.selected_runs) >= len(labels):
+            self.selected_runs = tuple(range(len(labels)))
 
     def on_tensors_computed(self, msg: TensorsComputed) -> None:
         if msg.generation != self.generation or self.result is None:
@@ -269,10 +295,37 @@ class ExplorerApp(App):
         table.show(*explore.node_table(node, self.result, self.index))
         kids = "one row per child" if node.children else "one row per run"
         self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
-        self.query_one(ChartPanel).show(self.current_chart())
+        self._show_view()
+
+    def selected_stats(self) -> SelectedStats:
+        st = self.index.get(self.focus_node) if self.index is not None else self.result.stats(self.focus_node.tensors)
+        return SelectedStats(st, self.selected_runs or tuple(range(self.result.k)))
+
+    def _show_view(self) -> None:
+        """The summary strip, then the chart or the heatmap, for the focused node and the chosen runs."""
+        sel = self.selected_stats()
+        summary = self.query_one(SummaryStrip)
+        summary.show(glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2)))
+        self.query_one(ContentSwitcher).current = "heatmap" if self.chart_name == "heatmap" else "chart"
+        if self.chart_name == "heatmap":
+            message = None if len(sel.runs) >= 2 else "the heatmap needs two or more chosen runs: press r"
+            message = message or (None if sel.numel else "waiting for results…")
+            grid = glance.overlap_grid(sel, self.heatmap_measure) if not message else []
+            self.query_one(HeatmapPanel).show(grid, self.result.run_labels, sel.runs, self.heatmap_measure, message)
+        else:
+            self.query_one(ChartPanel).show(self.current_chart())
 
     def current_chart(self) -> explore.ChartData:
-        return explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric)
+        sel = self.selected_stats()
+        if self.chart_name == "overlap":
+            return glance.overlap_chart(sel, self.overlap_metric)
+        if self.chart_name == "agreement":
+            return glance.agreement_chart(sel)
+        data = explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric)
+        chosen = {self.result.run_labels[i] for i in sel.runs}
+        if set(data.series) <= set(self.result.run_labels):  # one series per run: keep the chosen ones
+            data.series = {k: v for k, v in data.series.items() if k in chosen}
+        return data
 
     @on(LayerTree.NodeHighlighted)
     def _highlighted(self, event: LayerTree.NodeHighlighted) -> None:
@@ -291,7 +344,7 @@ class ExplorerApp(App):
         if action == "filter" and len(self.screen_stack) > 1:
             return False  # a dialog or the palette is open: "/" is just a character there
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
-                      "overlap_metric", "reverse_sort", "warnings") and self.result is None:
+                      "overlap_metric", "reverse_sort", "warnings", "choose_runs") and self.result is None:
             return None
         return True
 
@@ -339,20 +392,33 @@ class ExplorerApp(App):
 
     def action_chart(self, name: str) -> None:
         self.chart_name = name
-        if self.result is not None:
-            self.query_one(ChartPanel).show(self.current_chart())
+        if self.result is not None and self.focus_node is not None:
+            self._show_view()
 
     def action_next_chart(self) -> None:
-        i = explore.CHARTS.index(self.chart_name)
-        self.action_chart(explore.CHARTS[(i + 1) % len(explore.CHARTS)])
+        i = VIEWS.index(self.chart_name)
+        self.action_chart(VIEWS[(i + 1) % len(VIEWS)])
 
     def action_previous_chart(self) -> None:
-        i = explore.CHARTS.index(self.chart_name)
-        self.action_chart(explore.CHARTS[(i - 1) % len(explore.CHARTS)])
+        i = VIEWS.index(self.chart_name)
+        self.action_chart(VIEWS[(i - 1) % len(VIEWS)])
 
     def action_overlap_metric(self) -> None:
+        if self.chart_name == "heatmap":
+            i = glance.MEASURES.index(self.heatmap_measure)
+            self.heatmap_measure = glance.MEASURES[(i + 1) % len(glance.MEASURES)]
+            self.action_chart("heatmap")
+            return
         self.overlap_metric = "jaccard" if self.overlap_metric == "o1" else "o1"
         self.action_chart("overlap")
+
+    def action_choose_runs(self) -> None:
+        def apply(chosen: tuple[int, ...] | None) -> None:
+            if chosen:
+                self.selected_runs = chosen
+                self._show_focus()
+
+        self.push_screen(RunChooser(self.result.run_labels, self.selected_runs), apply)
 
     def _export_path(self, what: str) -> Path:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.focus_node.key if self.focus_node else "model").strip("_")
@@ -385,6 +451,10 @@ class ExplorerApp(App):
 
     def action_export_chart(self) -> None:
         if self.focus_node is None:
+            return
+        if self.chart_name == "heatmap":
+            header, rows = glance.grid_rows(self.selected_stats(), self.result.run_labels, self.heatmap_measure)
+            self._write(self._export_path(f"heatmap-{self.heatmap_measure}"), csv_text(header, rows))
             return
         data = self.current_chart()
         header, rows = data.rows()
@@ -424,7 +494,10 @@ class ExplorerApp(App):
         yield SystemCommand("Cancel computation", "Stop, keeping what is done", self.action_cancel_or_clear)
         yield SystemCommand("Sort table", "Sort by the next column", self.action_sort)
         yield SystemCommand("Reverse sort", "Reverse the table's order", self.action_reverse_sort)
-        yield SystemCommand("Toggle overlap metric", "o1 or Jaccard", self.action_overlap_metric)
+        yield SystemCommand("Toggle overlap metric", "o1 or Jaccard (heatmap: or lift)", self.action_overlap_metric)
+        yield SystemCommand("Choose runs", "The runs the pooled figures use", self.action_choose_runs)
+        yield SystemCommand("Overlap heatmap", "Every pair of chosen runs, coloured by lift",
+                            lambda: self.action_chart("heatmap"))
         for name in explore.CHARTS:
             yield SystemCommand(f"Chart: {explore.CHART_TITLES[name]}", "Show this chart",
                                 lambda n=name: self.action_chart(n))

@@ -1,0 +1,135 @@
+"""The summary strip, choosing runs and the overlap heatmap, driven through the real app; numbers against numpy."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from reference import mask
+from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.ui.heatmap import HeatmapPanel
+from rlsub_tui.ui.runs import RunChooser
+from rlsub_tui.ui.summary import SummaryStrip
+from test_ui import checkpoints, make_app, settle  # noqa: F401  (the fixture)
+
+RUNS = ("seed0", "seed1", "seed2")
+
+
+def numpy_masks(root, runs=RUNS):
+    """Every run's update mask over the whole model (atol 1e-5 in bf16), from the files, with numpy."""
+    base = load_file(str(root / "base" / "model.safetensors"))
+    out = []
+    for r in runs:
+        state = load_file(str(root / r / "model.safetensors"))
+        out.append(np.concatenate([mask(base[n].float().numpy(), state[n].float().numpy(), "bf16").reshape(-1)
+                                   for n in sorted(base)]))
+    return np.stack(out)
+
+
+def expected_lines(m: np.ndarray) -> dict:
+    k, n = m.shape
+    o1 = [(m[a] & m[b]).sum() / m[a].sum() for a, b in itertools.permutations(range(k), 2)]
+    o1_rnd = [m[b].mean() for a, b in itertools.permutations(range(k), 2)]
+    jac, jac_rnd = [], []
+    for a, b in itertools.combinations(range(k), 2):
+        jac.append((m[a] & m[b]).sum() / (m[a] | m[b]).sum())
+        p, q = m[a].mean(), m[b].mean()
+        jac_rnd.append(p * q / (p + q - p * q))
+    consensus = np.all(m, axis=0).mean()
+    return {"o1": f"mean o1 {np.mean(o1):.3f}  chance {np.mean(o1_rnd):.3f}",
+            "jaccard": f"Jaccard {np.mean(jac):.3f}  chance {np.mean(jac_rnd):.3f}",
+            "consensus": f"all {k} runs {100 * consensus:.2f}%  chance {100 * np.prod(m.mean(axis=1)):.2f}%",
+            "sparsity": " ".join(f"{100 * (1 - m[i].mean()):.1f}" for i in range(k))}
+
+
+async def test_summary_strip_and_choosing_runs(checkpoints):
+    m = numpy_masks(checkpoints)
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        lines = app.query_one(SummaryStrip).lines
+        want = expected_lines(m)
+        assert lines[1].startswith(want["o1"]) and "lift" in lines[1]
+        assert lines[2].startswith(want["jaccard"])
+        assert lines[3].startswith(want["consensus"])
+        assert [c.split(":")[1] for c in lines[0].split()[-3:]] == want["sparsity"].split()
+        assert lines[4].startswith("same sign")
+        # drop seed1 in the run list: figures follow without recomputing
+        computed = dict(app.result.tensors)
+        await pilot.press("r")
+        assert isinstance(app.screen, RunChooser)
+        await pilot.press("down", "space", "enter")
+        await pilot.pause()
+        assert app.selected_runs == (0, 2)
+        assert app.result.tensors == computed and not app.running
+        lines = app.query_one(SummaryStrip).lines
+        want = expected_lines(m[[0, 2]])
+        assert lines[1].startswith(want["o1"]) and lines[2].startswith(want["jaccard"])
+        assert lines[3].startswith(want["consensus"])
+        assert lines[4] == "same sign: recorded for all runs together only"
+        await pilot.press("2")
+        chart = app.query_one(ChartPanel).data
+        assert chart.xticks == ["1·3"]
+        assert chart.series["lift"][0] == pytest.approx(chart.series["observed"][0] / chart.series["chance"][0])
+        await pilot.press("3")
+        chart = app.query_one(ChartPanel).data
+        hits = m[[0, 2]].sum(axis=0)
+        assert chart.series["observed"] == pytest.approx([100 * np.mean(hits == j) for j in range(3)])
+        await pilot.press("1")
+        assert list(app.query_one(ChartPanel).data.series) == ["seed0", "seed2"]
+
+
+async def test_runs_option_and_heatmap_export(checkpoints):
+    m = numpy_masks(checkpoints)
+    app = make_app(checkpoints)
+    app.config.run_selection = "seed1,seed2"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert app.selected_runs == (1, 2)
+        await pilot.press("7")
+        panel = app.query_one(HeatmapPanel)
+        assert panel.display and not app.query_one(ChartPanel).display
+        both = (m[1] & m[2]).sum()
+        assert panel.grid[0][1].value == pytest.approx(both / m[1].sum())  # row seed1, column seed2: o1
+        assert panel.grid[1][0].value == pytest.approx(both / m[2].sum())
+        assert panel.grid[0][1].lift == pytest.approx(both / m[1].sum() / m[2].mean())
+        await pilot.press("o")
+        assert panel.measure == "jaccard"
+        assert panel.grid[0][1].value == pytest.approx(both / (m[1] | m[2]).sum())
+        await pilot.press("o")
+        assert panel.measure == "lift"
+        await pilot.press("x")
+        rows = list(csv.DictReader(open(app.last_export)))
+        assert "heatmap-lift" in app.last_export.name
+        assert [(r["run_a"], r["run_b"]) for r in rows] == [("seed1", "seed2"), ("seed2", "seed1")]
+        assert float(rows[0]["value"]) == pytest.approx(both / m[1].sum() / m[2].mean())
+
+
+async def test_bad_runs_selection_in_the_app_shows_a_dialog(checkpoints):
+    from rlsub_tui.ui.dialogs import ErrorDialog
+
+    app = make_app(checkpoints)
+    app.config.run_selection = "nothing-*"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert isinstance(app.screen, ErrorDialog) and "matches no run" in app.screen.message
+        await pilot.press("enter")
+        assert app.selected_runs == (0, 1, 2)
+
+
+async def test_undefined_overlap_is_said_not_drawn(checkpoints):
+    from synthetic import base_state, save
+
+    b = base_state()
+    save(b, checkpoints / "same1")
+    save(b, checkpoints / "same2")
+    app = make_app(checkpoints, runs=("same1", "same2"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        assert "undefined: no chosen run updated" in app.query_one(ChartPanel).data.message
+        assert "undefined" in app.query_one(SummaryStrip).lines[1]
