@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rlsub_tui.explore import CHART_TITLES, ChartData
+from rlsub_tui.explore import rank_chart as matrix_rank_chart
 from rlsub_tui.formatting import count, pct, ratio
+from rlsub_tui.names import place
 from rlsub_tui.selection import OverlapFigure, SelectedStats
 
 MEASURES = ["o1", "jaccard", "lift"]
 MEASURE_TITLES = {
-    "o1": "o1 = |A∩B|/|A| (row A, column B)",
-    "jaccard": "Jaccard |A∩B|/|A∪B|",
-    "lift": "lift of o1 over chance (row A, column B)",
+    "o1": "o1 = |A∩B|/|A|, row A, column B",
+    "jaccard": "Jaccard = |A∩B|/|A∪B|",
+    "lift": "o1 / chance, row A, column B",
 }
 
 
@@ -118,8 +121,6 @@ def grid_rows(sel: SelectedStats, labels: list[str], measure: str) -> tuple[list
 
 def overlap_chart(sel: SelectedStats, metric: str = "o1"):
     """Per pair of chosen runs (numbered as in the run list): observed, chance and lift = observed / chance."""
-    from rlsub_tui.explore import ChartData
-
     title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
     if len(sel.runs) < 2:
         return ChartData("overlap", title, "pair", metric, [], {}, message="overlap needs two or more chosen runs: press r")
@@ -142,8 +143,6 @@ def overlap_chart(sel: SelectedStats, metric: str = "o1"):
 
 def agreement_chart(sel: SelectedStats):
     """Percent of parameters updated by exactly j of the chosen runs, observed and by chance."""
-    from rlsub_tui.explore import CHART_TITLES, ChartData
-
     title = CHART_TITLES["agreement"] + " (% of params)"
     if not sel.numel:
         return ChartData("agreement", title, "j", "% of params", [], {}, message="waiting for results…")
@@ -155,3 +154,90 @@ def agreement_chart(sel: SelectedStats):
     return ChartData("agreement", title, "j", "% of params", list(range(len(sel.runs) + 1)),
                      {"observed": [100 * float(c) / sel.numel for c in observed],
                       "chance": [100 * float(c) / sel.numel for c in chance]})
+
+
+# ------------------------------------------------------------------------------------------------------
+# Charts that follow the focus: a node inside one layer is shown against its peers in every layer
+
+
+@dataclass
+class MarkedChart(ChartData):
+    """A chart over layers with one layer marked (the focused one)."""
+
+    marked: int | None = None
+
+
+@dataclass
+class LayerProfile:
+    """Tensors grouped by layer index, and the layer the focus sits in (None when it spans several)."""
+
+    by_layer: dict[int, list[str]]
+    marked: int | None
+    what: str  # "q_proj.weight", "all tensors", …
+
+
+def layer_profile(node, result) -> LayerProfile:
+    """The node's tensors by layer; a node inside a single layer gets the same tensor types from every layer."""
+    placed = [(t, place(t)) for t in node.tensors]
+    layers = {p.layer for _, p in placed if p.layer is not None}
+    if len(layers) != 1:
+        by_layer: dict[int, list[str]] = {}
+        for t, p in placed:
+            if p.layer is not None:
+                by_layer.setdefault(p.layer, []).append(t)
+        return LayerProfile(by_layer, None, "")
+    types = {p.tensor_type for _, p in placed if p.layer is not None}
+    by_layer = {}
+    for t in result.planned:
+        p = place(t)
+        if p.layer is not None and p.tensor_type in types:
+            by_layer.setdefault(p.layer, []).append(t)
+    what = next(iter(types)) if len(types) == 1 else (node.label if node.level != "layer" else "all tensors")
+    return LayerProfile(by_layer, next(iter(layers)), what)
+
+
+def depth_chart(node, result, runs: tuple[int, ...]):
+    """Sparsity per layer for each chosen run; inside one layer, the same tensor types across all layers."""
+    prof = layer_profile(node, result)
+    title = f"sparsity: every {prof.what} by layer" if prof.marked is not None else CHART_TITLES["depth"]
+    series: dict[str, list[float]] = {result.run_labels[i]: [] for i in runs}
+    xs = []
+    for layer in sorted(prof.by_layer):
+        s = result.stats(prof.by_layer[layer])
+        if s.tensors == 0:
+            continue
+        xs.append(layer)
+        for i in runs:
+            series[result.run_labels[i]].append(100 * s.sparsity(i))
+    msg = None
+    if not prof.by_layer:
+        msg = "no layered tensors here (embedding, head, final norm): move to a layer or the model"
+    elif not xs:
+        msg = "waiting for results…"
+    return MarkedChart("depth", title, "layer", "sparsity %", xs, series, message=msg, marked=prof.marked)
+
+
+def rank_chart(node, result, runs: tuple[int, ...]):
+    """Mean rank ratio per 2-D matrix; inside one layer, that matrix type's ratio in every layer, focus marked."""
+    prof = layer_profile(node, result)
+    if prof.marked is None:
+        return matrix_rank_chart(node, result)
+    xs, ys = [], []
+    for layer in sorted(prof.by_layer):
+        ratios = [s.rank / r.max_rank for t in prof.by_layer[layer] if (r := result.tensors.get(t)) and r.max_rank
+                  for i, s in enumerate(r.runs) if i in runs and s.rank is not None]
+        if ratios:
+            xs.append(layer)
+            ys.append(100 * float(sum(ratios) / len(ratios)))
+    msg = None if xs else _no_rank_reason(prof, result)
+    return MarkedChart("rank", f"rank/max: every {prof.what} (mean of runs)",
+                       "layer", "rank / max %", xs, {"rank ratio": ys}, message=msg, marked=prof.marked)
+
+
+def _no_rank_reason(prof: LayerProfile, result) -> str:
+    records = [result.tensors[t] for ts in prof.by_layer.values() for t in ts if t in result.tensors]
+    if not records:
+        return "waiting for results…"
+    if not any(r.max_rank for r in records):
+        return "1-D tensors have no rank: move to a 2-D matrix (a *_proj)"
+    return "no rank computed for these matrices (started with --no-rank)"

@@ -133,3 +133,97 @@ async def test_undefined_overlap_is_said_not_drawn(checkpoints):
         await pilot.press("2")
         assert "undefined: no chosen run updated" in app.query_one(ChartPanel).data.message
         assert "undefined" in app.query_one(SummaryStrip).lines[1]
+
+
+def test_snapshot_heatmap_80x24(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        await pilot.press("7")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_overlap_lift_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        await pilot.press("2")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+def test_snapshot_heatmap_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        await pilot.press("7", "o")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+def focus(app, key):
+    from rlsub_tui import explore
+
+    app.focus_node = explore.find(app.roots, key)
+    app._show_focus()
+
+
+async def test_charts_follow_the_focus(checkpoints):
+    from reference import numpy_rank, stored_delta
+
+    base = load_file(str(checkpoints / "base" / "model.safetensors"))
+    runs = [load_file(str(checkpoints / r / "model.safetensors")) for r in RUNS]
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        focus(app, "tensor:model.layers.1.self_attn.q_proj.weight")
+        await pilot.press("1")
+        chart = app.query_one(ChartPanel).data
+        assert chart.x == [0, 1] and chart.marked == 1 and "q_proj.weight" in chart.title
+        for r, label in zip(runs, RUNS):
+            want = [100 * (1 - mask(base[n].float().numpy(), r[n].float().numpy(), "bf16").mean())
+                    for n in (f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1))]
+            assert chart.series[label] == pytest.approx(want)
+        await pilot.press("4")
+        chart = app.query_one(ChartPanel).data
+        assert chart.x == [0, 1] and chart.marked == 1
+        for i in (0, 1):
+            n = f"model.layers.{i}.self_attn.q_proj.weight"
+            ranks = [numpy_rank(stored_delta(base[n].float().numpy(), r[n].float().numpy(), "bf16")) for r in runs]
+            assert chart.series["rank ratio"][i] == pytest.approx(100 * np.mean(ranks) / 32)
+        focus(app, "tensor:model.layers.0.input_layernorm.weight")
+        assert app.query_one(ChartPanel).data.message.startswith("1-D tensors have no rank: move to")
+        await pilot.press("1")
+        focus(app, "tensor:model.embed_tokens.weight")
+        assert "move to a layer or the model" in app.query_one(ChartPanel).data.message
+        focus(app, "model.layers.0")  # a layer: every layer, this one marked
+        chart = app.query_one(ChartPanel).data
+        assert chart.x == [0, 1] and chart.marked == 0
+        s1 = app.result.stats(explore_layer(app, 1)).sparsity(2)
+        assert chart.series["seed2"][1] == pytest.approx(100 * s1)
+
+
+def explore_layer(app, i):
+    from rlsub_tui import explore
+
+    return explore.find(app.roots, f"model.layers.{i}").tensors
+
+
+def test_snapshot_depth_on_a_tensor_80x24(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.1.mlp.gate_proj.weight")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_rank_on_a_tensor_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.0.mlp.gate_proj.weight")
+        await pilot.press("4")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)

@@ -321,6 +321,10 @@ class ExplorerApp(App):
             return glance.overlap_chart(sel, self.overlap_metric)
         if self.chart_name == "agreement":
             return glance.agreement_chart(sel)
+        if self.chart_name == "depth":
+            return glance.depth_chart(self.focus_node, self.result, sel.runs)
+        if self.chart_name == "rank":
+            return glance.rank_chart(self.focus_node, self.result, sel.runs)
         data = explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric)
         chosen = {self.result.run_labels[i] for i in sel.runs}
         if set(data.series) <= set(self.result.run_labels):  # one series per run: keep the chosen ones

@@ -17,30 +17,35 @@ class ChartPanel(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title(data.title)
+        plt.title(self._fit(data.title))
         if data.message or not data.x:
             plt.xlabel("")
             plt.ylabel("")
-            plt.title(f"{data.title}: {data.message or 'nothing to draw'}")
+            plt.title(self._fit(f"{data.title}: {data.message or 'nothing to draw'}"))
             self.refresh()
             return
         plt.xlabel(data.xlabel)
         plt.ylabel(data.ylabel)
+        marked = getattr(data, "marked", None)
         if data.name == "overlap":
             self._lift_points(data)
         elif data.name == "agreement":
             labels = data.xticks or [str(x) for x in data.x]
             plt.multiple_bar(labels, [data.series[s] for s in data.series], labels=list(data.series))
-        elif data.name == "rank":
+        elif data.name == "rank" and marked is None:
             ys = data.series["rank ratio"]
             plt.bar(list(range(len(ys))), ys)
             plt.ylim(0, 105)
             plt.xlabel("matrix (see table / export for names)")
+        elif data.name == "rank":
+            self._marked_bars(data, marked)
         else:
             for label, ys in data.series.items():
                 plt.plot(data.x, ys, label=label, marker="braille")
             if data.name in ("depth",):
                 plt.xticks(data.x)
+        if marked is not None and data.x:
+            self._mark(data, marked)
         self.refresh()
 
     def _lift_points(self, data: ChartData) -> None:
@@ -57,3 +62,27 @@ class ChartPanel(PlotextPlot):
         plt.xticks(xs, ticks)
         plt.xlabel("pair i·j of chosen runs (numbers as in r and the heatmap, 7)")
         plt.ylabel(f"{data.ylabel} / chance")
+
+    def _fit(self, title: str) -> str:
+        """plotext drops a title wider than the plot: shorten it instead."""
+        width = max(20, (self.size.width or 80) - 12)  # the y-axis ticks take some of the width
+        return title if len(title) <= width else title[:width - 1] + "…"
+
+    def _marked_bars(self, data: ChartData, marked: int) -> None:
+        plt = self.plt
+        pairs = list(zip(data.x, data.series["rank ratio"]))
+        plt.bar([x for x, _ in pairs if x != marked], [y for x, y in pairs if x != marked], color="blue")
+        plt.bar([x for x, _ in pairs if x == marked], [y for x, y in pairs if x == marked], color="red")
+        plt.ylim(0, 105)
+
+    def _mark(self, data: ChartData, marked: int) -> None:
+        """The focused layer: a red line and, on line charts, a red dot on each series."""
+        plt = self.plt
+        plt.xlim(min(data.x) - 0.5, max(data.x) + 0.5)
+        plt.xticks(data.x)
+        if marked in data.x and data.name != "rank":
+            i = data.x.index(marked)
+            ys = [ys[i] for ys in data.series.values()]
+            plt.scatter([marked] * len(ys), ys, marker="●", color="red")
+        plt.vline(marked, color="red")
+        plt.xlabel(f"{data.xlabel} (red: focus)")

@@ -43,7 +43,7 @@ class HeatmapPanel(Static):
     def show(self, grid: list[list[GridCell]], labels: list[str], runs: tuple[int, ...], measure: str,
              message: str | None = None) -> None:
         self.grid, self.measure = grid, measure
-        title = f"{MEASURE_TITLES[measure]} · o: measure"
+        title = f"{MEASURE_TITLES[measure]} (o: next)"
         if message:
             self.update(Text(f"{title}\n{message}"))
             return
