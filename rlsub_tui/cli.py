@@ -32,6 +32,21 @@ def _sweep(text: str) -> tuple[float, ...]:
     return tuple(sorted(_float(p.strip()) for p in parts))
 
 
+def _group(text: str) -> tuple[str, str]:
+    from rlsub_tui.groups import parse_group
+
+    try:
+        return parse_group(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_group_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group", type=_group, action="append", default=None, metavar="NAME=GLOB",
+                   help="a run group (repeatable): runs whose label matches GLOB; default: runs whose labels "
+                        "differ only by a trailing seed number (grpo-lowlr-seed1..3 -> grpo-lowlr)")
+
+
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what counts as updated")
     g.add_argument("--criterion", choices=["atol", "exact", "relative"], default="atol",
@@ -66,6 +81,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="fine-tuned checkpoint, optionally NAME=PATH")
     p.add_argument("--out", required=True, type=Path, help="directory for the output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_group_option(p)
     add_analysis_options(p)
     return p
 
@@ -80,6 +96,7 @@ def explore_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None, metavar="SEL",
                    help="runs the pooled figures use at start: numbers (1,3 or 1-3), labels or globs "
                         "(grpo-lowlr-*), comma separated; r changes it in the explorer")
+    add_group_option(p)
     add_analysis_options(p)
     return p
 
@@ -112,11 +129,14 @@ class ProgressLine:
 def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.engine import Analysis
     from rlsub_tui.export import write_outputs
+    from rlsub_tui.groups import resolve_groups
     from rlsub_tui.report import summary_text
+    from rlsub_tui.selection import run_labels
 
     args = analyze_parser().parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out}: exists and is not a directory.")
+    resolve_groups(args.group, run_labels(args.runs))  # a bad --group is refused before any tensor is read
     analysis = Analysis(args.base, args.runs, analysis_options(args))
     try:
         for k in analysis.result.skipped:
@@ -139,7 +159,7 @@ def run_analyze(argv: list[str]) -> int:
         if any(s.nonfinite for s in r.runs):
             counts = ", ".join(f"{lbl} {s.nonfinite}" for lbl, s in zip(result.run_labels, r.runs) if s.nonfinite)
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
-    write_outputs(result, args.out)
+    write_outputs(result, args.out, resolve_groups(args.group, result.run_labels))
     print(summary_text(result))
     print(f"\nwrote {args.out.resolve()}/{{matrices,pairs,agreement,groups}}.csv and summary.json")
     return 0
@@ -157,13 +177,15 @@ def run_explore(argv: list[str]) -> int:
         base, runs = args.checkpoints[0], args.checkpoints[1:]
     else:
         base, runs = sample_checkpoints()
-    if args.runs is not None:
-        from rlsub_tui.selection import parse_runs, run_labels
+    from rlsub_tui.groups import resolve_groups
+    from rlsub_tui.selection import parse_runs, run_labels
 
+    if args.runs is not None:
         parse_runs(args.runs, run_labels(runs))  # a bad selection is refused before the UI starts
+    resolve_groups(args.group, run_labels(runs))
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
     app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
-                                        run_selection=args.runs))
+                                        run_selection=args.runs, group_specs=args.group))
     app.run()
     return app.return_code or 0
 

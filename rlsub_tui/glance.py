@@ -241,3 +241,51 @@ def _no_rank_reason(prof: LayerProfile, result) -> str:
     if not any(r.max_rank for r in records):
         return "1-D tensors have no rank: move to a 2-D matrix (a *_proj)"
     return "no rank computed for these matrices (started with --no-rank)"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Run groups: within against between
+
+
+def groups_line(sel: SelectedStats, groups) -> str | None:
+    """Mean o1 over pairs inside a group and over pairs across groups (chosen runs only); None without groups."""
+    from rlsub_tui.groups import within_between
+
+    if not groups or not sel.numel:
+        return None
+    within, between = within_between(sel.stats, groups, sel.runs)
+    if not within.pairs or not between.pairs:
+        return f"groups: {'no pair inside a group' if not within.pairs else 'one group chosen'} (b: blocks)"
+    return (f"o1 within groups {ratio(within.o1, 3)} ({_lift(within.lift('o1'))}), "
+            f"between {ratio(between.o1, 3)} ({_lift(between.lift('o1'))})")
+
+
+def block_grid(sel: SelectedStats, groups, measure: str) -> tuple[list[str], list[list[GridCell]]]:
+    """Groups × groups: each cell the mean measure over the chosen run pairs between the two (within on the
+    diagonal); lift = mean observed over mean chance."""
+    from rlsub_tui.groups import blocks
+
+    key = "jaccard" if measure == "jaccard" else "o1"
+    grid = []
+    for row in blocks(sel.stats, groups, sel.runs):
+        cells = []
+        for f in row:
+            obs, rnd = getattr(f, key), getattr(f, f"{key}_random")
+            lift = f.lift(key)
+            cells.append(GridCell(lift if measure == "lift" else obs, rnd, lift) if f.pairs
+                         else GridCell(math.nan, math.nan, math.nan))
+        grid.append(cells)
+    return [f"{g.name} ({len(g.runs)})" for g in groups], grid
+
+
+def block_rows(sel: SelectedStats, groups, measure: str) -> tuple[list[str], list[list]]:
+    from rlsub_tui.groups import blocks
+
+    header = ["group_a", "group_b", "pairs", "measure", "value", "chance", "lift"]
+    names, grid = block_grid(sel, groups, measure)
+    figs = blocks(sel.stats, groups, sel.runs)
+    rows = []
+    for ga, cells, frow in zip(groups, grid, figs):
+        for gb, c, f in zip(groups, cells, frow):
+            rows.append([ga.name, gb.name, f.pairs, measure, c.value, 1.0 if measure == "lift" else c.chance, c.lift])
+    return header, rows

@@ -39,6 +39,7 @@ class ExplorerConfig:
     options: object  # rlsub_tui.engine.AnalysisOptions (imported lazily: torch loads in the worker)
     export_dir: Path
     run_selection: str | None = None  # --runs: which runs the pooled figures use at start (default all)
+    group_specs: list[tuple[str, str]] | None = None  # --group NAME=GLOB; None: groups from label prefixes
 
 
 class ExplorerApp(App):
@@ -62,6 +63,8 @@ class ExplorerApp(App):
         Binding("S", "reverse_sort", "Reverse", show=False, id="app.reverse_sort", tooltip="Reverse the sort"),
         Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric",
                 tooltip="Overlap chart: o1 or Jaccard; heatmap: o1, Jaccard or lift"),
+        Binding("b", "blocks", "Groups", show=False, id="app.blocks",
+                tooltip="Heatmap: run groups × groups (within on the diagonal) or runs × runs"),
         Binding("r", "choose_runs", "Runs", id="app.choose_runs", tooltip="Choose the runs the pooled figures use"),
         Binding("w", "warnings", "Warnings", show=False, id="app.warnings",
                 tooltip="Tensors not compared (and why) and other notes"),
@@ -89,6 +92,8 @@ class ExplorerApp(App):
         self.chart_name = "depth"
         self.overlap_metric = "o1"
         self.heatmap_measure = "o1"
+        self.heatmap_blocks = False  # b: groups × groups instead of runs × runs
+        self.groups: list = []  # RunGroup list, set when the analysis opens
         self.selected_runs: tuple[int, ...] = ()  # chosen runs (0-based); set when the analysis opens
         self.filter_text = ""
         self.generation = 0
@@ -209,6 +214,7 @@ class ExplorerApp(App):
             self._rebuild_tree(old_key)
         self._preview_names = None
         self._choose_initial_runs(r.run_labels)
+        self._resolve_groups(r.run_labels)
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
                           + (f" · sweep {len(r.sweep)}" if r.sweep else "") + f" · {r.device}")
@@ -220,6 +226,15 @@ class ExplorerApp(App):
             text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
                 (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
             self.notify(text, severity="warning", timeout=10)
+
+    def _resolve_groups(self, labels: list[str]) -> None:
+        from rlsub_tui.groups import resolve_groups
+
+        try:
+            self.groups = resolve_groups(self.config.group_specs, labels)
+        except InputError as exc:
+            self.groups = []
+            self.push_screen(ErrorDialog("Cannot form these run groups", str(exc)))
 
     def _choose_initial_runs(self, labels: list[str]) -> None:
         self.selected_runs = tuple(range(len(labels)))
@@ -305,15 +320,27 @@ class ExplorerApp(App):
         """The summary strip, then the chart or the heatmap, for the focused node and the chosen runs."""
         sel = self.selected_stats()
         summary = self.query_one(SummaryStrip)
-        summary.show(glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2)))
+        lines = glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
+        group_line = glance.groups_line(sel, self.groups)
+        summary.show(lines + ([group_line] if group_line else []))
         self.query_one(ContentSwitcher).current = "heatmap" if self.chart_name == "heatmap" else "chart"
         if self.chart_name == "heatmap":
-            message = None if len(sel.runs) >= 2 else "the heatmap needs two or more chosen runs: press r"
-            message = message or (None if sel.numel else "waiting for results…")
-            grid = glance.overlap_grid(sel, self.heatmap_measure) if not message else []
-            self.query_one(HeatmapPanel).show(grid, self.result.run_labels, sel.runs, self.heatmap_measure, message)
+            self._show_heatmap(sel)
         else:
             self.query_one(ChartPanel).show(self.current_chart())
+
+    def _show_heatmap(self, sel: SelectedStats) -> None:
+        message = None if len(sel.runs) >= 2 else "the heatmap needs two or more chosen runs: press r"
+        message = message or (None if sel.numel else "waiting for results…")
+        panel = self.query_one(HeatmapPanel)
+        if self.heatmap_blocks and self.groups:
+            names, grid = glance.block_grid(sel, self.groups, self.heatmap_measure)
+            panel.show(grid if not message else [], names, list(range(1, len(names) + 1)), self.heatmap_measure,
+                       message, what="groups")
+            return
+        grid = glance.overlap_grid(sel, self.heatmap_measure) if not message else []
+        panel.show(grid, [self.result.run_labels[i] for i in sel.runs], [i + 1 for i in sel.runs],
+                   self.heatmap_measure, message)
 
     def current_chart(self) -> explore.ChartData:
         sel = self.selected_stats()
@@ -348,7 +375,7 @@ class ExplorerApp(App):
         if action == "filter" and len(self.screen_stack) > 1:
             return False  # a dialog or the palette is open: "/" is just a character there
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
-                      "overlap_metric", "reverse_sort", "warnings", "choose_runs") and self.result is None:
+                      "overlap_metric", "reverse_sort", "warnings", "choose_runs", "blocks") and self.result is None:
             return None
         return True
 
@@ -416,6 +443,13 @@ class ExplorerApp(App):
         self.overlap_metric = "jaccard" if self.overlap_metric == "o1" else "o1"
         self.action_chart("overlap")
 
+    def action_blocks(self) -> None:
+        if not self.groups:
+            self.notify("No run groups: start with --group NAME=GLOB, or name runs NAME-seedN.", severity="warning")
+            return
+        self.heatmap_blocks = not self.heatmap_blocks
+        self.action_chart("heatmap")
+
     def action_choose_runs(self) -> None:
         def apply(chosen: tuple[int, ...] | None) -> None:
             if chosen:
@@ -457,8 +491,13 @@ class ExplorerApp(App):
         if self.focus_node is None:
             return
         if self.chart_name == "heatmap":
-            header, rows = glance.grid_rows(self.selected_stats(), self.result.run_labels, self.heatmap_measure)
-            self._write(self._export_path(f"heatmap-{self.heatmap_measure}"), csv_text(header, rows))
+            sel = self.selected_stats()
+            if self.heatmap_blocks and self.groups:
+                header, rows = glance.block_rows(sel, self.groups, self.heatmap_measure)
+            else:
+                header, rows = glance.grid_rows(sel, self.result.run_labels, self.heatmap_measure)
+            what = "groups" if self.heatmap_blocks and self.groups else "heatmap"
+            self._write(self._export_path(f"{what}-{self.heatmap_measure}"), csv_text(header, rows))
             return
         data = self.current_chart()
         header, rows = data.rows()

@@ -29,8 +29,8 @@ def cell_text(c: GridCell, measure: str) -> Text:
     return Text(shown, style=f"bold white on {lift_colour(c.lift)}" if lift_colour(c.lift) else "", justify="right")
 
 
-def name_cell(i: int, label: str, width: int) -> Text:
-    text = f"{i + 1} {label}"
+def name_cell(key: int, label: str, width: int) -> Text:
+    text = f"{key} {label}"
     return Text(text if len(text) <= width else text[:width - 1] + "…", no_wrap=True)
 
 
@@ -39,20 +39,22 @@ class HeatmapPanel(Static):
         super().__init__("", **kw)
         self.grid: list[list[GridCell]] = []
         self.measure = "o1"
+        self.names: list[str] = []
 
-    def show(self, grid: list[list[GridCell]], labels: list[str], runs: tuple[int, ...], measure: str,
-             message: str | None = None) -> None:
-        self.grid, self.measure = grid, measure
-        title = f"{MEASURE_TITLES[measure]} (o: next)"
+    def show(self, grid: list[list[GridCell]], names: list[str], keys: list[int], measure: str,
+             message: str | None = None, what: str = "runs") -> None:
+        """names: the rows' (and columns') labels in grid order; keys: their numbers (runs keep theirs)."""
+        self.grid, self.measure, self.names = grid, measure, names
+        title = f"{MEASURE_TITLES[measure]} (o: next" + (", b: runs)" if what == "groups" else ")")
         if message:
             self.update(Text(f"{title}\n{message}"))
             return
-        name_width = max(8, min(24, (self.size.width or 48) - 6 * len(runs) - 2))
+        name_width = max(8, min(24, (self.size.width or 48) - 6 * len(names) - 2))
         table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, title=title, title_justify="left",
                       caption=LEGEND, caption_justify="left")
-        table.add_column("run", no_wrap=True, width=name_width)
-        for i in runs:
-            table.add_column(str(i + 1), justify="right", width=5, no_wrap=True)
-        for i, cells in zip(runs, grid):
-            table.add_row(name_cell(i, labels[i], name_width), *(cell_text(c, measure) for c in cells))
+        table.add_column(what[:-1], no_wrap=True, width=name_width)
+        for key in keys:
+            table.add_column(str(key), justify="right", width=5, no_wrap=True)
+        for key, name, cells in zip(keys, names, grid):
+            table.add_row(name_cell(key, name, name_width), *(cell_text(c, measure) for c in cells))
         self.update(table)
