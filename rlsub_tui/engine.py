@@ -239,6 +239,13 @@ class Analysis:
         sources = [(self.base, plan.name)] + list(zip(self.runs, plan.run_names))
         return [ckpt.read(name, rows=plan.rows) for ckpt, name in sources]
 
+    def read_tensors(self, name: str) -> list[torch.Tensor] | None:
+        """Base and run tensors of one planned tensor, on the CPU in the compared dtype; None if not planned."""
+        plan = next((p for p in self.plans if p.name == name), None)
+        if plan is None:
+            return None
+        return [t if t.dtype == plan.dtype else t.to(plan.dtype) for t in self._load_cpu(plan)]
+
     def _compute(self, plan: TensorPlan, loaded: list[torch.Tensor], known: list[int | None]):
         tensors = [t if t.dtype == plan.dtype else t.to(plan.dtype) for t in loaded]
         return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),

@@ -94,6 +94,18 @@ def _nonzero(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))  # far faster than mask.sum() on bool tensors
 
 
+def criterion_mask(b: torch.Tensor, r: torch.Tensor, absd: torch.Tensor, criterion: Criterion, tol: float,
+                   work: torch.dtype) -> torch.Tensor:
+    """Updated under the criterion (NaN/Inf handled by the caller): |Δ| > tol in the stored dtype (atol), the
+    stored values differ (exact), or |Δ| > η·max(|w0|, |w1|) in `work` precision (relative)."""
+    if criterion.name == "atol":
+        return absd > tol
+    if criterion.name == "exact":
+        return r != b
+    bw, rw = b.to(work), r.to(work)
+    return (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
+
+
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
                    ranks: list[int | None] | None = None) -> TensorComputation:
@@ -159,13 +171,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
                 d = torch.where(finite, d, torch.zeros_like(d))
                 absd = d.abs()
                 total = float(absd.sum())
-            if criterion.name == "atol":
-                mask = absd > tol
-            elif criterion.name == "exact":
-                mask = r != b
-            else:
-                bw, rw = b.to(work), r.to(work)
-                mask = (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
+            mask = criterion_mask(b, r, absd, criterion, tol, work)
             if bad:
                 mask |= ~finite
                 nonfinite[j] += bad
