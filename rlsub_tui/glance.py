@@ -256,8 +256,8 @@ def groups_line(sel: SelectedStats, groups) -> str | None:
     within, between = within_between(sel.stats, groups, sel.runs)
     if not within.pairs or not between.pairs:
         return f"groups: {'no pair inside a group' if not within.pairs else 'one group chosen'} (b: blocks)"
-    return (f"o1 within groups {ratio(within.o1, 3)} ({_lift(within.lift('o1'))}), "
-            f"between {ratio(between.o1, 3)} ({_lift(between.lift('o1'))})")
+    return (f"o1 within groups {ratio(within.o1, 3).lstrip('0')} ({_lift(within.lift('o1'))}), "
+            f"between {ratio(between.o1, 3).lstrip('0')} ({_lift(between.lift('o1'))})")
 
 
 def block_grid(sel: SelectedStats, groups, measure: str) -> tuple[list[str], list[list[GridCell]]]:
@@ -288,4 +288,43 @@ def block_rows(sel: SelectedStats, groups, measure: str) -> tuple[list[str], lis
     for ga, cells, frow in zip(groups, grid, figs):
         for gb, c, f in zip(groups, cells, frow):
             rows.append([ga.name, gb.name, f.pairs, measure, c.value, 1.0 if measure == "lift" else c.chance, c.lift])
+    return header, rows
+
+
+# ------------------------------------------------------------------------------------------------------
+# One tensor, looked at closely (matrix_detail)
+
+
+def delta_chart(detail, labels: list[str]) -> MarkedChart:
+    """% of the tensor's parameters per log2 |Δ| bin, one series per chosen run; the atol tolerance marked."""
+    counts = detail.log2_counts
+    used = [i for i in range(counts.shape[1]) if counts[:, i].any()]
+    title = f"log2 |Δ| of {detail.name.rsplit('.', 2)[-2] if '.' in detail.name else detail.name}"
+    if not used:
+        return MarkedChart("delta", title, "log2 |Δ|", "% of params", [], {},
+                           message="no chosen run changed this tensor (Δ = 0 everywhere)")
+    lo, hi = used[0], used[-1]
+    numel = int(detail.cell_numel.sum())
+    xs = [int(x) for x in detail.log2_bins[lo:hi + 1]]
+    series = {labels[r]: [100 * float(c) / numel for c in counts[j, lo:hi + 1]] for j, r in enumerate(detail.runs)}
+    tol = detail.tolerance_log2
+    suffix = f", tolerance 2^{tol:.1f}" if tol is not None else ""
+    return MarkedChart("delta", title + suffix, "log2 |Δ| (bin x: [2^x, 2^(x+1)))", "% of params", xs, series,
+                       marked=tol)
+
+
+def detail_rows(detail, labels: list[str], view: str) -> tuple[list[str], list[list]]:
+    """CSV of a detail view: the Δ histogram's counts per bin, or the mask map's counts per cell."""
+    names = [labels[r] for r in detail.runs]
+    if view == "delta":
+        header = ["log2_abs_delta"] + names
+        rows = [["zero"] + [int(z) for z in detail.zero]]
+        rows += [[int(x)] + [int(c) for c in detail.log2_counts[:, i]] for i, x in enumerate(detail.log2_bins)]
+        return header, rows
+    header = ["cell_row", "cell_col", "params"] + [f"updated:{n}" for n in names] + ["updated_by_all_chosen"]
+    rows = []
+    for i in range(detail.cell_numel.shape[0]):
+        for j in range(detail.cell_numel.shape[1]):
+            rows.append([i, j, int(detail.cell_numel[i, j])] + [int(u[i, j]) for u in detail.updated]
+                        + [int(detail.consensus[i, j])])
     return header, rows

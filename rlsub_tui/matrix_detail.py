@@ -4,7 +4,7 @@ distribution of log2 |Δ| per run. Reads that one tensor from each checkpoint, n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.masks import _rounded, criterion_mask, stored_delta
 
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in blocks of about this many parameters
-LOG2_MIN, LOG2_MAX = -40, 8  # histogram range of log2 |Δ| (clamped at the ends)
+LOG2_MIN, LOG2_MAX = -40, 8
+FINE_CELLS = (96, 256)  # the map is counted on at most this grid once, then merged to the screen's size  # histogram range of log2 |Δ| (clamped at the ends)
 
 
 @dataclass
@@ -31,6 +32,20 @@ class MatrixDetail:
     zero: np.ndarray  # (len(runs),) parameters with Δ exactly 0
     tolerance_log2: float | None  # log2 of the atol tolerance as the stored dtype rounds it; None otherwise
 
+    def resampled(self, rows: int, cols: int) -> "MatrixDetail":
+        """The same counts merged into at most rows × cols cells (cells of the finer grid summed)."""
+        r0, c0 = self.cell_numel.shape
+        rows, cols = max(1, min(rows, r0)), max(1, min(cols, c0))
+        ri, ci = (np.arange(r0) * rows) // r0, (np.arange(c0) * cols) // c0
+
+        def merge(a: np.ndarray) -> np.ndarray:
+            out = np.zeros(a.shape[:-2] + (rows, cols), dtype=np.int64)
+            np.add.at(out, (..., ri[:, None], ci[None, :]), a)
+            return out
+
+        return replace(self, cell_numel=merge(self.cell_numel), updated=merge(self.updated),
+                       consensus=merge(self.consensus))
+
     def fraction(self, which: int | None) -> np.ndarray:
         """Updated fraction per cell: of chosen run `which` (its position in runs), or by every chosen run."""
         counts = self.consensus if which is None else self.updated[which]
@@ -43,7 +58,7 @@ def _cells(length: int, cells: int) -> torch.Tensor:
 
 
 def detail(name: str, tensors: list[torch.Tensor], options: AnalysisOptions, runs: tuple[int, ...],
-           rows: int, cols: int) -> MatrixDetail:
+           rows: int = FINE_CELLS[0], cols: int = FINE_CELLS[1]) -> MatrixDetail:
     """tensors: base then every run (one shape, one dtype); a 1-D tensor is mapped as one row."""
     base, others = tensors[0], [tensors[1 + i] for i in runs]
     shape = tuple(base.shape)

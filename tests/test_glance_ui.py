@@ -227,3 +227,80 @@ def test_snapshot_rank_on_a_tensor_120x40(checkpoints, snap_compare):
         await pilot.pause(0.2)
 
     assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+async def wait_detail(app, pilot):
+    for _ in range(100):
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.05)
+        if app.tensor_details:
+            return
+    raise AssertionError("the tensor's detail never arrived")
+
+
+async def test_mask_map_and_delta_histogram_of_the_focused_tensor(checkpoints):
+    from reference import stored_delta
+    from rlsub_tui.matrix_detail import LOG2_MIN
+    from rlsub_tui.ui.maskmap import MaskMapPanel
+
+    name = "model.layers.1.mlp.up_proj.weight"  # 48 x 32
+    base = load_file(str(checkpoints / "base" / "model.safetensors"))[name].float().numpy()
+    runs = [load_file(str(checkpoints / r / "model.safetensors"))[name].float().numpy() for r in RUNS]
+    app = make_app(checkpoints)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("8")
+        assert "move to a single tensor" in str(app.query_one(MaskMapPanel).render())
+        focus(app, f"tensor:{name}")
+        await wait_detail(app, pilot)
+        app._show_focus()
+        await pilot.pause()
+        panel = app.query_one(MaskMapPanel)
+        rows, cols = panel.fraction.shape
+        assert rows == min(48, panel.map_size()[0]) and cols == 32
+        masks = [mask(base, r, "bf16") for r in runs]
+        r_cell = np.arange(48) * rows // 48
+        want = np.zeros((rows, 32))
+        np.add.at(want, (r_cell, slice(None)), np.all(masks, axis=0))
+        np.testing.assert_allclose(panel.fraction, want / np.bincount(r_cell)[:, None])
+        await pilot.press("m")  # one run at a time: the first chosen run
+        np.add.at(want := np.zeros((rows, 32)), (r_cell, slice(None)), masks[0])
+        np.testing.assert_allclose(panel.fraction, want / np.bincount(r_cell)[:, None])
+        assert "seed0" in panel.title
+        await pilot.press("9")
+        chart = app.query_one(ChartPanel).data
+        assert chart.name == "delta" and set(chart.series) == set(RUNS)
+        d = np.abs(stored_delta(base, runs[1], "bf16"))
+        counts = np.bincount(np.floor(np.log2(d[d > 0])).astype(int) - LOG2_MIN, minlength=60)
+        got = dict(zip(chart.x, chart.series["seed1"]))
+        for x, c in enumerate(counts):
+            if c:
+                assert got[x + LOG2_MIN] == pytest.approx(100 * c / d.size)
+        assert chart.marked == pytest.approx(np.log2(1.00136e-5), abs=1e-4)
+        await pilot.press("x")
+        rows_csv = list(csv.DictReader(open(app.last_export)))
+        assert rows_csv[0]["log2_abs_delta"] == "zero" and int(rows_csv[0]["seed1"]) == int((d == 0).sum())
+
+
+def test_snapshot_mask_map_80x24(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.1.mlp.down_proj.weight")
+        await pilot.press("8")
+        await wait_detail(pilot.app, pilot)
+        pilot.app._show_focus()
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_delta_histogram_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.1.mlp.down_proj.weight")
+        await pilot.press("9")
+        await wait_detail(pilot.app, pilot)
+        pilot.app._show_focus()
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)

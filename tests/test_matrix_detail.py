@@ -65,3 +65,16 @@ def test_unknown_tensor_is_one_sentence(tmp_path):
     save(sparse_run(b, 0), tmp_path / "r0")
     with pytest.raises(InputError, match="nope: not compared"):
         read_tensor(str(tmp_path / "base"), [str(tmp_path / "r0")], AnalysisOptions(), "nope")
+
+
+def test_resampled_merges_counts():
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.standard_normal((50, 70)).astype(np.float32))
+    run = base.clone()
+    run[rng.random((50, 70)) < 0.3] += 1.0
+    opts = AnalysisOptions(criterion=Criterion("exact", 0.0))
+    fine = detail("m", [base, run], opts, (0,))
+    coarse = fine.resampled(6, 9)
+    m = (run != base).numpy()
+    assert np.array_equal(coarse.updated[0], _numpy_blocks(m, 6, 9))
+    assert np.array_equal(coarse.cell_numel, _numpy_blocks(np.ones_like(m), 6, 9))

@@ -22,14 +22,17 @@ from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.selection import SelectedStats, parse_runs
 from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
 from rlsub_tui.ui.heatmap import HeatmapPanel
-from rlsub_tui.ui.messages import AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed, TreePreview
+from rlsub_tui.ui.maskmap import MaskMapPanel
+from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, DetailFailed, DetailReady,
+                                   TensorsComputed, TreePreview)
 from rlsub_tui.ui.runs import RunChooser
 from rlsub_tui.ui.summary import SummaryStrip
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 
 BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
-VIEWS = explore.CHARTS + ["heatmap"]  # keys 1-7
+VIEWS = explore.CHARTS + ["heatmap", "maskmap", "delta"]  # keys 1-9
+DETAIL_VIEWS = ("maskmap", "delta")  # computed on demand for the focused tensor
 
 
 @dataclass
@@ -78,6 +81,12 @@ class ExplorerApp(App):
         Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
         Binding("7", "chart('heatmap')", "Heatmap", show=False, id="app.chart_heatmap",
                 tooltip="Overlap of every pair of chosen runs, coloured by lift over chance"),
+        Binding("8", "chart('maskmap')", "Mask map", show=False, id="app.chart_maskmap",
+                tooltip="The focused tensor as blocks shaded by the fraction updated (m: which run)"),
+        Binding("9", "chart('delta')", "Δ histogram", show=False, id="app.chart_delta",
+                tooltip="Distribution of log2 |Δ| in the focused tensor, per chosen run"),
+        Binding("m", "next_map_run", "Map run", show=False, id="app.next_map_run",
+                tooltip="Mask map: every chosen run together, or one run at a time"),
     ]
 
     def __init__(self, config: ExplorerConfig):
@@ -94,6 +103,8 @@ class ExplorerApp(App):
         self.heatmap_measure = "o1"
         self.heatmap_blocks = False  # b: groups × groups instead of runs × runs
         self.groups: list = []  # RunGroup list, set when the analysis opens
+        self.tensor_details: dict[tuple, object] = {}  # (tensor, runs, generation) -> MatrixDetail or error
+        self.map_run: int | None = None  # mask map: None = by every chosen run, else a run index
         self.selected_runs: tuple[int, ...] = ()  # chosen runs (0-based); set when the analysis opens
         self.filter_text = ""
         self.generation = 0
@@ -115,6 +126,7 @@ class ExplorerApp(App):
                 with ContentSwitcher(initial="chart", id="views"):
                     yield ChartPanel(id="chart")
                     yield HeatmapPanel(id="heatmap")
+                    yield MaskMapPanel(id="maskmap")
         with Horizontal(id="status"):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
@@ -323,11 +335,81 @@ class ExplorerApp(App):
         lines = glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
         group_line = glance.groups_line(sel, self.groups)
         summary.show(lines + ([group_line] if group_line else []))
-        self.query_one(ContentSwitcher).current = "heatmap" if self.chart_name == "heatmap" else "chart"
+        panel = self.chart_name if self.chart_name in ("heatmap", "maskmap") else "chart"
+        self.query_one(ContentSwitcher).current = panel
         if self.chart_name == "heatmap":
             self._show_heatmap(sel)
+        elif self.chart_name in DETAIL_VIEWS:
+            self._show_detail(sel)
         else:
             self.query_one(ChartPanel).show(self.current_chart())
+
+    # ----------------------------------------------------------------------------------- one tensor closely
+    def _detail_key(self, sel: SelectedStats) -> tuple:
+        return (self.focus_node.tensors[0], sel.runs, self.generation)
+
+    def _show_detail(self, sel: SelectedStats) -> None:
+        node = self.focus_node
+        if not node.is_tensor:
+            self._detail_message("move to a single tensor (a leaf of the tree) to look inside it")
+            return
+        key = self._detail_key(sel)
+        found = self.tensor_details.get(key)
+        if found is None:
+            self._detail_message(f"reading {node.tensors[0]} from the checkpoints…")
+            self.inspect_tensor(key)
+        elif isinstance(found, str):
+            self._detail_message(found)
+        else:
+            self._draw_detail(found)
+
+    def _detail_message(self, message: str) -> None:
+        if self.chart_name == "maskmap":
+            self.query_one(MaskMapPanel).show_message("mask map", message)
+        else:
+            self.query_one(ChartPanel).show(explore.ChartData("delta", "log2 |Δ|", "", "", [], {}, message=message))
+
+    def _draw_detail(self, detail) -> None:
+        if self.chart_name == "delta":
+            self.query_one(ChartPanel).show(glance.delta_chart(detail, self.result.run_labels))
+            return
+        which = detail.runs.index(self.map_run) if self.map_run in detail.runs else None
+        who = "every chosen run" if which is None else self.result.run_labels[self.map_run]
+        shape = "×".join(map(str, detail.shape))
+        leaf = detail.name.split(".")[-2] if "." in detail.name else detail.name
+        title = f"{leaf} {shape} updated by {who} (m)"
+        panel = self.query_one(MaskMapPanel)
+        panel.show(title, detail.resampled(*panel.map_size()).fraction(which))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="detail")
+    def inspect_tensor(self, key: tuple) -> None:
+        from rlsub_tui.matrix_detail import detail, read_tensor
+
+        name, runs, _ = key
+        try:
+            tensors = read_tensor(self.config.base, self.config.runs, self.options, name)
+            self.post_message(DetailReady(key, detail(name, tensors, self.options, runs)))
+        except InputError as exc:
+            self.post_message(DetailFailed(key, str(exc)))
+        except Exception as exc:  # shown in the panel, never a crash
+            self.post_message(DetailFailed(key, f"cannot read {name}: {type(exc).__name__}: {exc}"))
+
+    def on_detail_ready(self, msg: DetailReady) -> None:
+        self.tensor_details[msg.key] = msg.detail
+        if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
+            self._show_view()
+
+    def on_detail_failed(self, msg: DetailFailed) -> None:
+        self.tensor_details[msg.key] = msg.error
+        if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
+            self._show_view()
+
+    def action_next_map_run(self) -> None:
+        runs = list(self.selected_runs or range(self.result.k))
+        order = [None] + runs
+        i = order.index(self.map_run) if self.map_run in order else 0
+        self.map_run = order[(i + 1) % len(order)]
+        self.action_chart("maskmap")
 
     def _show_heatmap(self, sel: SelectedStats) -> None:
         message = None if len(sel.runs) >= 2 else "the heatmap needs two or more chosen runs: press r"
@@ -375,7 +457,8 @@ class ExplorerApp(App):
         if action == "filter" and len(self.screen_stack) > 1:
             return False  # a dialog or the palette is open: "/" is just a character there
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
-                      "overlap_metric", "reverse_sort", "warnings", "choose_runs", "blocks") and self.result is None:
+                      "overlap_metric", "reverse_sort", "warnings", "choose_runs", "blocks",
+                      "next_map_run") and self.result is None:
             return None
         return True
 
@@ -489,6 +572,14 @@ class ExplorerApp(App):
 
     def action_export_chart(self) -> None:
         if self.focus_node is None:
+            return
+        if self.chart_name in DETAIL_VIEWS:
+            found = self.tensor_details.get(self._detail_key(self.selected_stats())) if self.focus_node.is_tensor else None
+            if found is None or isinstance(found, str):
+                self.notify("Nothing to export yet: focus a tensor and wait for its map.", severity="warning")
+                return
+            header, rows = glance.detail_rows(found, self.result.run_labels, self.chart_name)
+            self._write(self._export_path(self.chart_name), csv_text(header, rows))
             return
         if self.chart_name == "heatmap":
             sel = self.selected_stats()

@@ -44,7 +44,10 @@ class ChartPanel(PlotextPlot):
                 plt.plot(data.x, ys, label=label, marker="braille")
             if data.name in ("depth",):
                 plt.xticks(data.x)
-        if marked is not None and data.x:
+        if marked is not None and data.x and data.name == "delta":
+            plt.vline(marked, color="red")
+            plt.xlabel(f"{data.xlabel}; red: tolerance")
+        elif marked is not None and data.x:
             self._mark(data, marked)
         self.refresh()
 

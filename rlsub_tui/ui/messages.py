@@ -50,3 +50,17 @@ class AnalysisFinished(Message):
 class AnalysisFailed(Message):
     error: str
     generation: int
+
+
+@dataclass
+class DetailReady(Message):
+    """A tensor's mask map and Δ histogram, computed on demand (key: what it was computed for)."""
+
+    key: tuple
+    detail: object  # rlsub_tui.matrix_detail.MatrixDetail
+
+
+@dataclass
+class DetailFailed(Message):
+    key: tuple
+    error: str
