@@ -4,29 +4,46 @@ from __future__ import annotations
 
 import math
 
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
 from rlsub_tui.glance import MEASURE_TITLES, GridCell
+from rlsub_tui.ui.maskmap import shade
 
-# lift over chance -> background: below chance red, then darker to brighter green
-LIFT_STEPS = [(1.0, "#870000"), (1.5, "#5f5f00"), (3.0, "#005f00"), (10.0, "#008700"), (math.inf, "#00af00")]
-LEGEND = "colour = lift: <1 <1.5 <3 <10 ≥10"
+def lift_range(grid: list[list[GridCell]]) -> tuple[float, float]:
+    lifts = [c.lift for row in grid for c in row if not math.isnan(c.lift)]
+    return (min(lifts), max(lifts)) if lifts else (math.nan, math.nan)
 
 
-def lift_colour(lift: float) -> str:
+def lift_style(lift: float, lo: float, hi: float) -> Style:
+    """Colour on this grid's own range of lifts (dark: the lowest, bright: the highest), so that small
+    differences between pairs show; the legend prints the range."""
     if math.isnan(lift):
-        return ""
-    return next(colour for bound, colour in LIFT_STEPS if lift < bound)
+        return Style()
+    t = 0.5 if hi - lo < 1e-12 else (lift - lo) / (hi - lo)
+    bg = shade(t).bgcolor
+    return Style(bgcolor=bg, color="black" if t > 0.6 else "white", bold=True)
 
 
-def cell_text(c: GridCell, measure: str) -> Text:
+def cell_text(c: GridCell, measure: str, lo: float, hi: float) -> Text:
     if math.isnan(c.value):
         return Text("·" if math.isnan(c.lift) and math.isnan(c.chance) else "–", justify="center")
-    shown = f"{c.value:.1f}" if measure == "lift" and c.value < 100 else f"{c.value:.0f}" if measure == "lift" \
-        else f"{c.value:.3f}".lstrip("0") if c.value < 1 else f"{c.value:.2f}"
-    return Text(shown, style=f"bold white on {lift_colour(c.lift)}" if lift_colour(c.lift) else "", justify="right")
+    if measure == "lift":
+        shown = f"{c.value:.2f}" if c.value < 10 else f"{c.value:.1f}" if c.value < 100 else f"{c.value:.0f}"
+    else:
+        shown = f"{c.value:.3f}".lstrip("0") if c.value < 1 else f"{c.value:.2f}"
+    return Text(shown, style=lift_style(c.lift, lo, hi), justify="right")
+
+
+def legend(lo: float, hi: float) -> Text:
+    text = Text("colour = lift over chance: ")
+    text.append(f"{lo:.3g} ")
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        text.append(" ", style=shade(t))
+    text.append(f" {hi:.3g}")
+    return text
 
 
 def name_cell(key: int, label: str, width: int) -> Text:
@@ -50,11 +67,12 @@ class HeatmapPanel(Static):
             self.update(Text(f"{title}\n{message}"))
             return
         name_width = max(8, min(24, (self.size.width or 48) - 6 * len(names) - 2))
+        lo, hi = lift_range(grid)
         table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, title=title, title_justify="left",
-                      caption=LEGEND, caption_justify="left")
+                      caption=legend(lo, hi), caption_justify="left")
         table.add_column(what[:-1], no_wrap=True, width=name_width)
         for key in keys:
             table.add_column(str(key), justify="right", width=5, no_wrap=True)
         for key, name, cells in zip(keys, names, grid):
-            table.add_row(name_cell(key, name, name_width), *(cell_text(c, measure) for c in cells))
+            table.add_row(name_cell(key, name, name_width), *(cell_text(c, measure, lo, hi) for c in cells))
         self.update(table)
