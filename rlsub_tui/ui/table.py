@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import DataTable
@@ -66,13 +67,17 @@ class ChildrenTable(DataTable):
         if self.sort_column not in keys:
             self.sort_column = None
         self.clear(columns=True)
-        for c in columns:
-            arrow = "" if c.key != self.sort_column else (" ▼" if self.sort_reverse else " ▲")
-            self.add_column(c.title + arrow, key=c.key)
         self.columns_spec = columns
         self.rows_data = self._sorted(rows)
-        for i, row in enumerate(self.rows_data):
-            self.add_row(*(display(row[c.key], c.kind) for c in columns), key=str(i))
+        cells = [[display(row[c.key], c.kind) for c in columns] for row in self.rows_data]
+        for j, c in enumerate(columns):
+            arrow = "" if c.key != self.sort_column else (" ▼" if self.sort_reverse else " ▲")
+            title = c.title + arrow
+            # widths given, not measured later on idle: a redraw never shows header-wide columns meanwhile
+            width = max([len(title)] + [cell_len(str(r[j])) for r in cells])
+            self.add_column(title, key=c.key, width=width)
+        for i, row in enumerate(cells):
+            self.add_row(*row, key=str(i))
         if self.rows_data:
             self.move_cursor(row=min(keep_row, len(self.rows_data) - 1), animate=False)
 
