@@ -165,12 +165,13 @@ def run_analyze(argv: list[str]) -> int:
     return 0
 
 
-def run_explore(argv: list[str]) -> int:
+def explorer_config(argv: list[str]):
+    """The explorer's configuration from its arguments; bad arguments are refused here (InputError)."""
     args = explore_parser().parse_args(argv)
     if len(args.checkpoints) == 1:
         raise InputError(f"{args.checkpoints[0]}: a base needs at least one run to compare with.")
     options = analysis_options(args)
-    from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+    from rlsub_tui.ui.app import ExplorerConfig
     from rlsub_tui.sample_paths import sample_checkpoints
 
     if args.checkpoints:
@@ -184,8 +185,14 @@ def run_explore(argv: list[str]) -> int:
         parse_runs(args.runs, run_labels(runs))  # a bad selection is refused before the UI starts
     resolve_groups(args.group, run_labels(runs))
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
-    app = ExplorerApp(ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
-                                        run_selection=args.runs, group_specs=args.group))
+    return ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
+                          run_selection=args.runs, group_specs=args.group)
+
+
+def run_explore(argv: list[str]) -> int:
+    from rlsub_tui.ui.app import ExplorerApp
+
+    app = ExplorerApp(explorer_config(argv))
     app.run()
     return app.return_code or 0
 
@@ -195,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "analyze":
             return run_analyze(argv[1:])
+        if argv and argv[0] == "serve":
+            from rlsub_tui.serve import run_serve
+
+            return run_serve(argv[1:], explorer_config)
         return run_explore(argv)
     except InputError as exc:
         print(f"rlsub-tui: error: {exc}", file=sys.stderr)

@@ -173,7 +173,7 @@ class LayerProfile:
 
     by_layer: dict[int, list[str]]
     marked: int | None
-    what: str  # "q_proj.weight", "all tensors", …
+    what: str  # "every self_attn.q_proj.weight", "all tensors", "every mlp tensor"
 
 
 def layer_profile(node, result) -> LayerProfile:
@@ -192,14 +192,15 @@ def layer_profile(node, result) -> LayerProfile:
         p = place(t)
         if p.layer is not None and p.tensor_type in types:
             by_layer.setdefault(p.layer, []).append(t)
-    what = next(iter(types)) if len(types) == 1 else (node.label if node.level != "layer" else "all tensors")
+    what = (f"every {next(iter(types))}" if len(types) == 1 else "all tensors" if node.level == "layer"
+            else f"every {node.label} tensor")
     return LayerProfile(by_layer, next(iter(layers)), what)
 
 
 def depth_chart(node, result, runs: tuple[int, ...]):
     """Sparsity per layer for each chosen run; inside one layer, the same tensor types across all layers."""
     prof = layer_profile(node, result)
-    title = f"sparsity: every {prof.what} by layer" if prof.marked is not None else CHART_TITLES["depth"]
+    title = f"sparsity by layer: {prof.what}" if prof.marked is not None else CHART_TITLES["depth"]
     series: dict[str, list[float]] = {result.run_labels[i]: [] for i in runs}
     xs = []
     for layer in sorted(prof.by_layer):
@@ -230,7 +231,7 @@ def rank_chart(node, result, runs: tuple[int, ...]):
             xs.append(layer)
             ys.append(100 * float(sum(ratios) / len(ratios)))
     msg = None if xs else _no_rank_reason(prof, result)
-    return MarkedChart("rank", f"rank/max: every {prof.what} (mean of runs)",
+    return MarkedChart("rank", f"rank/max by layer: {prof.what} (mean of runs)",
                        "layer", "rank / max %", xs, {"rank ratio": ys}, message=msg, marked=prof.marked)
 
 

@@ -304,3 +304,16 @@ def test_snapshot_delta_histogram_120x40(checkpoints, snap_compare):
         await pilot.pause(0.2)
 
     assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+async def test_tree_numbers_align_on_leaves_and_expandable_rows(checkpoints):
+    from rlsub_tui.ui.tree import LayerTree
+
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        tree = app.query_one(LayerTree)
+        lines = ["".join(seg.text for seg in tree.render_line(y)) for y in range(tree.last_line + 1)]
+        embed = next(line for line in lines if "model.embed_tokens" in line)  # a leaf
+        layer = next(line for line in lines if "layer 0" in line)  # expandable, its sibling
+        assert embed.index("%") == layer.index("%")
