@@ -257,7 +257,7 @@ def groups_line(sel: SelectedStats, groups) -> str | None:
     within, between = within_between(sel.stats, groups, sel.runs)
     if not within.pairs or not between.pairs:
         return f"groups: {'no pair inside a group' if not within.pairs else 'one group chosen'} (b: blocks)"
-    return (f"o1 within groups {ratio(within.o1, 3).lstrip('0')} ({_lift(within.lift('o1'))}), "
+    return (f"o1 within {ratio(within.o1, 3).lstrip('0')} ({_lift(within.lift('o1'))}), "
             f"between {ratio(between.o1, 3).lstrip('0')} ({_lift(between.lift('o1'))})")
 
 

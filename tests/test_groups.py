@@ -121,7 +121,7 @@ async def test_block_heatmap_in_the_explorer(grouped):
         line = app.query_one(SummaryStrip).lines[-1]
         within = _pair_figures(m, [(0, 1), (2, 3)])[0]
         between = _pair_figures(m, list(itertools.product((0, 1), (2, 3))))[0]
-        assert line.startswith(f"o1 within groups {within:.3f}".replace(" 0.", " ."))
+        assert line.startswith(f"o1 within {within:.3f}".replace(" 0.", " ."))
         assert f"between {between:.3f}".replace(" 0.", " .") in line
         await pilot.press("7", "b")
         panel = app.query_one(HeatmapPanel)

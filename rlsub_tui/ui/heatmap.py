@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rich.console import Group
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
@@ -38,7 +39,7 @@ def cell_text(c: GridCell, measure: str, lo: float, hi: float) -> Text:
 
 
 def legend(lo: float, hi: float) -> Text:
-    text = Text("colour = lift over chance: ")
+    text = Text("colour: lift ")
     text.append(f"{lo:.3g} ")
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         text.append(" ", style=shade(t))
@@ -62,17 +63,18 @@ class HeatmapPanel(Static):
              message: str | None = None, what: str = "runs") -> None:
         """names: the rows' (and columns') labels in grid order; keys: their numbers (runs keep theirs)."""
         self.grid, self.measure, self.names = grid, measure, names
-        title = f"{MEASURE_TITLES[measure]} (o: next" + (", b: runs)" if what == "groups" else ")")
+        title = f"{MEASURE_TITLES[measure]} (o" + (", b)" if what == "groups" else ")")
+        width = max(20, (self.size.width or 48) - 2)
+        title = title if len(title) <= width else title[:width - 1] + "…"
         if message:
             self.update(Text(f"{title}\n{message}"))
             return
         name_width = max(8, min(24, (self.size.width or 48) - 6 * len(names) - 2))
         lo, hi = lift_range(grid)
-        table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, title=title, title_justify="left",
-                      caption=legend(lo, hi), caption_justify="left")
+        table = Table(box=None, padding=(0, 1, 0, 0), show_edge=False)
         table.add_column(what[:-1], no_wrap=True, width=name_width)
         for key in keys:
             table.add_column(str(key), justify="right", width=5, no_wrap=True)
         for key, name, cells in zip(keys, names, grid):
             table.add_row(name_cell(key, name, name_width), *(cell_text(c, measure, lo, hi) for c in cells))
-        self.update(table)
+        self.update(Group(Text(title, style="italic", no_wrap=True), table, legend(lo, hi)))

@@ -13,8 +13,10 @@ class SummaryStrip(Static):
 
     def show(self, lines: list[str]) -> None:
         self.lines = list(lines)
-        text = Text(no_wrap=True, overflow="ellipsis")
+        text = Text(no_wrap=True)
+        width = max(8, (self.size.width or 80) - 2)  # less the padding
         for i, line in enumerate(self.lines):
+            line = line if len(line) <= width else line[:width - 1] + "…"
             text.append(line, style="bold" if i == 0 else "")
             if i < len(self.lines) - 1:
                 text.append("\n")
