@@ -317,3 +317,23 @@ async def test_tree_numbers_align_on_leaves_and_expandable_rows(checkpoints):
         embed = next(line for line in lines if "model.embed_tokens" in line)  # a leaf
         layer = next(line for line in lines if "layer 0" in line)  # expandable, its sibling
         assert embed.index("%") == layer.index("%")
+
+
+async def test_a_tensor_is_read_once_however_often_the_view_redraws(checkpoints, monkeypatch):
+    import rlsub_tui.matrix_detail as md
+
+    calls = []
+    real = md.read_tensor
+    monkeypatch.setattr(md, "read_tensor", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        focus(app, "tensor:model.layers.0.self_attn.o_proj.weight")
+        await pilot.press("8")
+        for _ in range(5):
+            app._show_focus()
+        await wait_detail(app, pilot)
+        app._show_focus()
+        await pilot.press("9", "8")
+        await app.workers.wait_for_complete()
+        assert calls == ["model.layers.0.self_attn.o_proj.weight"]

@@ -104,6 +104,7 @@ class ExplorerApp(App):
         self.heatmap_blocks = False  # b: groups × groups instead of runs × runs
         self.groups: list = []  # RunGroup list, set when the analysis opens
         self.tensor_details: dict[tuple, object] = {}  # (tensor, runs, generation) -> MatrixDetail or error
+        self.details_pending: set[tuple] = set()
         self.map_run: int | None = None  # mask map: None = by every chosen run, else a run index
         self.selected_runs: tuple[int, ...] = ()  # chosen runs (0-based); set when the analysis opens
         self.filter_text = ""
@@ -357,7 +358,9 @@ class ExplorerApp(App):
         found = self.tensor_details.get(key)
         if found is None:
             self._detail_message(f"reading {node.tensors[0]} from the checkpoints…")
-            self.inspect_tensor(key)
+            if key not in self.details_pending:  # redraws while it is read must not start it again
+                self.details_pending.add(key)
+                self.inspect_tensor(key)
         elif isinstance(found, str):
             self._detail_message(found)
         else:
@@ -381,7 +384,7 @@ class ExplorerApp(App):
         panel = self.query_one(MaskMapPanel)
         panel.show(title, detail.resampled(*panel.map_size()).fraction(which))
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="detail")
+    @work(thread=True, exit_on_error=False, group="detail")
     def inspect_tensor(self, key: tuple) -> None:
         from rlsub_tui.matrix_detail import detail, read_tensor
 
@@ -395,11 +398,13 @@ class ExplorerApp(App):
             self.post_message(DetailFailed(key, f"cannot read {name}: {type(exc).__name__}: {exc}"))
 
     def on_detail_ready(self, msg: DetailReady) -> None:
+        self.details_pending.discard(msg.key)
         self.tensor_details[msg.key] = msg.detail
         if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
             self._show_view()
 
     def on_detail_failed(self, msg: DetailFailed) -> None:
+        self.details_pending.discard(msg.key)
         self.tensor_details[msg.key] = msg.error
         if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
             self._show_view()
