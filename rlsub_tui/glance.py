@@ -53,7 +53,7 @@ def summary_lines(sel: SelectedStats, width: int = 48) -> list[str]:
     lines.append(_figure_line("Jaccard", sel.jaccard()))
     cons = sel.consensus()
     if math.isnan(cons.observed):
-        lines.append(f"all {len(sel.runs)} runs: not in the records for more than 15 runs")
+        lines.append(f"all {len(sel.runs)} runs: recorded for all runs, or subsets of up to 10 runs")
     else:
         lines.append(f"all {len(sel.runs)} runs {pct(cons.observed, 2)}  chance {pct(cons.chance, 2)}  "
                      f"lift {_lift(cons.lift)}")
@@ -149,7 +149,7 @@ def agreement_chart(sel: SelectedStats):
     observed = sel.agreement()
     if observed is None:
         return ChartData("agreement", title, "j", "% of params", [], {},
-                         message="a subset's agreement is not recorded beyond 15 runs: press r and choose all")
+                         message="a subset's agreement is recorded up to 10 runs: press r and choose all")
     chance = sel.agreement_chance()
     return ChartData("agreement", title, "j", "% of params", list(range(len(sel.runs) + 1)),
                      {"observed": [100 * float(c) / sel.numel for c in observed],

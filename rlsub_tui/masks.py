@@ -10,7 +10,7 @@ import torch
 
 from rlsub_tui.rank import update_rank
 
-from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
+from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, MAX_SUBSET_RUNS, Criterion, RunTensorStats  # noqa: F401
 
 CHUNK_ELEMENTS = 1 << 22  # elementwise work is done in chunks this size: cache-friendly, bounded memory
 # On a GPU each chunk costs ~20 host syncs and ~90 kernel launches whatever its size: 2^26 elements ran
@@ -73,7 +73,7 @@ class TensorComputation:
     sign_agree: int
     magnitude_numel: list[int]
     rank_note: str | None = None
-    run_codes: list[int] = field(default_factory=list)  # parameters per code (bit j: run j updated); up to 15 runs
+    run_codes: list[int] = field(default_factory=list)  # parameters per code (bit j: run j updated); see MAX_SUBSET_RUNS
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -228,5 +228,5 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     return TensorComputation(
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,
-        run_codes=[int(x) for x in by_code] if coded else [],
+        run_codes=[int(x) for x in by_code] if coded and k <= MAX_SUBSET_RUNS else [],
     )

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from rlsub_tui import overlap
-from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
+from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion, RunTensorStats
 
 RESULT_VERSION = 5
 
@@ -28,7 +28,7 @@ class TensorResult:
     sign_agree: int
     magnitude_numel: list[int]
     notes: list[str] = field(default_factory=list)
-    # parameters per run code (bit j set: run j updated it), 2^K entries; empty beyond 15 runs. Any subset of
+    # parameters per run code (bit j set: run j updated it), 2^K entries; empty beyond MAX_SUBSET_RUNS. Any subset of
     # runs' agreement histogram and consensus follow from it without the masks.
     run_codes: list[int] = field(default_factory=list)
 
@@ -103,8 +103,8 @@ class Stats:
         self.magnitude_numel = np.zeros(MAG_BINS, dtype=np.int64)
         self.magnitude_updated = np.zeros((k, MAG_BINS), dtype=np.int64)
         self.rank_ratios: list[list[float]] = [[] for _ in range(k)]
-        self.run_codes = np.zeros(1 << k if k <= 15 else 0, dtype=np.int64)
-        self.coded = k <= 15  # False once a tensor without run codes is added
+        self.run_codes = np.zeros(1 << k if k <= MAX_SUBSET_RUNS else 0, dtype=np.int64)
+        self.coded = k <= MAX_SUBSET_RUNS  # False once a tensor without run codes is added
 
     def add(self, r: TensorResult) -> None:
         self.tensors += 1

@@ -91,3 +91,18 @@ def test_parse_runs():
         parse_runs("nope*", labels)
     with pytest.raises(InputError, match="from 1 to 4"):
         parse_runs("5", labels)
+
+
+def test_beyond_max_subset_runs_only_all_runs_have_consensus():
+    from rlsub_tui.criteria import MAX_SUBSET_RUNS
+
+    k = MAX_SUBSET_RUNS + 1
+    records, masks = _records(k, seed=4)
+    assert all(r.run_codes == [] for r in records)  # the records stay small
+    stats = Stats.of(records, k)
+    everyone = SelectedStats(stats, tuple(range(k)))
+    assert everyone.consensus().observed == pytest.approx(np.mean(masks.all(axis=0)))
+    subset = SelectedStats(stats, (0, 1, 2))
+    assert subset.agreement() is None and math.isnan(subset.consensus().observed)
+    assert subset.one_sided().observed == pytest.approx(
+        np.mean([(masks[a] & masks[b]).sum() / masks[a].sum() for a, b in itertools.permutations(range(3), 2)]))
