@@ -38,6 +38,21 @@ def _sweep(text: str) -> tuple[float, ...]:
     return tuple(sorted(_float(p.strip()) for p in parts))
 
 
+def _group(text: str) -> tuple[str, str]:
+    from rlsub_tui.groups import parse_group
+
+    try:
+        return parse_group(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_group_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group", type=_group, action="append", default=None, metavar="NAME=GLOB",
+                   help="a run group (repeatable): runs whose label matches GLOB; default: runs whose labels "
+                        "differ only by a trailing seed number (grpo-lowlr-seed1..3 -> grpo-lowlr)")
+
+
 def add_criterion_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("what counts as updated (defaults: the paper's atol, tolerance 1e-5)")
     g.add_argument("--criterion", choices=["atol", "exact", "relative"], default="atol",
@@ -94,6 +109,7 @@ def analyze_parser() -> argparse.ArgumentParser:
                    help="for a timeline RUN (a folder of checkpoint-N ...), compare each step with the one K "
                         "checkpoints before (default 1)")
     p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
+    add_group_option(p)
     add_analysis_options(p)
     return p
 
@@ -144,6 +160,10 @@ def explore_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-gap", type=int, default=1, metavar="K",
                    help="timeline chart: compare each step with the one K checkpoints before (default 1)")
     p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
+    p.add_argument("--runs", default=None, metavar="SEL",
+                   help="runs the pooled figures use at start: numbers (1,3 or 1-3), labels or globs "
+                        "(grpo-lowlr-*), comma separated; r changes it in the explorer")
+    add_group_option(p)
     add_analysis_options(p)
     return p
 
@@ -179,6 +199,7 @@ def run_analyze(argv: list[str]) -> int:
     from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
     from rlsub_tui.report import summary_text
     from rlsub_tui.steps import resolve_runs
+    from rlsub_tui.groups import resolve_groups
 
     args = analyze_parser().parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
@@ -187,6 +208,8 @@ def run_analyze(argv: list[str]) -> int:
         raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
     resolved = resolve_runs(args.runs)
     analysis = Analysis(args.base, resolved.paths, analysis_options(args), labels=resolved.labels)
+    # a bad --group is refused before any tensor is read
+    resolve_groups(args.group, analysis.result.run_labels)
     timelines = None
     try:
         # opened (and checked: step checkpoints must agree) before anything is computed
@@ -217,7 +240,7 @@ def run_analyze(argv: list[str]) -> int:
         if any(s.nonfinite for s in r.runs):
             counts = ", ".join(f"{lbl} {s.nonfinite}" for lbl, s in zip(result.run_labels, r.runs) if s.nonfinite)
             print(f"rlsub-tui: warning: {name}: NaN/Inf values counted as updated ({counts})", file=sys.stderr)
-    write_outputs(result, args.out, timeline)
+    write_outputs(result, args.out, timeline, resolve_groups(args.group, result.run_labels))
     print(summary_text(result))
     if timeline is not None:
         from rlsub_tui.export import timeline_summary
@@ -294,12 +317,13 @@ def run_transplant(argv: list[str]) -> int:
     return 0
 
 
-def run_explore(argv: list[str]) -> int:
+def explorer_config(argv: list[str]):
+    """The explorer's configuration from its arguments; bad arguments are refused here (InputError)."""
     args = explore_parser().parse_args(argv)
     if len(args.checkpoints) == 1:
         raise InputError(f"{args.checkpoints[0]}: a base needs at least one run to compare with.")
     options = analysis_options(args)
-    from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+    from rlsub_tui.ui.app import ExplorerConfig
     from rlsub_tui.sample_paths import sample_checkpoints
 
     from rlsub_tui.steps import resolve_runs, run_specs
@@ -310,10 +334,24 @@ def run_explore(argv: list[str]) -> int:
         base, specs = args.checkpoints[0], args.checkpoints[1:]
     else:
         base, specs = sample_checkpoints()
+    from rlsub_tui.groups import resolve_groups
+    from rlsub_tui.selection import parse_runs, run_labels
+
     resolved = resolve_runs(specs)
+    runs = run_specs(resolved)
+    if args.runs is not None:
+        parse_runs(args.runs, run_labels(runs))  # a bad selection is refused before the UI starts
+    resolve_groups(args.group, run_labels(runs))
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
-    app = ExplorerApp(ExplorerConfig(base=base, runs=run_specs(resolved), options=options, export_dir=export_dir,
-                                     timelines=resolved.timelines, step_gap=args.step_gap))
+    return ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
+                          timelines=resolved.timelines, step_gap=args.step_gap,
+                          run_selection=args.runs, group_specs=args.group)
+
+
+def run_explore(argv: list[str]) -> int:
+    from rlsub_tui.ui.app import ExplorerApp
+
+    app = ExplorerApp(explorer_config(argv))
     app.run()
     if app.failed:  # the analysis could not start: say so here too, for scripts and scrollback
         print(f"rlsub-tui: error: {app.failed}", file=sys.stderr)
@@ -343,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_masks(argv[1:])
         if argv and argv[0] == "transplant":
             return run_transplant(argv[1:])
+        if argv and argv[0] == "serve":
+            from rlsub_tui.serve import run_serve
+
+            return run_serve(argv[1:], explorer_config)
         return run_explore(argv)
     except InputError as exc:
         print(f"rlsub-tui: error: {exc}", file=sys.stderr)

@@ -15,6 +15,9 @@ COMPARE_DTYPES = ("stored", "bf16", "fp16", "fp32")  # stored: each pair in the 
 # |w0| in [2^x, 2^(x+1)) with x = MAG_X_MIN + b - 1, clamped to [MAG_X_MIN, MAG_X_MAX] at both ends.
 MAG_X_MIN = -25
 MAG_X_MAX = 3
+# up to this many runs each tensor record keeps its 2^K run-code counts (subsets of runs without the masks);
+# beyond, the record would grow too large (2^K integers per tensor)
+MAX_SUBSET_RUNS = 10
 MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
 # The tolerance sweep on by default: Mukherjee et al. Table 6's columns (see BENCHMARKS.md for its cost).
 PAPER_SWEEP = (1e-8, 1e-7, 1e-6, 1e-5)

@@ -347,15 +347,26 @@ class Analysis:
         return ([ckpt.read(name, rows=plan.rows) for ckpt, name, _, _ in sources],
                 [ckpt.read(sc) if sc is not None else None for ckpt, _, _, sc in sources], None)
 
-    def _compute(self, plan: TensorPlan, loaded, known: list[RankFigures | None]):
-        """Dequantise fp8 block-scaled weights, cast each to its comparison dtype, and compute."""
+    def read_tensors(self, name: str) -> list[torch.Tensor] | None:
+        """Base and run tensors of one planned tensor on the CPU, as compared (see _prepare); None if not planned."""
+        plan = next((p for p in self.plans if p.name == name), None)
+        if plan is None:
+            return None
+        return self._prepare(plan, self._load_cpu(plan))
+
+    def _prepare(self, plan: TensorPlan, loaded) -> list[torch.Tensor]:
+        """Dequantise fp8 block-scaled weights and cast each tensor to its comparison dtype (base first)."""
         tensors, scales, _ = loaded
-        ready_tensors = []
+        out = []
         for (ckpt, _, dtype, _), t, scale in zip(self._sources(plan), tensors, scales):
             if scale is not None:
                 t = fp8.dequantise(t, scale.to(t.device), fp8.block_size(ckpt))
-            ready_tensors.append(t if t.dtype == dtype else t.to(dtype))
-        return compute_tensor(ready_tensors[0], ready_tensors[1:], self.options.criterion, tuple(self.options.sweep),
+            out.append(t if t.dtype == dtype else t.to(dtype))
+        return out
+
+    def _compute(self, plan: TensorPlan, loaded, known: list[RankFigures | None]):
+        tensors = self._prepare(plan, loaded)
+        return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
                               want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes)
 
     def _compute_planned(self, plan: TensorPlan, pending, known: list[RankFigures | None]):

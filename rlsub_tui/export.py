@@ -138,10 +138,14 @@ def matrices_csv(result: AnalysisResult) -> str:
     return csv_text(header, rows)
 
 
-def pairs_csv(result: AnalysisResult) -> str:
-    header = ["tensor", "run_a", "run_b", "updated_a", "updated_b", "both", "o1", "o2",
+def pairs_csv(result: AnalysisResult, groups=()) -> str:
+    """Per tensor and run pair; group_a, group_b name the runs' groups (empty when a run is in none)."""
+    from rlsub_tui.groups import group_of
+
+    header = ["tensor", "run_a", "run_b", "group_a", "group_b", "updated_a", "updated_b", "both", "o1", "o2",
               "o1_random", "o2_random", "jaccard", "jaccard_random",
               "o1_random_strat", "o2_random_strat", "jaccard_random_strat"]
+    owner = group_of(list(groups), result.k)
     rows = []
     for name in result.planned:
         r = result.tensors.get(name)
@@ -149,7 +153,8 @@ def pairs_csv(result: AnalysisResult) -> str:
             continue
         stats = Stats.of([r], result.k)
         for a, b, p in stats.pairs():
-            rows.append([name, result.run_labels[a], result.run_labels[b]] + [p[c] for c in header[3:]])
+            rows.append([name, result.run_labels[a], result.run_labels[b], owner[a], owner[b]]
+                        + [p[c] for c in header[5:]])
     return csv_text(header, rows)
 
 
@@ -195,8 +200,11 @@ def groups_csv(result: AnalysisResult) -> str:
     return csv_text(header, rows)
 
 
-def summary_dict(result: AnalysisResult) -> dict:
+def summary_dict(result: AnalysisResult, groups=()) -> dict:
+    from rlsub_tui.groups import group_of, group_summary
+
     s = result.stats()
+    owner = group_of(list(groups), result.k)
     runs = []
     for i, label in enumerate(result.run_labels):
         runs.append({
@@ -207,8 +215,8 @@ def summary_dict(result: AnalysisResult) -> dict:
             "mean_abs_delta": json_value(s.mean_abs_delta(i)), "rel_delta_norm": json_value(s.relative_norm(i)),
             "sweep": {sweep_label(t): json_value(s.sweep_sparsity(i, j)) for j, t in enumerate(result.sweep)},
         })
-    pairs = [{"run_a": result.run_labels[a], "run_b": result.run_labels[b],
-              **{k: json_value(v) for k, v in p.items()}} for a, b, p in s.pairs()]
+    pairs = [{"run_a": result.run_labels[a], "run_b": result.run_labels[b], "group_a": owner[a],
+              "group_b": owner[b], **{k: json_value(v) for k, v in p.items()}} for a, b, p in s.pairs()]
     return {
         "base": {"label": result.base_label, "path": result.base_path},
         "written_by": f"rlsub-tui {__version__}",
@@ -233,6 +241,7 @@ def summary_dict(result: AnalysisResult) -> dict:
                            "chance": json_value(s.sign_agreement_chance())},
         "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),
         **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f)) for f in SPECTRUM_RATIOS},
+        "run_groups": group_summary(s, list(groups), result.run_labels) if groups else None,
         "skipped": [{"tensor": k.tensor, "run": k.run, "reason": k.reason} for k in result.skipped],
         "tied": [{"alias": a, "counted_as": p} for a, p in result.tied.items()],
         "notes": result.notes + sorted({f"{name}: {n}" for name, r in result.tensors.items() for n in r.notes}),
@@ -289,7 +298,7 @@ def timeline_summary(timeline) -> list[dict]:
     return out
 
 
-def write_outputs(result: AnalysisResult, out: Path, timeline=None) -> list[Path]:
+def write_outputs(result: AnalysisResult, out: Path, timeline=None, groups=()) -> list[Path]:
     """Write matrices.csv, pairs.csv, agreement.csv, groups.csv and summary.json into `out`, each atomically;
     with a timeline (timeline.TimelineResult), also timeline.csv and summary.json's `timelines`.
 
@@ -297,12 +306,12 @@ def write_outputs(result: AnalysisResult, out: Path, timeline=None) -> list[Path
     Only these names are touched in `out`.
     """
     out = Path(out)
-    summary = summary_dict(result)
+    summary = summary_dict(result, groups)
     if timeline is not None:
         summary["timelines"] = timeline_summary(timeline)
     files = {
         "matrices.csv": matrices_csv(result),
-        "pairs.csv": pairs_csv(result),
+        "pairs.csv": pairs_csv(result, groups),
         "agreement.csv": agreement_csv(result),
         "groups.csv": groups_csv(result),
         "summary.json": json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from rlsub_tui.dtypes import dtype_name
 from rlsub_tui.rank import stacked_rank_figures
 from rlsub_tui.spectrum import RankFigures
 
-from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, Criterion, RunTensorStats  # noqa: F401
+from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, MAX_SUBSET_RUNS, Criterion, RunTensorStats  # noqa: F401
 
 CHUNK_ELEMENTS = 1 << 22  # elementwise work is done in chunks this size: cache-friendly, bounded memory
 # On a GPU each chunk costs ~20 host syncs and ~90 kernel launches whatever its size: 2^26 elements ran
@@ -69,6 +69,7 @@ class TensorComputation:
     sign_agree: int
     magnitude_numel: list[int]
     rank_note: str | None = None
+    run_codes: list[int] = field(default_factory=list)  # parameters per code (bit j: run j updated); see MAX_SUBSET_RUNS
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -110,6 +111,18 @@ def pair_intersections(masks: list[torch.Tensor]) -> np.ndarray:
 
 def _nonzero(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))  # far faster than mask.sum() on bool tensors
+
+
+def criterion_mask(b: torch.Tensor, r: torch.Tensor, absd: torch.Tensor, criterion: Criterion, tol: float,
+                   work: torch.dtype) -> torch.Tensor:
+    """Updated under the criterion (NaN/Inf handled by the caller): |Δ| > tol in the stored dtype (atol), the
+    stored values differ (exact), or |Δ| > η·max(|w0|, |w1|) in `work` precision (relative)."""
+    if criterion.name == "atol":
+        return absd > tol
+    if criterion.name == "exact":
+        return r != b
+    bw, rw = b.to(work), r.to(work)
+    return (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
 
 
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
@@ -186,13 +199,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
                 if dtypes[j] not in base_sq:
                     base_sq[dtypes[j]] = _sum_sq(bj.to(work))
                 sq_base[j] += base_sq[dtypes[j]]
-            if criterion.name == "atol":
-                mask = absd > tols[j]
-            elif criterion.name == "exact":
-                mask = r != bj
-            else:
-                bw, rw = bj.to(work), r.to(work)
-                mask = (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
+            mask = criterion_mask(bj, r, absd, criterion, tols[j], work)
             if bad:
                 mask |= ~finite
                 nonfinite[j] += bad
@@ -258,6 +265,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     return TensorComputation(
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,
+        run_codes=[int(x) for x in by_code] if coded and k <= MAX_SUBSET_RUNS else [],
     )
 
 
@@ -274,12 +282,6 @@ def update_mask(base: torch.Tensor, run: torch.Tensor, criterion: Criterion) -> 
         b = flat_base[start:start + CHUNK_ELEMENTS]
         r = flat_run[start:start + CHUNK_ELEMENTS]
         d = stored_delta(b, r).to(work)
-        if criterion.name == "atol":
-            mask = d.abs() > tol
-        elif criterion.name == "exact":
-            mask = r != b
-        else:
-            bw, rw = b.to(work), r.to(work)
-            mask = (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
+        mask = criterion_mask(b, r, d.abs(), criterion, tol, work)
         flat_out[start:start + CHUNK_ELEMENTS] = mask | ~torch.isfinite(d)
     return out

@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from rlsub_tui import overlap
-from rlsub_tui.criteria import MAG_BINS, Criterion, RunTensorStats
+from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion, RunTensorStats
 
 SPECTRUM_RATIOS = ("stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
 
-RESULT_VERSION = 7  # 5: per-pair dtypes, spectrum figures per run; 6: the cumulative-energy curve; 7: both
+# 5: per-pair dtypes, spectrum figures, run codes per record; 6: the cumulative-energy curve; 8: all of them
+RESULT_VERSION = 8
 
 
 @dataclass
@@ -30,13 +31,16 @@ class TensorResult:
     sign_agree: int
     magnitude_numel: list[int]
     notes: list[str] = field(default_factory=list)
+    # parameters per run code (bit j set: run j updated it), 2^K entries; empty beyond MAX_SUBSET_RUNS. Any subset of
+    # runs' agreement histogram and consensus follow from it without the masks.
+    run_codes: list[int] = field(default_factory=list)
 
     @classmethod
     def from_computation(cls, name, dtype, shape, numel, comp, notes=()):
         """From a masks.TensorComputation."""
         notes = list(notes) + ([comp.rank_note] if comp.rank_note else [])
         return cls(name, dtype, list(shape), numel, comp.runs, comp.both, comp.agreement, comp.multi,
-                   comp.sign_agree, comp.magnitude_numel, notes)
+                   comp.sign_agree, comp.magnitude_numel, notes, list(comp.run_codes))
 
     @property
     def max_rank(self) -> int | None:
@@ -76,12 +80,15 @@ class TensorResult:
         both = {(int(a), int(b)): int(n) for a, b, n in d["both"]}
         result = cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d["shape"]], int(d["numel"]), runs,
                      both, [int(x) for x in d["agreement"]], int(d["multi"]), int(d["sign_agree"]),
-                     [int(x) for x in d["magnitude_numel"]], [str(n) for n in d.get("notes", [])])
+                     [int(x) for x in d["magnitude_numel"]], [str(n) for n in d.get("notes", [])],
+                     [int(x) for x in d.get("run_codes", [])])
         k = len(runs)
         if len(result.agreement) != k + 1 or sum(result.agreement) != result.numel:
             raise ValueError("inconsistent result record")
         if len(result.magnitude_numel) != MAG_BINS or any(len(s.magnitude_updated) != MAG_BINS for s in runs):
             raise ValueError("inconsistent result record")  # the strata of the stratified null
+        if result.run_codes and (len(result.run_codes) != 1 << k or sum(result.run_codes) != result.numel):
+            raise ValueError("inconsistent result record")
         return result
 
 
@@ -123,6 +130,8 @@ class Stats:
         self.spectrum_ratios = {f: [[] for _ in range(k)] for f in SPECTRUM_RATIOS}
         self.expected_both = np.zeros((k, k))  # Σ over strata of a_s·b_s/n_s (the stratified null)
         self.agreement_expected_strat = np.zeros(k + 1)
+        self.run_codes = np.zeros(1 << k if k <= MAX_SUBSET_RUNS else 0, dtype=np.int64)
+        self.coded = k <= MAX_SUBSET_RUNS  # False once a tensor without run codes is added
 
     def add(self, r: TensorResult) -> None:
         self.tensors += 1
@@ -151,6 +160,10 @@ class Stats:
         expected_both, agreement_expected = r.chance_strat()
         self.expected_both += expected_both
         self.agreement_expected_strat += agreement_expected
+        if self.coded and len(r.run_codes) == len(self.run_codes):
+            self.run_codes += np.asarray(r.run_codes, dtype=np.int64)
+        else:
+            self.coded = False
 
     @classmethod
     def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":

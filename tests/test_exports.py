@@ -111,7 +111,7 @@ async def test_overlap_chart_csv_names_runs_and_the_metric(checkpoints):
         await settle(app, pilot)
         await pilot.press("2", "x")
         rows = read_csv(app.last_export)
-        assert rows[0] == ["run_a", "run_b", "o1", "o1_random", "o1_random_strat"]
+        assert rows[0] == ["run_a", "run_b", "o1", "o1_random", "o1_random_strat", "lift"]
         s = app.result.stats()
         for row in rows[1:]:
             a, b = int(row[0][-1]), int(row[1][-1])
@@ -122,7 +122,7 @@ async def test_overlap_chart_csv_names_runs_and_the_metric(checkpoints):
         assert "|A∩B|/|A|" in meta["columns"]["o1"]
         await pilot.press("o", "x")
         rows = read_csv(app.last_export)
-        assert rows[0] == ["run_a", "run_b", "jaccard", "jaccard_random", "jaccard_random_strat"]
+        assert rows[0] == ["run_a", "run_b", "jaccard", "jaccard_random", "jaccard_random_strat", "lift"]
         a, b = 0, 1
         both, ua, ub = int(s.both[a, b]), int(s.updated[a]), int(s.updated[b])
         assert float(rows[1][2]) == pytest.approx(both / (ua + ub - both))

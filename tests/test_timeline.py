@@ -278,7 +278,7 @@ async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
         await app.workers.wait_for_complete()
         await pilot.pause(0.3)
         app._redraw_results()
-        await pilot.press("7")
+        await pilot.press("t")
         await pilot.pause()
         assert app.result.run_labels == ["tl", "plain"]
         for key, names in (("model", list(b)), ("tensor:model.layers.0.mlp.up_proj.weight",
@@ -300,7 +300,7 @@ async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
     async with plain.run_test(size=(100, 30)) as pilot:
         await plain.workers.wait_for_complete()
         await pilot.pause(0.3)
-        await pilot.press("7")
+        await pilot.press("t")
         await pilot.pause()
         data = plain.query_one(ChartPanel).data
         assert data.name == "timeline" and "no timeline" in data.message

@@ -147,7 +147,7 @@ async def test_chart_switching(checkpoints):
         chart = app.query_one(ChartPanel)
         assert chart.data.name == "depth" and len(chart.data.x) == 2
         for key, name in [("2", "overlap"), ("3", "agreement"), ("4", "rank"), ("5", "sweep"), ("6", "magnitude"),
-                          ("8", "spectrum"), ("1", "depth")]:
+                          ("0", "spectrum"), ("1", "depth")]:
             await pilot.press(key)
             assert chart.data.name == name
         await pilot.press("bracketright")
@@ -184,7 +184,7 @@ async def test_export_table_and_chart(checkpoints):
         # exports hold fractions, as every other file (the chart itself plots percent)
         assert sum(float(r["observed"]) for r in rows) == pytest.approx(1.0)
         assert not list((checkpoints / "exports").glob("*.tmp"))
-        await pilot.press("8", "x")  # the cumulative-energy curves of layer 0's matrices, one column per run
+        await pilot.press("0", "x")  # the cumulative-energy curves of layer 0's matrices, one column per run
         rows = list(csv.DictReader(open(app.last_export)))
         assert "chart-spectrum" in app.last_export.name and len(rows) == 101
         assert float(rows[0]["seed0"]) == 0 and float(rows[-1]["seed0"]) == pytest.approx(1.0)  # fractions, as every export

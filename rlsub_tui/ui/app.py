@@ -13,21 +13,28 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import ContentSwitcher, Footer, Header, Input, Label, ProgressBar, Static
 
-from rlsub_tui import explore
+from rlsub_tui import explore, glance
 from rlsub_tui.errors import InputError
 from rlsub_tui.export import atomic_write, csv_text, provenance, sidecar_path
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
 from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.selection import SelectedStats, parse_runs
 from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
-from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, TensorsComputed,
-                                   TimelineComputed, TimelineProgress, TreePreview)
+from rlsub_tui.ui.heatmap import HeatmapPanel
+from rlsub_tui.ui.maskmap import MaskMapPanel
+from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, DetailFailed, DetailReady,
+                                   TensorsComputed, TimelineComputed, TimelineProgress, TreePreview)
+from rlsub_tui.ui.runs import RunChooser
+from rlsub_tui.ui.summary import SummaryStrip
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 
 BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
+VIEWS = explore.CHARTS + ["heatmap", "maskmap", "delta"]  # keys 1-9
+DETAIL_VIEWS = ("maskmap", "delta")  # computed on demand for the focused tensor
 
 
 @dataclass
@@ -38,6 +45,8 @@ class ExplorerConfig:
     export_dir: Path
     timelines: dict = field(default_factory=dict)  # run index -> steps.Timeline, for the timeline chart
     step_gap: int = 1
+    run_selection: str | None = None  # --runs: which runs the pooled figures use at start (default all)
+    group_specs: list[tuple[str, str]] | None = None  # --group NAME=GLOB; None: groups from label prefixes
 
 
 class ExplorerApp(App):
@@ -63,7 +72,11 @@ class ExplorerApp(App):
         Binding("c", "criterion", "Criterion", id="app.criterion", tooltip="Change criterion or tolerance"),
         Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the next column"),
         Binding("S", "reverse_sort", "Reverse", show=False, id="app.reverse_sort", tooltip="Reverse the sort"),
-        Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric"),
+        Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric",
+                tooltip="Overlap chart: o1 or Jaccard; heatmap: o1, Jaccard or lift"),
+        Binding("b", "blocks", "Groups", show=False, id="app.blocks",
+                tooltip="Heatmap: run groups × groups (within on the diagonal) or runs × runs"),
+        Binding("r", "choose_runs", "Runs", id="app.choose_runs", tooltip="Choose the runs the pooled figures use"),
         Binding("w", "warnings", "Warnings", show=False, id="app.warnings",
                 tooltip="Tensors not compared (and why) and other notes"),
         Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
@@ -74,8 +87,18 @@ class ExplorerApp(App):
         Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank"),
         Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
         Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
-        Binding("7", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline"),
-        Binding("8", "chart('spectrum')", "Spectrum", show=False, id="app.chart_spectrum"),
+        Binding("7", "chart('heatmap')", "Heatmap", show=False, id="app.chart_heatmap",
+                tooltip="Overlap of every pair of chosen runs, coloured by lift over chance"),
+        Binding("8", "chart('maskmap')", "Mask map", show=False, id="app.chart_maskmap",
+                tooltip="The focused tensor as blocks shaded by the fraction updated (m: which run)"),
+        Binding("9", "chart('delta')", "Δ histogram", show=False, id="app.chart_delta",
+                tooltip="Distribution of log2 |Δ| in the focused tensor, per chosen run"),
+        Binding("m", "next_map_run", "Map run", show=False, id="app.next_map_run",
+                tooltip="Mask map: every chosen run together, or one run at a time"),
+        Binding("0", "chart('spectrum')", "Spectrum", show=False, id="app.chart_spectrum",
+                tooltip="Cumulative energy of Δ's singular values against k/min(m,n), per run"),
+        Binding("t", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline",
+                tooltip="Training timeline of a RUN that is a folder of step checkpoints"),
     ]
 
     def __init__(self, config: ExplorerConfig):
@@ -89,6 +112,13 @@ class ExplorerApp(App):
         self.focus_node: explore.Node | None = None
         self.chart_name = "depth"
         self.overlap_metric = "o1"
+        self.heatmap_measure = "o1"
+        self.heatmap_blocks = False  # b: groups × groups instead of runs × runs
+        self.groups: list = []  # RunGroup list, set when the analysis opens
+        self.tensor_details: dict[tuple, object] = {}  # (tensor, runs, generation) -> MatrixDetail or error
+        self.details_pending: set[tuple] = set()
+        self.map_run: int | None = None  # mask map: None = by every chosen run, else a run index
+        self.selected_runs: tuple[int, ...] = ()  # chosen runs (0-based); set when the analysis opens
         self.filter_text = ""
         self.generation = 0
         self.running = False
@@ -107,8 +137,12 @@ class ExplorerApp(App):
                 yield LayerTree(id="tree")
             with Vertical(id="right"):
                 yield Label("", id="table-title")
+                yield SummaryStrip(id="summary")
                 yield ChildrenTable(id="table")
-                yield ChartPanel(id="chart")
+                with ContentSwitcher(initial="chart", id="views"):
+                    yield ChartPanel(id="chart")
+                    yield HeatmapPanel(id="heatmap")
+                    yield MaskMapPanel(id="maskmap")
         with Horizontal(id="status"):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
@@ -245,6 +279,8 @@ class ExplorerApp(App):
             self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
             self._rebuild_tree(old_key)
         self._preview_names = None
+        self._choose_initial_runs(r.run_labels)
+        self._resolve_groups(r.run_labels)
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
                           + (f" · sweep {len(r.sweep)}" if r.sweep else " · no sweep") + f" · {r.device}")
@@ -258,6 +294,25 @@ class ExplorerApp(App):
             text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
                 (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
             self.notify(text, severity="warning", timeout=10)
+
+    def _resolve_groups(self, labels: list[str]) -> None:
+        from rlsub_tui.groups import resolve_groups
+
+        try:
+            self.groups = resolve_groups(self.config.group_specs, labels)
+        except InputError as exc:
+            self.groups = []
+            self.push_screen(ErrorDialog("Cannot form these run groups", str(exc)))
+
+    def _choose_initial_runs(self, labels: list[str]) -> None:
+        self.selected_runs = tuple(range(len(labels)))
+        if self.config.run_selection and self.generation == 1:
+            try:
+                self.selected_runs = parse_runs(self.config.run_selection, labels)
+            except InputError as exc:
+                self.push_screen(ErrorDialog("Cannot choose these runs; using all", str(exc)))
+        elif self.selected_runs and max(self.selected_runs) >= len(labels):
+            self.selected_runs = tuple(range(len(labels)))
 
     def on_tensors_computed(self, msg: TensorsComputed) -> None:
         if msg.generation != self.generation or self.result is None:
@@ -343,15 +398,132 @@ class ExplorerApp(App):
         table.show(*explore.node_table(node, self.result, self.index))
         kids = "one row per child" if node.children else "one row per run"
         self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
-        self.query_one(ChartPanel).show(self.current_chart())
+        self._show_view()
+
+    def selected_stats(self) -> SelectedStats:
+        st = self.index.get(self.focus_node) if self.index is not None else self.result.stats(self.focus_node.tensors)
+        return SelectedStats(st, self.selected_runs or tuple(range(self.result.k)))
+
+    def _show_view(self) -> None:
+        """The summary strip, then the chart or the heatmap, for the focused node and the chosen runs."""
+        sel = self.selected_stats()
+        summary = self.query_one(SummaryStrip)
+        lines = glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
+        group_line = glance.groups_line(sel, self.groups)
+        summary.show(lines + ([group_line] if group_line else []))
+        panel = self.chart_name if self.chart_name in ("heatmap", "maskmap") else "chart"
+        self.query_one(ContentSwitcher).current = panel
+        if self.chart_name == "heatmap":
+            self._show_heatmap(sel)
+        elif self.chart_name in DETAIL_VIEWS:
+            self._show_detail(sel)
+        else:
+            self.query_one(ChartPanel).show(self.current_chart())
+
+    # ----------------------------------------------------------------------------------- one tensor closely
+    def _detail_key(self, sel: SelectedStats) -> tuple:
+        return (self.focus_node.tensors[0], sel.runs, self.generation)
+
+    def _show_detail(self, sel: SelectedStats) -> None:
+        node = self.focus_node
+        if not node.is_tensor:
+            self._detail_message("move to a single tensor (a leaf of the tree) to look inside it")
+            return
+        key = self._detail_key(sel)
+        found = self.tensor_details.get(key)
+        if found is None:
+            self._detail_message(f"reading {node.tensors[0]} from the checkpoints…")
+            if key not in self.details_pending:  # redraws while it is read must not start it again
+                self.details_pending.add(key)
+                self.inspect_tensor(key)
+        elif isinstance(found, str):
+            self._detail_message(found)
+        else:
+            self._draw_detail(found)
+
+    def _detail_message(self, message: str) -> None:
+        if self.chart_name == "maskmap":
+            self.query_one(MaskMapPanel).show_message("mask map", message)
+        else:
+            self.query_one(ChartPanel).show(explore.ChartData("delta", "log2 |Δ|", "", "", [], {}, message=message))
+
+    def _draw_detail(self, detail) -> None:
+        if self.chart_name == "delta":
+            self.query_one(ChartPanel).show(glance.delta_chart(detail, self.result.run_labels))
+            return
+        which = detail.runs.index(self.map_run) if self.map_run in detail.runs else None
+        who = "every chosen run" if which is None else self.result.run_labels[self.map_run]
+        shape = "×".join(map(str, detail.shape))
+        leaf = detail.name.split(".")[-2] if "." in detail.name else detail.name
+        title = f"{leaf} {shape} updated by {who} (m)"
+        panel = self.query_one(MaskMapPanel)
+        panel.show(title, detail.resampled(*panel.map_size()).fraction(which))
+
+    @work(thread=True, exit_on_error=False, group="detail")
+    def inspect_tensor(self, key: tuple) -> None:
+        from rlsub_tui.matrix_detail import detail, read_tensor
+
+        name, runs, _ = key
+        try:
+            tensors = read_tensor(self.config.base, self.config.runs, self.options, name)
+            self.post_message(DetailReady(key, detail(name, tensors, self.options, runs)))
+        except InputError as exc:
+            self.post_message(DetailFailed(key, str(exc)))
+        except Exception as exc:  # shown in the panel, never a crash
+            self.post_message(DetailFailed(key, f"cannot read {name}: {type(exc).__name__}: {exc}"))
+
+    def on_detail_ready(self, msg: DetailReady) -> None:
+        self.details_pending.discard(msg.key)
+        self.tensor_details[msg.key] = msg.detail
+        if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
+            self._show_view()
+
+    def on_detail_failed(self, msg: DetailFailed) -> None:
+        self.details_pending.discard(msg.key)
+        self.tensor_details[msg.key] = msg.error
+        if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
+            self._show_view()
+
+    def action_next_map_run(self) -> None:
+        runs = list(self.selected_runs or range(self.result.k))
+        order = [None] + runs
+        i = order.index(self.map_run) if self.map_run in order else 0
+        self.map_run = order[(i + 1) % len(order)]
+        self.action_chart("maskmap")
+
+    def _show_heatmap(self, sel: SelectedStats) -> None:
+        message = None if len(sel.runs) >= 2 else "the heatmap needs two or more chosen runs: press r"
+        message = message or (None if sel.numel else "waiting for results…")
+        panel = self.query_one(HeatmapPanel)
+        if self.heatmap_blocks and self.groups:
+            names, grid = glance.block_grid(sel, self.groups, self.heatmap_measure)
+            panel.show(grid if not message else [], names, list(range(1, len(names) + 1)), self.heatmap_measure,
+                       message, what="groups")
+            return
+        grid = glance.overlap_grid(sel, self.heatmap_measure) if not message else []
+        panel.show(grid, [self.result.run_labels[i] for i in sel.runs], [i + 1 for i in sel.runs],
+                   self.heatmap_measure, message)
 
     def on_resize(self, _event) -> None:
         if self.result is not None:
             self.call_after_refresh(self._show_focus)
 
     def current_chart(self) -> explore.ChartData:
-        return explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric,
+        sel = self.selected_stats()
+        if self.chart_name == "overlap":
+            return glance.overlap_chart(sel, self.overlap_metric, self.result.run_labels)
+        if self.chart_name == "agreement":
+            return glance.agreement_chart(sel)
+        if self.chart_name == "depth":
+            return glance.depth_chart(self.focus_node, self.result, sel.runs)
+        if self.chart_name == "rank":
+            return glance.rank_chart(self.focus_node, self.result, sel.runs)
+        data = explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric,
                              self.timeline, self.timeline_state)
+        chosen = {self.result.run_labels[i] for i in sel.runs}
+        if set(data.series) <= set(self.result.run_labels):  # one series per run: keep the chosen ones
+            data.series = {k: v for k, v in data.series.items() if k in chosen}
+        return data
 
     @on(LayerTree.NodeHighlighted)
     def _highlighted(self, event: LayerTree.NodeHighlighted) -> None:
@@ -370,7 +542,8 @@ class ExplorerApp(App):
         if action in ("filter", "switch_pane") and len(self.screen_stack) > 1:
             return False  # a dialog or the palette is open: "/" is a character, tab moves between its fields
         if action in ("export_table", "export_chart", "sort", "next_chart", "previous_chart", "chart",
-                      "overlap_metric", "reverse_sort", "warnings") and self.result is None:
+                      "overlap_metric", "reverse_sort", "warnings", "choose_runs", "blocks",
+                      "next_map_run") and self.result is None:
             return None
         return True
 
@@ -436,20 +609,40 @@ class ExplorerApp(App):
 
     def action_chart(self, name: str) -> None:
         self.chart_name = name
-        if self.result is not None:
-            self.query_one(ChartPanel).show(self.current_chart())
+        if self.result is not None and self.focus_node is not None:
+            self._show_view()
 
     def action_next_chart(self) -> None:
-        i = explore.CHARTS.index(self.chart_name)
-        self.action_chart(explore.CHARTS[(i + 1) % len(explore.CHARTS)])
+        i = VIEWS.index(self.chart_name)
+        self.action_chart(VIEWS[(i + 1) % len(VIEWS)])
 
     def action_previous_chart(self) -> None:
-        i = explore.CHARTS.index(self.chart_name)
-        self.action_chart(explore.CHARTS[(i - 1) % len(explore.CHARTS)])
+        i = VIEWS.index(self.chart_name)
+        self.action_chart(VIEWS[(i - 1) % len(VIEWS)])
 
     def action_overlap_metric(self) -> None:
+        if self.chart_name == "heatmap":
+            i = glance.MEASURES.index(self.heatmap_measure)
+            self.heatmap_measure = glance.MEASURES[(i + 1) % len(glance.MEASURES)]
+            self.action_chart("heatmap")
+            return
         self.overlap_metric = "jaccard" if self.overlap_metric == "o1" else "o1"
         self.action_chart("overlap")
+
+    def action_blocks(self) -> None:
+        if not self.groups:
+            self.notify("No run groups: start with --group NAME=GLOB, or name runs NAME-seedN.", severity="warning")
+            return
+        self.heatmap_blocks = not self.heatmap_blocks
+        self.action_chart("heatmap")
+
+    def action_choose_runs(self) -> None:
+        def apply(chosen: tuple[int, ...] | None) -> None:
+            if chosen:
+                self.selected_runs = chosen
+                self._show_focus()
+
+        self.push_screen(RunChooser(self.result.run_labels, self.selected_runs), apply)
 
     def _export_path(self, what: str) -> Path:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.focus_node.key if self.focus_node else "model").strip("_")
@@ -507,6 +700,23 @@ class ExplorerApp(App):
     def action_export_chart(self) -> None:
         if self._nothing_computed():
             return
+        if self.chart_name in DETAIL_VIEWS:
+            found = self.tensor_details.get(self._detail_key(self.selected_stats())) if self.focus_node.is_tensor else None
+            if found is None or isinstance(found, str):
+                self.notify("Nothing to export yet: focus a tensor and wait for its map.", severity="warning")
+                return
+            header, rows = glance.detail_rows(found, self.result.run_labels, self.chart_name)
+            self._write(self._export_path(self.chart_name), csv_text(header, rows))
+            return
+        if self.chart_name == "heatmap":
+            sel = self.selected_stats()
+            if self.heatmap_blocks and self.groups:
+                header, rows = glance.block_rows(sel, self.groups, self.heatmap_measure)
+            else:
+                header, rows = glance.grid_rows(sel, self.result.run_labels, self.heatmap_measure)
+            what = "groups" if self.heatmap_blocks and self.groups else "heatmap"
+            self._write(self._export_path(f"{what}-{self.heatmap_measure}"), csv_text(header, rows))
+            return
         data = self.current_chart()
         if data.message:
             self.notify(f"The chart has no data to export: {data.message}", severity="warning")
@@ -550,7 +760,10 @@ class ExplorerApp(App):
         yield SystemCommand("Cancel computation", "Stop, keeping what is done", self.action_cancel_or_clear)
         yield SystemCommand("Sort table", "Sort by the next column", self.action_sort)
         yield SystemCommand("Reverse sort", "Reverse the table's order", self.action_reverse_sort)
-        yield SystemCommand("Toggle overlap metric", "o1 or Jaccard", self.action_overlap_metric)
+        yield SystemCommand("Toggle overlap metric", "o1 or Jaccard (heatmap: or lift)", self.action_overlap_metric)
+        yield SystemCommand("Choose runs", "The runs the pooled figures use", self.action_choose_runs)
+        yield SystemCommand("Overlap heatmap", "Every pair of chosen runs, coloured by lift",
+                            lambda: self.action_chart("heatmap"))
         for name in explore.CHARTS:
             yield SystemCommand(f"Chart: {explore.CHART_TITLES[name]}", "Show this chart",
                                 lambda n=name: self.action_chart(n))

@@ -67,3 +67,17 @@ class TimelineComputed(Message):
 
     timeline: object
     generation: int
+
+
+@dataclass
+class DetailReady(Message):
+    """A tensor's mask map and Δ histogram, computed on demand (key: what it was computed for)."""
+
+    key: tuple
+    detail: object  # rlsub_tui.matrix_detail.MatrixDetail
+
+
+@dataclass
+class DetailFailed(Message):
+    key: tuple
+    error: str

@@ -25,7 +25,9 @@ def sparsity_bar(sparsity: float) -> str:
 
 def node_label(node: Node, index: StatsIndex | None) -> Text:
     """Sparsity and bar first, so they stay visible in a narrow pane; then the name (a Text, never markup)."""
-    text = Text()
+    # the Tree draws "▶ " before an expandable node and nothing before a leaf: pad leaves by as much, so
+    # the numbers of siblings line up whatever their expand state
+    text = Text("" if node.children else "  ")
     s = index.get(node) if index is not None else None
     if s is None or s.tensors == 0:
         text.append(f"{'…':>6} {'·' * BAR_WIDTH} ", style="dim")

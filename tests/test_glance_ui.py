@@ -1,0 +1,339 @@
+"""The summary strip, choosing runs and the overlap heatmap, driven through the real app; numbers against numpy."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from reference import mask
+from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.ui.heatmap import HeatmapPanel
+from rlsub_tui.ui.runs import RunChooser
+from rlsub_tui.ui.summary import SummaryStrip
+from test_ui import checkpoints, make_app, settle  # noqa: F401  (the fixture)
+
+RUNS = ("seed0", "seed1", "seed2")
+
+
+def numpy_masks(root, runs=RUNS):
+    """Every run's update mask over the whole model (atol 1e-5 in bf16), from the files, with numpy."""
+    base = load_file(str(root / "base" / "model.safetensors"))
+    out = []
+    for r in runs:
+        state = load_file(str(root / r / "model.safetensors"))
+        out.append(np.concatenate([mask(base[n].float().numpy(), state[n].float().numpy(), "bf16").reshape(-1)
+                                   for n in sorted(base)]))
+    return np.stack(out)
+
+
+def expected_lines(m: np.ndarray) -> dict:
+    k, n = m.shape
+    o1 = [(m[a] & m[b]).sum() / m[a].sum() for a, b in itertools.permutations(range(k), 2)]
+    o1_rnd = [m[b].mean() for a, b in itertools.permutations(range(k), 2)]
+    jac, jac_rnd = [], []
+    for a, b in itertools.combinations(range(k), 2):
+        jac.append((m[a] & m[b]).sum() / (m[a] | m[b]).sum())
+        p, q = m[a].mean(), m[b].mean()
+        jac_rnd.append(p * q / (p + q - p * q))
+    consensus = np.all(m, axis=0).mean()
+    return {"o1": f"mean o1 {np.mean(o1):.3f}  chance {np.mean(o1_rnd):.3f}",
+            "jaccard": f"Jaccard {np.mean(jac):.3f}  chance {np.mean(jac_rnd):.3f}",
+            "consensus": f"all {k} runs {100 * consensus:.2f}%  chance {100 * np.prod(m.mean(axis=1)):.2f}%",
+            "sparsity": " ".join(f"{100 * (1 - m[i].mean()):.1f}" for i in range(k))}
+
+
+async def test_summary_strip_and_choosing_runs(checkpoints):
+    m = numpy_masks(checkpoints)
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        lines = app.query_one(SummaryStrip).lines
+        want = expected_lines(m)
+        assert lines[1].startswith(want["o1"]) and "lift" in lines[1]
+        assert lines[2].startswith(want["jaccard"])
+        assert lines[3].startswith(want["consensus"])
+        assert [c.split(":")[1] for c in lines[0].split()[-3:]] == want["sparsity"].split()
+        assert lines[4].startswith("same sign")
+        # drop seed1 in the run list: figures follow without recomputing
+        computed = dict(app.result.tensors)
+        await pilot.press("r")
+        assert isinstance(app.screen, RunChooser)
+        await pilot.press("down", "space", "enter")
+        await pilot.pause()
+        assert app.selected_runs == (0, 2)
+        assert app.result.tensors == computed and not app.running
+        lines = app.query_one(SummaryStrip).lines
+        want = expected_lines(m[[0, 2]])
+        assert lines[1].startswith(want["o1"]) and lines[2].startswith(want["jaccard"])
+        assert lines[3].startswith(want["consensus"])
+        assert lines[4] == "same sign: recorded for all runs together only"
+        await pilot.press("2")
+        chart = app.query_one(ChartPanel).data
+        assert chart.xticks == ["1·3"]
+        assert chart.series["lift"][0] == pytest.approx(chart.series["o1"][0] / chart.series["o1_random"][0])
+        await pilot.press("3")
+        chart = app.query_one(ChartPanel).data
+        hits = m[[0, 2]].sum(axis=0)
+        assert chart.series["observed"] == pytest.approx([100 * np.mean(hits == j) for j in range(3)])
+        await pilot.press("1")
+        assert list(app.query_one(ChartPanel).data.series) == ["seed0", "seed2"]
+
+
+async def test_runs_option_and_heatmap_export(checkpoints):
+    m = numpy_masks(checkpoints)
+    app = make_app(checkpoints)
+    app.config.run_selection = "seed1,seed2"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert app.selected_runs == (1, 2)
+        await pilot.press("7")
+        panel = app.query_one(HeatmapPanel)
+        assert panel.display and not app.query_one(ChartPanel).display
+        both = (m[1] & m[2]).sum()
+        assert panel.grid[0][1].value == pytest.approx(both / m[1].sum())  # row seed1, column seed2: o1
+        assert panel.grid[1][0].value == pytest.approx(both / m[2].sum())
+        assert panel.grid[0][1].lift == pytest.approx(both / m[1].sum() / m[2].mean())
+        await pilot.press("o")
+        assert panel.measure == "jaccard"
+        assert panel.grid[0][1].value == pytest.approx(both / (m[1] | m[2]).sum())
+        await pilot.press("o")
+        assert panel.measure == "lift"
+        await pilot.press("x")
+        rows = list(csv.DictReader(open(app.last_export)))
+        assert "heatmap-lift" in app.last_export.name
+        assert [(r["run_a"], r["run_b"]) for r in rows] == [("seed1", "seed2"), ("seed2", "seed1")]
+        assert float(rows[0]["value"]) == pytest.approx(both / m[1].sum() / m[2].mean())
+
+
+async def test_bad_runs_selection_in_the_app_shows_a_dialog(checkpoints):
+    from rlsub_tui.ui.dialogs import ErrorDialog
+
+    app = make_app(checkpoints)
+    app.config.run_selection = "nothing-*"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert isinstance(app.screen, ErrorDialog) and "matches no run" in app.screen.message
+        await pilot.press("enter")
+        assert app.selected_runs == (0, 1, 2)
+
+
+async def test_undefined_overlap_is_said_not_drawn(checkpoints):
+    from synthetic import base_state, save
+
+    b = base_state()
+    save(b, checkpoints / "same1")
+    save(b, checkpoints / "same2")
+    app = make_app(checkpoints, runs=("same1", "same2"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        assert "undefined: no chosen run updated" in app.query_one(ChartPanel).data.message
+        assert "undefined" in app.query_one(SummaryStrip).lines[1]
+
+
+def test_snapshot_heatmap_80x24(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        await pilot.press("7")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_overlap_lift_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        await pilot.press("2")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+def test_snapshot_heatmap_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        await pilot.press("7", "o")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+def focus(app, key):
+    from rlsub_tui import explore
+
+    app.focus_node = explore.find(app.roots, key)
+    app._show_focus()
+
+
+async def test_charts_follow_the_focus(checkpoints):
+    from reference import numpy_rank, stored_delta
+
+    base = load_file(str(checkpoints / "base" / "model.safetensors"))
+    runs = [load_file(str(checkpoints / r / "model.safetensors")) for r in RUNS]
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        focus(app, "tensor:model.layers.1.self_attn.q_proj.weight")
+        await pilot.press("1")
+        chart = app.query_one(ChartPanel).data
+        assert chart.x == [0, 1] and chart.marked == 1 and "q_proj.weight" in chart.title
+        for r, label in zip(runs, RUNS):
+            want = [100 * (1 - mask(base[n].float().numpy(), r[n].float().numpy(), "bf16").mean())
+                    for n in (f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1))]
+            assert chart.series[label] == pytest.approx(want)
+        await pilot.press("4")
+        chart = app.query_one(ChartPanel).data
+        assert chart.x == [0, 1] and chart.marked == 1
+        for i in (0, 1):
+            n = f"model.layers.{i}.self_attn.q_proj.weight"
+            ranks = [numpy_rank(stored_delta(base[n].float().numpy(), r[n].float().numpy(), "bf16")) for r in runs]
+            assert chart.series["rank ratio"][i] == pytest.approx(100 * np.mean(ranks) / 32)
+        focus(app, "tensor:model.layers.0.input_layernorm.weight")
+        assert app.query_one(ChartPanel).data.message.startswith("1-D tensors have no rank: move to")
+        await pilot.press("1")
+        focus(app, "tensor:model.embed_tokens.weight")
+        assert "move to a layer or the model" in app.query_one(ChartPanel).data.message
+        focus(app, "model.layers.0")  # a layer: every layer, this one marked
+        chart = app.query_one(ChartPanel).data
+        assert chart.x == [0, 1] and chart.marked == 0
+        s1 = app.result.stats(explore_layer(app, 1)).sparsity(2)
+        assert chart.series["seed2"][1] == pytest.approx(100 * s1)
+
+
+def explore_layer(app, i):
+    from rlsub_tui import explore
+
+    return explore.find(app.roots, f"model.layers.{i}").tensors
+
+
+def test_snapshot_depth_on_a_tensor_80x24(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.1.mlp.gate_proj.weight")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_rank_on_a_tensor_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.0.mlp.gate_proj.weight")
+        await pilot.press("4")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+async def wait_detail(app, pilot):
+    for _ in range(100):
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.05)
+        if app.tensor_details:
+            return
+    raise AssertionError("the tensor's detail never arrived")
+
+
+async def test_mask_map_and_delta_histogram_of_the_focused_tensor(checkpoints):
+    from reference import stored_delta
+    from rlsub_tui.matrix_detail import LOG2_MIN
+    from rlsub_tui.ui.maskmap import MaskMapPanel
+
+    name = "model.layers.1.mlp.up_proj.weight"  # 48 x 32
+    base = load_file(str(checkpoints / "base" / "model.safetensors"))[name].float().numpy()
+    runs = [load_file(str(checkpoints / r / "model.safetensors"))[name].float().numpy() for r in RUNS]
+    app = make_app(checkpoints)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("8")
+        assert "move to a single tensor" in str(app.query_one(MaskMapPanel).render())
+        focus(app, f"tensor:{name}")
+        await wait_detail(app, pilot)
+        app._show_focus()
+        await pilot.pause()
+        panel = app.query_one(MaskMapPanel)
+        rows, cols = panel.fraction.shape
+        assert rows == min(48, panel.map_size()[0]) and cols == 32
+        masks = [mask(base, r, "bf16") for r in runs]
+        r_cell = np.arange(48) * rows // 48
+        want = np.zeros((rows, 32))
+        np.add.at(want, (r_cell, slice(None)), np.all(masks, axis=0))
+        np.testing.assert_allclose(panel.fraction, want / np.bincount(r_cell)[:, None])
+        await pilot.press("m")  # one run at a time: the first chosen run
+        np.add.at(want := np.zeros((rows, 32)), (r_cell, slice(None)), masks[0])
+        np.testing.assert_allclose(panel.fraction, want / np.bincount(r_cell)[:, None])
+        assert "seed0" in panel.title
+        await pilot.press("9")
+        chart = app.query_one(ChartPanel).data
+        assert chart.name == "delta" and set(chart.series) == set(RUNS)
+        d = np.abs(stored_delta(base, runs[1], "bf16"))
+        counts = np.bincount(np.floor(np.log2(d[d > 0])).astype(int) - LOG2_MIN, minlength=60)
+        got = dict(zip(chart.x, chart.series["seed1"]))
+        for x, c in enumerate(counts):
+            if c:
+                assert got[x + LOG2_MIN] == pytest.approx(100 * c / d.size)
+        assert chart.marked == pytest.approx(np.log2(1.00136e-5), abs=1e-4)
+        await pilot.press("x")
+        rows_csv = list(csv.DictReader(open(app.last_export)))
+        assert rows_csv[0]["log2_abs_delta"] == "zero" and int(rows_csv[0]["seed1"]) == int((d == 0).sum())
+
+
+def test_snapshot_mask_map_80x24(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.1.mlp.down_proj.weight")
+        await pilot.press("8")
+        await wait_detail(pilot.app, pilot)
+        pilot.app._show_focus()
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(80, 24), run_before=ready)
+
+
+def test_snapshot_delta_histogram_120x40(checkpoints, snap_compare):
+    async def ready(pilot):
+        await settle(pilot.app, pilot)
+        focus(pilot.app, "tensor:model.layers.1.mlp.down_proj.weight")
+        await pilot.press("9")
+        await wait_detail(pilot.app, pilot)
+        pilot.app._show_focus()
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(checkpoints, device="cpu"), terminal_size=(120, 40), run_before=ready)
+
+
+async def test_tree_numbers_align_on_leaves_and_expandable_rows(checkpoints):
+    from rlsub_tui.ui.tree import LayerTree
+
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        tree = app.query_one(LayerTree)
+        lines = ["".join(seg.text for seg in tree.render_line(y)) for y in range(tree.last_line + 1)]
+        embed = next(line for line in lines if "model.embed_tokens" in line)  # a leaf
+        layer = next(line for line in lines if "layer 0" in line)  # expandable, its sibling
+        assert embed.index("%") == layer.index("%")
+
+
+async def test_a_tensor_is_read_once_however_often_the_view_redraws(checkpoints, monkeypatch):
+    import rlsub_tui.matrix_detail as md
+
+    calls = []
+    real = md.read_tensor
+    monkeypatch.setattr(md, "read_tensor", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        focus(app, "tensor:model.layers.0.self_attn.o_proj.weight")
+        await pilot.press("8")
+        for _ in range(5):
+            app._show_focus()
+        await wait_detail(app, pilot)
+        app._show_focus()
+        await pilot.press("9", "8")
+        await app.workers.wait_for_complete()
+        assert calls == ["model.layers.0.self_attn.o_proj.weight"]
