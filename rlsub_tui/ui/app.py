@@ -706,7 +706,11 @@ class ExplorerApp(App):
                 self.notify("Nothing to export yet: focus a tensor and wait for its map.", severity="warning")
                 return
             header, rows = glance.detail_rows(found, self.result.run_labels, self.chart_name)
-            self._write(self._export_path(self.chart_name), csv_text(header, rows))
+            what = ("mask map: per block of rows and columns, the fraction of its parameters updated"
+                    if self.chart_name == "maskmap" else "Δ histogram: parameters per log2 |Δ| bin, per run")
+            meta = provenance(self.result, f"{what}, of {self.focus_node.label} ({self.focus_node.key})",
+                              self.focus_node.tensors, {h: "" for h in header}, self.filter_text)
+            self._export(self.chart_name, csv_text(header, rows), meta)
             return
         if self.chart_name == "heatmap":
             sel = self.selected_stats()
@@ -715,7 +719,10 @@ class ExplorerApp(App):
             else:
                 header, rows = glance.grid_rows(sel, self.result.run_labels, self.heatmap_measure)
             what = "groups" if self.heatmap_blocks and self.groups else "heatmap"
-            self._write(self._export_path(f"{what}-{self.heatmap_measure}"), csv_text(header, rows))
+            meta = provenance(self.result, f"overlap {what} ({self.heatmap_measure}; row A, column B: o1 = "
+                              f"|A∩B|/|A|, Jaccard, or lift of o1 over |B|/n) of {self.focus_node.label}",
+                              self.focus_node.tensors, {h: "" for h in header}, self.filter_text)
+            self._export(f"{what}-{self.heatmap_measure}", csv_text(header, rows), meta)
             return
         data = self.current_chart()
         if data.message:
