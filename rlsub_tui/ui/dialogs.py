@@ -77,19 +77,22 @@ For a single tensor the table has one row per run: updated count, sparsity, rank
 maximum min(m,n), rank/max, the four spectrum figures / max, mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius),
 NaN/Inf count, and sparsity at each sweep tolerance.
 
-## Charts
-1 sparsity by layer depth (one line per run) · 2 overlap per run pair i·j: o1 = \\|A∩B\\|/\\|A\\|
-against chance \\|B\\|/n and the stratified chance E/\\|A\\| (`o` switches to Jaccard against
-pq/(p+q−pq)) · 3 agreement: % of parameters updated by exactly j of K runs against independent runs
+## Charts and views
+1 sparsity by layer depth (one line per run; inside one layer: that tensor type in every layer, the
+focused layer in red) · 2 overlap per run pair i·j: lift of o1 = \\|A∩B\\|/\\|A\\| over chance \\|B\\|/n
+(`o` switches to Jaccard against pq/(p+q−pq); the export also holds the stratified chance E/\\|A\\|) ·
+3 agreement: % of parameters updated by exactly j of K runs against independent runs
 (Poisson-binomial), pooled and per tensor × \\|w0\\| exponent · 4 rank ratio per matrix ·
 5 tolerance sweep · 6 updated fraction by |w0| (binary exponent of the base weight) ·
-7 training timeline (a RUN that is a folder of step checkpoints): per step, sparsity against the
-base, sparsity against the previous step, and the union of everything updated so far (% of params) ·
-8 cumulative energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against k/min(m,n),
-one line per run (a group: the mean curve of its matrices).
+7 K×K heatmap of o1, Jaccard or lift, coloured by lift · 8 mask map: the focused tensor in blocks,
+shaded by the fraction updated · 9 histogram of log2 \\|Δ\\| per run, the tolerance marked ·
+0 cumulative energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against
+k/min(m,n), one line per run (a group: the mean curve of its matrices) · t training timeline (a RUN
+that is a folder of step checkpoints): per step, sparsity against the base, sparsity against the
+previous step, and the union of everything updated so far (% of params).
 
 ## Exports
-`e` writes the table, `x` the chart's data, as CSV in fractions (0.25 = 25%, never percent), each
+`e` writes the table, `x` the view's data (chart, heatmap, mask map, Δ histogram), as CSV in fractions (0.25 = 25%, never percent), each
 with a `.json` beside it that records the criterion, sweep, base and run paths, the filter if one
 is active, and what every column means.
 
@@ -101,7 +104,10 @@ is active, and what every column means.
 | enter | focus the node: table and chart follow it |
 | tab / shift+tab | switch between the tree and the table |
 | / | filter the tree by name (enter keeps it, esc clears) |
-| 1-8, [ ] | choose chart · o overlap metric |
+| 1-9, 0, t, [ ] | view: 1 depth · 2 overlap · 3 agreement · 4 rank · 5 sweep · 6 \\|w0\\| · 7 heatmap · 8 mask map · 9 Δ histogram · 0 spectrum · t timeline |
+| o | overlap chart: o1 / Jaccard; heatmap: o1 / Jaccard / lift |
+| b · m | heatmap: runs / run groups · mask map: every chosen run / one run |
+| r | choose the runs the pooled figures use |
 | s / S | sort the table by the next column (▼ largest first) / reverse it |
 | e / x | export the table / the chart's data to CSV |
 | c | criterion, tolerance, η and sweep |
