@@ -780,7 +780,8 @@ if [ -z "${DRY_CPU:-}" ]; then
   # device auto -> every engine/UI test that does not pin the CPU runs on CUDA here
   step suite 240 bash -c "$PY -m pytest -q -p no:cacheprovider -rs --ignore=tests/test_gpu.py; rc=\$?; echo RESULT suite rc=\$rc; echo \"ROW | the whole suite on the GPU box | \$(grep -E '(passed|failed)' $OUT/suite.log | tail -n 1) | rc \$rc |\""
 fi
-$PY "$CHECK" table --work "$WORK" | grep '^ROW' >> "$SUMMARY"
+$PY "$CHECK" table --work "$WORK" > "$OUT/table.log" 2>&1 || echo "FAIL deriving the target rows (see table.log)" >> "$SUMMARY"
+cat "$OUT/table.log" >> "$SUMMARY"
 { echo "| check | result | notes |"; echo "|---|---|---|"; grep '^ROW' "$SUMMARY" | sed 's/^ROW //'; } > "$OUT/table.md"
 log "done; table in $OUT/table.md, full logs in $OUT, scratch (checkpoints, outputs) in $WORK"
 fails=$(grep -c '^FAIL' "$SUMMARY")
