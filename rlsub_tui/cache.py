@@ -14,7 +14,8 @@ from pathlib import Path
 
 from rlsub_tui.criteria import AnalysisOptions, Criterion
 from rlsub_tui.errors import InputError
-from rlsub_tui.locate import fingerprint, locate, parse_run_spec, unique_labels
+from rlsub_tui.labels import checkpoint_label, run_labels, run_paths
+from rlsub_tui.locate import fingerprint, locate
 from rlsub_tui.results import RESULT_VERSION, AnalysisResult, Skipped, TensorResult
 from rlsub_tui.spectrum import RankFigures
 
@@ -193,9 +194,9 @@ def reopen(base: str, runs: list[str], options: AnalysisOptions) -> AnalysisResu
     if not options.use_cache or not runs:
         return None
     try:
-        specs = [parse_run_spec(r) for r in runs]
+        paths = run_paths(runs)
         base_found = locate(base)
-        found = [locate(path) for _, path in specs]
+        found = [locate(path) for path in paths]
         cache = ResultCache(options.cache_dir)
     except (InputError, OSError):
         return None
@@ -208,11 +209,10 @@ def reopen(base: str, runs: list[str], options: AnalysisOptions) -> AnalysisResu
         planned = [str(n) for n in meta["planned"]]
         if any(n not in tensors or len(tensors[n].runs) != len(runs) for n in planned):
             return None
-        labels = unique_labels([name or Path(path.rstrip("/")).name or path for name, path in specs])
         name, value = meta["criterion"]
         return AnalysisResult(
-            base_label=Path(base.rstrip("/")).name or base, base_path=base, run_labels=labels,
-            run_paths=[path for _, path in specs], criterion=Criterion(str(name), float(value)),
+            base_label=checkpoint_label(base), base_path=base, run_labels=run_labels(runs),
+            run_paths=paths, criterion=Criterion(str(name), float(value)),
             sweep=tuple(float(t) for t in meta["sweep"]), device=f"{meta['device']}, from cache",
             tensors={n: tensors[n] for n in planned},
             skipped=[Skipped(str(t), str(r), str(why)) for t, r, why in meta["skipped"]],

@@ -169,36 +169,59 @@ def explore_parser() -> argparse.ArgumentParser:
 
 
 class ProgressLine:
-    """A progress bar on stderr, redrawn at most ten times a second."""
+    """The progress bar on stderr (rich.progress): tensors done, bytes read per second and the time left."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.last = 0.0
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    def update(self, p, final=False) -> None:
+        self.bar = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("tensors"),
+                            TextColumn("{task.fields[rate]}/s  left {task.fields[left]}"),
+                            console=Console(file=sys.stderr), refresh_per_second=10)
+        self.task = None
+
+    def update(self, p) -> None:
         from rlsub_tui.formatting import duration, size
 
-        now = time.monotonic()
-        if not final and now - self.last < 0.1:
-            return
-        self.last = now
-        frac = p.done / p.total if p.total else 1.0
-        width = 24
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
         rate = p.bytes_done / p.elapsed if p.elapsed > 0 else 0.0
         left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else float("nan")
-        self.stream.write(f"\r[{bar}] {p.done}/{p.total} tensors  {size(rate)}/s  left {duration(left)}   ")
-        if final:
-            self.stream.write("\n")
-        self.stream.flush()
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=p.total, rate="", left="")
+        self.bar.update(self.task, completed=p.done, total=p.total, rate=size(rate), left=duration(left))
+
+    def close(self) -> None:
+        """Draw the bar a last time and end its line."""
+        if self.task is not None:
+            self.bar.stop()
+
+
+class Bars:
+    """One progress bar per pass (the runs, then the timeline) on stderr, or none with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.kind: str | None = None
+        self.bar: ProgressLine | None = None
+
+    def show(self, kind: str, p) -> None:
+        if self.quiet:
+            return
+        if kind != self.kind:  # a new pass: end the last one's line
+            self.close()
+            self.kind, self.bar = kind, ProgressLine()
+        self.bar.update(p)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run_analyze(argv: list[str]) -> int:
-    from rlsub_tui.engine import Analysis
     from rlsub_tui.export import write_outputs
-    from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
+    from rlsub_tui.kinship import distance_warnings
     from rlsub_tui.report import summary_text
-    from rlsub_tui.steps import resolve_runs
     from rlsub_tui.groups import resolve_groups
 
     args = analyze_parser().parse_args(argv)
@@ -206,31 +229,7 @@ def run_analyze(argv: list[str]) -> int:
         raise InputError(f"--out {args.out}: exists and is not a directory.")
     if args.step_gap < 1:
         raise InputError(f"--step-gap {args.step_gap}: must be 1 or more.")
-    resolved = resolve_runs(args.runs)
-    analysis = Analysis(args.base, resolved.paths, analysis_options(args), labels=resolved.labels)
-    # a bad --group is refused before any tensor is read
-    resolve_groups(args.group, analysis.result.run_labels)
-    timelines = None
-    try:
-        # opened (and checked: step checkpoints must agree) before anything is computed
-        timelines = _open_timelines(args, resolved, analysis.result.run_labels) if resolved.timelines else None
-        for k in analysis.result.skipped:
-            print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
-        for note in analysis.result.notes:
-            print(f"rlsub-tui: {'warning' if NOT_A_FINE_TUNE in note else 'note'}: {note}", file=sys.stderr)
-        bar = None if args.quiet else ProgressLine()
-        last = None
-        for last in analysis.run():
-            if bar:
-                bar.update(last)
-        if bar and last is not None:
-            bar.update(last, final=True)
-        result = analysis.result
-        timeline = _stream(timelines.run, args.quiet) if timelines else None
-    finally:
-        analysis.close()
-        if timelines:
-            timelines.close()
+    result, timeline = _analysis(args)
     for warning in distance_warnings(result):
         result.notes.append(warning)
         print(f"rlsub-tui: warning: {warning}", file=sys.stderr)
@@ -253,32 +252,57 @@ def run_analyze(argv: list[str]) -> int:
     return 0
 
 
-def _open_timelines(args, resolved, labels: list[str]):
-    """The second pass of `analyze` when some runs are timelines, opened from headers."""
-    from rlsub_tui.timeline import TimelineAnalysis
+def _analysis(args):
+    """The analysis and its timeline pass (None without timelines), from the one entry point, with bars."""
+    from rlsub_tui.analysis import Finished, Opened, Progress, TimelineDone, TimelineStep, analyse
+    from rlsub_tui.steps import resolve_runs, run_specs
 
-    named = [(labels[i], t) for i, t in sorted(resolved.timelines.items())]
-    for label, t in named:
-        print(f"rlsub-tui: note: {label} is a timeline of {len(t.steps)} checkpoints (steps "
+    resolved = resolve_runs(args.runs)
+    result, timeline, bars = None, None, Bars(args.quiet)
+    try:
+        for event in analyse(args.base, run_specs(resolved), analysis_options(args), resolved.timelines,
+                             args.step_gap):
+            if isinstance(event, Opened):
+                result = event.result
+                _opened(args, result, resolved.timelines)
+            elif isinstance(event, Progress):
+                result.tensors[event.result.name] = event.result
+                bars.show("runs", event)
+            elif isinstance(event, TimelineStep):
+                bars.show("timeline", event.progress)
+            elif isinstance(event, TimelineDone):
+                timeline = event.timeline
+            elif isinstance(event, Finished):
+                result.complete = event.complete
+                result.notes += event.notes
+    finally:
+        bars.close()
+    return result, timeline
+
+
+def _opened(args, result, timelines) -> None:
+    """Once the checkpoints are matched, before any tensor is read: refuse a bad --group, say what is skipped."""
+    from rlsub_tui.groups import resolve_groups
+    from rlsub_tui.kinship import NOT_A_FINE_TUNE
+
+    resolve_groups(args.group, result.run_labels)
+    for i, t in sorted(timelines.items()):
+        print(f"rlsub-tui: note: {result.run_labels[i]} is a timeline of {len(t.steps)} checkpoints (steps "
               f"{', '.join(map(str, t.steps))}); its last step stands for it in overlap and agreement",
               file=sys.stderr)
-    return TimelineAnalysis(args.base, named, criterion_option(args), args.step_gap)
+    for k in result.skipped:
+        print(f"rlsub-tui: warning: skipped {k.tensor} [{k.run}]: {k.reason}", file=sys.stderr)
+    for note in result.notes:
+        print(f"rlsub-tui: {'warning' if NOT_A_FINE_TUNE in note else 'note'}: {note}", file=sys.stderr)
 
 
 def _stream(work, quiet: bool):
     """Call work(on_progress) with a progress bar on stderr unless quiet; return what it returns."""
-    bar = None if quiet else ProgressLine()
-    last = []
-
-    def progress(p):
-        last[:] = [p]
-        if bar:
-            bar.update(p)
-
-    result = work(progress)
-    if bar and last:
-        bar.update(last[0], final=True)
-    return result
+    bars = Bars(quiet)
+    try:
+        return work(lambda p: bars.show("work", p))
+    finally:
+        bars.close()
 
 
 def run_masks(argv: list[str]) -> int:

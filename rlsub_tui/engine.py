@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from rlsub_tui.analysis import Progress  # noqa: F401  (re-exported: the other passes report with it)
 from rlsub_tui.cache import ResultCache, analysis_key
 from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.errors import InputError
@@ -21,7 +22,7 @@ from rlsub_tui.dtypes import DTYPE_NAMES, CastLog, dtype_name, pair_dtype  # noq
 from rlsub_tui.masks import MAX_RUNS, compute_tensor
 from rlsub_tui.tied import find_tied, tied_note
 from rlsub_tui.kinship import architectures_note, open_warnings
-from rlsub_tui.locate import parse_run_spec, unique_labels  # noqa: F401  (re-exported)
+from rlsub_tui.labels import checkpoint_label, run_labels, run_paths
 from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
 from rlsub_tui.spectrum import RankFigures
@@ -53,19 +54,6 @@ class TensorPlan:
         """The comparison dtype, or every one of them in run order when pairs differ."""
         names = list(dict.fromkeys(dtype_name(d) for d in self.run_dtypes)) or [dtype_name(self.dtype)]
         return "/".join(names)
-
-
-@dataclass
-class Progress:
-    """One finished tensor: the engine yields these as it goes."""
-
-    done: int
-    total: int
-    bytes_done: int
-    bytes_total: int
-    elapsed: float
-    result: TensorResult
-    cached: bool
 
 
 def resolve_device(device: str) -> torch.device:
@@ -245,21 +233,15 @@ def _fp8_notes(plans: list[TensorPlan], bl: Layout) -> list[str]:
 class Analysis:
     """A base and K runs, opened from their headers; `run()` streams through the tensors."""
 
-    def __init__(self, base: str, runs: list[str], options: AnalysisOptions | None = None,
-                 labels: list[str | None] | None = None):
+    def __init__(self, base: str, runs: list[str], options: AnalysisOptions | None = None):
         self.options = options or AnalysisOptions()
         if not runs:
             raise InputError("no runs given: name at least one fine-tuned checkpoint after the base.")
         if len(runs) > MAX_RUNS:
             raise InputError(f"{len(runs)} runs given; at most {MAX_RUNS} can be compared in one analysis.")
-        specs = [parse_run_spec(r) for r in runs]
-        if labels is None:
-            labels = [name for name, _ in specs]
-        paths = [path for _, path in specs]
-        wanted = [lbl or Path(p.rstrip("/")).name or p for lbl, p in zip(labels, paths)]
         self.device = resolve_device(self.options.device)
-        self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
-        self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(paths, unique_labels(wanted))]
+        self.base = open_checkpoint(base, label=checkpoint_label(base))
+        self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(run_paths(runs), run_labels(runs))]
         try:
             planning = plan_tensors(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
         except InputError as exc:  # nothing in common: name the architectures, the likely reason

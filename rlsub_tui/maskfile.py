@@ -15,9 +15,9 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.criteria import Criterion
 from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
 from rlsub_tui.errors import InputError
-from rlsub_tui.locate import unique_labels
+from rlsub_tui.labels import checkpoint_label, run_labels, run_paths
 from rlsub_tui.masks import update_mask
-from rlsub_tui.steps import resolve_runs
+from rlsub_tui.steps import resolve_runs, run_specs
 from rlsub_tui.safetensors_out import DTYPE_CODES, Entry, SafetensorsWriter, atomic_file
 
 MASK_FORMAT = "rlsub-tui mask file 1"
@@ -60,10 +60,9 @@ def open_runs(base: str, runs: list[str]) -> tuple[Checkpoint, list[Checkpoint]]
     """
     if not runs:
         raise InputError("no runs given: name at least one fine-tuned checkpoint after the base.")
-    resolved = resolve_runs(runs)
-    wanted = [name or Path(p.rstrip("/")).name or p for name, p in zip(resolved.labels, resolved.paths)]
-    base_ckpt = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
-    return base_ckpt, [open_checkpoint(p, label=lbl) for p, lbl in zip(resolved.paths, unique_labels(wanted))]
+    specs = run_specs(resolve_runs(runs))
+    base_ckpt = open_checkpoint(base, label=checkpoint_label(base))
+    return base_ckpt, [open_checkpoint(p, label=lbl) for p, lbl in zip(run_paths(specs), run_labels(specs))]
 
 
 def check_mask_out(out: Path, inputs: list[Checkpoint], force: bool) -> None:

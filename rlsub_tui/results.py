@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -293,6 +293,12 @@ class AnalysisResult:
     @property
     def k(self) -> int:
         return len(self.run_labels)
+
+    def opening(self) -> "AnalysisResult":
+        """A copy of what was compared and how, without tensors, sharing no list with this one (for a consumer)."""
+        return replace(self, tensors={}, skipped=list(self.skipped), notes=list(self.notes), planned=list(self.planned),
+                       planned_numel=dict(self.planned_numel), complete=False, tied=dict(self.tied),
+                       run_labels=list(self.run_labels), run_paths=list(self.run_paths))
 
     def stats(self, names=None) -> Stats:
         names = self.tensors.keys() if names is None else names

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -117,11 +116,3 @@ class SelectedStats:
     def sign_agreement(self) -> float:
         """As Stats.sign_agreement, which the records hold for all K runs only (NaN for a subset)."""
         return self.stats.sign_agreement() if self.all_runs else math.nan
-
-
-def run_labels(runs: list[str]) -> list[str]:
-    """The labels the analysis will give these run arguments (NAME=PATH, else the folder's name)."""
-    from rlsub_tui.locate import parse_run_spec, unique_labels
-
-    specs = [parse_run_spec(r) for r in runs]
-    return unique_labels([name or Path(p.rstrip("/")).name or p for name, p in specs])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.criteria import Criterion
 from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
 from rlsub_tui.errors import InputError
+from rlsub_tui.labels import checkpoint_label
 from rlsub_tui.masks import CHUNK_ELEMENTS, update_mask
 from rlsub_tui.steps import Timeline
 
@@ -100,7 +101,7 @@ class TimelineAnalysis:
         if gap < 1:
             raise InputError(f"--step-gap {gap}: must be 1 or more.")
         self.criterion, self.gap = criterion, gap
-        self.base = open_checkpoint(base, label=Path(base.rstrip("/")).name or base)
+        self.base = open_checkpoint(base, label=checkpoint_label(base))
         self.timelines = timelines
         self.steps: list[list[Checkpoint]] = []
         for label, t in timelines:
@@ -117,12 +118,21 @@ class TimelineAnalysis:
     def run(self, on_progress: Callable[[Progress], None] | None = None,
             cancelled: Callable[[], bool] = lambda: False) -> TimelineResult | None:
         """Every tensor through every timeline; None if cancelled() turns true between tensors."""
+        done = 0
+        for progress in self.stream(cancelled):
+            done = progress.done
+            if on_progress:
+                on_progress(progress)
+        return self.result if done == len(self.plans) else None
+
+    def stream(self, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Progress]:
+        """Every tensor through every timeline, one Progress each, into self.result; stops when cancelled()."""
         start = time.perf_counter()
         total = sum(p.nbytes for p in self.plans)
         done = 0
         for i, plan in enumerate(self.plans):
             if cancelled():
-                return None
+                return
             base = self.base.read(plan.name)
             offset = 0
             for r, ckpts in enumerate(self.steps):
@@ -132,9 +142,7 @@ class TimelineAnalysis:
                 self._follow(plan, base, r, ckpts, names, dtypes)
             del base
             done += plan.nbytes
-            if on_progress:
-                on_progress(Progress(i + 1, len(self.plans), done, total, time.perf_counter() - start, None, False))
-        return self.result
+            yield Progress(i + 1, len(self.plans), done, total, time.perf_counter() - start, None, False)
 
     def _follow(self, plan: TensorPlan, base: torch.Tensor, r: int, ckpts: list[Checkpoint], names: list[str],
                 dtypes: list[torch.dtype]) -> None:

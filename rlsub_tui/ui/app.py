@@ -165,87 +165,31 @@ class ExplorerApp(App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="analysis")
     def analyze(self, generation: int) -> None:
+        """The worker: the core's one entry point, its events posted as messages (batched), failures as a dialog."""
         from textual.worker import get_current_worker
 
-        from rlsub_tui.preview import tensor_names
+        from rlsub_tui.analysis import analyse, batched
 
-        worker = get_current_worker()
-        cfg = self.config
-        names = tensor_names(cfg.base) if self.result is None else None
-        if names:
-            self.post_message(TreePreview(names, Path(cfg.base.rstrip("/")).name or cfg.base, generation))
-        from rlsub_tui.cache import reopen
-
-        cached = reopen(cfg.base, cfg.runs, self.options)
-        if cached is not None:  # a finished analysis of exactly this: no torch needed at all (unless timelines)
-            try:
-                timelines = self._open_timelines(cached.run_labels)
-            except InputError as exc:
-                self.post_message(AnalysisFailed(str(exc), generation))
-                return
-            self.post_message(AnalysisOpened(cached, 0, generation))
-            n = len(cached.planned)
-            self.post_message(TensorsComputed(list(cached.tensors.values()), n, n, 0, 0, 0.0, generation))
-            self._run_timelines(timelines, generation, worker)
-            self.post_message(AnalysisFinished(not worker.is_cancelled, generation))
-            return
-        from rlsub_tui.engine import Analysis  # imports torch: a second or so
+        worker, cfg = get_current_worker(), self.config
+        if self.result is None:
+            self._post_preview(generation)
         try:
-            analysis = Analysis(cfg.base, cfg.runs, self.options)
-        except InputError as exc:
-            self.post_message(AnalysisFailed(str(exc), generation))
-            return
-        timelines = None
-        try:
-            # opened (and checked: step checkpoints must agree) before anything is computed
-            timelines = self._open_timelines(analysis.result.run_labels)
-            self.post_message(AnalysisOpened(analysis.result, analysis.bytes_total, generation))
-            batch, last_post = [], time.monotonic()
-            progress = None
-            for progress in analysis.run(cancelled=lambda: worker.is_cancelled):
-                batch.append(progress.result)
-                if time.monotonic() - last_post >= BATCH_SECONDS:
-                    self.post_message(self._batch(batch, progress, generation))
-                    batch, last_post = [], time.monotonic()
-            if batch and progress is not None:
-                self.post_message(self._batch(batch, progress, generation))
-            if analysis.result.complete and not worker.is_cancelled:
-                self._run_timelines(timelines, generation, worker)
-            self.post_message(AnalysisFinished(analysis.result.complete and not worker.is_cancelled, generation))
+            for event in batched(analyse(cfg.base, cfg.runs, self.options, cfg.timelines, cfg.step_gap,
+                                         cancelled=lambda: worker.is_cancelled), BATCH_SECONDS):
+                self.post_message(_message(event, generation))
         except InputError as exc:
             self.post_message(AnalysisFailed(str(exc), generation))
         except Exception as exc:  # a failure in the worker becomes a dialog, never a crash
             self.post_message(AnalysisFailed(f"the analysis failed: {type(exc).__name__}: {exc}", generation))
-        finally:
-            analysis.close()
-            if timelines is not None:
-                timelines.close()
 
-    def _open_timelines(self, labels: list[str]):
-        """The timeline pass's checkpoints, opened from headers (None without timelines); raises InputError."""
-        cfg = self.config
-        if not cfg.timelines:
-            return None
-        from rlsub_tui.timeline import TimelineAnalysis
+    def _post_preview(self, generation: int) -> None:
+        """The base's tensor names from its header alone, for a first paint before torch is imported."""
+        from rlsub_tui.labels import checkpoint_label
+        from rlsub_tui.preview import tensor_names
 
-        named = [(labels[i], t) for i, t in sorted(cfg.timelines.items())]
-        return TimelineAnalysis(cfg.base, named, self.options.criterion, cfg.step_gap)
-
-    def _run_timelines(self, timelines, generation: int, worker) -> None:
-        """The timeline pass, in the worker after the runs: posts TimelineComputed, or nothing if cancelled."""
-        if timelines is None:
-            return
-        try:
-            result = timelines.run(lambda p: self.post_message(TimelineProgress(p.done, p.total, generation)),
-                                   cancelled=lambda: worker.is_cancelled)
-        finally:
-            timelines.close()
-        if result is not None:
-            self.post_message(TimelineComputed(result, generation))
-
-    @staticmethod
-    def _batch(batch, p, generation) -> TensorsComputed:
-        return TensorsComputed(list(batch), p.done, p.total, p.bytes_done, p.bytes_total, p.elapsed, generation)
+        names = tensor_names(self.config.base)
+        if names:
+            self.post_message(TreePreview(names, checkpoint_label(self.config.base), generation))
 
     # ----------------------------------------------------------------------------------------- messages
     def on_tree_preview(self, msg: TreePreview) -> None:
@@ -260,15 +204,10 @@ class ExplorerApp(App):
     def on_analysis_opened(self, msg: AnalysisOpened) -> None:
         if msg.generation != self.generation:
             return
-        from rlsub_tui.results import AnalysisResult
-
         old_key = self.focus_node.key if self.focus_node else None
-        r = msg.result
-        # the app keeps its own result object; only the UI thread writes into it
+        # the app owns this result (the core hands each consumer its own); only the UI thread writes into it
+        r = self.result = msg.result
         self.failed = None
-        self.result = AnalysisResult(r.base_label, r.base_path, list(r.run_labels), list(r.run_paths), r.criterion,
-                                     r.sweep, r.device, {}, list(r.skipped), list(r.notes), list(r.planned),
-                                     dict(r.planned_numel), tied=dict(r.tied), compare_dtype=r.compare_dtype)
         if self._preview_names == list(r.planned) and not self.filter_text:
             # the preview drew exactly this tree: keep it (and the user's place in it), attach the numbers
             self.index = explore.StatsIndex(self.roots, self.result)
@@ -342,6 +281,9 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        if self.result is not None:
+            self.result.complete = msg.complete
+            self.result.notes += [n for n in msg.notes if n not in self.result.notes]
         if self.timeline is None and self.config.timelines:
             self.timeline_state = "cancelled"
         done = len(self.result.tensors) if self.result else 0
@@ -776,3 +718,19 @@ class ExplorerApp(App):
                                 lambda n=name: self.action_chart(n))
         yield SystemCommand("Warnings", "Tensors not compared, and notes", self.action_warnings)
         yield SystemCommand("Help", "Definitions and keys", self.action_help)
+
+
+def _message(event, generation: int):
+    """The message the worker posts for one event of the analysis (analysis.analyse, batched)."""
+    from rlsub_tui.analysis import Computed, Opened, TimelineDone, TimelineStep
+
+    if isinstance(event, Opened):
+        return AnalysisOpened(event.result, event.bytes_total, generation)
+    if isinstance(event, Computed):
+        p = event.progress
+        return TensorsComputed(event.results, p.done, p.total, p.bytes_done, p.bytes_total, p.elapsed, generation)
+    if isinstance(event, TimelineStep):
+        return TimelineProgress(event.progress.done, event.progress.total, generation)
+    if isinstance(event, TimelineDone):
+        return TimelineComputed(event.timeline, generation)
+    return AnalysisFinished(event.complete, generation, event.notes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from textual.message import Message
 
@@ -44,6 +44,7 @@ class TensorsComputed(Message):
 class AnalysisFinished(Message):
     complete: bool
     generation: int
+    notes: list[str] = field(default_factory=list)  # notes the analysis added at its end
 
 
 @dataclass
