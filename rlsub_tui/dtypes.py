@@ -17,6 +17,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def dtypes_label(dtypes: list[torch.dtype]) -> str:
+    """The comparison dtypes of a tensor's pairs, each once in run order: 'bf16', or 'bf16/fp32' when pairs differ."""
+    return "/".join(dict.fromkeys(dtype_name(d) for d in dtypes))
+
+
 def less_precise(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The less precise of two floating dtypes (larger machine epsilon)."""
     if a == b:

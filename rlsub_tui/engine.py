@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,7 +18,7 @@ from rlsub_tui.errors import InputError
 from rlsub_tui.formatting import size
 from rlsub_tui.criteria import AnalysisOptions, Criterion  # noqa: F401  (AnalysisOptions re-exported)
 from rlsub_tui import fp8
-from rlsub_tui.dtypes import DTYPE_NAMES, CastLog, dtype_name, pair_dtype  # noqa: F401  (re-exported)
+from rlsub_tui.dtypes import DTYPE_NAMES, CastLog, dtype_name, dtypes_label, pair_dtype  # noqa: F401  (re-exported)
 from rlsub_tui.masks import MAX_RUNS, compute_tensor
 from rlsub_tui.tied import find_tied, tied_note
 from rlsub_tui.kinship import architectures_note, open_warnings
@@ -52,8 +52,7 @@ class TensorPlan:
     @property
     def shown_dtype(self) -> str:
         """The comparison dtype, or every one of them in run order when pairs differ."""
-        names = list(dict.fromkeys(dtype_name(d) for d in self.run_dtypes)) or [dtype_name(self.dtype)]
-        return "/".join(names)
+        return dtypes_label(self.run_dtypes or [self.dtype])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -401,8 +400,7 @@ class Analysis:
                 known = [ranks[j].get(rank_keys[j]) if self.options.rank else None for j in range(len(self.runs))]
                 comp, extra_notes = self._compute_planned(plan, current, known)
                 del current
-                result = TensorResult.from_computation(plan.name, plan.shown_dtype, plan.shape, plan.numel,
-                                                       comp, plan.notes + extra_notes)
+                result = replace(comp, name=plan.name, notes=plan.notes + extra_notes + comp.notes)
                 self.result.tensors[plan.name] = result
                 if self.cache:
                     self.cache.store_result(key, result)

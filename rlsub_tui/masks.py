@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from rlsub_tui.dtypes import dtype_name
+from rlsub_tui.dtypes import dtype_name, dtypes_label
 from rlsub_tui.rank import stacked_rank_figures
+from rlsub_tui.results import TensorResult
 from rlsub_tui.spectrum import RankFigures
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, MAX_SUBSET_RUNS, Criterion, RunTensorStats  # noqa: F401
@@ -56,20 +56,6 @@ def magnitude_bins(base32: torch.Tensor, table: torch.Tensor | None = None) -> t
     if table is None:
         table = magnitude_table(device=base32.device)
     return torch.index_select(table, 0, (base32.view(torch.int32) >> 23) & 0xFF)
-
-
-@dataclass
-class TensorComputation:
-    """Every count for one tensor across K runs (the engine turns it into a TensorResult)."""
-
-    runs: list[RunTensorStats]
-    both: dict[tuple[int, int], int]
-    agreement: list[int]
-    multi: int
-    sign_agree: int
-    magnitude_numel: list[int]
-    rank_note: str | None = None
-    run_codes: list[int] = field(default_factory=list)  # parameters per code (bit j: run j updated); see MAX_SUBSET_RUNS
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -128,8 +114,8 @@ def criterion_mask(b: torch.Tensor, r: torch.Tensor, absd: torch.Tensor, criteri
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
                    ranks: list[RankFigures | None] | None = None,
-                   dtypes: list[torch.dtype] | None = None) -> TensorComputation:
-    """Masks, counts, pair overlaps, agreement and ranks for one tensor.
+                   dtypes: list[torch.dtype] | None = None) -> TensorResult:
+    """Masks, counts, pair overlaps, agreement and ranks for one tensor, as its record (named by the caller).
 
     `base` and every run must have one shape. `dtypes[j]` is the dtype run j is compared in (default:
     the base's); run j must already be in it, the base is cast to it chunk by chunk, so each run's
@@ -262,9 +248,9 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
             magnitude_updated=[int(x) for x in mag_updated[j]],
         ))
         stats[-1].set_rank(rank)
-    return TensorComputation(
-        runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
-        magnitude_numel=[int(x) for x in mag_numel], rank_note=rank_note,
+    return TensorResult(
+        name="", dtype=dtypes_label(dtypes), shape=list(base.shape), numel=n, runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
+        magnitude_numel=[int(x) for x in mag_numel], notes=[rank_note] if rank_note else [],
         run_codes=[int(x) for x in by_code] if coded and k <= MAX_SUBSET_RUNS else [],
     )
 

@@ -35,13 +35,6 @@ class TensorResult:
     # runs' agreement histogram and consensus follow from it without the masks.
     run_codes: list[int] = field(default_factory=list)
 
-    @classmethod
-    def from_computation(cls, name, dtype, shape, numel, comp, notes=()):
-        """From a masks.TensorComputation."""
-        notes = list(notes) + ([comp.rank_note] if comp.rank_note else [])
-        return cls(name, dtype, list(shape), numel, comp.runs, comp.both, comp.agreement, comp.multi,
-                   comp.sign_agree, comp.magnitude_numel, notes, list(comp.run_codes))
-
     @property
     def max_rank(self) -> int | None:
         """min(m, n) of a matrix; for a 3-D stack of E expert matrices E·min(m, n), so the ratio is their mean."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from rlsub_tui.criteria import Criterion
 from rlsub_tui.errors import InputError
 from rlsub_tui.masks import compute_tensor
-from rlsub_tui.results import Stats, TensorResult
+from rlsub_tui.results import Stats
 from rlsub_tui.selection import SelectedStats, parse_runs, subset_agreement
 
 
@@ -27,7 +28,7 @@ def _records(k: int, seed: int):
         m = [np.where(rng.random(shape) < 0.5, common, rng.random(shape) < dens[j]) for j in range(k)]
         runs = [torch.from_numpy(base + mj * rng.choice([-1.0, 1.0], shape).astype(np.float32)) for mj in m]
         comp = compute_tensor(torch.from_numpy(base), runs, Criterion("exact", 0.0), want_rank=False)
-        records.append(TensorResult.from_computation(f"t{t}", "F32", shape, base.size, comp))
+        records.append(replace(comp, name=f"t{t}", dtype="F32"))
         masks.append(np.stack([mj.reshape(-1) for mj in m]))
     return records, np.concatenate(masks, axis=1)
 
@@ -69,7 +70,7 @@ def test_sign_agreement_only_for_all_runs():
 def test_no_update_gives_undefined_overlap_not_zero():
     base = torch.zeros(10)
     comp = compute_tensor(base, [base.clone(), base.clone()], Criterion("exact", 0.0), want_rank=False)
-    sel = SelectedStats(Stats.of([TensorResult.from_computation("z", "F32", [10], 10, comp)], 2), (0, 1))
+    sel = SelectedStats(Stats.of([replace(comp, name="z", dtype="F32")], 2), (0, 1))
     assert math.isnan(sel.one_sided().observed) and math.isnan(sel.jaccard().observed)
 
 
