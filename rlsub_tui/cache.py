@@ -53,8 +53,11 @@ def default_cache_dir() -> Path:
 class ResultCache:
     """Per-tensor results keyed by an analysis key; ranks and their spectra keyed by (base, run) and (tensor, rows, dtype)."""
 
-    def __init__(self, directory: Path | None = None):
+    def __init__(self, directory: Path | None = None, rebuild: bool = True):
+        """rebuild=False: a cache that is corrupt or not ours is left as it is (and not used), for the
+        analysis to rebuild and say so."""
         self.directory = Path(directory) if directory else default_cache_dir()
+        self.rebuild = rebuild
         self.path = self.directory / "results.sqlite"
         self.warning: str | None = None
         self._conn = self._open()
@@ -84,6 +87,8 @@ class ResultCache:
         try:
             return self._connect()
         except sqlite3.DatabaseError:
+            if not self.rebuild:
+                return None
             self.warning = f"cache {self.path} was corrupt or not ours; rebuilt it."
             for suffix in ("", "-wal", "-shm", "-journal"):
                 try:
@@ -197,7 +202,7 @@ def reopen(base: str, runs: list[str], options: AnalysisOptions) -> AnalysisResu
         paths = run_paths(runs)
         base_found = locate(base)
         found = [locate(path) for path in paths]
-        cache = ResultCache(options.cache_dir)
+        cache = ResultCache(options.cache_dir, rebuild=False)  # the analysis run next rebuilds it, and says so
     except (InputError, OSError):
         return None
     try:

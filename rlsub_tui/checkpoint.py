@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.errors import CheckpointError
-from rlsub_tui.locate import MAX_HEADER_BYTES, config_file, fingerprint, locate
+from rlsub_tui.locate import MAX_HEADER_BYTES, CheckpointLayout, config_file, fingerprint, locate
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -131,7 +131,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
 class Checkpoint:
     """One model checkpoint on disk: the tensor directory from headers, and reads one tensor at a time."""
 
-    def __init__(self, source: str, label: str, files: list[Path], layout: str):
+    def __init__(self, source: str, label: str, files: list[Path], layout: CheckpointLayout):
         self.source = source
         self.label = label
         self.files = files
@@ -156,10 +156,6 @@ class Checkpoint:
                     self.tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), file, pos, nbytes)
         if not self.tensors:
             raise CheckpointError(f"{source}: the checkpoint holds no tensors.")
-
-    @property
-    def path(self) -> str:
-        return self.source
 
     def config(self) -> dict | None:
         """The model's config.json beside the weights; None when absent or unreadable (it only refines)."""

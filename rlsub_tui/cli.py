@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -20,22 +19,23 @@ USAGE_MASKS = "rlsub-tui masks BASE RUN [RUN ...] --out FILE.safetensors [--min-
 
 
 def _float(text: str) -> float:
+    from rlsub_tui.criteria import parse_tolerance
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be a finite number >= 0")
-    return value
+        return parse_tolerance(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sweep(text: str) -> tuple[float, ...]:
-    if text.strip().lower() in ("none", "off"):
-        return ()
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
+    from rlsub_tui.criteria import parse_sweep
+
+    if not text.replace(",", "").strip():
         raise argparse.ArgumentTypeError("give tolerances separated by commas, e.g. 1e-8,1e-7,1e-6,1e-5")
-    return tuple(sorted(_float(p.strip()) for p in parts))
+    try:
+        return parse_sweep(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _group(text: str) -> tuple[str, str]:

@@ -24,6 +24,25 @@ PAPER_SWEEP = (1e-8, 1e-7, 1e-6, 1e-5)
 DEFAULT_SWEEP: tuple[float, ...] = PAPER_SWEEP
 
 
+def parse_tolerance(text: str, what: str = "") -> float:
+    """A tolerance, η or sweep value as typed (CLI or dialog): a finite number >= 0, else ValueError saying why."""
+    name = f"{what} " if what else ""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{name}'{text.strip()}' is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}'{text.strip()}' must be a finite number >= 0")
+    return value
+
+
+def parse_sweep(text: str) -> tuple[float, ...]:
+    """Sweep tolerances separated by commas, in increasing order; empty, 'none' or 'off': no sweep."""
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    return tuple(sorted(parse_tolerance(part, "sweep value") for part in text.split(",") if part.strip()))
+
+
 @dataclass(frozen=True)
 class Criterion:
     """What counts as updated. `value` is the tolerance (atol) or eta (relative); unused for exact."""

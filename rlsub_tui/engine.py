@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -24,7 +24,7 @@ from rlsub_tui.tied import find_tied, tied_note
 from rlsub_tui.kinship import architectures_note, open_warnings
 from rlsub_tui.labels import checkpoint_label, run_labels, run_paths
 from rlsub_tui.names import canonical
-from rlsub_tui.results import AnalysisResult, Skipped, TensorResult
+from rlsub_tui.results import AnalysisResult, Skipped
 from rlsub_tui.spectrum import RankFigures
 from rlsub_tui.staging import PinnedStager, ready
 
@@ -44,10 +44,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def shown_dtype(self) -> str:
@@ -113,16 +110,26 @@ def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = F
                  policy: str = "stored") -> Planning:
     """Match tensors by name (ignoring wrapper prefixes) and shape, list every one left out and why;
     tied aliases and fp8 block scales folded in, one comparison dtype per pair."""
-    layouts = [Layout.of(c) for c in [base] + runs]
-    bl, run_layouts = layouts[0], layouts[1:]
-    skipped: list[Skipped] = []
-    casts = CastLog(policy)
+    bl, *run_layouts = [Layout.of(c) for c in [base] + runs]
     run_maps = [_name_map(lay) for lay in run_layouts]
+    casts = CastLog(policy)
+    plans, skipped = _plan_base_tensors(bl, run_layouts, run_maps, common_rows, policy, casts)
+    skipped += _run_only_tensors(bl, run_layouts, run_maps)
+    if runs and not plans:
+        raise _nothing_in_common(base, skipped)
+    file_order = {f: i for i, f in enumerate(base.files)}
+    plans.sort(key=lambda p: (file_order[base.tensors[p.name].file], base.tensors[p.name].offset))
+    notes = [tied_note(a, prim, f"the base '{base.label}'") for a, prim in bl.tied.items()]
+    notes += casts.notes() + _fp8_notes(plans, bl)
+    return Planning(plans, skipped, notes, dict(bl.tied))
+
+
+def _plan_base_tensors(bl: Layout, run_layouts: list[Layout], run_maps: list[dict[str, str]], common_rows: bool,
+                       policy: str, casts: CastLog) -> tuple[list[TensorPlan], list[Skipped]]:
+    """A plan for each base tensor every run can be compared on; the others skipped with their reasons."""
     consumed = set(bl.scales.values())  # block scales are used to dequantise, not compared themselves
-    base_keys = {canonical(n): n for n in base.tensors}
-    alias_keys = {canonical(a): a for a in bl.tied}
-    plans = []
-    for name, info in base.tensors.items():
+    plans, skipped = [], []
+    for name, info in bl.ckpt.tensors.items():
         if name in bl.tied or name in consumed:
             continue
         if not info.dtype.is_floating_point:
@@ -133,6 +140,14 @@ def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = F
             skipped.extend(Skipped(name, label, reason) for label, reason in reasons)
         else:
             plans.append(plan)
+    return plans, skipped
+
+
+def _run_only_tensors(bl: Layout, run_layouts: list[Layout], run_maps: list[dict[str, str]]) -> list[Skipped]:
+    """Run tensors no base tensor matches (aliases and block scales aside), and ties the base and a run disagree on."""
+    base_keys = {canonical(n) for n in bl.ckpt.tensors}
+    alias_keys = {canonical(a): a for a in bl.tied}
+    skipped = []
     for lay, m in zip(run_layouts, run_maps):
         for key, name in m.items():
             if key in alias_keys:
@@ -143,16 +158,14 @@ def plan_tensors(base: Checkpoint, runs: list[Checkpoint], common_rows: bool = F
                 continue  # the run's own alias: compared under its primary name
             elif key not in base_keys and name not in lay.scales.values():
                 skipped.append(Skipped(name, lay.ckpt.label, "only in this run, not in the base"))
-    if runs and not plans:
-        raise InputError(
-            f"{base.source} and the runs have no tensor in common that can be compared "
-            f"({len(skipped)} tensors skipped; first: {skipped[0].tensor}: {skipped[0].reason})."
-            if skipped else f"{base.source}: nothing to compare.")
-    file_order = {f: i for i, f in enumerate(base.files)}
-    plans.sort(key=lambda p: (file_order[base.tensors[p.name].file], base.tensors[p.name].offset))
-    notes = [tied_note(a, prim, f"the base '{base.label}'") for a, prim in bl.tied.items()]
-    notes += casts.notes() + _fp8_notes(plans, bl)
-    return Planning(plans, skipped, notes, dict(bl.tied))
+    return skipped
+
+
+def _nothing_in_common(base: Checkpoint, skipped: list[Skipped]) -> InputError:
+    if not skipped:
+        return InputError(f"{base.source}: nothing to compare.")
+    return InputError(f"{base.source} and the runs have no tensor in common that can be compared "
+                      f"({len(skipped)} tensors skipped; first: {skipped[0].tensor}: {skipped[0].reason}).")
 
 
 def _name_map(lay: Layout) -> dict[str, str]:
@@ -166,39 +179,22 @@ def _name_map(lay: Layout) -> dict[str, str]:
 def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows, policy, casts: CastLog):
     """The plan for one base tensor, or the (run, reason) pairs that keep it out."""
     info = bl.ckpt.tensors[name]
-    key = canonical(name)
     base_dtype = bl.compared_dtype(name)
     problem = bl.scale_problem(name)
     if problem:
         return None, [("*", f"fp8 weight not compared: {problem}")]
     run_names, reasons, rows, tnotes, run_dtypes, scales = [], [], None, [], [], [bl.scales.get(name)]
     for lay, m in zip(run_layouts, run_maps):
-        run, other = lay.ckpt, m.get(key)
-        if other is None:
-            reasons.append((run.label, "missing in this run"))
+        run, other = lay.ckpt, m.get(canonical(name))
+        reason = _pair_problem(name, bl, lay, other, common_rows)
+        if reason:
+            reasons.append((run.label, reason))
             continue
-        oinfo = run.tensors[other]
-        if not oinfo.dtype.is_floating_point:
-            reasons.append((run.label, f"not a floating-point tensor in this run ({dtype_name(oinfo.dtype)})"))
-            continue
-        if oinfo.shape != info.shape:
-            same_tail = len(oinfo.shape) == len(info.shape) >= 1 and oinfo.shape[1:] == info.shape[1:]
-            if common_rows and same_tail:
-                r = min(oinfo.shape[0], info.shape[0])
-                rows = r if rows is None else min(rows, r)
-                tnotes.append(f"{run.label}: shape {list(oinfo.shape)} vs base {list(info.shape)}; "
-                              f"compared on the first {r} rows")
-            else:
-                hint = " (use --common-rows to compare the rows they share)" if same_tail else ""
-                reasons.append((run.label, f"shape {list(oinfo.shape)} differs from base {list(info.shape)}{hint}"))
-                continue
-        problem = lay.scale_problem(other)
-        if problem:
-            reasons.append((run.label, f"fp8 weight not compared: {problem}"))
-            continue
-        if name in bl.scales and oinfo.dtype in fp8.FP8 and other not in lay.scales:
-            reasons.append((run.label, "fp8 without a block scale in this run, with one in the base"))
-            continue
+        oshape = run.tensors[other].shape
+        if oshape != info.shape:  # --common-rows and the same trailing dimensions (else a reason above)
+            r = min(oshape[0], info.shape[0])
+            rows = r if rows is None else min(rows, r)
+            tnotes.append(f"{run.label}: shape {list(oshape)} vs base {list(info.shape)}; compared on the first {r} rows")
         run_dtype = lay.compared_dtype(other)
         pair = pair_dtype(base_dtype, run_dtype, policy)
         casts.record(run.label, base_dtype, run_dtype, pair)
@@ -208,12 +204,30 @@ def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows
     if reasons:
         return None, reasons
     shape = info.shape if rows is None else (rows,) + info.shape[1:]
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     nbytes = numel * info.dtype.itemsize + sum(
         numel * lay.ckpt.tensors[n].dtype.itemsize for lay, n in zip(run_layouts, run_names))
     return TensorPlan(name, run_names, base_dtype, shape, rows, nbytes, tnotes, run_dtypes, scales), []
+
+
+def _pair_problem(name: str, bl: Layout, lay: Layout, other: str | None, common_rows: bool) -> str | None:
+    """Why a run's tensor `other` (None: no match) cannot be compared with the base's `name`; None if it can."""
+    if other is None:
+        return "missing in this run"
+    info, oinfo = bl.ckpt.tensors[name], lay.ckpt.tensors[other]
+    if not oinfo.dtype.is_floating_point:
+        return f"not a floating-point tensor in this run ({dtype_name(oinfo.dtype)})"
+    if oinfo.shape != info.shape:
+        same_tail = len(oinfo.shape) == len(info.shape) >= 1 and oinfo.shape[1:] == info.shape[1:]
+        if not (common_rows and same_tail):
+            hint = " (use --common-rows to compare the rows they share)" if same_tail else ""
+            return f"shape {list(oinfo.shape)} differs from base {list(info.shape)}{hint}"
+    problem = lay.scale_problem(other)
+    if problem:
+        return f"fp8 weight not compared: {problem}"
+    if name in bl.scales and oinfo.dtype in fp8.FP8 and other not in lay.scales:
+        return "fp8 without a block scale in this run, with one in the base"
+    return None
 
 
 def _fp8_notes(plans: list[TensorPlan], bl: Layout) -> list[str]:

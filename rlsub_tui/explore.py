@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,10 @@ SPECTRUM_TITLES = {"stable_rank": "stable", "energy_rank_90": "e90", "energy_ran
                    "effective_rank": "eff"}  # column titles of the spectrum figures, as ratios to min(m, n)
 
 
+Level = Literal["group", "model", "layer", "submodule", "kind", "type", "tensor"]  # a tree node's place
+ColumnKind = Literal["text", "count", "pct", "ratio", "sci"]  # how a table column's values are shown
+
+
 @dataclass
 class Node:
     """One entry of the tree: a group of tensors (or one tensor) and its children."""
@@ -32,7 +37,7 @@ class Node:
     tensors: list[str]
     children: list["Node"] = field(default_factory=list)
     is_tensor: bool = False
-    level: str = "group"  # model | layer | submodule | kind | type | tensor
+    level: Level = "group"
 
     def walk(self):
         yield self
@@ -45,7 +50,7 @@ def _layer_sort_key(path: str):
     return (0, int(tail)) if tail.isdigit() else (1, path)
 
 
-def _group(groups: dict[str, Node], key: str, label: str, level: str, parent: Node | None) -> Node:
+def _group(groups: dict[str, Node], key: str, label: str, level: Level, parent: Node | None) -> Node:
     """The group node of this key, created (and attached to its parent) on first use."""
     node = groups.get(key)
     if node is None:
@@ -158,7 +163,7 @@ class StatsIndex:
 class Column:
     key: str
     title: str
-    kind: str  # text | count | pct | ratio
+    kind: ColumnKind
     help: str
 
 

@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from rlsub_tui.errors import CheckpointError
 
@@ -47,6 +48,9 @@ def unique_labels(wanted: list[str]) -> list[str]:
     return out
 
 
+CheckpointLayout = Literal["safetensors", "pickle"]  # safetensors files (one or sharded), or pickled .bin/.pt
+
+
 @dataclass(frozen=True)
 class Located:
     """What a user's checkpoint argument points to: its files and their layout."""
@@ -54,7 +58,7 @@ class Located:
     source: str
     path: Path
     files: list[Path]
-    layout: str  # safetensors | pickle
+    layout: CheckpointLayout
 
 
 def _header_digest(file: Path) -> str:

@@ -31,15 +31,12 @@ class Placement:
     submodule: str | None  # e.g. "self_attn" inside the layer; None for a tensor directly in the layer
     tensor_type: str  # the name with the layer index removed, e.g. "self_attn.q_proj.weight"
     leaf: str  # the last components: "q_proj.weight"
-    is_norm: bool
 
 
 def place(name: str) -> Placement:
-    lowered = name.lower()
-    is_norm = "norm" in lowered or "ln_" in lowered
     m = LAYER.match(name)
     if m is None:
-        return Placement(None, None, None, canonical(name), name, is_norm)
+        return Placement(None, None, None, canonical(name), name)
     rest = m.group("rest")
     parts = rest.split(".")
     submodule = parts[0] if len(parts) > 2 else None
@@ -50,7 +47,6 @@ def place(name: str) -> Placement:
         submodule,
         rest,
         leaf,
-        is_norm,
     )
 
 

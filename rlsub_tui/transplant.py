@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class Planned:
 class OutputCounts:
     """One written checkpoint's figures, as transplant.json records them."""
 
-    kind: str
+    kind: Literal["transplant", "random-control"]
     path: Path
     mask_true: int = 0
     changed_from_base: int = 0

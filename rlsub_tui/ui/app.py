@@ -199,7 +199,7 @@ class ExplorerApp(App):
         self._preview_names = list(msg.names)
         self.focus_node = self.roots[0] if self.roots else None
         tree = self.query_one(LayerTree)
-        tree.populate(self.roots, None, expand_first=True)
+        tree.populate(self.roots, None)
 
     def on_analysis_opened(self, msg: AnalysisOpened) -> None:
         if msg.generation != self.generation:
@@ -323,7 +323,7 @@ class ExplorerApp(App):
         tree = self.query_one(LayerTree)
         roots = explore.filter_tree(self.roots, self.filter_text)
         self.index = explore.StatsIndex(roots, self.result)
-        tree.populate(roots, self.index, expand_first=True)
+        tree.populate(roots, self.index)
         if self.filter_text:
             for node in tree.root.children:
                 node.expand_all()

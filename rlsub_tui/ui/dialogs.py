@@ -10,6 +10,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, RadioButton, RadioSet, Static
 
+from rlsub_tui.criteria import parse_sweep, parse_tolerance
+
 
 class ErrorDialog(ModalScreen[None]):
     """One clear sentence about what went wrong; the app stays alive behind it."""
@@ -204,26 +206,10 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
         chosen = radio.pressed_button.id if radio.pressed_button else self.current.criterion
 
         def number(field: str) -> float:
-            text = self.query_one(f"#{field}", Input).value.strip()
-            try:
-                v = float(text)
-            except ValueError:
-                raise ValueError(f"{field} '{text}' is not a number") from None
-            if not (v >= 0 and v != float("inf")):
-                raise ValueError(f"{field} must be a finite number >= 0")
-            return v
+            return parse_tolerance(self.query_one(f"#{field}", Input).value, field)
 
-        sweep_text = self.query_one("#sweep", Input).value.strip()
-        sweep = []
-        for part in filter(None, (p.strip() for p in sweep_text.split(","))):
-            try:
-                v = float(part)
-            except ValueError:
-                raise ValueError(f"sweep value '{part}' is not a number") from None
-            if not (v >= 0 and v != float("inf")):
-                raise ValueError("sweep values must be finite numbers >= 0")
-            sweep.append(v)
-        return CriterionChoice(chosen, number("tolerance"), number("eta"), tuple(sorted(sweep)))
+        sweep = parse_sweep(self.query_one("#sweep", Input).value)
+        return CriterionChoice(chosen, number("tolerance"), number("eta"), sweep)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "cancel":

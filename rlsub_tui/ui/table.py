@@ -103,18 +103,17 @@ class ChildrenTable(DataTable):
         key = self.sort_column
         return sorted(rows, key=lambda r: sort_value(r.get(key)), reverse=self.sort_reverse)
 
-    def cycle_sort(self) -> str:
+    def cycle_sort(self) -> None:
         """Sort by the next column: numbers largest first, names A to Z; after the last, back to none."""
         keys = [c.key for c in self.columns_spec]
         if not keys:
-            return ""
+            return
         i = keys.index(self.sort_column) + 1 if self.sort_column in keys else 0
         if i >= len(keys):
             self.sort_column = None
-            return "original order"
+            return
         self.sort_column = keys[i]
         self.sort_reverse = self.columns_spec[i].kind != "text"
-        return self.sort_column
 
     def reverse_sort(self) -> None:
         self.sort_reverse = not self.sort_reverse

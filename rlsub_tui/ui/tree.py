@@ -57,15 +57,14 @@ class LayerTree(Tree[Node]):
         super().__init__("checkpoints", **kw)
         self.show_root = False
         self.guide_depth = 2
-        self._roots: list[Node] = []
         self._index: StatsIndex | None = None
 
-    def populate(self, roots: list[Node], index: StatsIndex | None, expand_first: bool = True) -> None:
+    def populate(self, roots: list[Node], index: StatsIndex | None) -> None:
+        """Show these trees, the first one expanded."""
         self.clear()
-        self._roots = roots
         self._index = index
         for i, r in enumerate(roots):
-            self._add(self.root, r, index, expand=(i == 0 and expand_first))
+            self._add(self.root, r, index, expand=(i == 0))
         self.root.expand()
         if roots:
             self.cursor_line = 0
