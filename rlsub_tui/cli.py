@@ -254,14 +254,16 @@ def run_analyze(argv: list[str]) -> int:
 
 def _analysis(args):
     """The analysis and its timeline pass (None without timelines), from the one entry point, with bars."""
+    from contextlib import closing
+
     from rlsub_tui.analysis import Finished, Opened, Progress, TimelineDone, TimelineStep, analyse
     from rlsub_tui.steps import resolve_runs, run_specs
 
     resolved = resolve_runs(args.runs)
+    events = analyse(args.base, run_specs(resolved), analysis_options(args), resolved.timelines, args.step_gap)
     result, timeline, bars = None, None, Bars(args.quiet)
-    try:
-        for event in analyse(args.base, run_specs(resolved), analysis_options(args), resolved.timelines,
-                             args.step_gap):
+    with closing(events), closing(bars):
+        for event in events:
             if isinstance(event, Opened):
                 result = event.result
                 _opened(args, result, resolved.timelines)
@@ -275,8 +277,6 @@ def _analysis(args):
             elif isinstance(event, Finished):
                 result.complete = event.complete
                 result.notes += event.notes
-    finally:
-        bars.close()
     return result, timeline
 
 

@@ -166,6 +166,8 @@ class ExplorerApp(App):
     @work(thread=True, exclusive=True, exit_on_error=False, group="analysis")
     def analyze(self, generation: int) -> None:
         """The worker: the core's one entry point, its events posted as messages (batched), failures as a dialog."""
+        from contextlib import closing
+
         from textual.worker import get_current_worker
 
         from rlsub_tui.analysis import analyse, batched
@@ -174,9 +176,10 @@ class ExplorerApp(App):
         if self.result is None:
             self._post_preview(generation)
         try:
-            for event in batched(analyse(cfg.base, cfg.runs, self.options, cfg.timelines, cfg.step_gap,
-                                         cancelled=lambda: worker.is_cancelled), BATCH_SECONDS):
-                self.post_message(_message(event, generation))
+            with closing(analyse(cfg.base, cfg.runs, self.options, cfg.timelines, cfg.step_gap,
+                                 cancelled=lambda: worker.is_cancelled)) as events:
+                for event in batched(events, BATCH_SECONDS):
+                    self.post_message(_message(event, generation))
         except InputError as exc:
             self.post_message(AnalysisFailed(str(exc), generation))
         except Exception as exc:  # a failure in the worker becomes a dialog, never a crash
