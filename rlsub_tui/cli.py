@@ -176,7 +176,7 @@ class ProgressLine:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("tensors"),
-                            TextColumn("{task.fields[rate]}/s  left {task.fields[left]}"),
+                            TextColumn("{task.fields[speed]}"),
                             console=Console(file=sys.stderr), refresh_per_second=10)
         self.task = None
 
@@ -185,10 +185,11 @@ class ProgressLine:
 
         rate = p.bytes_done / p.elapsed if p.elapsed > 0 else 0.0
         left = (p.bytes_total - p.bytes_done) / rate if rate > 0 else float("nan")
+        speed = "from the cache" if p.cached else f"{size(rate)}/s  left {duration(left)}"
         if self.task is None:
             self.bar.start()
-            self.task = self.bar.add_task("", total=p.total, rate="", left="")
-        self.bar.update(self.task, completed=p.done, total=p.total, rate=size(rate), left=duration(left))
+            self.task = self.bar.add_task("", total=p.total, speed="")
+        self.bar.update(self.task, completed=p.done, total=p.total, speed=speed)
 
     def close(self) -> None:
         """Draw the bar a last time and end its line."""
@@ -359,7 +360,8 @@ def explorer_config(argv: list[str]):
     else:
         base, specs = sample_checkpoints()
     from rlsub_tui.groups import resolve_groups
-    from rlsub_tui.selection import parse_runs, run_labels
+    from rlsub_tui.labels import run_labels
+    from rlsub_tui.selection import parse_runs
 
     resolved = resolve_runs(specs)
     runs = run_specs(resolved)

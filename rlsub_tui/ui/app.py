@@ -1,4 +1,4 @@
-"""The explorer app: owns the state; a thread worker computes and posts messages; handlers update widgets."""
+"""The explorer app: owns the state; a thread worker runs the analysis and posts its events as messages; handlers update widgets."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import ContentSwitcher, Footer, Header, Input, Label, ProgressBar, Static
 
 from rlsub_tui import explore, glance
+from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.errors import InputError
 from rlsub_tui.export import atomic_write, csv_text, provenance, sidecar_path
 from rlsub_tui.formatting import duration, size
@@ -41,7 +42,7 @@ DETAIL_VIEWS = ("maskmap", "delta")  # computed on demand for the focused tensor
 class ExplorerConfig:
     base: str
     runs: list[str]
-    options: object  # rlsub_tui.engine.AnalysisOptions (imported lazily: torch loads in the worker)
+    options: AnalysisOptions
     export_dir: Path
     timelines: dict = field(default_factory=dict)  # run index -> steps.Timeline, for the timeline chart
     step_gap: int = 1
