@@ -194,7 +194,8 @@ def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows
         if oshape != info.shape:  # --common-rows and the same trailing dimensions (else a reason above)
             r = min(oshape[0], info.shape[0])
             rows = r if rows is None else min(rows, r)
-            tnotes.append(f"{run.label}: shape {list(oshape)} vs base {list(info.shape)}; compared on the first {r} rows")
+            tnotes.append(f"{run.label}: shape {list(oshape)} vs base {list(info.shape)}; "
+                          f"compared on the first {r} rows")
         run_dtype = lay.compared_dtype(other)
         pair = pair_dtype(base_dtype, run_dtype, policy)
         casts.record(run.label, base_dtype, run_dtype, pair)
@@ -244,7 +245,11 @@ def _fp8_notes(plans: list[TensorPlan], bl: Layout) -> list[str]:
 
 
 class Analysis:
-    """A base and K runs, opened from their headers; `run()` streams through the tensors."""
+    """A base and K runs, opened from their headers; `run()` streams through the tensors.
+
+    `result` is the engine's own record (what the cache stores, what run_all returns, filled on this
+    thread); consumers go through analysis.analyse, which hands each its own copy.
+    """
 
     def __init__(self, base: str, runs: list[str], options: AnalysisOptions | None = None):
         self.options = options or AnalysisOptions()
@@ -440,6 +445,7 @@ class Analysis:
             self._stager = None
 
     def run_all(self) -> AnalysisResult:
+        """Every tensor, in this thread (scripts and tests); the result holds them all."""
         for _ in self.run():
             pass
         return self.result

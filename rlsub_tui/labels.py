@@ -1,4 +1,4 @@
-"""The names checkpoints go by: a base's and each run's label, from its path or NAME=PATH, derived here only (no torch)."""
+"""The name each checkpoint goes by, from its path or NAME=PATH: derived here and nowhere else (no torch)."""
 
 from __future__ import annotations
 

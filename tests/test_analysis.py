@@ -164,3 +164,30 @@ def test_cli_bar_ends_on_the_last_tensor_and_quiet_has_none(pair3, capsys):
     assert done == total and int(total) == len(rows) - 1  # one row per tensor with one run
     assert main(args + ["--quiet", "--out", str(root / "out2")]) == 0
     assert "tensors" not in capsys.readouterr().err
+
+
+def test_a_timeline_pass_follows_the_runs_and_ends_before_finished(tmp_path):
+    from rlsub_tui.analysis import TimelineDone, TimelineStep
+    from rlsub_tui.steps import resolve_runs, run_specs
+
+    b = base_state(dtype=torch.bfloat16)
+    save(b, tmp_path / "base")
+    cur = b
+    for step in (10, 20, 30):
+        cur = sparse_run(cur, step, density=0.05)
+        save(cur, tmp_path / "tl" / f"checkpoint-{step}")
+    save(sparse_run(b, 99), tmp_path / "plain")
+    resolved = resolve_runs([str(tmp_path / "tl"), str(tmp_path / "plain")])
+    options = AnalysisOptions(use_cache=False, rank=False)
+    result, seen = consume(analyse(str(tmp_path / "base"), run_specs(resolved), options, resolved.timelines))
+    kinds = [type(e).__name__ for e in seen]
+    first_step = kinds.index("TimelineStep")
+    assert kinds[0] == "Opened" and set(kinds[1:first_step]) == {"Progress"}
+    assert set(kinds[first_step:-2]) == {"TimelineStep"} and kinds[-2:] == ["TimelineDone", "Finished"]
+    assert result.run_labels == ["tl", "plain"] and result.complete
+    timeline = next(e.timeline for e in seen if isinstance(e, TimelineDone))
+    assert [r.steps for r in timeline.runs] == [[10, 20, 30]]
+    # the last step stands for the timeline: its vs-base counts are the runs pass's updated counts
+    last = {row.tensor: row.updated_vs_base for row in timeline.rows if row.step == 30}
+    assert last == {name: t.runs[0].updated for name, t in result.tensors.items()}
+    assert [e.progress.done for e in seen if isinstance(e, TimelineStep)][-1] == len(result.planned)
