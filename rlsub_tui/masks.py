@@ -249,7 +249,8 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
         ))
         stats[-1].set_rank(rank)
     return TensorResult(
-        name="", dtype=dtypes_label(dtypes), shape=list(base.shape), numel=n, runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
+        name="", dtype=dtypes_label(dtypes), shape=list(base.shape), numel=n,  # the caller names it
+        runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], notes=[rank_note] if rank_note else [],
         run_codes=[int(x) for x in by_code] if coded and k <= MAX_SUBSET_RUNS else [],
     )
