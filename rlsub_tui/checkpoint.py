@@ -6,6 +6,7 @@ Nothing outside this module knows about files: the analysis sees `name -> tensor
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -47,14 +48,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
