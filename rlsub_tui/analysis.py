@@ -103,6 +103,7 @@ def analyse(base: str, runs: list[str], options: AnalysisOptions, timelines: dic
 
 def _reopened(cached: AnalysisResult, base: str, timelines, options: AnalysisOptions, step_gap: int,
               cancelled: Callable[[], bool]) -> Iterator[Event]:
+    """The same events for an analysis the cache holds whole: every tensor at once, then any timeline pass."""
     steps = open_timelines(base, timelines, cached.run_labels, options, step_gap)
     try:
         yield Opened(cached.opening(), 0)
