@@ -64,7 +64,8 @@ class ChildrenTable(DataTable):
     def __init__(self, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
         self.columns_spec: list[Column] = []
-        self.rows_data: list[dict] = []
+        self.rows_data: list[dict] = []  # the rows as shown (sorted)
+        self.rows_given: list[dict] = []  # as given: "no sort" shows them in this order
         self.sort_column: str | None = None
         self.sort_reverse = False
 
@@ -75,6 +76,7 @@ class ChildrenTable(DataTable):
             self.sort_column = None
         self.clear(columns=True)
         self.columns_spec = columns
+        self.rows_given = list(rows)
         self.rows_data = self._sorted(rows)
         width = name_width(self.scrollable_content_region.width)
         cells = [[display(row[c.key], c.kind, width) for c in columns] for row in self.rows_data]
@@ -96,6 +98,10 @@ class ChildrenTable(DataTable):
         if has_text and self.virtual_size.width > self.scroll_x + visible:
             return mark_clipped(strip, visible)
         return strip
+
+    def redraw(self) -> None:
+        """Show the same rows again, in the current sort order."""
+        self.show(self.columns_spec, self.rows_given)
 
     def _sorted(self, rows: list[dict]) -> list[dict]:
         if self.sort_column is None:
