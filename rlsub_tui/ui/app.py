@@ -21,7 +21,7 @@ from rlsub_tui.errors import InputError
 from rlsub_tui.export import atomic_write, csv_text, provenance, sidecar_path
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
-from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.ui.chart import ChartKey, ChartPanel
 from rlsub_tui.selection import SelectedStats, parse_runs
 from rlsub_tui.ui.dialogs import (CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen,
                                   keys_markdown)
@@ -155,6 +155,7 @@ class ExplorerApp(App):
                     yield ChartPanel(id="chart")
                     yield HeatmapPanel(id="heatmap")
                     yield MaskMapPanel(id="maskmap")
+                yield ChartKey("", id="chart-key")
         with Horizontal(id="status"):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
@@ -452,12 +453,18 @@ class ExplorerApp(App):
         summary.show(lines + ([group_line] if group_line else []))
         panel = self.chart_name if self.chart_name in ("heatmap", "maskmap") else "chart"
         self.query_one(ContentSwitcher).current = panel
+        self.query_one(ChartKey).show([])  # the chart drawn below, if any, gives its key
         if self.chart_name == "heatmap":
             self._show_heatmap(sel)
         elif self.chart_name in DETAIL_VIEWS:
             self._show_detail(sel)
         else:
-            self.query_one(ChartPanel).show(self.current_chart())
+            self._draw_chart(self.current_chart())
+
+    def _draw_chart(self, data: explore.ChartData) -> None:
+        chart = self.query_one(ChartPanel)
+        chart.show(data, self.result.run_labels)
+        self.query_one(ChartKey).show(chart.key)
 
     # ----------------------------------------------------------------------------------- one tensor closely
     def _detail_key(self, sel: SelectedStats) -> tuple:
@@ -488,7 +495,7 @@ class ExplorerApp(App):
 
     def _draw_detail(self, detail) -> None:
         if self.chart_name == "delta":
-            self.query_one(ChartPanel).show(glance.delta_chart(detail, self.result.run_labels))
+            self._draw_chart(glance.delta_chart(detail, self.result.run_labels))
             return
         which = detail.runs.index(self.map_run) if self.map_run in detail.runs else None
         who = "every chosen run" if which is None else self.result.run_labels[self.map_run]
