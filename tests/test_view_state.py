@@ -191,3 +191,17 @@ def test_snapshot_six_runs_legend_80x24(six_runs, snap_compare, key, chart):
                                        ("tensor:model.layers.1.self_attn.q_proj.weight", "spectrum")])
 def test_snapshot_six_runs_120x40(six_runs, snap_compare, key, chart):
     assert snap_compare(six_run_app(six_runs), terminal_size=(120, 40), run_before=_focus_and_chart(key, chart))
+
+
+async def test_table_scrolls_sideways_to_the_columns_past_the_edge(checkpoints):
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        app.focus_node = explore.find(app.roots, "tensor:model.layers.0.mlp.up_proj.weight")
+        table = app.query_one(ChildrenTable)
+        await pilot.press("tab")
+        assert app.focused is table and table.scroll_x == 0
+        assert table.virtual_size.width > table.scrollable_content_region.width  # more columns than fit
+        await pilot.press("l", "l", "l")
+        await pilot.pause(0.5)
+        assert table.scroll_x > 0
