@@ -14,7 +14,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
-from textual.widgets import ContentSwitcher, Footer, Header, Input, Label, ProgressBar, Static, Tree
+from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, Label, ProgressBar, Static, Tree
 
 from rlsub_tui import explore, glance
 from rlsub_tui.errors import InputError
@@ -603,7 +603,7 @@ class ExplorerApp(App):
         return [("anywhere", list(ExplorerApp.BINDINGS)
                  + [Binding(ExplorerApp.COMMAND_PALETTE_BINDING, "command_palette", "Command palette")]),
                 ("tree", list(Tree.BINDINGS) + list(LayerTree.BINDINGS)),
-                ("table", list(ChildrenTable.BINDINGS)),
+                ("table", list(DataTable.BINDINGS) + list(ChildrenTable.BINDINGS)),
                 ("help", list(HelpScreen.BINDINGS))]
 
     def _session_text(self) -> str:

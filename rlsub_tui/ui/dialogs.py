@@ -103,15 +103,23 @@ def key_text(binding: Binding) -> str:
 
 
 def keys_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
-    """The help's table of keys, built from the bindings themselves so the two cannot drift apart."""
-    rows: dict[tuple[str, str], str] = {}  # (keys, where) -> action; a subclass's binding replaces its base's
+    """The help's table of keys, built from the bindings themselves so the two cannot drift apart.
+
+    Keys for one action in one place share a row (a subclass's tooltip names it); a row alike in two places
+    (j: down, in the tree and the table) is written once for both."""
+    by_action: dict[tuple[str, str], tuple[list[str], str]] = {}
     for where, bindings in groups:
         for b in bindings:
-            if b.tooltip or b.description:
-                rows[(key_text(b), where)] = b.tooltip or b.description
+            keys, what = by_action.get((where, b.action), ([], ""))
+            keys += [k for k in key_text(b).split(" / ") if k not in keys]
+            by_action[(where, b.action)] = (keys, b.tooltip or what or b.description)
+    rows: dict[tuple[str, str], list[str]] = {}  # (keys, action) -> where
+    for (where, _), (keys, what) in by_action.items():
+        if what:
+            rows.setdefault((" / ".join(keys), what), []).append(where)
     lines = ["| key | where | action |", "|---|---|---|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in (keys, where, what)) + " |"
-              for (keys, where), what in rows.items()]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in (keys, ", ".join(where), what)) + " |"
+              for (keys, what), where in rows.items()]
     return "\n".join(lines)
 
 

@@ -55,8 +55,10 @@ class ChildrenTable(DataTable):
     BINDINGS = [
         Binding("j", "cursor_down", "Down", show=False, id="table.down"),
         Binding("k", "cursor_up", "Up", show=False, id="table.up"),
-        Binding("h", "cursor_left", "Left", show=False, id="table.left"),
-        Binding("l", "cursor_right", "Right", show=False, id="table.right"),
+        Binding("h", "cursor_left", "Left", show=False, id="table.left",
+                tooltip="Scroll the columns left (the row stays selected)"),
+        Binding("l", "cursor_right", "Right", show=False, id="table.right",
+                tooltip="Scroll to the columns past the right edge"),
         Binding("g", "scroll_top", "Top", show=False, id="table.top"),
         Binding("G", "scroll_bottom", "Bottom", show=False, id="table.bottom"),
     ]
