@@ -13,7 +13,7 @@ import numpy as np
 
 from rlsub_tui import measures
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
-from rlsub_tui.measures import SPECTRUM_TITLES, Column  # noqa: F401 (Column: the table widget's type)
+from rlsub_tui.measures import SPECTRUM_RATIOS, Column
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
 from rlsub_tui.spectrum import CURVE_POINTS as SPECTRUM_POINTS
@@ -176,7 +176,7 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "consensus_chance_strat": s.consensus_chance_strat() if result.k > 1 else math.nan,
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
-    values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_TITLES})
+    values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_RATIOS})
     return values
 
 

@@ -241,9 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         print(readme_table())
         return 0
     path = Path(args[1] if len(args) > 1 else "README.md")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"{path}: cannot be read ({exc.strerror or exc}).", file=sys.stderr)
+        return 2
+    if README_BEGIN not in text or README_END not in text:
+        print(f"{path}: has no generated table of measures (the two marker comments are missing).", file=sys.stderr)
+        return 2
     start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
-    path.write_text(text[:start] + readme_block() + text[end:], encoding="utf-8")
+    from rlsub_tui.export import atomic_write  # never a half-written README
+
+    atomic_write(path, text[:start] + readme_block() + text[end:])
     return 0
 
 

@@ -35,6 +35,11 @@ def test_readme_regeneration_rewrites_only_the_table(tmp_path):
     path.write_text(stale, encoding="utf-8")
     assert measures.main(["--readme", str(path)]) == 0
     assert path.read_text(encoding="utf-8") == f"intro\n{measures.readme_block()}\noutro\n"
+    plain = tmp_path / "OTHER.md"
+    plain.write_text("no markers\n", encoding="utf-8")
+    assert measures.main(["--readme", str(plain)]) == 2  # refused, and the file left as it was
+    assert plain.read_text(encoding="utf-8") == "no markers\n"
+    assert measures.main(["--readme", str(tmp_path / "missing.md")]) == 2
 
 
 def test_help_defines_every_column_of_both_tables():
@@ -125,6 +130,12 @@ def test_one_tensor_table_and_pooled_stats_read_the_same_definitions(analysed, t
     finally:
         analysis.close()
     result = analysis.result
+    # every registered column has a value in every row: a measure cannot be registered without its computation
+    model = explore.build_tree(result.planned)[0]
+    for row in explore.table_rows(model, result):
+        assert {c.key for c in explore.table_columns(result)} <= set(row)
+    for row in explore.tensor_rows(result.planned[0], result):
+        assert {c.key for c in explore.tensor_columns(result)} <= set(row)
     for name, w0 in base.items():
         table = explore.tensor_rows(name, result)
         stats = result.stats([name])

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.strip import Strip
 from textual.widgets import DataTable
 
-from rlsub_tui.explore import Column
+from rlsub_tui.measures import Column
 from rlsub_tui.formatting import count, pct, ratio, sci
 from rlsub_tui.ui.clipping import mark_clipped
 
