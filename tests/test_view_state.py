@@ -146,8 +146,8 @@ async def test_view_state_redraws_itself(checkpoints):
         assert app.heatmap_measure == "o1" and app.query_one("#heatmap").measure == "o1"
 
 
-async def test_sorting_redraws_only_the_table_and_returns_to_the_given_order(checkpoints):
-    app = make_app(checkpoints)
+async def test_sorting_returns_to_the_given_order_and_help_lists_the_keys_bound(checkpoints):
+    app = make_app(checkpoints)  # one session for both: each app start costs seconds
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)
         app.focus_node = explore.find(app.roots, "model.layers.0")
@@ -156,12 +156,6 @@ async def test_sorting_redraws_only_the_table_and_returns_to_the_given_order(che
         for _ in range(len(table.columns_spec) + 1):  # every column, then back to no sort
             await pilot.press("s")
         assert [r["name"] for r in table.rows_data] == given
-
-
-async def test_help_lists_the_keys_bound(checkpoints):
-    app = make_app(checkpoints)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await settle(app, pilot)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         for b in ExplorerApp.BINDINGS:
