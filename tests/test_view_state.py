@@ -53,6 +53,11 @@ def test_key_line_names_series_then_numbers_runs_when_names_do_not_fit():
               ("chance tensor×|w0| and a long tail", series_color(2), None)]
     cut = key_line(others, 40)
     assert cut.cell_len <= 40 and cut.plain.count("━━") == 3 and "observed" in cut.plain
+    # a timeline's three series of one run: the run said once, the series by what differs
+    timeline = [(f"grpo-lowlr-seed1 {what}", series_color(i), None) for i, what in enumerate(("vs base", "step", "union"))]
+    line = key_line(timeline, 46)
+    assert line.plain.startswith("grpo-lowlr-seed1: ") and line.cell_len <= 46
+    assert all(what in line.plain for what in ("vs base", "step", "union"))
 
 
 async def test_every_multi_series_chart_keeps_its_legend_at_80x24(six_runs):

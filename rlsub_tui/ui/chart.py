@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 from rich.text import Text
@@ -37,12 +38,22 @@ def key_line(entries: list[tuple[str, tuple[int, int, int], int | None]], width:
     full = render([label for label, _, _ in entries])
     if full.cell_len <= width or not entries:
         return full
+    tight = render([label for label, _, _ in entries], sep=" ")
+    if tight.cell_len <= width:
+        return tight
     if all(number is not None for _, _, number in entries):
         numbers = [str(n) for _, _, n in entries]
         numbered = render(numbers, "run no. (?)", gap="", sep=" ")
         return numbered if numbered.cell_len <= width else render(numbers, gap="", sep=" ")
+    labels = [label for label, _, _ in entries]
+    prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    prefix = prefix[:prefix.rfind(" ") + 1]  # whole words: 'seed1 vs base', 'seed1 step' share 'seed1 '
+    if prefix:  # said once: 'seed1: ━━ vs base  ━━ step  ━━ union'
+        text = Text(prefix.rstrip() + ": ")
+        text.append_text(key_line([(label[len(prefix):], c, n) for label, c, n in entries], width - len(text)))
+        return text
     share = max(3, width // len(entries) - len(SWATCH) - 3)
-    return render([label if len(label) <= share else label[:share - 1] + "…" for label, _, _ in entries])
+    return render([label if len(label) <= share else label[:share - 1] + "…" for label in labels])
 
 
 class ChartKey(Static):
