@@ -181,13 +181,15 @@ def _focus_and_chart(key: str, chart: str):
 
 
 @pytest.mark.parametrize("key,chart", [("model", "depth"), ("model.layers.1", "agreement"),
-                                       ("tensor:model.layers.1.mlp.gate_proj.weight", "magnitude")])
+                                       ("tensor:model.layers.1.mlp.gate_proj.weight", "magnitude")],
+                         ids=["model-depth", "layer-agreement", "tensor-magnitude"])
 def test_snapshot_six_runs_legend_80x24(six_runs, snap_compare, key, chart):
     assert snap_compare(six_run_app(six_runs), terminal_size=(80, 24), run_before=_focus_and_chart(key, chart))
 
 
 @pytest.mark.parametrize("key,chart", [("model.layers.1", "sweep"),
-                                       ("tensor:model.layers.1.self_attn.q_proj.weight", "spectrum")])
+                                       ("tensor:model.layers.1.self_attn.q_proj.weight", "spectrum")],
+                         ids=["layer-sweep", "tensor-spectrum"])
 def test_snapshot_six_runs_120x40(six_runs, snap_compare, key, chart):
     assert snap_compare(six_run_app(six_runs), terminal_size=(120, 40), run_before=_focus_and_chart(key, chart))
 
