@@ -54,7 +54,8 @@ def test_key_line_names_series_then_numbers_runs_when_names_do_not_fit():
     cut = key_line(others, 40)
     assert cut.cell_len <= 40 and cut.plain.count("━━") == 3 and "observed" in cut.plain
     # a timeline's three series of one run: the run said once, the series by what differs
-    timeline = [(f"grpo-lowlr-seed1 {what}", series_color(i), None) for i, what in enumerate(("vs base", "step", "union"))]
+    timeline = [(f"grpo-lowlr-seed1 {what}", series_color(i), None)
+                for i, what in enumerate(("vs base", "step", "union"))]
     line = key_line(timeline, 46)
     assert line.plain.startswith("grpo-lowlr-seed1: ") and line.cell_len <= 46
     assert all(what in line.plain for what in ("vs base", "step", "union"))
@@ -82,7 +83,8 @@ async def test_every_multi_series_chart_keeps_its_legend_at_80x24(six_runs):
                 assert len(legend.entries) == len(data.series)
                 for label in data.series:  # by name, or by run number when names do not fit
                     number = LONG.index(label) + 1 if label in LONG else None
-                    assert label in shown or (number and f"━━{number}" in shown) or label[:3] in shown, (chart, label)
+                    by_number = number is not None and f"━━{number}" in shown
+                    assert label in shown or by_number or label[:3] in shown, (chart, label)
         assert seen == {"depth", "agreement", "sweep", "magnitude", "spectrum"}
         app.chart_name = "overlap"  # one series (the lift): no key line
         await pilot.pause()
