@@ -12,7 +12,9 @@ from typing import Literal
 
 import numpy as np
 
+from rlsub_tui import measures
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
+from rlsub_tui.measures import SPECTRUM_RATIOS, Column
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
 from rlsub_tui.spectrum import CURVE_POINTS as SPECTRUM_POINTS
@@ -20,12 +22,9 @@ from rlsub_tui.spectrum import CURVE_POINTS as SPECTRUM_POINTS
 KIND_ORDER = ["embedding", "attention", "mlp", "norm", "head", "other"]
 CHANCE_POOLED = "chance"  # the paper's null: every parameter alike
 CHANCE_STRAT = "chance tensor×|w0|"  # the stratified null: per tensor and |w0| exponent
-SPECTRUM_TITLES = {"stable_rank": "stable", "energy_rank_90": "e90", "energy_rank_99": "e99",
-                   "effective_rank": "eff"}  # column titles of the spectrum figures, as ratios to min(m, n)
 
 
 Level = Literal["group", "model", "layer", "submodule", "kind", "type", "tensor"]  # a tree node's place
-ColumnKind = Literal["text", "count", "pct", "ratio", "sci"]  # how a table column's values are shown
 
 
 @dataclass
@@ -159,35 +158,9 @@ class StatsIndex:
 # The children table
 
 
-@dataclass
-class Column:
-    key: str
-    title: str
-    kind: ColumnKind
-    help: str
-
-
 def table_columns(result: AnalysisResult) -> list[Column]:
-    """The most telling numbers first, so they stay visible at 80 columns; one sparsity column per run after."""
-    cols = [Column("name", "name", "text", "the child's name"),
-            Column("numel", "params", "count", "number of parameters compared"),
-            Column("mean_sparsity", "sparsity", "pct", "mean update sparsity over runs: 1 - updated / params"),
-            Column("jaccard", "jacc", "ratio", "mean over run pairs of |A∩B|/|A∪B|"),
-            Column("jaccard_chance", "@rnd", "ratio", "the same for independent random sets of equal density"),
-            Column("consensus", "all K", "pct", "fraction of parameters updated by every run"),
-            Column("consensus_chance", "@rnd", "pct", "that fraction if runs were independent"),
-            Column("rank", "rank", "pct", "mean rank(Δ)/min(m,n) over the 2-D matrices and runs")]
-    for label in result.run_labels:
-        cols.append(Column(f"sparsity:{label}", f"sp {label}", "pct",
-                           f"update sparsity of run {label}: 1 - updated / params"))
-    cols += [Column("jaccard_chance_strat", "@str", "ratio",
-                    "mean Jaccard chance level of the stratified null (per tensor × |w0| exponent)"),
-             Column("consensus_chance_strat", "all K@str", "pct",
-                    "consensus expected under the stratified null (per tensor × |w0| exponent)")]
-    cols += [Column(f"spectrum:{f}", title, "pct", f"mean {f.replace('_', ' ')} / min(m,n) over matrices and runs")
-             for f, title in SPECTRUM_TITLES.items()]
-    cols.append(Column("done", "done", "text", "tensors computed / tensors in the node"))
-    return cols
+    """The children table's columns, from the registry (measures.NODE_MEASURES): the most telling first."""
+    return measures.node_columns(result.run_labels)
 
 
 def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = None) -> dict:
@@ -207,7 +180,7 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "consensus_chance_strat": s.consensus_chance_strat() if result.k > 1 else math.nan,
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
-    values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_TITLES})
+    values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_RATIOS})
     return values
 
 
@@ -217,20 +190,8 @@ def table_rows(node: Node, result: AnalysisResult, index: StatsIndex | None = No
 
 
 def tensor_columns(result: AnalysisResult) -> list[Column]:
-    cols = [
-        Column("run", "run", "text", "the run"),
-        Column("updated", "updated", "count", "parameters counted as updated"),
-        Column("sparsity", "sparsity", "pct", "1 - updated / params"),
-        Column("rank", "rank", "text", "rank of Δ (PyTorch's default float32 tolerance)"),
-        Column("max_rank", "max", "text", "min(m, n); E·min(m, n) for a stack of E expert matrices"),
-        Column("rank_ratio", "rank/max", "pct", "rank / max"),
-        *(Column(f"spectrum:{f}", title, "pct", f"{f.replace('_', ' ')} / max") for f, title in SPECTRUM_TITLES.items()),
-        Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
-        Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
-        Column("nonfinite", "NaN/Inf", "count", "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)"),
-    ]
-    cols += [Column(f"sweep:{t:g}", f"sp@{t:g}", "pct", f"sparsity at atol {t:g}") for t in result.sweep]
-    return cols
+    """The one-tensor table's columns, from the registry (measures.RUN_MEASURES)."""
+    return measures.run_columns(result.sweep)
 
 
 def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
@@ -240,22 +201,13 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
         return []
     rows = []
     for i, s in enumerate(r.runs):
-        n = r.numel
-        row = {
-            "run": result.run_labels[i], "updated": s.updated,
-            "sparsity": 1 - s.updated / n if n else math.nan,
-            "rank": "" if s.rank is None else s.rank,
-            "max_rank": "" if s.rank is None else r.max_rank,
-            "rank_ratio": s.rank / r.max_rank if s.rank is not None and r.max_rank else math.nan,
-            "mean_abs_delta": s.sum_abs_delta / n if n else math.nan,
-            "rel_delta_norm": math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
-            "nonfinite": s.nonfinite,
-        }
-        for f in SPECTRUM_TITLES:
-            v = getattr(s, f)
-            row[f"spectrum:{f}"] = v / r.max_rank if v is not None and r.max_rank else math.nan
+        row = measures.run_figures(r, s)
+        sweep = row.pop("sweep")
+        row["run"] = result.run_labels[i]
+        row["rank"] = "" if s.rank is None else s.rank
+        row["max_rank"] = "" if s.rank is None else r.max_rank
         for j, t in enumerate(result.sweep):
-            row[f"sweep:{t:g}"] = 1 - s.sweep[j] / n if n and j < len(s.sweep) else math.nan
+            row[f"sweep:{t:g}"] = sweep[j] if j < len(sweep) else math.nan
         rows.append(row)
     return rows
 

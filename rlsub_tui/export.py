@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rlsub_tui import __version__
+from rlsub_tui.measures import matrices_header, run_figures, sweep_csv
 from rlsub_tui.results import SPECTRUM_RATIOS, AnalysisResult, Stats
 
 UNITS = ("fractions: sparsity, overlaps, Jaccard, consensus, union, shares of parameters and rank ratios "
@@ -72,7 +73,7 @@ def json_value(value):
 
 
 def sweep_label(t: float) -> str:
-    return f"sparsity@{t:g}"
+    return sweep_csv(t)
 
 
 def criterion_dict(result: AnalysisResult) -> dict:
@@ -115,26 +116,19 @@ def sidecar_path(csv_path: Path) -> Path:
 
 
 def matrices_csv(result: AnalysisResult) -> str:
-    header = ["tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite",
-              "mean_abs_delta", "rel_delta_norm", "rank", "max_rank", "rank_ratio"]
-    header += list(SPECTRUM_RATIOS)
-    header += [sweep_label(t) for t in result.sweep]
+    """One row per tensor and run: the columns of measures.MATRICES_CSV, the figures of measures.run_figures."""
+    header = matrices_header(result.sweep)
+    fixed = header[:len(header) - len(result.sweep)]  # the sweep's columns come last
     rows = []
     for name in result.planned:
         r = result.tensors.get(name)
         if r is None:
             continue
         for i, s in enumerate(r.runs):
-            n = r.numel
-            max_rank = r.max_rank if s.rank is not None else None
-            row = [name, result.run_labels[i], s.dtype or r.dtype, "x".join(map(str, r.shape)), n, s.updated,
-                   1 - s.updated / n if n else math.nan, s.nonfinite,
-                   s.sum_abs_delta / n if n else math.nan,
-                   math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
-                   s.rank, max_rank, s.rank / max_rank if max_rank else None]
-            row += [getattr(s, f) for f in SPECTRUM_RATIOS]
-            row += [1 - c / n if n else math.nan for c in s.sweep]
-            rows.append(row)
+            figures = run_figures(r, s)
+            figures.update({"tensor": name, "run": result.run_labels[i], "dtype": s.dtype or r.dtype,
+                            "shape": "x".join(map(str, r.shape)), "numel": r.numel})
+            rows.append([figures[c] for c in fixed] + figures["sweep"])
     return csv_text(header, rows)
 
 

@@ -7,10 +7,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from rlsub_tui import overlap
+from rlsub_tui import measures, overlap
 from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion, RunTensorStats
-
-SPECTRUM_RATIOS = ("stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
+from rlsub_tui.measures import SPECTRUM_RATIOS  # re-exported: other modules read it from here
 
 # 5: per-pair dtypes, spectrum figures, run codes per record; 6: the cumulative-energy curve; 8: all of them
 RESULT_VERSION = 8
@@ -139,10 +138,10 @@ class Stats:
             self.sq_base[i] += s.sq_base
             self.magnitude_updated[i] += np.asarray(s.magnitude_updated, dtype=np.int64)
             if s.rank is not None and r.max_rank:
-                self.rank_ratios[i].append(s.rank / r.max_rank)
+                self.rank_ratios[i].append(measures.rank_ratio(s.rank, r.max_rank))
                 for f, ratios in self.spectrum_ratios.items():
                     if getattr(s, f) is not None:
-                        ratios[i].append(getattr(s, f) / r.max_rank)
+                        ratios[i].append(measures.rank_ratio(getattr(s, f), r.max_rank))
         for (a, b), n in r.both.items():
             self.both[a, b] += n
             self.both[b, a] += n
@@ -170,12 +169,10 @@ class Stats:
         return overlap.ratio(int(self.updated[i]), self.numel)
 
     def sparsity(self, i: int) -> float:
-        d = self.density(i)
-        return 1 - d if not math.isnan(d) else math.nan
+        return measures.sparsity(int(self.updated[i]), self.numel)
 
     def sweep_sparsity(self, i: int, j: int) -> float:
-        d = overlap.ratio(int(self.sweep[i, j]), self.numel)
-        return 1 - d if not math.isnan(d) else math.nan
+        return measures.sparsity(int(self.sweep[i, j]), self.numel)
 
     def mean_sparsity(self) -> float:
         vals = [self.sparsity(i) for i in range(self.k)]
@@ -196,10 +193,10 @@ class Stats:
         return float(np.mean(vals)) if vals else math.nan
 
     def mean_abs_delta(self, i: int) -> float:
-        return overlap.ratio(self.sum_abs[i], self.numel)
+        return measures.mean_abs_delta(self.sum_abs[i], self.numel)
 
     def relative_norm(self, i: int) -> float:
-        return math.sqrt(self.sq_delta[i] / self.sq_base[i]) if self.sq_base[i] > 0 else math.nan
+        return measures.rel_delta_norm(self.sq_delta[i], self.sq_base[i])
 
     # --- per pair -----------------------------------------------------------------------------------
     def pair(self, a: int, b: int) -> dict:

@@ -13,7 +13,8 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import ContentSwitcher, Footer, Header, Input, Label, ProgressBar, Static
+from textual.reactive import reactive
+from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, Label, ProgressBar, Static, Tree
 
 from rlsub_tui import explore, glance
 from rlsub_tui.criteria import AnalysisOptions
@@ -21,9 +22,10 @@ from rlsub_tui.errors import InputError
 from rlsub_tui.export import atomic_write, csv_text, provenance, sidecar_path
 from rlsub_tui.formatting import duration, size
 from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
-from rlsub_tui.ui.chart import ChartPanel
+from rlsub_tui.ui.chart import ChartKey, ChartPanel
 from rlsub_tui.selection import SelectedStats, parse_runs
-from rlsub_tui.ui.dialogs import CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen
+from rlsub_tui.ui.dialogs import (CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen,
+                                  keys_markdown)
 from rlsub_tui.ui.heatmap import HeatmapPanel
 from rlsub_tui.ui.maskmap import MaskMapPanel
 from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, DetailFailed, DetailReady,
@@ -81,13 +83,20 @@ class ExplorerApp(App):
         Binding("w", "warnings", "Warnings", show=False, id="app.warnings",
                 tooltip="Tensors not compared (and why) and other notes"),
         Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
-        Binding("bracketleft", "previous_chart", "Prev chart", show=False, id="app.previous_chart"),
-        Binding("1", "chart('depth')", "Depth", show=False, id="app.chart_depth"),
-        Binding("2", "chart('overlap')", "Overlap", show=False, id="app.chart_overlap"),
-        Binding("3", "chart('agreement')", "Agreement", show=False, id="app.chart_agreement"),
-        Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank"),
-        Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep"),
-        Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude"),
+        Binding("bracketleft", "previous_chart", "Prev chart", show=False, id="app.previous_chart",
+                tooltip="Previous chart"),
+        Binding("1", "chart('depth')", "Depth", show=False, id="app.chart_depth",
+                tooltip="Chart: " + explore.CHART_TITLES["depth"]),
+        Binding("2", "chart('overlap')", "Overlap", show=False, id="app.chart_overlap",
+                tooltip="Chart: " + explore.CHART_TITLES["overlap"]),
+        Binding("3", "chart('agreement')", "Agreement", show=False, id="app.chart_agreement",
+                tooltip="Chart: " + explore.CHART_TITLES["agreement"]),
+        Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank",
+                tooltip="Chart: " + explore.CHART_TITLES["rank"]),
+        Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep",
+                tooltip="Chart: " + explore.CHART_TITLES["sweep"]),
+        Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude",
+                tooltip="Chart: " + explore.CHART_TITLES["magnitude"]),
         Binding("7", "chart('heatmap')", "Heatmap", show=False, id="app.chart_heatmap",
                 tooltip="Overlap of every pair of chosen runs, coloured by lift over chance"),
         Binding("8", "chart('maskmap')", "Mask map", show=False, id="app.chart_maskmap",
@@ -102,6 +111,16 @@ class ExplorerApp(App):
                 tooltip="Training timeline of a RUN that is a folder of step checkpoints"),
     ]
 
+    # The view state: set one of these and the views that depend on it redraw themselves (their watchers below).
+    # focus_node always redraws when set, even to the same node: its numbers may have changed (results arrived).
+    focus_node: reactive[explore.Node | None] = reactive(None, always_update=True, init=False)
+    chart_name: reactive[str] = reactive("depth", init=False)
+    overlap_metric: reactive[str] = reactive("o1", init=False)
+    heatmap_measure: reactive[str] = reactive("o1", init=False)
+    heatmap_blocks: reactive[bool] = reactive(False, init=False)  # b: groups × groups instead of runs × runs
+    map_run: reactive[int | None] = reactive(None, init=False)  # mask map: None = every chosen run, else a run
+    selected_runs: reactive[tuple[int, ...]] = reactive((), init=False)  # chosen runs (0-based)
+
     def __init__(self, config: ExplorerConfig):
         super().__init__()
         self.config = config
@@ -110,16 +129,9 @@ class ExplorerApp(App):
         self.roots: list[explore.Node] = []
         self.index: explore.StatsIndex | None = None
         self._preview_names: list[str] | None = None
-        self.focus_node: explore.Node | None = None
-        self.chart_name = "depth"
-        self.overlap_metric = "o1"
-        self.heatmap_measure = "o1"
-        self.heatmap_blocks = False  # b: groups × groups instead of runs × runs
         self.groups: list = []  # RunGroup list, set when the analysis opens
         self.tensor_details: dict[tuple, object] = {}  # (tensor, runs, generation) -> MatrixDetail or error
         self.details_pending: set[tuple] = set()
-        self.map_run: int | None = None  # mask map: None = by every chosen run, else a run index
-        self.selected_runs: tuple[int, ...] = ()  # chosen runs (0-based); set when the analysis opens
         self.filter_text = ""
         self.generation = 0
         self.running = False
@@ -144,6 +156,7 @@ class ExplorerApp(App):
                     yield ChartPanel(id="chart")
                     yield HeatmapPanel(id="heatmap")
                     yield MaskMapPanel(id="maskmap")
+                yield ChartKey("", id="chart-key")
         with Horizontal(id="status"):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
@@ -217,7 +230,7 @@ class ExplorerApp(App):
             self.index = explore.StatsIndex(self.roots, self.result)
             tree = self.query_one(LayerTree)
             tree.attach_index(self.index)
-            self._show_focus()
+            self.mutate_reactive(ExplorerApp.focus_node)  # same node, now with numbers
         else:
             self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
             self._rebuild_tree(old_key)
@@ -320,7 +333,7 @@ class ExplorerApp(App):
             return
         self._dirty = False
         self.query_one(LayerTree).refresh_labels()
-        self._show_focus()
+        self.mutate_reactive(ExplorerApp.focus_node)
 
     # ----------------------------------------------------------------------------------------- views
     def _rebuild_tree(self, keep_key: str | None = None) -> None:
@@ -333,9 +346,34 @@ class ExplorerApp(App):
                 node.expand_all()
         target = explore.find(roots, keep_key) if keep_key else None
         self.focus_node = target or (roots[0] if roots else None)
+
+    def watch_focus_node(self) -> None:
         self._show_focus()
 
+    def watch_chart_name(self) -> None:
+        self._show_view()
+
+    def watch_overlap_metric(self) -> None:
+        if self.chart_name == "overlap":
+            self._show_view()
+
+    def watch_heatmap_measure(self) -> None:
+        if self.chart_name == "heatmap":
+            self._show_view()
+
+    def watch_heatmap_blocks(self) -> None:
+        if self.chart_name == "heatmap":
+            self._show_view()
+
+    def watch_map_run(self) -> None:
+        if self.chart_name == "maskmap":
+            self._show_view()
+
+    def watch_selected_runs(self) -> None:
+        self._show_view()
+
     def _show_focus(self) -> None:
+        """The table's title and rows, then the view, for the focused node."""
         node = self.focus_node
         if node is None or self.result is None:
             self.query_one("#table-title", Label).update("no tensors match" if self.filter_text else "")
@@ -352,6 +390,8 @@ class ExplorerApp(App):
 
     def _show_view(self) -> None:
         """The summary strip, then the chart or the heatmap, for the focused node and the chosen runs."""
+        if self.result is None or self.focus_node is None:
+            return
         sel = self.selected_stats()
         summary = self.query_one(SummaryStrip)
         lines = glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
@@ -359,12 +399,18 @@ class ExplorerApp(App):
         summary.show(lines + ([group_line] if group_line else []))
         panel = self.chart_name if self.chart_name in ("heatmap", "maskmap") else "chart"
         self.query_one(ContentSwitcher).current = panel
+        self.query_one(ChartKey).show([])  # the chart drawn below, if any, gives its key
         if self.chart_name == "heatmap":
             self._show_heatmap(sel)
         elif self.chart_name in DETAIL_VIEWS:
             self._show_detail(sel)
         else:
-            self.query_one(ChartPanel).show(self.current_chart())
+            self._draw_chart(self.current_chart())
+
+    def _draw_chart(self, data: explore.ChartData) -> None:
+        chart = self.query_one(ChartPanel)
+        chart.show(data, self.result.run_labels)
+        self.query_one(ChartKey).show(chart.key)
 
     # ----------------------------------------------------------------------------------- one tensor closely
     def _detail_key(self, sel: SelectedStats) -> tuple:
@@ -395,7 +441,7 @@ class ExplorerApp(App):
 
     def _draw_detail(self, detail) -> None:
         if self.chart_name == "delta":
-            self.query_one(ChartPanel).show(glance.delta_chart(detail, self.result.run_labels))
+            self._draw_chart(glance.delta_chart(detail, self.result.run_labels))
             return
         which = detail.runs.index(self.map_run) if self.map_run in detail.runs else None
         who = "every chosen run" if which is None else self.result.run_labels[self.map_run]
@@ -421,13 +467,13 @@ class ExplorerApp(App):
     def on_detail_ready(self, msg: DetailReady) -> None:
         self.details_pending.discard(msg.key)
         self.tensor_details[msg.key] = msg.detail
-        if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
+        if self.chart_name in DETAIL_VIEWS:
             self._show_view()
 
     def on_detail_failed(self, msg: DetailFailed) -> None:
         self.details_pending.discard(msg.key)
         self.tensor_details[msg.key] = msg.error
-        if self.chart_name in DETAIL_VIEWS and self.focus_node is not None and self.result is not None:
+        if self.chart_name in DETAIL_VIEWS:
             self._show_view()
 
     def action_next_map_run(self) -> None:
@@ -435,7 +481,7 @@ class ExplorerApp(App):
         order = [None] + runs
         i = order.index(self.map_run) if self.map_run in order else 0
         self.map_run = order[(i + 1) % len(order)]
-        self.action_chart("maskmap")
+        self.chart_name = "maskmap"
 
     def _show_heatmap(self, sel: SelectedStats) -> None:
         message = None if len(sel.runs) >= 2 else "the heatmap needs two or more chosen runs: press r"
@@ -452,7 +498,7 @@ class ExplorerApp(App):
 
     def on_resize(self, _event) -> None:
         if self.result is not None:
-            self.call_after_refresh(self._show_focus)
+            self.call_after_refresh(self.mutate_reactive, ExplorerApp.focus_node)  # widths changed
 
     def current_chart(self) -> explore.ChartData:
         sel = self.selected_stats()
@@ -475,13 +521,11 @@ class ExplorerApp(App):
     def _highlighted(self, event: LayerTree.NodeHighlighted) -> None:
         if event.node.data is not None and event.node.data is not self.focus_node:
             self.focus_node = event.node.data
-            self._show_focus()
 
     @on(LayerTree.NodeSelected)
     def _selected(self, event: LayerTree.NodeSelected) -> None:
         if event.node.data is not None:
             self.focus_node = event.node.data
-            self._show_focus()
 
     # ----------------------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters) -> bool | None:
@@ -497,7 +541,16 @@ class ExplorerApp(App):
         self.exit(return_code=2 if self.failed else 0)
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self._session_text()))
+        self.push_screen(HelpScreen(self._session_text(), keys_markdown(self.help_bindings())))
+
+    @staticmethod
+    def help_bindings() -> list[tuple[str, list[Binding]]]:
+        """Every key bound, where it works: what the help's keys table is built from."""
+        return [("anywhere", list(ExplorerApp.BINDINGS)
+                 + [Binding(ExplorerApp.COMMAND_PALETTE_BINDING, "command_palette", "Command palette")]),
+                ("tree", list(Tree.BINDINGS) + list(LayerTree.BINDINGS)),
+                ("table", list(DataTable.BINDINGS) + list(ChildrenTable.BINDINGS)),
+                ("help", list(HelpScreen.BINDINGS))]
 
     def _session_text(self) -> str:
         """The help's last section: what this explorer compares, runs numbered as in the charts."""
@@ -547,16 +600,14 @@ class ExplorerApp(App):
 
     def action_sort(self) -> None:
         self.query_one(ChildrenTable).cycle_sort()
-        self._show_focus()
+        self.query_one(ChildrenTable).redraw()
 
     def action_reverse_sort(self) -> None:
         self.query_one(ChildrenTable).reverse_sort()
-        self._show_focus()
+        self.query_one(ChildrenTable).redraw()
 
     def action_chart(self, name: str) -> None:
         self.chart_name = name
-        if self.result is not None and self.focus_node is not None:
-            self._show_view()
 
     def action_next_chart(self) -> None:
         i = VIEWS.index(self.chart_name)
@@ -570,23 +621,21 @@ class ExplorerApp(App):
         if self.chart_name == "heatmap":
             i = glance.MEASURES.index(self.heatmap_measure)
             self.heatmap_measure = glance.MEASURES[(i + 1) % len(glance.MEASURES)]
-            self.action_chart("heatmap")
             return
+        self.chart_name = "overlap"
         self.overlap_metric = "jaccard" if self.overlap_metric == "o1" else "o1"
-        self.action_chart("overlap")
 
     def action_blocks(self) -> None:
         if not self.groups:
             self.notify("No run groups: start with --group NAME=GLOB, or name runs NAME-seedN.", severity="warning")
             return
+        self.chart_name = "heatmap"
         self.heatmap_blocks = not self.heatmap_blocks
-        self.action_chart("heatmap")
 
     def action_choose_runs(self) -> None:
         def apply(chosen: tuple[int, ...] | None) -> None:
             if chosen:
                 self.selected_runs = chosen
-                self._show_focus()
 
         self.push_screen(RunChooser(self.result.run_labels, self.selected_runs), apply)
 

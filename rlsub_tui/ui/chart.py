@@ -2,20 +2,92 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
+from rich.text import Text
+from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 from rlsub_tui.explore import ChartData
+
+# Series colours (RGB, so the plot and its key line match exactly); no red: red marks the focus and the tolerance
+PALETTE = [(0, 175, 255), (255, 135, 255), (135, 215, 0), (255, 215, 0), (175, 135, 255), (0, 215, 175),
+           (255, 175, 95), (200, 200, 200)]
+SWATCH = "━━"
+
+
+def series_color(i: int) -> tuple[int, int, int]:
+    return PALETTE[i % len(PALETTE)]
+
+
+def key_line(entries: list[tuple[str, tuple[int, int, int], int | None]], width: int) -> Text:
+    """The chart's legend in one line: every series by name when the names fit, else runs by number
+    (numbered as in the summary strip, r and the help), else each name cut to its share of the width.
+
+    entries: (series label, colour, run number or None for a series that is not one run's)."""
+    def render(names: list[str], suffix: str = "", gap: str = " ", sep: str = "  ") -> Text:
+        text = Text()
+        for (_, color, _), name in zip(entries, names):
+            text.append(SWATCH, style=f"rgb({color[0]},{color[1]},{color[2]})")
+            text.append(f"{gap}{name}{sep}")
+        text.append(suffix, style="dim")
+        text.rstrip()
+        return text
+
+    full = render([label for label, _, _ in entries])
+    if full.cell_len <= width or not entries:
+        return full
+    tight = render([label for label, _, _ in entries], sep=" ")
+    if tight.cell_len <= width:
+        return tight
+    if all(number is not None for _, _, number in entries):
+        numbers = [str(n) for _, _, n in entries]
+        numbered = render(numbers, "run no. (?)", gap="", sep=" ")
+        return numbered if numbered.cell_len <= width else render(numbers, gap="", sep=" ")
+    labels = [label for label, _, _ in entries]
+    prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    prefix = prefix[:prefix.rfind(" ") + 1]  # whole words: 'seed1 vs base', 'seed1 step' share 'seed1 '
+    if prefix:  # said once: 'seed1: ━━ vs base  ━━ step  ━━ union'
+        text = Text(prefix.rstrip() + ": ")
+        text.append_text(key_line([(label[len(prefix):], c, n) for label, c, n in entries], width - len(text)))
+        return text
+    share = max(3, width // len(entries) - len(SWATCH) - 3)
+    return render([label if len(label) <= share else label[:share - 1] + "…" for label in labels])
+
+
+class ChartKey(Static):
+    """The legend of the chart above it, one line that is kept at any width (plotext drops its own legend
+    when the plot is too small for it)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.entries: list[tuple[str, tuple[int, int, int], int | None]] = []
+
+    def show(self, entries: list[tuple[str, tuple[int, int, int], int | None]]) -> None:
+        self.entries = entries
+        self.display = bool(entries)
+        self.update(key_line(entries, max(20, (self.size.width or 48))))
+
+    def on_resize(self, _event) -> None:
+        if self.entries:
+            self.update(key_line(self.entries, max(20, self.size.width)))
 
 
 class ChartPanel(PlotextPlot):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.data: ChartData | None = None
+        self.key: list[tuple[str, tuple[int, int, int], int | None]] = []  # what ChartKey shows for this chart
 
-    def show(self, data: ChartData) -> None:
+    def show(self, data: ChartData, run_labels: list[str] | None = None) -> None:
+        """Draw the chart; with two or more series, each gets a colour and `key` names it (by run number
+        when it is one run's, from `run_labels`)."""
         self.data = data
+        numbers = {label: i + 1 for i, label in enumerate(run_labels or [])}
+        many = len(data.series) > 1 and not data.message and bool(data.x) and data.name != "overlap"
+        self.key = [(label, series_color(i), numbers.get(label)) for i, label in enumerate(data.series)] \
+            if many else []
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
@@ -30,7 +102,8 @@ class ChartPanel(PlotextPlot):
             self._lift_points(data)
         elif data.name == "agreement":
             labels = data.xticks or [str(x) for x in data.x]
-            plt.multiple_bar(labels, [data.series[s] for s in data.series], labels=list(data.series))
+            plt.multiple_bar(labels, [data.series[s] for s in data.series],
+                             color=[series_color(i) for i in range(len(data.series))])
         elif data.name == "rank" and marked is None:
             ys = data.series["rank ratio"]
             plt.bar(list(range(len(ys))), ys)
@@ -39,10 +112,10 @@ class ChartPanel(PlotextPlot):
         elif data.name == "rank":
             self._marked_bars(data, marked)
         else:
-            for label, ys in data.series.items():
+            for i, ys in enumerate(data.series.values()):  # the legend is the key line (ChartKey), never lost
                 points = [(x, y) for x, y in zip(data.x, ys) if y == y]  # NaN: a point this series lacks
                 if points:
-                    plt.plot([x for x, _ in points], [y for _, y in points], label=label, marker="braille")
+                    plt.plot([x for x, _ in points], [y for _, y in points], marker="braille", color=series_color(i))
             if data.name in ("depth",):
                 plt.xticks(data.x)
         if marked is not None and data.x and data.name == "delta":

@@ -11,6 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, RadioButton, RadioSet, Static
 
 from rlsub_tui.criteria import parse_sweep, parse_tolerance
+from rlsub_tui.measures import NODE_MEASURES, RUN_MEASURES, markdown_table
 
 
 class ErrorDialog(ModalScreen[None]):
@@ -36,7 +37,7 @@ class ErrorDialog(ModalScreen[None]):
         self.dismiss(None)
 
 
-HELP = """\
+_HELP_TEMPLATE = """\
 # rlsub-tui: which parameters did the runs update?
 
 Close this help with **esc**, **q** or **?** (arrows / page keys scroll it).
@@ -60,24 +61,11 @@ With a filter, the top row says how many tensors match: every number pools only 
 A line cut at the pane's edge ends in `…`.
 
 ## Columns of the table
-| column | meaning |
-|---|---|
-| params | parameters compared in the row |
-| sparsity | mean over runs of the update sparsity 1 − updated / params (pooled, numel-weighted) |
-| jacc | mean over run pairs of the Jaccard index \\|A∩B\\|/\\|A∪B\\| of the updated sets |
-| @rnd (after jacc) | the Jaccard expected for independent random sets of the same densities: pq/(p+q−pq) |
-| all K | consensus: fraction of parameters updated by every run |
-| @rnd (after all K) | consensus expected if runs were independent: the product of densities |
-| rank | mean of rank(Δ)/min(m,n) over the row's 2-D matrices and runs (PyTorch's default float32 tolerance) |
-| sp RUN | update sparsity of that run |
-| @str | mean Jaccard chance of the stratified null: expected \\|A∩B\\| = Σ a_s·b_s/n_s over strata s = tensor × exponent of \\|w0\\| |
-| all K@str | consensus expected under the stratified null (a Poisson-binomial per stratum) |
-| stable / e90 / e99 / eff | mean over 2-D matrices and runs, each / min(m,n): stable rank ‖Δ‖_F²/σ₁²; energy rank at 90% / 99% (fewest σ holding that share of Σσ²); effective rank exp(−Σ p ln p), p = σ/Σσ |
-| done | tensors computed so far / tensors in the row |
+{node_table}
 
-For a single tensor the table has one row per run: updated count, sparsity, rank and its
-maximum min(m,n), rank/max, the four spectrum figures / max, mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius),
-NaN/Inf count, and sparsity at each sweep tolerance.
+For a single tensor the table has one row per run:
+
+{run_table}
 
 ## Charts and views
 1 sparsity by layer depth (one line per run; inside one layer: that tensor type in every layer, the
@@ -98,25 +86,42 @@ previous step, and the union of everything updated so far (% of params).
 with a `.json` beside it that records the criterion, sweep, base and run paths, the filter if one
 is active, and what every column means.
 
-## Keys
-| key | action |
-|---|---|
-| ↑↓ / j k | move · ← → / h l collapse / expand (tree) |
-| g / G | top / bottom |
-| enter | focus the node: table and chart follow it |
-| tab / shift+tab | switch between the tree and the table |
-| / | filter the tree by name (enter keeps it, esc clears) |
-| 1-9, 0, t, [ ] | view: 1 depth · 2 overlap · 3 agreement · 4 rank · 5 sweep · 6 \\|w0\\| · 7 heatmap · 8 mask map · 9 Δ histogram · 0 spectrum · t timeline |
-| o | overlap chart: o1 / Jaccard; heatmap: o1 / Jaccard / lift |
-| b · m | heatmap: runs / run groups · mask map: every chosen run / one run |
-| r | choose the runs the pooled figures use |
-| s / S | sort the table by the next column (▼ largest first) / reverse it |
-| e / x | export the table / the chart's data to CSV |
-| c | criterion, tolerance, η and sweep |
-| esc | cancel the computation (keeps what is done) |
-| w | tensors not compared (and why), and notes |
-| ? | this help (esc closes it) · q quit · ctrl+p command palette |
 """
+
+
+HELP = (_HELP_TEMPLATE.replace("{node_table}", markdown_table(NODE_MEASURES))
+        .replace("{run_table}", markdown_table(RUN_MEASURES)))  # the definitions, from the registry
+
+KEY_NAMES = {"question_mark": "?", "slash": "/", "bracketright": "]", "bracketleft": "[", "escape": "esc",
+             "left": "←", "right": "→", "up": "↑", "down": "↓", "home": "home", "end": "end"}
+
+
+def key_text(binding: Binding) -> str:
+    """How the help writes a binding's keys: its key_display, else each key ('h,left' -> 'h / ←')."""
+    if binding.key_display:
+        return binding.key_display
+    return " / ".join(KEY_NAMES.get(k.strip(), k.strip()) for k in binding.key.split(","))
+
+
+def keys_markdown(groups: list[tuple[str, list[Binding]]]) -> str:
+    """The help's table of keys, built from the bindings themselves so the two cannot drift apart.
+
+    Keys for one action in one place share a row (a subclass's tooltip names it); a row alike in two places
+    (j: down, in the tree and the table) is written once for both."""
+    by_action: dict[tuple[str, str], tuple[list[str], str]] = {}
+    for where, bindings in groups:
+        for b in bindings:
+            keys, what = by_action.get((where, b.action), ([], ""))
+            keys += [k for k in key_text(b).split(" / ") if k not in keys]
+            by_action[(where, b.action)] = (keys, b.tooltip or what or b.description)
+    rows: dict[tuple[str, str], list[str]] = {}  # (keys, action) -> where
+    for (where, _), (keys, what) in by_action.items():
+        if what:
+            rows.setdefault((" / ".join(keys), what), []).append(where)
+    lines = ["| key | where | action |", "|---|---|---|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in (keys, ", ".join(where), what)) + " |"
+              for (keys, what), where in rows.items()]
+    return "\n".join(lines)
 
 
 class HelpScreen(ModalScreen[None]):
@@ -124,12 +129,14 @@ class HelpScreen(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,q,question_mark", "close", "Close", id="help.close")]
 
-    def __init__(self, session: str = ""):
+    def __init__(self, session: str = "", keys: str = ""):
         super().__init__()
         self.session = session
+        self.keys = keys
 
     def compose(self) -> ComposeResult:
-        text = HELP + ("\n## This session\n" + self.session + "\n" if self.session else "")
+        text = HELP + ("\n## Keys\n" + self.keys + "\n" if self.keys else "")
+        text += "\n## This session\n" + self.session + "\n" if self.session else ""
         with VerticalScroll(id="help-box", classes="dialog"):
             yield Markdown(text)
         yield Static("esc, q or ? closes the help", id="help-close", classes="hint")

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.strip import Strip
 from textual.widgets import DataTable
 
-from rlsub_tui.explore import Column
+from rlsub_tui.measures import Column
 from rlsub_tui.formatting import count, pct, ratio, sci
 from rlsub_tui.ui.clipping import mark_clipped
 
@@ -55,8 +55,10 @@ class ChildrenTable(DataTable):
     BINDINGS = [
         Binding("j", "cursor_down", "Down", show=False, id="table.down"),
         Binding("k", "cursor_up", "Up", show=False, id="table.up"),
-        Binding("h", "cursor_left", "Left", show=False, id="table.left"),
-        Binding("l", "cursor_right", "Right", show=False, id="table.right"),
+        Binding("h", "cursor_left", "Left", show=False, id="table.left",
+                tooltip="Scroll the columns left (the row stays selected)"),
+        Binding("l", "cursor_right", "Right", show=False, id="table.right",
+                tooltip="Scroll to the columns past the right edge"),
         Binding("g", "scroll_top", "Top", show=False, id="table.top"),
         Binding("G", "scroll_bottom", "Bottom", show=False, id="table.bottom"),
     ]
@@ -64,7 +66,8 @@ class ChildrenTable(DataTable):
     def __init__(self, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
         self.columns_spec: list[Column] = []
-        self.rows_data: list[dict] = []
+        self.rows_data: list[dict] = []  # the rows as shown (sorted)
+        self.rows_given: list[dict] = []  # as given: "no sort" shows them in this order
         self.sort_column: str | None = None
         self.sort_reverse = False
 
@@ -75,6 +78,7 @@ class ChildrenTable(DataTable):
             self.sort_column = None
         self.clear(columns=True)
         self.columns_spec = columns
+        self.rows_given = list(rows)
         self.rows_data = self._sorted(rows)
         width = name_width(self.scrollable_content_region.width)
         cells = [[display(row[c.key], c.kind, width) for c in columns] for row in self.rows_data]
@@ -96,6 +100,10 @@ class ChildrenTable(DataTable):
         if has_text and self.virtual_size.width > self.scroll_x + visible:
             return mark_clipped(strip, visible)
         return strip
+
+    def redraw(self) -> None:
+        """Show the same rows again, in the current sort order."""
+        self.show(self.columns_spec, self.rows_given)
 
     def _sorted(self, rows: list[dict]) -> list[dict]:
         if self.sort_column is None:

@@ -45,6 +45,8 @@ class LayerTree(Tree[Node]):
     """A Tree with vim keys; labels show each node's pooled sparsity and a bar."""
 
     BINDINGS = [
+        Binding("enter", "select_cursor", "Focus", show=False, id="tree.focus",
+                tooltip="Focus the node: the table and the chart follow it"),
         Binding("j", "cursor_down", "Down", show=False, id="tree.down"),
         Binding("k", "cursor_up", "Up", show=False, id="tree.up"),
         Binding("h,left", "collapse_or_parent", "Collapse", show=False, id="tree.collapse"),
