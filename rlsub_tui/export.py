@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rlsub_tui import __version__
+from rlsub_tui.criteria import ULP_LOG2_MAX, ULP_LOG2_MIN
 from rlsub_tui.results import SPECTRUM_RATIOS, AnalysisResult, Stats
 
 UNITS = ("fractions: sparsity, overlaps, Jaccard, consensus, union, shares of parameters and rank ratios "
@@ -119,11 +120,13 @@ def matrices_csv(result: AnalysisResult) -> str:
               "mean_abs_delta", "rel_delta_norm", "rank", "max_rank", "rank_ratio"]
     header += list(SPECTRUM_RATIOS)
     header += [sweep_label(t) for t in result.sweep]
+    header += PRECISION_AND_LINE_COLUMNS  # issue 11 items 1, 4
     rows = []
     for name in result.planned:
         r = result.tensors.get(name)
         if r is None:
             continue
+        one = Stats.of([r], result.k)
         for i, s in enumerate(r.runs):
             n = r.numel
             max_rank = r.max_rank if s.rank is not None else None
@@ -134,8 +137,27 @@ def matrices_csv(result: AnalysisResult) -> str:
                    s.rank, max_rank, s.rank / max_rank if max_rank else None]
             row += [getattr(s, f) for f in SPECTRUM_RATIOS]
             row += [1 - c / n if n else math.nan for c in s.sweep]
+            row += [None] * (len(result.sweep) - len(s.sweep))  # keep the columns after the sweep aligned
+            row += precision_and_lines(one, i)
             rows.append(row)
     return csv_text(header, rows)
+
+
+PRECISION_AND_LINE_COLUMNS = ["updated_bf16_visible", "hidden_by_bf16", "row_share", "row_share_chance",
+                              "col_share", "col_share_chance"]
+
+
+def precision_and_lines(s: Stats, i: int) -> list:
+    """Run i's PRECISION_AND_LINE_COLUMNS: bf16-visible count and hidden share (empty unless the pair is finer
+    than bf16), shares of rows and columns holding an update and their uniform-chance levels (2-D only)."""
+    rows, rows_chance = s.touched("rows", i)
+    cols, cols_chance = s.touched("cols", i)
+    return [s.bf16_visible_count(i), s.hidden_by_bf16(i), rows, rows_chance, cols, cols_chance]
+
+
+def ulp_histogram_dict(s: Stats, i: int) -> dict:
+    """Run i's true updates per bin of floor(log2(|Δ| / ULP_bf16(w0))), the end bins open."""
+    return {"log2_ulp": list(range(ULP_LOG2_MIN, ULP_LOG2_MAX + 1)), "true_updates": [int(c) for c in s.ulp_histogram[i]]}
 
 
 def pairs_csv(result: AnalysisResult, groups=()) -> str:
@@ -180,6 +202,7 @@ def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
     header += [f"mean_{f}_ratio" for f in SPECTRUM_RATIOS]
     header += [sweep_label(t) for t in result.sweep]
+    header += PRECISION_AND_LINE_COLUMNS[1:]  # issue 11 items 1, 4 (pooled as README says)
     from rlsub_tui.explore import build_tree
 
     rows = []
@@ -191,6 +214,7 @@ def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
             row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]
             row += [s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS]
             row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
+            row += precision_and_lines(s, i)[1:]
             rows.append(row)
     return header, rows
 
@@ -214,6 +238,8 @@ def summary_dict(result: AnalysisResult, groups=()) -> dict:
             **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f, i)) for f in SPECTRUM_RATIOS},
             "mean_abs_delta": json_value(s.mean_abs_delta(i)), "rel_delta_norm": json_value(s.relative_norm(i)),
             "sweep": {sweep_label(t): json_value(s.sweep_sparsity(i, j)) for j, t in enumerate(result.sweep)},
+            **dict(zip(PRECISION_AND_LINE_COLUMNS, map(json_value, precision_and_lines(s, i)))),  # issue 11
+            "distance_to_bf16_visibility": ulp_histogram_dict(s, i),
         })
     pairs = [{"run_a": result.run_labels[a], "run_b": result.run_labels[b], "group_a": owner[a],
               "group_b": owner[b], **{k: json_value(v) for k, v in p.items()}} for a, b, p in s.pairs()]

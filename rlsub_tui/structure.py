@@ -1,0 +1,69 @@
+"""Row and column structure of an update: how many rows and columns of a matrix hold an updated parameter.
+
+Torch is imported only by the accumulator, so the UI can use the chance level without loading it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LineCounts:
+    """One run's rows and columns of one m×n matrix that hold at least one updated parameter."""
+
+    rows: int
+    cols: int
+
+
+def touched_chance(updated: int, numel: int, length: int) -> float:
+    """Chance that a line of `length` parameters holds an update if the `updated` ones were spread uniformly:
+    1 − (1 − density)^length; NaN for an empty matrix."""
+    if not numel:
+        return math.nan
+    density = updated / numel
+    if density >= 1:
+        return 1.0
+    return -math.expm1(length * math.log1p(-density))
+
+
+class LineAccumulator:
+    """Rows and columns touched by a flat (row-major) mask, one chunk at a time: add() each chunk, finish()."""
+
+    def __init__(self, shape, device=None):
+        import torch
+
+        self.applies = len(shape) == 2
+        self.m, self.n = (int(shape[0]), int(shape[1])) if self.applies else (0, 0)
+        self.rows = torch.zeros(self.m, dtype=torch.bool, device=device)
+        self.cols = torch.zeros(self.n, dtype=torch.bool, device=device)
+
+    def add(self, mask, start: int) -> None:
+        """The mask of flat positions start .. start + mask.numel() - 1."""
+        if not self.applies or not self.n or not mask.numel():
+            return
+        n, length = self.n, mask.numel()
+        head = min((-start) % n, length)  # the end of a row begun in an earlier chunk
+        if head:
+            self._partial(mask[:head], start)
+        whole = (length - head) // n
+        if whole:
+            block = mask[head:head + whole * n].view(whole, n)
+            row0 = (start + head) // n
+            self.rows[row0:row0 + whole] |= block.any(dim=1)
+            self.cols |= block.any(dim=0)
+        tail = head + whole * n
+        if tail < length:
+            self._partial(mask[tail:], start + tail)
+
+    def _partial(self, piece, start: int) -> None:
+        """A piece of one row, starting at flat position `start`."""
+        row, col = divmod(start, self.n)
+        self.rows[row] |= piece.any()
+        self.cols[col:col + piece.numel()] |= piece
+
+    def finish(self) -> LineCounts | None:
+        if not self.applies:
+            return None
+        return LineCounts(int(self.rows.sum()), int(self.cols.sum()))
