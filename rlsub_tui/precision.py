@@ -31,13 +31,15 @@ def float_exponent(t: torch.Tensor) -> torch.Tensor:
 
 
 def ulp_log2(abs_delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """floor(log2(|Δ| / ULP_bf16(w0))) per position, from exponent bits alone (ULP_bf16 is a power of two).
+    """floor(log2(|Δ| / ULP_bf16(w0))) per position, exactly: ULP_bf16 is a power of two, so this is
+    floor(log2 |Δ|) (frexp, subnormals included) minus log2 ULP_bf16(w0) (from w0's exponent bits).
 
     ULP_bf16(w) = 2^(floor(log2 |w|) − 7) for a normal w; zeros and subnormals take the subnormal
-    spacing 2^-133. A subnormal |Δ| reads as a very negative x (it lands in the first bin).
+    spacing 2^-133, i.e. the biased exponent 1.
     """
-    spacing_exp = torch.clamp(float_exponent(base), min=1)  # biased exponent whose ULP_bf16 applies
-    return float_exponent(abs_delta) - spacing_exp + BF16_MANTISSA_BITS
+    _, delta_exp = torch.frexp(abs_delta)  # |Δ| = m·2^e, m in [0.5, 1): floor(log2 |Δ|) = e − 1
+    spacing_exp = torch.clamp(float_exponent(base), min=1)  # log2 ULP_bf16(w0) = spacing_exp − 127 − 7
+    return delta_exp.to(torch.int32) - 1 - (spacing_exp - 127 - BF16_MANTISSA_BITS)
 
 
 def bf16_visible(base: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
