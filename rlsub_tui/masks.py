@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from rlsub_tui.dtypes import dtype_name
-from rlsub_tui.precision import PrecisionAccumulator
+from rlsub_tui.precision import PrecisionAccumulator, SharedBase
 from rlsub_tui.structure import LineAccumulator
 from rlsub_tui.rank import stacked_rank_figures
 from rlsub_tui.spectrum import RankFigures
@@ -170,7 +170,8 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     multi = 0
     sign_agree = 0
     # issue 11 items 1 and 4: one precision and one row/column accumulator per run, fed each chunk
-    precision = [PrecisionAccumulator(dt) for dt in dtypes]
+    shared_base = SharedBase()
+    precision = [PrecisionAccumulator(dt, shared_base) for dt in dtypes]
     lines = [LineAccumulator(base.shape, dev) for _ in range(k)]
 
     chunk = chunk_elements(dev, k)
@@ -209,7 +210,7 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
                 mask |= ~finite
                 nonfinite[j] += bad
             updated[j] += _nonzero(mask)
-            precision[j].add(bj, r, absd, mask)  # issue 11 item 1
+            precision[j].add(bj, r, absd, mask, finite if bad else None)  # issue 11 item 1
             lines[j].add(mask, start)  # issue 11 item 4
             for i, t in enumerate(sweep_tols[j]):
                 sweep_counts[j][i] += _nonzero(absd > t) + bad

@@ -9,7 +9,6 @@ import numpy as np
 
 from rlsub_tui import overlap
 from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, Criterion, RunTensorStats
-from rlsub_tui.structure import touched_chance
 
 SPECTRUM_RATIOS = ("stable_rank", "energy_rank_90", "energy_rank_99", "effective_rank")
 
@@ -187,7 +186,7 @@ class Stats:
         if s.rows_updated is not None and len(r.shape) == 2:
             m, n = r.shape
             for axis, touched, total, length in (("rows", s.rows_updated, m, n), ("cols", s.cols_updated, n, m)):
-                self.lines[axis][:, i] += (total, touched, total * touched_chance(s.updated, r.numel, length))
+                self.lines[axis][:, i] += (total, touched, total * overlap.touched_chance(s.updated, r.numel, length))
 
     @classmethod
     def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":

@@ -1,12 +1,10 @@
-"""Row and column structure of an update: how many rows and columns of a matrix hold an updated parameter.
-
-Torch is imported only by the accumulator, so the UI can use the chance level without loading it.
-"""
+"""Row and column structure of an update: how many rows and columns of a matrix hold an updated parameter."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -17,23 +15,10 @@ class LineCounts:
     cols: int
 
 
-def touched_chance(updated: int, numel: int, length: int) -> float:
-    """Chance that a line of `length` parameters holds an update if the `updated` ones were spread uniformly:
-    1 − (1 − density)^length; NaN for an empty matrix."""
-    if not numel:
-        return math.nan
-    density = updated / numel
-    if density >= 1:
-        return 1.0
-    return -math.expm1(length * math.log1p(-density))
-
-
 class LineAccumulator:
     """Rows and columns touched by a flat (row-major) mask, one chunk at a time: add() each chunk, finish()."""
 
     def __init__(self, shape, device=None):
-        import torch
-
         self.applies = len(shape) == 2
         self.m, self.n = (int(shape[0]), int(shape[1])) if self.applies else (0, 0)
         self.rows = torch.zeros(self.m, dtype=torch.bool, device=device)
@@ -49,10 +34,10 @@ class LineAccumulator:
             self._partial(mask[:head], start)
         whole = (length - head) // n
         if whole:
-            block = mask[head:head + whole * n].view(whole, n)
+            block = mask[head:head + whole * n].view(whole, n).view(torch.uint8)  # amax on bytes: ~20x any()
             row0 = (start + head) // n
-            self.rows[row0:row0 + whole] |= block.any(dim=1)
-            self.cols |= block.any(dim=0)
+            self.rows[row0:row0 + whole] |= block.amax(dim=1).bool()
+            self.cols |= block.amax(dim=0).bool()
         tail = head + whole * n
         if tail < length:
             self._partial(mask[tail:], start + tail)

@@ -15,7 +15,8 @@ from rlsub_tui.criteria import Criterion
 from rlsub_tui.engine import Analysis, AnalysisOptions
 from rlsub_tui.export import write_outputs
 from rlsub_tui.masks import compute_tensor
-from rlsub_tui.structure import LineAccumulator, touched_chance
+from rlsub_tui.overlap import touched_chance
+from rlsub_tui.structure import LineAccumulator
 
 
 def planted_mask(m: int, n: int, rows: int, cols: int, scatter: float, seed: int) -> np.ndarray:
