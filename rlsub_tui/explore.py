@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
+from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN, ULP_LOG2_MIN
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
 from rlsub_tui.spectrum import CURVE_POINTS as SPECTRUM_POINTS
@@ -181,8 +181,28 @@ def table_columns(result: AnalysisResult) -> list[Column]:
                     "consensus expected under the stratified null (per tensor × |w0| exponent)")]
     cols += [Column(f"spectrum:{f}", title, "pct", f"mean {f.replace('_', ' ')} / min(m,n) over matrices and runs")
              for f, title in SPECTRUM_TITLES.items()]
+    cols += PRECISION_AND_LINE_COLUMNS  # issue 11 items 1, 4
     cols.append(Column("done", "done", "text", "tensors computed / tensors in the node"))
     return cols
+
+
+PRECISION_AND_LINE_COLUMNS = [
+    Column("hidden_by_bf16", "hid bf16", "pct", "true updates a bf16 cast hides (bf16(w1) = bf16(w0)), over true "
+           "updates, pooled over runs and tensors whose pair is finer than bf16"),
+    Column("row_share", "rows", "pct", "rows of the 2-D matrices holding an update (row-weighted, over runs)"),
+    Column("row_share_chance", "rows@rnd", "pct", "that share if updates were spread uniformly: 1−(1−density)^n"),
+    Column("col_share", "cols", "pct", "columns of the 2-D matrices holding an update (column-weighted, over runs)"),
+    Column("col_share_chance", "cols@rnd", "pct", "that share if updates were spread uniformly: 1−(1−density)^m"),
+]
+
+
+def precision_and_line_values(s: Stats, i: int | None = None) -> dict:
+    """The PRECISION_AND_LINE_COLUMNS of run i, or pooled over every run (i None)."""
+    rows, rows_chance = s.touched("rows", i)
+    cols, cols_chance = s.touched("cols", i)
+    hidden = s.mean_hidden_by_bf16() if i is None else s.hidden_by_bf16(i)
+    return {"hidden_by_bf16": hidden, "row_share": rows, "row_share_chance": rows_chance, "col_share": cols,
+            "col_share_chance": cols_chance}
 
 
 def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = None) -> dict:
@@ -203,6 +223,7 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
     values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_TITLES})
+    values.update(precision_and_line_values(s))
     return values
 
 
@@ -223,6 +244,8 @@ def tensor_columns(result: AnalysisResult) -> list[Column]:
         Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
         Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
         Column("nonfinite", "NaN/Inf", "count", "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)"),
+        Column("updated_bf16_visible", "vis bf16", "count", "positions whose bf16 casts differ (pairs finer than bf16)"),
+        *PRECISION_AND_LINE_COLUMNS,
     ]
     cols += [Column(f"sweep:{t:g}", f"sp@{t:g}", "pct", f"sparsity at atol {t:g}") for t in result.sweep]
     return cols
@@ -234,6 +257,7 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
     if r is None:
         return []
     rows = []
+    one = Stats.of([r], result.k)  # issue 11 items 1, 4
     for i, s in enumerate(r.runs):
         n = r.numel
         row = {
@@ -251,6 +275,8 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
             row[f"spectrum:{f}"] = v / r.max_rank if v is not None and r.max_rank else math.nan
         for j, t in enumerate(result.sweep):
             row[f"sweep:{t:g}"] = 1 - s.sweep[j] / n if n and j < len(s.sweep) else math.nan
+        row.update(precision_and_line_values(one, i))
+        row["updated_bf16_visible"] = math.nan if s.updated_bf16_visible is None else s.updated_bf16_visible
         rows.append(row)
     return rows
 
@@ -295,7 +321,7 @@ class ChartData:
         return {c: self.meaning.get(c, self.meaning.get("*", "")) for c in header}
 
 
-CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline", "spectrum"]
+CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline", "spectrum", "precision"]
 CHART_TITLES = {
     "depth": "sparsity by layer depth",
     "overlap": "overlap between runs",
@@ -305,6 +331,7 @@ CHART_TITLES = {
     "magnitude": "updated fraction by |w0|",
     "timeline": "training timeline",
     "spectrum": "cumulative energy of Δ's spectrum",
+    "precision": "distance to bf16 visibility",
 }
 
 
@@ -316,7 +343,7 @@ def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "
     return {
         "depth": depth_chart, "overlap": lambda n, r: overlap_chart(n, r, overlap_metric),
         "agreement": agreement_chart, "rank": rank_chart, "sweep": sweep_chart, "magnitude": magnitude_chart,
-        "spectrum": spectrum_chart,
+        "spectrum": spectrum_chart, "precision": precision_chart,
     }[name](node, result)
 
 
@@ -497,3 +524,31 @@ def spectrum_chart(node: Node, result: AnalysisResult) -> ChartData:
     return ChartData("spectrum", title, "k / min(m,n)", "energy %", xs if series else [], series, message=msg,
                      meaning={"k / min(m,n)": "x: the top k singular values of Δ, as a share of min(m, n)",
                               "*": "share of ‖Δ‖_F² in those k singular values (%)"})
+
+
+def precision_chart(node: Node, result: AnalysisResult) -> ChartData:
+    """Share of each run's true updates per log2 bin of r = |Δ| / (ULP_bf16(w0) / 2) (issue 11 item 1): left of
+    0, below half a bf16 ULP. For nodes where every pair is bf16, the x axis is |Δ| in ULPs (log2 r − 1)."""
+    s = result.stats(node.tensors)
+    totals = s.ulp_histogram.sum(axis=1)
+    used = np.flatnonzero(s.ulp_histogram.sum(axis=0))
+    if not len(used):
+        msg = "waiting for results…" if not s.tensors else "no true updates in a pair of bf16 or finer here"
+        return ChartData("precision", CHART_TITLES["precision"], "log2 r", "% of true updates", [], {}, message=msg)
+    bins = range(int(used[0]), int(used[-1]) + 1)
+    in_ulps = not s.fine_tensors.any()  # only bf16 pairs: r ≥ 1 always, show |Δ| in ULPs instead
+    log2_ulp = [ULP_LOG2_MIN + b for b in bins]
+    xs = log2_ulp if in_ulps else [x + 1 for x in log2_ulp]
+    series = {label: [100 * float(s.ulp_histogram[i, b] / totals[i]) for b in bins]
+              for i, label in enumerate(result.run_labels) if totals[i]}
+    hidden = [f"{label} {100 * s.hidden_by_bf16(i):.1f}%" for i, label in enumerate(result.run_labels)
+              if s.fine_tensors[i]]
+    title = (CHART_TITLES["precision"] + (": |Δ| in bf16 ULPs of w0" if in_ulps else
+                                          ", hidden " + ", ".join(hidden[:2]) + ("…" if len(hidden) > 2 else "")))
+    return ChartData("precision", title, "log2 |Δ|/ULP" if in_ulps else "log2 r", "% of true updates", xs, series,
+                     x_columns={"log2_r": [x + 1 for x in log2_ulp], "log2_ulp": log2_ulp},
+                     meaning={"log2_r": "x: true updates with r = |Δ| / (ULP_bf16(w0)/2) in [2^x, 2^(x+1)); "
+                                        "r < 1 (x < 0) is below half a bf16 ULP; the end bins also hold what "
+                                        "lies beyond them",
+                              "log2_ulp": "the same bin as |Δ| / ULP_bf16(w0) in [2^x, 2^(x+1)) (log2_r − 1)",
+                              "*": "share of that run's true updates (pairs of bf16 or finer) in the bin"})

@@ -71,11 +71,15 @@ A line cut at the pane's edge ends in `…`.
 | @str | mean Jaccard chance of the stratified null: expected \\|A∩B\\| = Σ a_s·b_s/n_s over strata s = tensor × exponent of \\|w0\\| |
 | all K@str | consensus expected under the stratified null (a Poisson-binomial per stratum) |
 | stable / e90 / e99 / eff | mean over 2-D matrices and runs, each / min(m,n): stable rank ‖Δ‖_F²/σ₁²; energy rank at 90% / 99% (fewest σ holding that share of Σσ²); effective rank exp(−Σ p ln p), p = σ/Σσ |
+| hid bf16 | true updates hidden by a bf16 cast (bf16(w1) = bf16(w0)) / true updates, pooled over runs and tensors whose pair is finer than bf16 (fp32 master weights); – for bf16 pairs |
+| rows / cols | share of the 2-D matrices' rows / columns holding at least one update, row- / column-weighted over matrices and runs |
+| rows@rnd / cols@rnd | that share if each matrix's updates were spread uniformly: 1 − (1 − density)^(row / column length) |
 | done | tensors computed so far / tensors in the row |
 
 For a single tensor the table has one row per run: updated count, sparsity, rank and its
 maximum min(m,n), rank/max, the four spectrum figures / max, mean \\|Δ\\|, ‖Δ‖/‖W0‖ (Frobenius),
-NaN/Inf count, and sparsity at each sweep tolerance.
+NaN/Inf count, vis bf16 (positions whose bf16 casts differ), hid bf16, rows, cols and their chance
+levels, and sparsity at each sweep tolerance.
 
 ## Charts and views
 1 sparsity by layer depth (one line per run; inside one layer: that tensor type in every layer, the
@@ -89,7 +93,9 @@ shaded by the fraction updated · 9 histogram of log2 \\|Δ\\| per run, the tole
 0 cumulative energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against
 k/min(m,n), one line per run (a group: the mean curve of its matrices) · t training timeline (a RUN
 that is a folder of step checkpoints): per step, sparsity against the base, sparsity against the
-previous step, and the union of everything updated so far (% of params).
+previous step, and the union of everything updated so far (% of params) · p distance to bf16
+visibility: share of each run's true updates per log2 bin of r = \\|Δ\\| / (ULP_bf16(w0)/2), r < 1 hidden
+by a bf16 cast (pairs finer than bf16; for bf16 pairs \\|Δ\\| in ULPs of w0).
 
 ## Exports
 `e` writes the table, `x` the view's data (chart, heatmap, mask map, Δ histogram), as CSV in fractions (0.25 = 25%, never percent), each
@@ -104,7 +110,7 @@ is active, and what every column means.
 | enter | focus the node: table and chart follow it |
 | tab / shift+tab | switch between the tree and the table |
 | / | filter the tree by name (enter keeps it, esc clears) |
-| 1-9, 0, t, [ ] | view: 1 depth · 2 overlap · 3 agreement · 4 rank · 5 sweep · 6 \\|w0\\| · 7 heatmap · 8 mask map · 9 Δ histogram · 0 spectrum · t timeline |
+| 1-9, 0, t, p, [ ] | view: 1 depth · 2 overlap · 3 agreement · 4 rank · 5 sweep · 6 \\|w0\\| · 7 heatmap · 8 mask map · 9 Δ histogram · 0 spectrum · t timeline · p bf16 visibility |
 | o | overlap chart: o1 / Jaccard; heatmap: o1 / Jaccard / lift |
 | b · m | heatmap: runs / run groups · mask map: every chosen run / one run |
 | r | choose the runs the pooled figures use |
