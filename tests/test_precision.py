@@ -164,3 +164,46 @@ def test_chunks_add_up_like_one_pass(monkeypatch):
         whole.ulp_histogram, whole.updated_bf16_visible, whole.hidden_by_bf16)
     want = oracle(w0.numpy(), w1.numpy(), (w1 != w0).numpy())
     assert whole.ulp_histogram == want["hist"] and whole.hidden_by_bf16 == want["hidden"]
+
+
+async def test_explorer_precision_chart_and_export(tmp_path):
+    """`p` draws the focused node's distance to visibility, one series per run; `x` exports it in fractions that
+    match numpy's histogram of the bundled fp32 pair."""
+    from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+
+    root = sample_dir()
+    app = ExplorerApp(ExplorerConfig(str(root / "base-fp32"), [str(root / "fp32-grpo-lowlr-seed1")],
+                                     AnalysisOptions(criterion=Criterion("exact"), rank=False, use_cache=False),
+                                     tmp_path))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        app._redraw_results()
+        await pilot.press("p")
+        await pilot.pause()
+        data = app.current_chart()
+        assert app.chart_name == "precision" and list(data.series) == ["fp32-grpo-lowlr-seed1"]
+        await pilot.press("x")
+        rows = list(csv.DictReader(open(app.last_export)))
+    base = load_file(str(root / "base-fp32" / "model.safetensors"))
+    run = load_file(str(root / "fp32-grpo-lowlr-seed1" / "model.safetensors"))
+    hist = sum(np.asarray(oracle(base[n], run[n], run[n] != base[n])["hist"]) for n in base)
+    used = np.flatnonzero(hist)
+    want = hist[used[0]:used[-1] + 1] / hist.sum()
+    assert [int(r["log2_r"]) for r in rows] == [ULP_LOG2_MIN + 1 + b for b in range(used[0], used[-1] + 1)]
+    assert [float(r["fp32-grpo-lowlr-seed1"]) for r in rows] == pytest.approx(want.tolist())
+    below = sum(float(r["fp32-grpo-lowlr-seed1"]) for r in rows if int(r["log2_r"]) < 0)
+    assert 0 < below < 1  # r < 1: the share a bf16 cast may hide (the grid of w0 decides exactly which)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_updates_count_as_updated_but_have_no_distance(dtype):
+    w0 = torch.tensor([0.5, 0.25, 1.0, 2.0], dtype=dtype).repeat(8)
+    w1 = w0.clone()
+    w1[0] = float("nan")
+    w1[1] = 0.25 + 2 ** -6  # one bf16 ULP of 0.25 is 2^-9: |Δ| = 8 ULP, x = 3
+    s = compute_tensor(w0, [w1], Criterion("exact"), want_rank=False).runs[0]
+    assert s.updated == 2 and s.nonfinite == 1
+    assert sum(s.ulp_histogram) == 1 and s.ulp_histogram[3 - ULP_LOG2_MIN] == 1
+    if dtype == torch.float32:
+        assert (s.updated_bf16_visible, s.hidden_by_bf16) == (2, 0)  # NaN differs from any value
