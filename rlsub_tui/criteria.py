@@ -22,7 +22,7 @@ MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
 # Distance to bf16 visibility (precision.py): histogram of x = floor(log2(|Δ| / ULP_bf16(w0))) over a run's true
 # updates, one bin per integer x in [ULP_LOG2_MIN, ULP_LOG2_MAX], the end bins open. fp32 cannot store a nonzero
 # |Δ| below 2^-17 ULP_bf16(w0) (its ULP is 2^-16 of bf16's, halved below a power of two), so the first bin is
-# exact for fp32 pairs; the last holds updates many ULPs wide (w0 near 0). r = 2^(x+1): log2 r is x + 1.
+# exact for fp32 pairs; the last holds updates many ULPs wide (w0 near 0). r = |Δ|/(ULP/2) is in [2^(x+1), 2^(x+2)).
 ULP_LOG2_MIN = -17
 ULP_LOG2_MAX = 12
 ULP_BINS = ULP_LOG2_MAX - ULP_LOG2_MIN + 1

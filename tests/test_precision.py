@@ -75,6 +75,11 @@ def test_bundled_fp32_pair_against_numpy(criterion, tmp_path):
     assert stats.bf16_visible_count(0) == totals["visible"]
     assert stats.ulp_histogram[0].tolist() == pooled_hist.tolist()
     assert 0 < totals["hidden"] < totals["updated"]  # the sample has both kinds: the test can tell them apart
+    from rlsub_tui.report import summary_text
+
+    share = 100 * totals["hidden"] / totals["updated"]
+    assert f"hidden by bf16 (true updates with bf16(w1) = bf16(w0)" in summary_text(result)
+    assert f"fp32-grpo-lowlr-seed1 {share:.1f}%" in summary_text(result)
     write_outputs(result, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())["runs"][0]
     assert summary["hidden_by_bf16"] == pytest.approx(totals["hidden"] / totals["updated"], rel=1e-12)
