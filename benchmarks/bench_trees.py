@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 
 CHILD = r"""
 import json, statistics, sys, time
-tree, bench, layers, runs, repeats, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+tree, bench, dtype = sys.argv[1], sys.argv[2], sys.argv[6]
+layers, runs, repeats = (int(x) for x in sys.argv[3:6])
 sys.path.insert(0, tree)
 sys.path.insert(1, bench)
 import torch

@@ -244,7 +244,8 @@ def tensor_columns(result: AnalysisResult) -> list[Column]:
         Column("mean_abs_delta", "mean|Δ|", "sci", "mean absolute update"),
         Column("rel_delta_norm", "‖Δ‖/‖W0‖", "sci", "Frobenius norm of the update over that of the base"),
         Column("nonfinite", "NaN/Inf", "count", "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)"),
-        Column("updated_bf16_visible", "vis bf16", "count", "positions whose bf16 casts differ (pairs finer than bf16)"),
+        Column("updated_bf16_visible", "vis bf16", "count",
+               "positions whose bf16 casts differ (pairs finer than bf16)"),
         *PRECISION_AND_LINE_COLUMNS,
     ]
     cols += [Column(f"sweep:{t:g}", f"sp@{t:g}", "pct", f"sparsity at atol {t:g}") for t in result.sweep]

@@ -157,7 +157,8 @@ def precision_and_lines(s: Stats, i: int) -> list:
 
 def ulp_histogram_dict(s: Stats, i: int) -> dict:
     """Run i's true updates per bin of floor(log2(|Δ| / ULP_bf16(w0))), the end bins open."""
-    return {"log2_ulp": list(range(ULP_LOG2_MIN, ULP_LOG2_MAX + 1)), "true_updates": [int(c) for c in s.ulp_histogram[i]]}
+    return {"log2_ulp": list(range(ULP_LOG2_MIN, ULP_LOG2_MAX + 1)),
+            "true_updates": [int(c) for c in s.ulp_histogram[i]]}
 
 
 def pairs_csv(result: AnalysisResult, groups=()) -> str:

@@ -223,7 +223,8 @@ def hidden_sentence(m: dict) -> str:
         return "not measured."
     return (f"of the fp32 run's true updates (every stored change, criterion `exact`), {_p(exact['hidden_by_bf16'])} "
             f"would not show in a bf16 checkpoint of the same weights, and {_p(exact['below_half_ulp'])} are smaller "
-            f"than half a bf16 ULP of their weight (r < 1; the base is bf16-valued, so the two differ only at exact ties and where a "
+            f"than half a bf16 ULP of their weight (r < 1; the base is bf16-valued, so the two differ only at exact "
+            f"ties and where a "
             f"step crosses a power of two); at atol 1e-5 the hidden share is {_p(atol['hidden_by_bf16'])}. "
             + ("In this sample bf16 hides a minority of the updates: most add up to more than half a ULP."
                if exact["hidden_by_bf16"] < 0.5 else "In this sample bf16 hides most of the updates."))
