@@ -119,8 +119,8 @@ def matrices_csv(result: AnalysisResult) -> str:
     header = ["tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite",
               "mean_abs_delta", "rel_delta_norm", "rank", "max_rank", "rank_ratio"]
     header += list(SPECTRUM_RATIOS)
+    header += PRECISION_AND_LINE_COLUMNS  # issue 11 items 1, 4 (before the sweep: it stays last)
     header += [sweep_label(t) for t in result.sweep]
-    header += PRECISION_AND_LINE_COLUMNS  # issue 11 items 1, 4
     rows = []
     for name in result.planned:
         r = result.tensors.get(name)
@@ -136,9 +136,8 @@ def matrices_csv(result: AnalysisResult) -> str:
                    math.sqrt(s.sq_delta / s.sq_base) if s.sq_base > 0 else math.nan,
                    s.rank, max_rank, s.rank / max_rank if max_rank else None]
             row += [getattr(s, f) for f in SPECTRUM_RATIOS]
-            row += [1 - c / n if n else math.nan for c in s.sweep]
-            row += [None] * (len(result.sweep) - len(s.sweep))  # keep the columns after the sweep aligned
             row += precision_and_lines(one, i)
+            row += [1 - c / n if n else math.nan for c in s.sweep]
             rows.append(row)
     return csv_text(header, rows)
 
@@ -202,8 +201,8 @@ def agreement_csv(result: AnalysisResult) -> str:
 def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
     header += [f"mean_{f}_ratio" for f in SPECTRUM_RATIOS]
-    header += [sweep_label(t) for t in result.sweep]
     header += PRECISION_AND_LINE_COLUMNS[1:]  # issue 11 items 1, 4 (pooled as README says)
+    header += [sweep_label(t) for t in result.sweep]
     from rlsub_tui.explore import build_tree
 
     rows = []
@@ -214,8 +213,8 @@ def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
         for i, label in enumerate(result.run_labels):
             row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]
             row += [s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS]
-            row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
             row += precision_and_lines(s, i)[1:]
+            row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
             rows.append(row)
     return header, rows
 
