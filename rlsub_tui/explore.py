@@ -542,10 +542,9 @@ def precision_chart(node: Node, result: AnalysisResult) -> ChartData:
     xs = log2_ulp if in_ulps else [x + 1 for x in log2_ulp]
     series = {label: [100 * float(s.ulp_histogram[i, b] / totals[i]) for b in bins]
               for i, label in enumerate(result.run_labels) if totals[i]}
-    hidden = [f"{label} {100 * s.hidden_by_bf16(i):.1f}%" for i, label in enumerate(result.run_labels)
-              if s.fine_tensors[i]]
-    title = (CHART_TITLES["precision"] + (": |Δ| in bf16 ULPs of w0" if in_ulps else
-                                          ", hidden " + ", ".join(hidden[:2]) + ("…" if len(hidden) > 2 else "")))
+    hidden = [f"{i + 1}:{100 * s.hidden_by_bf16(i):.1f}%" for i in range(result.k) if s.fine_tensors[i]]
+    title = (CHART_TITLES["precision"] + (": |Δ| in bf16 ULPs of w0" if in_ulps else  # short: plotext cuts
+                                          " · hidden " + " ".join(hidden[:3]) + ("…" if len(hidden) > 3 else "")))
     return ChartData("precision", title, "log2 |Δ|/ULP" if in_ulps else "log2 r", "% of true updates", xs, series,
                      x_columns={"log2_r": [x + 1 for x in log2_ulp], "log2_ulp": log2_ulp},
                      meaning={"log2_r": "x: true updates with r = |Δ| / (ULP_bf16(w0)/2) in [2^x, 2^(x+1)); "
