@@ -19,6 +19,13 @@ MAG_X_MAX = 3
 # beyond, the record would grow too large (2^K integers per tensor)
 MAX_SUBSET_RUNS = 10
 MAG_BINS = MAG_X_MAX - MAG_X_MIN + 2
+# Distance to bf16 visibility (precision.py): histogram of x = floor(log2(|Δ| / ULP_bf16(w0))) over a run's true
+# updates, one bin per integer x in [ULP_LOG2_MIN, ULP_LOG2_MAX], the end bins open. fp32 cannot store a nonzero
+# |Δ| below 2^-17 ULP_bf16(w0) (its ULP is 2^-16 of bf16's, halved below a power of two), so the first bin is
+# exact for fp32 pairs; the last holds updates many ULPs wide (w0 near 0). r = |Δ|/(ULP/2) is in [2^(x+1), 2^(x+2)).
+ULP_LOG2_MIN = -17
+ULP_LOG2_MAX = 12
+ULP_BINS = ULP_LOG2_MAX - ULP_LOG2_MIN + 1
 # The tolerance sweep on by default: Mukherjee et al. Table 6's columns (see BENCHMARKS.md for its cost).
 PAPER_SWEEP = (1e-8, 1e-7, 1e-6, 1e-5)
 DEFAULT_SWEEP: tuple[float, ...] = PAPER_SWEEP
@@ -83,6 +90,14 @@ class RunTensorStats:
     energy_rank_99: int | None = None
     effective_rank: float | None = None
     energy_curve: list[float] | None = None  # cumulative energy at k/min(m,n) = 0, 0.01, ..., 1 (spectrum.py)
+    # precision.py (issue 11 item 1): bf16-visible updates and true updates hidden by bf16, None unless the
+    # pair is finer than bf16; the histogram of floor(log2(|Δ| / ULP_bf16(w0))), empty for fp8 pairs
+    updated_bf16_visible: int | None = None
+    hidden_by_bf16: int | None = None
+    ulp_histogram: list[int] = field(default_factory=list)
+    # structure.py (issue 11 item 4): rows and columns of a 2-D matrix holding an update; None otherwise
+    rows_updated: int | None = None
+    cols_updated: int | None = None
 
     def set_rank(self, figures) -> None:
         """Take rank and spectrum figures from a spectrum.RankFigures (None leaves all of them None)."""

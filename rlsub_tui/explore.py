@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from rlsub_tui import measures
-from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN
+from rlsub_tui.criteria import MAG_BINS, MAG_X_MIN, ULP_LOG2_MIN
 from rlsub_tui.measures import SPECTRUM_RATIOS, Column
 from rlsub_tui.names import place, tensor_kind
 from rlsub_tui.results import AnalysisResult, Stats
@@ -181,6 +181,7 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
     values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_RATIOS})
+    values.update(measures.precision_and_line_figures(s))
     return values
 
 
@@ -200,6 +201,7 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
     if r is None:
         return []
     rows = []
+    one = Stats.of([r], result.k)  # issue 11 items 1, 4
     for i, s in enumerate(r.runs):
         row = measures.run_figures(r, s)
         sweep = row.pop("sweep")
@@ -208,6 +210,9 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
         row["max_rank"] = "" if s.rank is None else r.max_rank
         for j, t in enumerate(result.sweep):
             row[f"sweep:{t:g}"] = sweep[j] if j < len(sweep) else math.nan
+        row.update(measures.precision_and_line_figures(one, i))
+        if row["updated_bf16_visible"] is None:
+            row["updated_bf16_visible"] = math.nan
         rows.append(row)
     return rows
 
@@ -252,7 +257,7 @@ class ChartData:
         return {c: self.meaning.get(c, self.meaning.get("*", "")) for c in header}
 
 
-CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline", "spectrum"]
+CHARTS = ["depth", "overlap", "agreement", "rank", "sweep", "magnitude", "timeline", "spectrum", "precision"]
 CHART_TITLES = {
     "depth": "sparsity by layer depth",
     "overlap": "overlap between runs",
@@ -262,6 +267,7 @@ CHART_TITLES = {
     "magnitude": "updated fraction by |w0|",
     "timeline": "training timeline",
     "spectrum": "cumulative energy of Δ's spectrum",
+    "precision": "distance to bf16 visibility",
 }
 
 
@@ -273,7 +279,7 @@ def chart(name: str, node: Node, result: AnalysisResult, overlap_metric: str = "
     return {
         "depth": depth_chart, "overlap": lambda n, r: overlap_chart(n, r, overlap_metric),
         "agreement": agreement_chart, "rank": rank_chart, "sweep": sweep_chart, "magnitude": magnitude_chart,
-        "spectrum": spectrum_chart,
+        "spectrum": spectrum_chart, "precision": precision_chart,
     }[name](node, result)
 
 
@@ -454,3 +460,30 @@ def spectrum_chart(node: Node, result: AnalysisResult) -> ChartData:
     return ChartData("spectrum", title, "k / min(m,n)", "energy %", xs if series else [], series, message=msg,
                      meaning={"k / min(m,n)": "x: the top k singular values of Δ, as a share of min(m, n)",
                               "*": "share of ‖Δ‖_F² in those k singular values (%)"})
+
+
+def precision_chart(node: Node, result: AnalysisResult) -> ChartData:
+    """Share of each run's true updates per log2 bin of r = |Δ| / (ULP_bf16(w0) / 2) (issue 11 item 1): left of
+    0, below half a bf16 ULP. For nodes where every pair is bf16, the x axis is |Δ| in ULPs (log2 r − 1)."""
+    s = result.stats(node.tensors)
+    totals = s.ulp_histogram.sum(axis=1)
+    used = np.flatnonzero(s.ulp_histogram.sum(axis=0))
+    if not len(used):
+        msg = "waiting for results…" if not s.tensors else "no true updates in a pair of bf16 or finer here"
+        return ChartData("precision", CHART_TITLES["precision"], "log2 r", "% of true updates", [], {}, message=msg)
+    bins = range(int(used[0]), int(used[-1]) + 1)
+    in_ulps = not s.fine_tensors.any()  # only bf16 pairs: r ≥ 1 always, show |Δ| in ULPs instead
+    log2_ulp = [ULP_LOG2_MIN + b for b in bins]
+    xs = log2_ulp if in_ulps else [x + 1 for x in log2_ulp]
+    series = {label: [100 * float(s.ulp_histogram[i, b] / totals[i]) for b in bins]
+              for i, label in enumerate(result.run_labels) if totals[i]}
+    hidden = [f"{i + 1}:{100 * s.hidden_by_bf16(i):.1f}%" for i in range(result.k) if s.fine_tensors[i]]
+    title = (CHART_TITLES["precision"] + (": |Δ| in bf16 ULPs of w0" if in_ulps else  # short: plotext cuts
+                                          " · hidden " + " ".join(hidden[:3]) + ("…" if len(hidden) > 3 else "")))
+    return ChartData("precision", title, "log2 |Δ|/ULP" if in_ulps else "log2 r", "% of true updates", xs, series,
+                     x_columns={"log2_r": [x + 1 for x in log2_ulp], "log2_ulp": log2_ulp},
+                     meaning={"log2_r": "x: true updates with r = |Δ| / (ULP_bf16(w0)/2) in [2^x, 2^(x+1)); "
+                                        "r < 1 (x < 0) is below half a bf16 ULP; the end bins also hold what "
+                                        "lies beyond them",
+                              "log2_ulp": "the same bin as |Δ| / ULP_bf16(w0) in [2^x, 2^(x+1)) (log2_r − 1)",
+                              "*": "share of that run's true updates (pairs of bf16 or finer) in the bin"})

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from rlsub_tui import __version__
-from rlsub_tui.measures import matrices_header, run_figures, sweep_csv
+from rlsub_tui.criteria import ULP_LOG2_MAX, ULP_LOG2_MIN
+from rlsub_tui.measures import PRECISION_AND_LINE_CSV, matrices_header, precision_and_line_figures, run_figures, sweep_csv
 from rlsub_tui.results import SPECTRUM_RATIOS, AnalysisResult, Stats
 
 UNITS = ("fractions: sparsity, overlaps, Jaccard, consensus, union, shares of parameters and rank ratios "
@@ -124,12 +125,20 @@ def matrices_csv(result: AnalysisResult) -> str:
         r = result.tensors.get(name)
         if r is None:
             continue
+        one = Stats.of([r], result.k)
         for i, s in enumerate(r.runs):
             figures = run_figures(r, s)
+            figures.update(precision_and_line_figures(one, i))
             figures.update({"tensor": name, "run": result.run_labels[i], "dtype": s.dtype or r.dtype,
                             "shape": "x".join(map(str, r.shape)), "numel": r.numel})
             rows.append([figures[c] for c in fixed] + figures["sweep"])
     return csv_text(header, rows)
+
+
+def ulp_histogram_dict(s: Stats, i: int) -> dict:
+    """Run i's true updates per bin of floor(log2(|Δ| / ULP_bf16(w0))), the end bins open."""
+    return {"log2_ulp": list(range(ULP_LOG2_MIN, ULP_LOG2_MAX + 1)),
+            "true_updates": [int(c) for c in s.ulp_histogram[i]]}
 
 
 def pairs_csv(result: AnalysisResult, groups=()) -> str:
@@ -173,6 +182,7 @@ def agreement_csv(result: AnalysisResult) -> str:
 def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
     header += [f"mean_{f}_ratio" for f in SPECTRUM_RATIOS]
+    header += PRECISION_AND_LINE_CSV[1:]  # issue 11 items 1, 4 (pooled as README says)
     header += [sweep_label(t) for t in result.sweep]
     from rlsub_tui.explore import build_tree
 
@@ -184,6 +194,7 @@ def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
         for i, label in enumerate(result.run_labels):
             row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]
             row += [s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS]
+            row += [v for k, v in precision_and_line_figures(s, i).items() if k != "updated_bf16_visible"]
             row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
             rows.append(row)
     return header, rows
@@ -208,6 +219,8 @@ def summary_dict(result: AnalysisResult, groups=()) -> dict:
             **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f, i)) for f in SPECTRUM_RATIOS},
             "mean_abs_delta": json_value(s.mean_abs_delta(i)), "rel_delta_norm": json_value(s.relative_norm(i)),
             "sweep": {sweep_label(t): json_value(s.sweep_sparsity(i, j)) for j, t in enumerate(result.sweep)},
+            **{k: json_value(v) for k, v in precision_and_line_figures(s, i).items()},  # issue 11
+            "distance_to_bf16_visibility": ulp_histogram_dict(s, i),
         })
     pairs = [{"run_a": result.run_labels[a], "run_b": result.run_labels[b], "group_a": owner[a],
               "group_b": owner[b], **{k: json_value(v) for k, v in p.items()}} for a, b, p in s.pairs()]

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from rlsub_tui.dtypes import dtype_name, dtypes_label
+from rlsub_tui.precision import PrecisionAccumulator, SharedBase
+from rlsub_tui.structure import LineAccumulator
 from rlsub_tui.rank import stacked_rank_figures
 from rlsub_tui.results import TensorResult
 from rlsub_tui.spectrum import RankFigures
@@ -153,6 +155,10 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     agreement = np.zeros(k + 1, dtype=np.int64)
     multi = 0
     sign_agree = 0
+    # issue 11 items 1 and 4: one precision and one row/column accumulator per run, fed each chunk
+    shared_base = SharedBase()
+    precision = [PrecisionAccumulator(dt, shared_base) for dt in dtypes]
+    lines = [LineAccumulator(base.shape, dev) for _ in range(k)]
 
     chunk = chunk_elements(dev, k)
     for start in range(0, n, chunk):
@@ -190,6 +196,8 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
                 mask |= ~finite
                 nonfinite[j] += bad
             updated[j] += _nonzero(mask)
+            precision[j].add(bj, r, absd, mask, finite if bad else None)  # issue 11 item 1
+            lines[j].add(mask, start)  # issue 11 item 4
             for i, t in enumerate(sweep_tols[j]):
                 sweep_counts[j][i] += _nonzero(absd > t) + bad
             sum_abs[j] += total
@@ -248,12 +256,22 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
             magnitude_updated=[int(x) for x in mag_updated[j]],
         ))
         stats[-1].set_rank(rank)
+        _set_precision_and_lines(stats[-1], precision[j].finish(), lines[j].finish())  # issue 11 items 1, 4
     return TensorResult(
         name="", dtype=dtypes_label(dtypes), shape=list(base.shape), numel=n,  # the caller names it
         runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
         magnitude_numel=[int(x) for x in mag_numel], notes=[rank_note] if rank_note else [],
         run_codes=[int(x) for x in by_code] if coded and k <= MAX_SUBSET_RUNS else [],
     )
+
+
+def _set_precision_and_lines(stats: RunTensorStats, figures, counts) -> None:
+    """Copy a run's precision.PrecisionFigures and structure.LineCounts (either may be None) into its stats."""
+    if figures is not None:
+        stats.ulp_histogram = list(figures.ulp_histogram)
+        stats.updated_bf16_visible, stats.hidden_by_bf16 = figures.visible, figures.hidden
+    if counts is not None:
+        stats.rows_updated, stats.cols_updated = counts.rows, counts.cols
 
 
 def update_mask(base: torch.Tensor, run: torch.Tensor, criterion: Criterion) -> torch.Tensor:

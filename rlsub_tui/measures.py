@@ -55,6 +55,20 @@ def run_figures(record, s) -> dict:
     return figures
 
 
+def precision_and_line_figures(stats, i: int | None = None) -> dict:
+    """Run i's bf16 visibility and row/column figures over a results.Stats (one tensor or a node), or pooled over
+    every run (i None): `updated_bf16_visible` and `hidden_by_bf16` only where the pair is finer than bf16 (None /
+    NaN otherwise), shares of the 2-D matrices' rows and columns holding an update with their uniform-chance
+    levels (line-weighted)."""
+    rows, rows_chance = stats.touched("rows", i)
+    cols, cols_chance = stats.touched("cols", i)
+    return {
+        "updated_bf16_visible": None if i is None else stats.bf16_visible_count(i),
+        "hidden_by_bf16": stats.mean_hidden_by_bf16() if i is None else stats.hidden_by_bf16(i),
+        "row_share": rows, "row_share_chance": rows_chance, "col_share": cols, "col_share_chance": cols_chance,
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # The registry
 
@@ -131,6 +145,17 @@ NODE_MEASURES: tuple[Measure, ...] = (
     *(_M(f"spectrum:{f}", title, "pct", "pooled over runs",
          f"mean over 2-D matrices and runs of the {SPECTRUM_WORDS[f]}, divided by min(m,n)")
       for f, title in SPECTRUM_TITLES.items()),
+    _M("hidden_by_bf16", "hid bf16", "pct", "pooled over runs",
+       "true updates a bf16 cast hides (bf16(w1) = bf16(w0)) / true updates, pooled over runs and tensors whose "
+       "pair is finer than bf16 (fp32 master weights); empty for bf16 pairs"),
+    _M("row_share", "rows", "pct", "pooled over runs",
+       "share of the 2-D matrices' rows holding at least one update, row-weighted over matrices and runs"),
+    _M("row_share_chance", "rows@rnd", "pct", "pooled over runs",
+       "that share if each matrix's updates were spread uniformly: 1 − (1 − density)^(row length)"),
+    _M("col_share", "cols", "pct", "pooled over runs",
+       "share of the 2-D matrices' columns holding at least one update, column-weighted over matrices and runs"),
+    _M("col_share_chance", "cols@rnd", "pct", "pooled over runs",
+       "that share if each matrix's updates were spread uniformly: 1 − (1 − density)^(column length)"),
     _M("done", "done", "text", "label", "tensors computed so far / tensors in the row"),
 )
 
@@ -151,13 +176,28 @@ RUN_MEASURES: tuple[Measure, ...] = (
       for f, title in SPECTRUM_TITLES.items()),
     _M("nonfinite", "NaN/Inf", "count", "per run",
        "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)", "nonfinite"),
+    _M("updated_bf16_visible", "vis bf16", "count", "per run",
+       "positions whose bf16 casts differ, bf16(w1) ≠ bf16(w0) (pairs finer than bf16; empty otherwise)",
+       "updated_bf16_visible"),
+    _M("hidden_by_bf16", "hid bf16", "pct", "per run",
+       "true updates a bf16 cast hides / true updates (pairs finer than bf16; empty otherwise)", "hidden_by_bf16"),
+    _M("row_share", "rows", "pct", "per run", "share of the matrix's rows holding at least one update",
+       "row_share"),
+    _M("row_share_chance", "rows@rnd", "pct", "per run",
+       "that share if the updates were spread uniformly: 1 − (1 − density)^(row length)", "row_share_chance"),
+    _M("col_share", "cols", "pct", "per run", "share of the matrix's columns holding at least one update",
+       "col_share"),
+    _M("col_share_chance", "cols@rnd", "pct", "per run",
+       "that share if the updates were spread uniformly: 1 − (1 − density)^(column length)", "col_share_chance"),
     _M("sweep:{t}", "sp@{t}", "pct", "per run", "sparsity under atol at tolerance {t}", SWEEP_CSV),
 )
 
+PRECISION_AND_LINE_CSV = ("updated_bf16_visible", "hidden_by_bf16", "row_share", "row_share_chance", "col_share",
+                          "col_share_chance")  # precision_and_line_figures' keys, as matrices.csv orders them
 # matrices.csv, one row per tensor and run: these columns, in this order (the file's layout since version 1)
 MATRICES_CSV: tuple[str, ...] = (
     "tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite", "mean_abs_delta",
-    "rel_delta_norm", "rank", "max_rank", "rank_ratio", *SPECTRUM_RATIOS, SWEEP_CSV)
+    "rel_delta_norm", "rank", "max_rank", "rank_ratio", *SPECTRUM_RATIOS, *PRECISION_AND_LINE_CSV, SWEEP_CSV)
 MATRICES_ONLY: dict[str, str] = {  # matrices.csv columns that are no table's: what they hold
     "tensor": "the tensor, named as the base stores it",
     "dtype": "the dtype this run was compared with the base in",

@@ -89,3 +89,17 @@ def sign_agreement_chance(agreement) -> float:
     sign were a fair coin: a parameter updated by exactly j runs has all signs equal with chance 2^(1-j)."""
     several = [(j, int(n)) for j, n in enumerate(agreement) if j >= 2]
     return ratio(sum(n * 2.0 ** (1 - j) for j, n in several), sum(n for _, n in several))
+
+
+# --- rows and columns (structure.py counts them) ------------------------------------------------------
+
+
+def touched_chance(updated: int, numel: int, length: int) -> float:
+    """Chance that a line of `length` parameters holds an update if the `updated` ones were spread uniformly:
+    1 − (1 − density)^length; NaN for an empty matrix."""
+    if not numel:
+        return math.nan
+    density = updated / numel
+    if density >= 1:
+        return 1.0
+    return -math.expm1(length * math.log1p(-density))

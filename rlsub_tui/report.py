@@ -37,6 +37,10 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
                f"{int(s.nonfinite[i]):>8}")
         row += "".join(f" {pct(s.sweep_sparsity(i, j)):>16}" for j in range(len(result.sweep)))
         lines.append(row)
+    fine = [f"{label} {pct(s.hidden_by_bf16(i))}" for i, label in enumerate(result.run_labels) if s.fine_tensors[i]]
+    if fine:  # issue 11 item 1: pairs finer than bf16
+        lines.append("hidden by bf16 (true updates with bf16(w1) = bf16(w0), of all true updates; chart p): "
+                     + ", ".join(fine))
     pairs = list(s.pairs())
     if pairs:
         names = [f"{result.run_labels[a]} vs {result.run_labels[b]}" for a, b, _ in pairs[:max_pairs]]

@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from rlsub_tui import measures, overlap
-from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion, RunTensorStats
+from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, Criterion, RunTensorStats
 from rlsub_tui.measures import SPECTRUM_RATIOS  # re-exported: other modules read it from here
 
-# 5: per-pair dtypes, spectrum figures, run codes per record; 6: the cumulative-energy curve; 8: all of them
-RESULT_VERSION = 8
+# 5: per-pair dtypes, spectrum figures, run codes per record; 6: the cumulative-energy curve; 8: all of them;
+# 9: bf16 visibility, the ULP histogram, rows and columns touched (issue 11 items 1, 4)
+RESULT_VERSION = 9
 
 
 @dataclass
@@ -124,6 +125,14 @@ class Stats:
         self.agreement_expected_strat = np.zeros(k + 1)
         self.run_codes = np.zeros(1 << k if k <= MAX_SUBSET_RUNS else 0, dtype=np.int64)
         self.coded = k <= MAX_SUBSET_RUNS  # False once a tensor without run codes is added
+        # issue 11 item 1: over tensors whose pair is finer than bf16, true updates, bf16-visible and hidden
+        self.fine_updated = np.zeros(k, dtype=np.int64)
+        self.bf16_visible = np.zeros(k, dtype=np.int64)
+        self.bf16_hidden = np.zeros(k, dtype=np.int64)
+        self.fine_tensors = np.zeros(k, dtype=np.int64)
+        self.ulp_histogram = np.zeros((k, ULP_BINS), dtype=np.int64)
+        # issue 11 item 4: over 2-D matrices, rows/columns in all, touched, and expected touched by chance
+        self.lines = {axis: np.zeros((3, k)) for axis in ("rows", "cols")}
 
     def add(self, r: TensorResult) -> None:
         self.tensors += 1
@@ -137,6 +146,7 @@ class Stats:
             self.sq_delta[i] += s.sq_delta
             self.sq_base[i] += s.sq_base
             self.magnitude_updated[i] += np.asarray(s.magnitude_updated, dtype=np.int64)
+            self._add_precision_and_lines(i, s, r)  # issue 11 items 1, 4
             if s.rank is not None and r.max_rank:
                 self.rank_ratios[i].append(measures.rank_ratio(s.rank, r.max_rank))
                 for f, ratios in self.spectrum_ratios.items():
@@ -156,6 +166,19 @@ class Stats:
             self.run_codes += np.asarray(r.run_codes, dtype=np.int64)
         else:
             self.coded = False
+
+    def _add_precision_and_lines(self, i: int, s: RunTensorStats, r: TensorResult) -> None:
+        if len(s.ulp_histogram) == ULP_BINS:
+            self.ulp_histogram[i] += np.asarray(s.ulp_histogram, dtype=np.int64)
+        if s.hidden_by_bf16 is not None:
+            self.fine_tensors[i] += 1
+            self.fine_updated[i] += s.updated
+            self.bf16_visible[i] += s.updated_bf16_visible
+            self.bf16_hidden[i] += s.hidden_by_bf16
+        if s.rows_updated is not None and len(r.shape) == 2:
+            m, n = r.shape
+            for axis, touched, total, length in (("rows", s.rows_updated, m, n), ("cols", s.cols_updated, n, m)):
+                self.lines[axis][:, i] += (total, touched, total * overlap.touched_chance(s.updated, r.numel, length))
 
     @classmethod
     def of(cls, results, k: int, sweep_len: int = 0) -> "Stats":
@@ -197,6 +220,25 @@ class Stats:
 
     def relative_norm(self, i: int) -> float:
         return measures.rel_delta_norm(self.sq_delta[i], self.sq_base[i])
+
+    def hidden_by_bf16(self, i: int) -> float:
+        """Share of true updates that bf16 hides, over the tensors whose pair is finer than bf16; NaN if none."""
+        return overlap.ratio(int(self.bf16_hidden[i]), int(self.fine_updated[i])) if self.fine_tensors[i] else math.nan
+
+    def bf16_visible_count(self, i: int) -> int | None:
+        """Positions whose bf16 casts differ, over the tensors whose pair is finer than bf16; None if none."""
+        return int(self.bf16_visible[i]) if self.fine_tensors[i] else None
+
+    def mean_hidden_by_bf16(self) -> float:
+        """Hidden share pooled over every run with a pair finer than bf16 (Σ hidden / Σ true updates)."""
+        fine = self.fine_tensors > 0
+        return overlap.ratio(int(self.bf16_hidden[fine].sum()), int(self.fine_updated[fine].sum()))
+
+    def touched(self, axis: str, i: int | None = None) -> tuple[float, float]:
+        """(share of rows or columns of the 2-D matrices holding an update, its uniform-chance level), pooled
+        line-weighted: Σ touched / Σ lines and Σ expected / Σ lines, for run i or over every run."""
+        total, touched, expected = (self.lines[axis] if i is None else self.lines[axis][:, [i]]).sum(axis=1)
+        return overlap.ratio(touched, total), overlap.ratio(expected, total)
 
     # --- per pair -----------------------------------------------------------------------------------
     def pair(self, a: int, b: int) -> dict:

@@ -71,7 +71,8 @@ def test_matrices_header_is_the_files_layout():
     assert measures.matrices_header((1e-8, 1e-5)) == [
         "tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite", "mean_abs_delta",
         "rel_delta_norm", "rank", "max_rank", "rank_ratio", "stable_rank", "energy_rank_90", "energy_rank_99",
-        "effective_rank", "sparsity@1e-08", "sparsity@1e-05"]
+        "effective_rank", "updated_bf16_visible", "hidden_by_bf16", "row_share", "row_share_chance", "col_share",
+        "col_share_chance", "sparsity@1e-08", "sparsity@1e-05"]
     assert set(measures.matrices_definitions()) == set(measures.MATRICES_CSV)
 
 

@@ -85,6 +85,11 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "Spectrum of the updates" in readme and "stratified" in readme
     fam = before["grpo-lowlr"]
+    assert "Precision and structure" in readme and "Hidden by bf16: of the fp32 run's" in readme
+    fp32 = next(iter(before["fp32_exact"]["runs"].values()))
+    assert 0 <= fp32["hidden_by_bf16"] <= 1 and 0 <= fp32["below_half_ulp"] <= 1
+    assert all(v["hidden_by_bf16"] is None for v in fam["runs"].values())  # bf16 pairs: not above bf16
+    assert all(v["row_share_chance"] is not None for v in fam["runs"].values())
     assert 0 <= fam["consensus_chance_strat"] <= 1
     assert all(0 <= v["mean_energy_rank_99_ratio"] <= v["mean_rank_ratio"] for v in fam["runs"].values())
     sums = json.loads((tmp_path / "SHA256SUMS.json").read_text())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rlsub_tui.engine import Analysis, AnalysisOptions
 from rlsub_tui.masks import Criterion
+from rlsub_tui.criteria import ULP_LOG2_MIN
 from rlsub_tui.results import SPECTRUM_RATIOS
 
 # family -> (base, runs)
@@ -36,6 +37,7 @@ def measure(root: Path) -> dict:
                 "sparsity_sweep": [s.sweep_sparsity(i, j) for j in range(len(result.sweep))],
                 "mean_rank_ratio": s.mean_rank_ratio(i),
                 **{f"mean_{f}_ratio": s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS},
+                **precision_and_lines(s, i),
             }
         pairs = [dict(run_a=result.run_labels[x], run_b=result.run_labels[y], **p) for x, y, p in s.pairs()]
         fam["pairs"] = pairs
@@ -46,7 +48,35 @@ def measure(root: Path) -> dict:
         norms = result.stats([n for n in result.tensors if "norm" in n])
         fam["norm_sparsity_mean"] = norms.mean_sparsity()
         out[family] = fam
+    exact = _fp32_exact(root)
+    if exact:
+        out["fp32_exact"] = exact
     return out
+
+
+def precision_and_lines(s, i: int) -> dict:
+    """Run i's hidden share, share of true updates below half a bf16 ULP (r < 1), rows and columns (README)."""
+    rows, rows_chance = s.touched("rows", i)
+    cols, cols_chance = s.touched("cols", i)
+    hist, total = s.ulp_histogram[i], int(s.ulp_histogram[i].sum())
+    below = int(hist[:-1 - ULP_LOG2_MIN].sum())  # bins x <= -2, i.e. log2 r = x + 1 < 0
+    figures = {"hidden_by_bf16": s.hidden_by_bf16(i), "below_half_ulp": below / total if total else None,
+               "row_share": rows, "row_share_chance": rows_chance, "col_share": cols, "col_share_chance": cols_chance}
+    return {k: None if v is None or v != v else float(v) for k, v in figures.items()}  # JSON: no NaN
+
+
+def _fp32_exact(root: Path) -> dict:
+    """The fp32 pair under `exact`: every stored change is a true update, so the hidden share is the whole story."""
+    base, names = FAMILIES["fp32"]
+    if not (root / base).is_dir() or not all((root / n).is_dir() for n in names):
+        return {}
+    a = Analysis(str(root / base), [str(root / n) for n in names],
+                 AnalysisOptions(criterion=Criterion("exact"), rank=False, use_cache=False, device="cpu"))
+    result = a.run_all()
+    a.close()
+    s = result.stats()
+    return {"runs": {label: {"sparsity": s.sparsity(i), **precision_and_lines(s, i)}
+                     for i, label in enumerate(result.run_labels)}}
 
 
 def _p(x) -> str:
@@ -115,6 +145,7 @@ def render_readme(record: dict) -> str:
             lines.append(f"| {label} | {_p(acc.get(label))} | {_p(v['sparsity'])} | {sweep} | "
                          f"{_p(v['mean_rank_ratio'])} |")
     lines += spectrum_table(m)
+    lines += precision_table(m)
     lines += ["", "Cross-seed overlap within each GRPO family, observed against two chance levels: the paper's "
               "(every parameter alike) and the stratified one (per tensor × binary exponent of |w0|, README):", "",
               "| pair | o1 | o2 | o1 chance | o2 chance | o1 / o2 chance, stratified | Jaccard | Jaccard chance "
@@ -152,6 +183,8 @@ def render_readme(record: dict) -> str:
         f"- A fairer chance level: {strat_sentence(m)}",
         f"- SFT vs RL: {sft_sentence(m)}",
         f"- bf16 vs fp32: {fp32_sentence(m)}",
+        f"- Hidden by bf16: {hidden_sentence(m)}",
+        f"- Rows and columns: {lines_sentence(m)}",
         "",
         "Open the GRPO runs (the default) with `rlsub-tui`; add the SFT contrast or the fp32 pair by naming them:",
         "",
@@ -161,6 +194,57 @@ def render_readme(record: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def precision_table(m: dict) -> list[str]:
+    """Per run: hidden by bf16, true updates below half a bf16 ULP, rows and columns holding an update."""
+    lines = ["", "Precision and structure (README: \"Precision\", \"Distance to visibility\", \"Rows and columns\"): "
+             "true updates hidden by a bf16 cast (pairs finer than bf16 only), true updates with |Δ| below half a "
+             "bf16 ULP of w0 (r < 1), and the shares of the 2-D matrices' rows and columns holding an update "
+             "against uniform chance:", "",
+             "| checkpoint | criterion | sparsity | hidden by bf16 | r < 1 | rows | rows, chance | columns | "
+             "columns, chance |", "|---|---|---|---|---|---|---|---|---|"]
+    for fam, criterion in (("grpo-lowlr", "atol 1e-5"), ("grpo-highlr", "atol 1e-5"), ("sft", "atol 1e-5"),
+                           ("fp32", "atol 1e-5"), ("fp32_exact", "exact")):
+        for label, v in m.get(fam, {}).get("runs", {}).items():
+            if "row_share" not in v:
+                continue
+            lines.append(f"| {label} | {criterion} | {_p(v['sparsity'])} | {_p(v['hidden_by_bf16'])} | "
+                         f"{_p(v['below_half_ulp'])} | {_p(v['row_share'])} | {_p(v['row_share_chance'])} | "
+                         f"{_p(v['col_share'])} | {_p(v['col_share_chance'])} |")
+    return lines
+
+
+def hidden_sentence(m: dict) -> str:
+    try:
+        exact = next(iter(m["fp32_exact"]["runs"].values()))
+        atol = next(iter(m["fp32"]["runs"].values()))
+    except (KeyError, StopIteration):
+        return "not measured."
+    return (f"of the fp32 run's true updates (every stored change, criterion `exact`), {_p(exact['hidden_by_bf16'])} "
+            f"would not show in a bf16 checkpoint of the same weights, and {_p(exact['below_half_ulp'])} are smaller "
+            f"than half a bf16 ULP of their weight (r < 1; the base is bf16-valued, so the two differ only at exact "
+            f"ties and where a "
+            f"step crosses a power of two); at atol 1e-5 the hidden share is {_p(atol['hidden_by_bf16'])}. "
+            + ("In this sample bf16 hides a minority of the updates: most add up to more than half a ULP."
+               if exact["hidden_by_bf16"] < 0.5 else "In this sample bf16 hides most of the updates."))
+
+
+def lines_sentence(m: dict) -> str:
+    try:
+        runs = [v for fam in ("grpo-lowlr", "grpo-highlr", "sft") for v in m[fam]["runs"].values()]
+        rows = [v["row_share"] for v in runs]
+        chance = [v["row_share_chance"] for v in runs]
+        cols = [v["col_share"] for v in runs]
+    except KeyError:
+        return "not measured."
+    saturated = min(chance) > 0.99
+    verdict = ("with most parameters updated nearly every row and column is touched by chance alone, so this "
+               "sample cannot tell whole-neuron updates from scattered ones." if saturated else
+               "fewer rows than chance would mean whole neurons; about chance, scattered updates.")
+    return (f"{_p(min(rows))}-{_p(max(rows))} of the matrices' rows and {_p(min(cols))}-{_p(max(cols))} of their "
+            f"columns hold an update in the bf16 runs, against {_p(min(chance))}-{_p(max(chance))} of rows by "
+            f"chance: {verdict}")
 
 
 def spectrum_sentence(m: dict) -> str:

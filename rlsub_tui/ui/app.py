@@ -109,6 +109,8 @@ class ExplorerApp(App):
                 tooltip="Cumulative energy of Δ's singular values against k/min(m,n), per run"),
         Binding("t", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline",
                 tooltip="Training timeline of a RUN that is a folder of step checkpoints"),
+        Binding("p", "chart('precision')", "Precision", show=False, id="app.chart_precision",  # issue 11 item 1
+                tooltip="Distance of true updates to bf16 visibility, one series per run"),
     ]
 
     # The view state: set one of these and the views that depend on it redraw themselves (their watchers below).

@@ -79,7 +79,9 @@ shaded by the fraction updated · 9 histogram of log2 \\|Δ\\| per run, the tole
 0 cumulative energy of Δ's spectrum: share of ‖Δ‖_F² in the top k singular values against
 k/min(m,n), one line per run (a group: the mean curve of its matrices) · t training timeline (a RUN
 that is a folder of step checkpoints): per step, sparsity against the base, sparsity against the
-previous step, and the union of everything updated so far (% of params).
+previous step, and the union of everything updated so far (% of params) · p distance to bf16
+visibility: share of each run's true updates per log2 bin of r = \\|Δ\\| / (ULP_bf16(w0)/2), r < 1 hidden
+by a bf16 cast (pairs finer than bf16; for bf16 pairs \\|Δ\\| in ULPs of w0).
 
 ## Exports
 `e` writes the table, `x` the view's data (chart, heatmap, mask map, Δ histogram), as CSV in fractions (0.25 = 25%, never percent), each
