@@ -70,11 +70,11 @@ def gamma(k: int) -> float:
     return k * U64 / (1.0 - k * U64)
 
 
-def error_bound(lower: torch.Tensor, long_side: int) -> float:
-    """A rigorous bound η on |λ̂_i − λ_i(ΔᵀΔ)| for the eigenvalues λ̂ that eigvalsh returns for `lower`.
+def error_bound(lower: torch.Tensor, sq: np.ndarray, long_side: int) -> float:
+    """A rigorous bound η on |λ̂_i − λ_i(XᵀX)| for the eigenvalues `sq` that eigvalsh returned for `lower`.
 
-    Two parts, added (Weyl's inequality: symmetric perturbations move every eigenvalue by at most
-    their 2-norm):
+    Two parts, added (Weyl's inequality: a symmetric perturbation moves every eigenvalue by at most
+    its 2-norm):
     - forming the Gram: each entry is an inner product of length k = `long_side` of exactly
       representable float64 numbers, so |Ĝ − G| ≤ γ_k·|X|ᵀ|X| entrywise for any order of summation
       (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, eq. (3.13); blocked
@@ -83,19 +83,19 @@ def error_bound(lower: torch.Tensor, long_side: int) -> float:
     - the eigensolver: LAPACK's symmetric eigensolvers (Householder tridiagonalisation, then
       divide and conquer or QR) are normwise backward stable, the computed λ̂ being exact for
       Ĝ + F with ‖F‖₂ ≤ p(s)·u·‖Ĝ‖ (Wilkinson 1965; Higham 2002 §19.3; LAPACK Users' Guide §4.7,
-      where p(s) "grows modestly"); here p(s) = s² with ‖Ĝ‖_F (≥ ‖Ĝ‖₂), s the Gram's side.
+      where p(s) "grows modestly"); here p(s) = s² with ‖Ĝ‖_F (≥ ‖Ĝ‖₂), s the Gram's side. ‖Ĝ‖_F is
+      the 2-norm of Ĝ's exact eigenvalues, within √s·‖F‖₂ of ‖λ̂‖₂, hence ‖Ĝ‖_F ≤ ‖λ̂‖₂ / (1 − √s·s²·u).
     Every sum and norm taken here is itself rounded; the factor (1 + γ_{s²+k}) covers that.
     """
     side = lower.shape[0]
     trace = float(torch.diagonal(lower).sum())
-    strict = torch.tril(lower, diagonal=-1)
-    frob = math.sqrt(2.0 * float((strict * strict).sum()) + float((torch.diagonal(lower) ** 2).sum()))
+    c = side * side * U64
+    frob = float(np.linalg.norm(sq)) / (1.0 - math.sqrt(side) * c)
     forming = gamma(long_side) * trace / (1.0 - gamma(long_side))
-    solving = side * side * U64 * frob
-    return (forming + solving) * (1.0 + gamma(side * side + long_side))
+    return (forming + c * frob) * (1.0 + gamma(side * side + long_side))
 
 
-def threshold_band(sq: torch.Tensor, eta: float, rel: float) -> tuple[float, float]:
+def threshold_band(sq: np.ndarray, eta: float, rel: float) -> tuple[float, float]:
     """Where an eigenvalue could be counted either way: [rel²·(λ̂max − η) − η, rel²·(λ̂max + η) + η].
 
     The exact threshold rel²·λmax lies in [rel²·(λ̂max − η), rel²·(λ̂max + η)] and each exact λ_i within
@@ -123,21 +123,21 @@ def exact_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
     return rank, torch.flip(sigma * sigma, dims=(0,))
 
 
-def certified_rank(delta: torch.Tensor) -> tuple[int, torch.Tensor, bool]:
+def certified_rank(delta: torch.Tensor) -> tuple[int, np.ndarray, bool]:
     """The float32 rule's rank of a CPU matrix, its σ_i² (ascending), and whether the exact route was needed.
 
     Float64 Gram eigenvalues with the bound η of `error_bound`; when an eigenvalue lies inside
     `threshold_band`, the count is taken from `exact_route` instead.
     """
     lower = lower_gram(delta)
-    sq = torch.linalg.eigvalsh(lower)
-    if float(sq[-1]) <= 0.0 and not bool(torch.diagonal(lower).any()):
+    sq = torch.linalg.eigvalsh(lower).numpy()  # reads the lower triangle only
+    if not bool(torch.diagonal(lower).any()):
         return 0, sq, False  # Δ = 0
     rel = max(delta.shape) * EPS32
-    low, high = threshold_band(sq, error_bound(lower, max(delta.shape)), rel)
+    low, high = threshold_band(sq, error_bound(lower, sq, max(delta.shape)), rel)
     if bool(((sq >= low) & (sq <= high)).any()):
         rank, exact = exact_route(delta)
-        return rank, exact, True
+        return rank, exact.numpy(), True
     return int((sq > high).sum()), sq, False
 
 
@@ -179,9 +179,9 @@ def update_rank_figures(delta: torch.Tensor) -> RankFigures:
         return rank_figures(0, [])
     if delta.is_cuda:
         rank, sq = _gram_route(delta)
-    else:
-        rank, sq, _ = certified_rank(delta)
-    return rank_figures(rank, sq.numpy())
+        return rank_figures(rank, sq.numpy())
+    rank, sq, _ = certified_rank(delta)
+    return rank_figures(rank, sq)
 
 
 def stacked_rank(delta: torch.Tensor) -> int:
