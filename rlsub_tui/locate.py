@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlsub_tui.errors import CheckpointError
+from rlsub_tui.safetensors_header import MAX_HEADER_BYTES
 
-# A header larger than this is not a real safetensors header (real ones are a few MB).
-MAX_HEADER_BYTES = 256 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
