@@ -9,12 +9,11 @@ import hashlib
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlsub_tui.errors import CheckpointError
-from rlsub_tui.safetensors_header import MAX_HEADER_BYTES
+from rlsub_tui.safetensors_header import header_prefix
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -60,13 +59,7 @@ def _header_digest(file: Path) -> str:
     """Hash of a file's first bytes (the header for safetensors); cheap, and changes with content layout."""
     h = hashlib.sha256()
     with open(file, "rb") as fh:
-        head = fh.read(8)
-        h.update(head)
-        if file.suffix == ".safetensors" and len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            h.update(fh.read(min(n, MAX_HEADER_BYTES)))
-        else:
-            h.update(fh.read(1 << 16))
+        h.update(header_prefix(fh) if file.suffix == ".safetensors" else fh.read(8 + (1 << 16)))
     return h.hexdigest()
 
 

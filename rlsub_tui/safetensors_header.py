@@ -7,6 +7,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from rlsub_tui.errors import CheckpointError
 
@@ -29,6 +30,15 @@ class HeaderEntry:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
+
+
+def header_prefix(fh: BinaryIO) -> bytes:
+    """The size field and the header's bytes as they stand, unchecked (at most MAX_HEADER_BYTES of them)."""
+    head = fh.read(8)
+    if len(head) < 8:
+        return head
+    (header_len,) = struct.unpack("<Q", head)
+    return head + fh.read(min(header_len, MAX_HEADER_BYTES))
 
 
 def read_raw_header(file: Path) -> tuple[bytes, int]:
