@@ -133,3 +133,18 @@ def test_exact_route_in_chunks(monkeypatch):
         s = np.linalg.svd(delta.numpy().astype(np.float64), compute_uv=False)
         assert rank == numpy_rank64(delta) == 35
         assert np.allclose(np.sort(sq.numpy()), np.sort(s * s), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (96, 400)])
+def test_cpu_figures_equal_the_cuda_route(shape):
+    """The certified CPU figures and the CUDA route's (full float64 Gram, run here on the CPU) agree."""
+    from rlsub_tui.rank import _gram_route, update_rank_figures
+    from rlsub_tui.spectrum import rank_figures
+
+    delta = bf16_delta(shape, seed=9)
+    ours = update_rank_figures(delta)
+    cuda_like = rank_figures(*[x.numpy() if torch.is_tensor(x) else x for x in _gram_route(delta)])
+    assert ours.rank == cuda_like.rank == numpy_rank64(delta)
+    assert (ours.energy_rank_90, ours.energy_rank_99) == (cuda_like.energy_rank_90, cuda_like.energy_rank_99)
+    assert ours.stable_rank == pytest.approx(cuda_like.stable_rank, rel=1e-9)
+    assert ours.effective_rank == pytest.approx(cuda_like.effective_rank, rel=1e-9)

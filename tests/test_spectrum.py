@@ -242,7 +242,7 @@ def test_a_rank_cached_without_spectrum_is_recomputed(tmp_path):
 
 @pytest.mark.parametrize("kind", ["bf16 sparse", "exact rank 8", "bf16 rank 8"])
 def test_both_routes_give_the_same_figures(kind):
-    """The Gram route (every shape on a GPU) and the SVD route (near-square on the CPU) agree on the
+    """The Gram route (every shape on a GPU) and the SVD route (matrix_rank's own computation) agree on the
     figures: only singular values above the rank's tolerance enter them, so the routes' noise floors do not."""
     from rlsub_tui.rank import _gram_route, _svd_route
 
