@@ -9,15 +9,13 @@ import hashlib
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from rlsub_tui.errors import CheckpointError
+from rlsub_tui.safetensors_header import header_prefix
 
-# A header larger than this is not a real safetensors header (real ones are a few MB).
-MAX_HEADER_BYTES = 256 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -65,13 +63,7 @@ def _header_digest(file: Path) -> str:
     """Hash of a file's first bytes (the header for safetensors); cheap, and changes with content layout."""
     h = hashlib.sha256()
     with open(file, "rb") as fh:
-        head = fh.read(8)
-        h.update(head)
-        if file.suffix == ".safetensors" and len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            h.update(fh.read(min(n, MAX_HEADER_BYTES)))
-        else:
-            h.update(fh.read(1 << 16))
+        h.update(header_prefix(fh) if file.suffix == ".safetensors" else fh.read(8 + (1 << 16)))
     return h.hexdigest()
 
 

@@ -6,10 +6,10 @@ Best effort only: anything unusual returns None, and the real loader reports pro
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
-MAX_HEADER_BYTES = 256 * 1024 * 1024
+from rlsub_tui.errors import CheckpointError
+from rlsub_tui.safetensors_header import read_header
 
 
 def tensor_names(source: str) -> list[str] | None:
@@ -26,12 +26,6 @@ def tensor_names(source: str) -> list[str] | None:
             path = candidates[0]
         if path.suffix != ".safetensors" or not path.is_file():
             return None
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > MAX_HEADER_BYTES:
-                return None
-            header = json.loads(fh.read(size))
-        names = [k for k in header if k != "__metadata__"]
-        return names if all(isinstance(k, str) for k in names) else None
-    except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError):
+        return list(read_header(path))
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None

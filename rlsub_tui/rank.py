@@ -1,13 +1,15 @@
-"""Rank of an update matrix, equal to torch.linalg.matrix_rank(delta.float()) but faster on long matrices,
-and the figures of its spectrum from the same decomposition (spectrum.py).
+"""Rank of an update matrix by PyTorch's float32 rule, certified on the CPU, and its spectrum's figures (spectrum.py).
 
-Route: eigenvalues of the Gram matrix of the smaller side, formed in float64, thresholded at
-PyTorch's float32 default tolerance squared (sigma > sigma_max * max(m, n) * eps32).
-Float64 keeps the Gram's rounding error (~1e-16 * sigma_max^2) far below that threshold
-(~1e-13 * sigma_max^2 and up), so the count matches a float32 SVD's.
+The rank counts the singular values σ_i of Δ (the float32 matrix, exactly) above
+σ_max · max(m, n) · eps32, PyTorch's default tolerance for `matrix_rank(Δ.float())` (science.md).
+On the CPU it comes from the float64 Gram matrix's eigenvalues with a certificate (`certified_rank`):
+a rigorous bound on their error, and a float64 SVD of Δ only when an eigenvalue lies within that
+bound of the threshold. On CUDA: float64 Gram eigenvalues thresholded at the rule squared (unchanged).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -15,8 +17,9 @@ import torch
 from rlsub_tui.spectrum import RankFigures, rank_figures
 
 EPS32 = torch.finfo(torch.float32).eps
+U64 = 2.0 ** -53  # unit roundoff of float64
 CHUNK_ELEMENTS = 1 << 24  # float64 working set per step: 128 MB
-SQUARISH = 2  # below this aspect ratio the reference SVD is as fast as the Gram route on the CPU (measured)
+GRAM_BLOCKS = 4  # column blocks of the CPU Gram: only the lower triangle is formed, 5/8 of the flops
 
 
 def gram(delta: torch.Tensor) -> torch.Tensor:
@@ -37,6 +40,107 @@ def gram(delta: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _long_side_chunks(delta: torch.Tensor):
+    """Δ as float64 row blocks X_k of X (X = Δ when tall, Δᵀ when wide), so that XᵀX = Σ X_kᵀ X_k."""
+    m, n = delta.shape
+    x = delta if m >= n else delta.T
+    step = max(1, CHUNK_ELEMENTS // max(x.shape[1], 1))
+    for start in range(0, x.shape[0], step):
+        yield x[start:start + step].to(torch.float32).to(torch.float64)
+
+
+def lower_gram(delta: torch.Tensor) -> torch.Tensor:
+    """The smaller-side float64 Gram's column blocks on and below the diagonal; above them it is left zero.
+
+    eigvalsh reads only the lower triangle, so the blocks above the diagonal are never formed (with
+    4 blocks, 5/8 of a full product's flops).
+    """
+    side = min(delta.shape)
+    out = torch.zeros((side, side), dtype=torch.float64)
+    width = max(1, math.ceil(side / GRAM_BLOCKS))
+    for block in _long_side_chunks(delta):
+        for lo in range(0, side, width):
+            hi = min(side, lo + width)
+            out[lo:, lo:hi].addmm_(block[:, lo:].T, block[:, lo:hi])
+    return out
+
+
+def gamma(k: int) -> float:
+    """Higham's γ_k = k·u / (1 − k·u) for float64."""
+    return k * U64 / (1.0 - k * U64)
+
+
+def error_bound(lower: torch.Tensor, sq: np.ndarray, long_side: int) -> float:
+    """A rigorous bound η on |λ̂_i − λ_i(XᵀX)| for the eigenvalues `sq` that eigvalsh returned for `lower`.
+
+    Two parts, added (Weyl's inequality: a symmetric perturbation moves every eigenvalue by at most
+    its 2-norm):
+    - forming the Gram: each entry is an inner product of length k = `long_side` of exactly
+      representable float64 numbers, so |Ĝ − G| ≤ γ_k·|X|ᵀ|X| entrywise for any order of summation
+      (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, eq. (3.13); blocked
+      and FMA GEMMs included), and ‖|X|ᵀ|X|‖₂ = ‖|X|‖₂² ≤ ‖X‖_F² = tr(G) ≤ tr(Ĝ)/(1 − γ_k)
+      (the diagonal obeys the same entrywise bound);
+    - the eigensolver: LAPACK's symmetric eigensolvers (Householder tridiagonalisation, then
+      divide and conquer or QR) are normwise backward stable, the computed λ̂ being exact for
+      Ĝ + F with ‖F‖₂ ≤ p(s)·u·‖Ĝ‖ (Wilkinson 1965; Higham 2002 §19.3; LAPACK Users' Guide §4.7,
+      where p(s) "grows modestly"); here p(s) = s² with ‖Ĝ‖_F (≥ ‖Ĝ‖₂), s the Gram's side. ‖Ĝ‖_F is
+      the 2-norm of Ĝ's exact eigenvalues, within √s·‖F‖₂ of ‖λ̂‖₂, hence ‖Ĝ‖_F ≤ ‖λ̂‖₂ / (1 − √s·s²·u).
+    Every sum and norm taken here is itself rounded; the factor (1 + γ_{s²+k}) covers that.
+    """
+    side = lower.shape[0]
+    trace = float(torch.diagonal(lower).sum())
+    c = side * side * U64
+    frob = float(np.linalg.norm(sq)) / (1.0 - math.sqrt(side) * c)
+    forming = gamma(long_side) * trace / (1.0 - gamma(long_side))
+    return (forming + c * frob) * (1.0 + gamma(side * side + long_side))
+
+
+def threshold_band(sq: np.ndarray, eta: float, rel: float) -> tuple[float, float]:
+    """Where an eigenvalue could be counted either way: [rel²·(λ̂max − η) − η, rel²·(λ̂max + η) + η].
+
+    The exact threshold rel²·λmax lies in [rel²·(λ̂max − η), rel²·(λ̂max + η)] and each exact λ_i within
+    η of its λ̂_i; an eigenvalue outside the band is on the same side of the threshold as its λ̂_i.
+    """
+    top = float(sq[-1])
+    r2 = rel * rel
+    return r2 * (top - eta) - eta, r2 * (top + eta) + eta
+
+
+def exact_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The rank and σ_i² from a float64 SVD of Δ (after a chunked float64 QR of the long side's rows).
+
+    Householder QR and the SVD are backward stable in float64: their errors (~1e-16·σmax) are far
+    below the float32 rule's threshold (≥ max(m,n)·1.2e-7·σmax), so this count is the float32 rule's
+    rank of Δ up to ties within float64 rounding.
+    """
+    r = None
+    for block in _long_side_chunks(delta):
+        stacked = block if r is None else torch.cat([r, block])
+        r = torch.linalg.qr(stacked, mode="r").R if stacked.shape[0] > stacked.shape[1] else stacked
+    sigma = torch.linalg.svdvals(r)
+    top = float(sigma.max()) if sigma.numel() else 0.0
+    rank = int((sigma > top * max(delta.shape) * EPS32).sum()) if top > 0 else 0
+    return rank, torch.flip(sigma * sigma, dims=(0,))
+
+
+def certified_rank(delta: torch.Tensor) -> tuple[int, np.ndarray, bool]:
+    """The float32 rule's rank of a CPU matrix, its σ_i² (ascending), and whether the exact route was needed.
+
+    Float64 Gram eigenvalues with the bound η of `error_bound`; when an eigenvalue lies inside
+    `threshold_band`, the count is taken from `exact_route` instead.
+    """
+    lower = lower_gram(delta)
+    sq = torch.linalg.eigvalsh(lower).numpy()  # reads the lower triangle only
+    if not bool(torch.diagonal(lower).any()):
+        return 0, sq, False  # Δ = 0
+    rel = max(delta.shape) * EPS32
+    low, high = threshold_band(sq, error_bound(lower, sq, max(delta.shape)), rel)
+    if bool(((sq >= low) & (sq <= high)).any()):
+        rank, exact = exact_route(delta)
+        return rank, exact.numpy(), True
+    return int((sq > high).sum()), sq, False
+
+
 def update_rank(delta: torch.Tensor) -> int:
     """Numerical rank of a 2-D update with PyTorch's default float32 tolerance."""
     return update_rank_figures(delta).rank
@@ -52,7 +156,7 @@ def _svd_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 
 def _gram_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """Eigenvalues of the float64 Gram matrix (σ_i²), thresholded at the float32 rule squared."""
+    """Eigenvalues of the float64 Gram matrix (σ_i²), thresholded at the float32 rule squared (the CUDA route)."""
     sq = torch.linalg.eigvalsh(gram(delta)).cpu()
     top = float(sq[-1])
     if top <= 0.0:
@@ -63,19 +167,21 @@ def _gram_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
 def update_rank_figures(delta: torch.Tensor) -> RankFigures:
     """Default rank of a 2-D update (PyTorch's float32 tolerance) and its spectrum's figures, from one decomposition.
 
-    Near-square on the CPU the Gram route saves nothing over the SVD, so the float32 SVD that
-    matrix_rank itself runs is used (svdvals: the same decomposition, hence the same rank). On CUDA
-    the Gram route is faster for every shape (H200: 75 vs 115 ms at 1536^2, 78 vs 420 ms at 3584^2
-    against gesvd; BENCHMARKS.md), and gesvdj is inaccurate on large matrices.
+    CPU: `certified_rank` (float64 Gram eigenvalues, checked against a rigorous error bound; a float64
+    SVD for the rare matrix with an eigenvalue at the threshold), 3x or more faster than
+    matrix_rank's float32 SVD (BENCHMARKS.md). CUDA: the Gram route, faster than gesvd for every
+    shape (H200: 75 vs 115 ms at 1536^2, 78 vs 420 ms at 3584^2; gesvdj is inaccurate on large matrices).
     """
     if delta.ndim != 2:
         raise ValueError("update_rank needs a 2-D matrix")
     m, n = delta.shape
     if m == 0 or n == 0:
         return rank_figures(0, [])
-    near_square = max(m, n) < SQUARISH * min(m, n) and not delta.is_cuda
-    rank, sq = _svd_route(delta) if near_square else _gram_route(delta)
-    return rank_figures(rank, sq.numpy())
+    if delta.is_cuda:
+        rank, sq = _gram_route(delta)
+        return rank_figures(rank, sq.numpy())
+    rank, sq, _ = certified_rank(delta)
+    return rank_figures(rank, sq)
 
 
 def stacked_rank(delta: torch.Tensor) -> int:
