@@ -151,26 +151,30 @@ def _wait_received(driver, text: str, seconds: float = 40) -> str:
     raise AssertionError(f"{text!r} never reached the browser; it got {seen[-500:]!r}")
 
 
-def test_serve_in_a_real_headless_browser(server, tmp_path):
+@pytest.fixture
+def browser(tmp_path):
+    driver = _browser(tmp_path / "chromium-profile")  # skips, saying why, before any server starts
+    yield driver
+    driver.quit()
+
+
+def test_serve_in_a_real_headless_browser(browser, server):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    driver = _browser(tmp_path / "chromium-profile")
-    try:
-        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_WEBSOCKET})
-        driver.set_page_load_timeout(20)
-        driver.get(f"http://127.0.0.1:{server}/")
-        assert "rlsub-tui" in driver.find_element(By.CSS_SELECTOR, ".intro").get_attribute("textContent")
-        # the page's script opened the app's websocket and the first screen arrived, analysis done
-        first = _wait_received(driver, "complete")
-        assert "rlsub-tui" in first
-        assert "-first-byte" in driver.find_element(By.TAG_NAME, "body").get_attribute("class")  # intro gone
-        terminal = driver.find_element(By.CSS_SELECTOR, ".textual-terminal")
-        assert terminal.size["width"] > 400 and terminal.size["height"] > 200
-        assert driver.find_elements(By.CSS_SELECTOR, ".textual-terminal canvas")  # xterm drew on its canvas
-        # a key typed into the page travels to the app, which answers with its help screen
-        assert "which parameters did the runs update" not in first
-        ActionChains(driver).move_to_element(terminal).click().send_keys("?").perform()
-        _wait_received(driver, "which parameters did the runs update")
-    finally:
-        driver.quit()
+    driver = browser
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_WEBSOCKET})
+    driver.set_page_load_timeout(20)
+    driver.get(f"http://127.0.0.1:{server}/")
+    assert "rlsub-tui" in driver.find_element(By.CSS_SELECTOR, ".intro").get_attribute("textContent")
+    # the page's script opened the app's websocket and the first screen arrived, analysis done
+    first = _wait_received(driver, "complete")
+    assert "rlsub-tui" in first
+    assert "-first-byte" in driver.find_element(By.TAG_NAME, "body").get_attribute("class")  # intro gone
+    terminal = driver.find_element(By.CSS_SELECTOR, ".textual-terminal")
+    assert terminal.size["width"] > 400 and terminal.size["height"] > 200
+    assert driver.find_elements(By.CSS_SELECTOR, ".textual-terminal canvas")  # xterm drew on its canvas
+    # a key typed into the page travels to the app, which answers with its help screen
+    assert "which parameters did the runs update" not in first
+    ActionChains(driver).move_to_element(terminal).click().send_keys("?").perform()
+    _wait_received(driver, "which parameters did the runs update")
