@@ -289,10 +289,10 @@ def sft_sentence(m: dict, record: dict | None = None) -> str:
                 f"compares step counts as much as objectives.")
     taken = record.get("optimizer_steps", {})
     low = [v for k, v in taken.items() if k.startswith("grpo-lowlr")]
-    steps = (f" ({taken['sft']} for SFT, {min(low)}-{max(low)} for the `grpo-lowlr` runs)"
-             if "sft" in taken and low else "")
-    return (f"at the same learning rate and as many optimiser steps{steps}, {found}. In the earlier sample SFT took "
-            f"half GRPO's optimiser steps, which confounded this comparison.")
+    steps = (f" ({taken['sft']} for SFT; the `grpo-lowlr` runs took {min(low)}-{max(low)}, fewer where a batch's "
+             f"groups all got one reward)" if "sft" in taken and low else "")
+    return (f"at the same learning rate and GRPO's nominal number of optimiser steps{steps}, {found}. In the earlier "
+            f"sample SFT took half GRPO's optimiser steps, which confounded this comparison.")
 
 
 def fp32_sentence(m: dict) -> str:
