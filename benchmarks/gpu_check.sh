@@ -196,10 +196,13 @@ def build_fixtures(root):
     fx["k16_uncoded"] = (base_k, kr, [("atol", dict(rank=False, sweep=(1e-6,)))])
 
     from rlsub_tui.sample_paths import sample_dir
+    from rlsub_tui.steps import resolve_runs, run_specs
     s = sample_dir()
     runs = sorted(str(p) for p in s.iterdir() if p.is_dir() and p.name.startswith("grpo-")) + [str(s / "sft")]
+    runs = run_specs(resolve_runs(runs))  # a timeline (grpo-lowlr-seedN/checkpoint-STEP) stands for its last step
     fx["sample_k7"] = (str(s / "base"), runs, [atol, exact])
-    fx["sample_fp32_mixed"] = (str(s / "base-fp32"), [str(s / "fp32-grpo-lowlr-seed1"), str(s / "grpo-lowlr-seed1")],
+    fx["sample_fp32_mixed"] = (str(s / "base-fp32"),
+                               run_specs(resolve_runs([str(s / "fp32-grpo-lowlr-seed1"), str(s / "grpo-lowlr-seed1")])),
                                [atol])
     return fx
 
@@ -388,12 +391,14 @@ def cmd_ui(args):
     from rlsub_tui.engine import AnalysisOptions
     from rlsub_tui.sample_paths import sample_checkpoints
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
+    from rlsub_tui.steps import resolve_runs, run_specs
     base, runs = sample_checkpoints()
+    resolved = resolve_runs(runs)  # the grpo-lowlr seeds are timelines, as the explorer opens them
     opts = dict(sweep=(1e-8, 1e-5))
 
     async def go():
-        app = ExplorerApp(ExplorerConfig(base, runs, AnalysisOptions(use_cache=False, **opts),
-                                         Path(args.work) / "exports"))
+        app = ExplorerApp(ExplorerConfig(base, run_specs(resolved), AnalysisOptions(use_cache=False, **opts),
+                                         Path(args.work) / "exports", timelines=resolved.timelines))
         t0 = time.perf_counter()
         async with app.run_test(size=(120, 40)) as pilot:
             while app.running or app.result is None:

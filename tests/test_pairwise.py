@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +34,16 @@ def run_records(result, label):
     return {n: dataclasses.asdict(r.runs[i]) for n, r in result.tensors.items()}
 
 
+def sample_run(name):
+    """NAME=PATH of a sample run's final checkpoint (the grpo-lowlr seeds are timelines: their last step)."""
+    from rlsub_tui.steps import find_timeline
+    timeline = find_timeline(str(SAMPLE / name))
+    return f"{name}={timeline.checkpoints[-1] if timeline else SAMPLE / name}"
+
+
 def sample_state(name):
     from safetensors.torch import load_file
-    return load_file(str(SAMPLE / name / "model.safetensors"))
+    return load_file(str(Path(sample_run(name).split("=", 1)[1]) / "model.safetensors"))
 
 
 # --- item 2: the comparison dtype is chosen per pair ---------------------------------------------------
@@ -43,7 +51,7 @@ def sample_state(name):
 def test_fp32_run_has_the_same_figures_alone_and_in_any_company():
     fp32 = f"{SAMPLE}/fp32-grpo-lowlr-seed1"
     alone = analyze(SAMPLE / "base-fp32", [fp32], sweep=(1e-7, 1e-5))
-    mixed = analyze(SAMPLE / "base-fp32", [f"{SAMPLE}/grpo-lowlr-seed2", fp32, f"{SAMPLE}/grpo-lowlr-seed1"],
+    mixed = analyze(SAMPLE / "base-fp32", [sample_run("grpo-lowlr-seed2"), fp32, sample_run("grpo-lowlr-seed1")],
                     sweep=(1e-7, 1e-5))
     label = "fp32-grpo-lowlr-seed1"
     assert run_records(alone, label) == run_records(mixed, label)
@@ -52,13 +60,13 @@ def test_fp32_run_has_the_same_figures_alone_and_in_any_company():
     assert {s.dtype for r in mixed.tensors.values() for s in r.runs[::2]} == {"bf16"}
     assert {s.dtype for r in mixed.tensors.values() for s in (r.runs[1],)} == {"fp32"}
     # and the bf16 runs equally keep their figures when the fp32 run joins
-    pair = analyze(SAMPLE / "base-fp32", [f"{SAMPLE}/grpo-lowlr-seed2"], sweep=(1e-7, 1e-5))
+    pair = analyze(SAMPLE / "base-fp32", [sample_run("grpo-lowlr-seed2")], sweep=(1e-7, 1e-5))
     assert run_records(pair, "grpo-lowlr-seed2") == run_records(mixed, "grpo-lowlr-seed2")
 
 
 def test_pairwise_counts_match_numpy_and_overlaps_combine_per_run_masks():
     base, fp32, bf16 = sample_state("base-fp32"), sample_state("fp32-grpo-lowlr-seed1"), sample_state("grpo-lowlr-seed2")
-    result = analyze(SAMPLE / "base-fp32", [f"{SAMPLE}/fp32-grpo-lowlr-seed1", f"{SAMPLE}/grpo-lowlr-seed2"],
+    result = analyze(SAMPLE / "base-fp32", [f"{SAMPLE}/fp32-grpo-lowlr-seed1", sample_run("grpo-lowlr-seed2")],
                      rank=False)
     names = list(result.tensors)
     m32 = [reference.mask(base[n].float().numpy(), fp32[n].float().numpy(), "fp32") for n in names]
@@ -94,7 +102,7 @@ def test_compare_dtype_bf16_reproduces_the_papers_script_on_fp32_checkpoints():
 
 
 def test_cast_runs_are_named_once_each_on_stderr(tmp_path, capsys):
-    code = main(["analyze", f"{SAMPLE}/base-fp32", f"{SAMPLE}/fp32-grpo-lowlr-seed1", f"{SAMPLE}/grpo-lowlr-seed2",
+    code = main(["analyze", f"{SAMPLE}/base-fp32", f"{SAMPLE}/fp32-grpo-lowlr-seed1", sample_run("grpo-lowlr-seed2"),
                  "--out", str(tmp_path / "out"), "--quiet", "--no-rank"])
     err = capsys.readouterr().err.splitlines()
     assert code == 0
@@ -109,7 +117,7 @@ def test_compare_dtype_is_checked():
     with pytest.raises(InputError, match="compare-dtype"):
         AnalysisOptions(compare_dtype="fp8")
     with pytest.raises(SystemExit) as exc:  # argparse's own one-line error, exit status 2
-        main(["analyze", f"{SAMPLE}/base", f"{SAMPLE}/grpo-lowlr-seed1", "--out", "/nonexistent/x",
+        main(["analyze", f"{SAMPLE}/base", sample_run("grpo-lowlr-seed1"), "--out", "/nonexistent/x",
               "--compare-dtype", "int8"])
     assert exc.value.code == 2
 

@@ -64,9 +64,18 @@ def test_completion_mask_stops_after_eos():
 
 
 def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
-    assert generate(["--out", str(tmp_path), "--quick", "--jobs", "1"]) == 0
+    # --base: no pretraining, the committed base kept byte for byte (the one quick run of the pipeline here:
+    # training it twice, with and without --base, would double the suite's longest test)
+    assert generate(["--out", str(tmp_path), "--quick", "--jobs", "1", "--base", str(SAMPLE / "base")]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "base" / name).read_bytes() == (SAMPLE / "base" / name).read_bytes()
     expected = {n: tuple(p.shape) for n, p in TinyLlama(LlamaConfig()).named_parameters()}
-    for run in ["base", "grpo-lowlr-seed1", "grpo-highlr-seed3", "sft", "fp32-grpo-lowlr-seed1", "base-fp32"]:
+    from rlsub_tui.steps import find_timeline
+
+    timeline = find_timeline(str(tmp_path / "grpo-lowlr-seed1"))
+    assert timeline.steps == [4, 10, 16]
+    for run in ["base", "grpo-lowlr-seed1/checkpoint-4", "grpo-lowlr-seed1/checkpoint-16", "grpo-highlr-seed3", "sft",
+                "fp32-grpo-lowlr-seed1", "base-fp32"]:
         with safe_open(str(tmp_path / run / "model.safetensors"), "pt") as f:
             assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == expected
             want = "F32" if "fp32" in run else "BF16"
@@ -74,7 +83,9 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
         cfg = json.loads((tmp_path / run / "config.json").read_text())
         assert cfg["architectures"] == ["LlamaForCausalLM"]
     record = json.loads((tmp_path / "training.json").read_text())
-    assert record["quick"] and "grpo-lowlr" in record["measurements"]
+    assert record["quick"] and "grpo-lowlr" in record["measurements"] and not record["base_retrained"]
+    assert [t["steps"] for t in record["measurements"]["grpo-lowlr"]["timelines"]] == [[4, 10, 16]] * 3
+    assert record["measurements"]["transplant"]["mask_true"] >= 0
     assert (tmp_path / "README.md").read_text().startswith("# The bundled sample")
     # measuring again (no training) keeps every earlier figure and adds nothing stale
     before = record["measurements"]
@@ -94,3 +105,29 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
     assert all(0 <= v["mean_energy_rank_99_ratio"] <= v["mean_rank_ratio"] for v in fam["runs"].values())
     sums = json.loads((tmp_path / "SHA256SUMS.json").read_text())
     assert sums["training.json"] == hashlib.sha256((tmp_path / "training.json").read_bytes()).hexdigest()
+    t = before["transplant"]
+    assert 0 <= t["mask_true"] <= t["numel"] and t["control_changed"] <= t["mask_true"]
+    assert t["transplant_changed"] <= min(t["mask_true"], t["run_changed"])
+    assert 0 <= t["accuracy_transplant"] <= 1 and 0 <= t["accuracy_control"] <= 1
+    assert "## The subnetwork transplanted" in readme and "## Training timelines" in readme
+    assert "The base was not retrained" in readme
+    # the sample's SFT takes as many optimiser steps as GRPO's nominal two per batch
+    assert record["runs"]["sft"]["config"]["steps"] == 2 * record["runs"]["grpo-lowlr-seed1"]["config"]["steps"]
+    assert all(0 < record["optimizer_steps"][f"grpo-lowlr-seed{s}"] <= 32 for s in (1, 2, 3))
+
+
+def test_base_option_refuses_a_folder_without_weights(tmp_path):
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        generate(["--out", str(tmp_path / "out"), "--quick", "--base", str(tmp_path)])
+    assert not (tmp_path / "out" / "base").exists()
+
+
+def test_pretraining_writes_a_loadable_bf16_base(tmp_path):
+    from rlsub_tui.sample.train import PretrainConfig, pretrain, save_checkpoint
+
+    tr, _ = task.split_pairs()
+    model = pretrain(LlamaConfig(), PretrainConfig(steps=2, batch=8), tr)
+    save_checkpoint(model, tmp_path / "base")
+    loaded = load_model(tmp_path / "base", LlamaConfig())
+    for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p.detach().to(torch.bfloat16).float(), q.detach()), n

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from rlsub_tui.engine import Analysis, AnalysisOptions
+from rlsub_tui.export import timeline_summary
 from rlsub_tui.masks import Criterion
 from rlsub_tui.criteria import ULP_LOG2_MIN
 from rlsub_tui.results import SPECTRUM_RATIOS
+from rlsub_tui.steps import resolve_runs
+from rlsub_tui.timeline import TimelineAnalysis
 
 # family -> (base, runs)
 FAMILIES = {
@@ -24,7 +28,8 @@ def measure(root: Path) -> dict:
         paths = [str(root / n) for n in names if (root / n).is_dir()]
         if not paths or not (root / base).is_dir():
             continue
-        a = Analysis(str(root / base), paths,
+        resolved = resolve_runs(paths)  # a timeline stands for its last step
+        a = Analysis(str(root / base), [f"{label}={path}" if label else path for label, path in zip(resolved.labels, resolved.paths)],
                      AnalysisOptions(criterion=Criterion("atol", 1e-5), sweep=(1e-8, 1e-7, 1e-6, 1e-5),
                                      use_cache=False, device="cpu"))
         result = a.run_all()
@@ -47,6 +52,11 @@ def measure(root: Path) -> dict:
         fam["sign_agreement"] = s.sign_agreement()
         norms = result.stats([n for n in result.tensors if "norm" in n])
         fam["norm_sparsity_mean"] = norms.mean_sparsity()
+        if resolved.timelines:
+            t = TimelineAnalysis(str(root / base), [(result.run_labels[i], tl) for i, tl in
+                                                    sorted(resolved.timelines.items())], Criterion("atol", 1e-5))
+            fam["timelines"] = timeline_summary(t.run())
+            t.close()
         out[family] = fam
     exact = _fp32_exact(root)
     if exact:
@@ -79,6 +89,28 @@ def _fp32_exact(root: Path) -> dict:
                      for i, label in enumerate(result.run_labels)}}
 
 
+def measure_transplant(root: Path, model_cfg, held_out) -> dict:
+    """Held-out accuracy of the base plus the lowlr seeds' consensus update (from seed 1), and a random control."""
+    from rlsub_tui.maskfile import write_mask_file
+    from rlsub_tui.sample import train
+    from rlsub_tui.transplant import transplant
+
+    seeds = [str(root / f"grpo-lowlr-seed{s}") for s in (1, 2, 3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        mask = Path(tmp) / "consensus.safetensors"
+        made = write_mask_file(str(root / "base"), seeds, mask, Criterion("atol", 1e-5))
+        run = resolve_runs(seeds[:1]).paths[0]  # a timeline's last step is the run
+        report = transplant(str(root / "base"), run, mask, Path(tmp) / "consensus", control_seed=0)
+        acc = {o.kind: train.accuracy(train.load_model(o.path, model_cfg), held_out) for o in report.outputs}
+    transplanted, control = report.outputs
+    return {
+        "run": "grpo-lowlr-seed1", "mask": "consensus of grpo-lowlr-seed1..3 (atol 1e-5)", "control_seed": 0,
+        "numel": made.numel, "mask_true": made.true[0], "run_changed": report.run_differs,
+        "transplant_changed": transplanted.changed_from_base, "control_changed": control.changed_from_base,
+        "accuracy_transplant": acc["transplant"], "accuracy_control": acc["random-control"],
+    }
+
+
 def _p(x) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}%"
 
@@ -106,10 +138,11 @@ def render_readme(record: dict) -> str:
     lines = [
         "# The bundled sample: a tiny Llama, a base, GRPO from three seeds at two learning rates, and SFT",
         "",
-        "Everything here was trained on a CPU by `python -m rlsub_tui.sample --out sample_data` (about 13 minutes",
-        "on 2 cores; deterministic given the seeds: one thread per process). This file, `training.json` and",
-        "`SHA256SUMS.json` are written by that command.",
+        "Everything here was trained on a CPU by `python -m rlsub_tui.sample --out sample_data` (deterministic on one",
+        "machine given the seeds: one thread per process). This file, `training.json` and `SHA256SUMS.json` are",
+        "written by that command.",
         "",
+        *base_note(record),
         "## What was trained",
         f"- **Model**: Llama architecture (RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention), "
         f"{cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, MLP {cfg['intermediate_size']}, "
@@ -125,11 +158,16 @@ def render_readme(record: dict) -> str:
         "group, clipped policy ratio (0.2) over 2 updates per batch, no KL term, Adam (0.9, 0.95), no weight decay, "
         "gradient clipping 1.0, fp32 master weights and Adam state; final weights saved in bf16.",
     ]
+    steps_taken = record.get("optimizer_steps", {})
     for name, r in sorted(runs.items()):
         c = r["config"]
-        lines.append(f"  - `{name}`: {r['kind']}, {c['steps']} steps, lr {c['lr']:g}, seed {c['seed']}")
+        snaps = list(c.get("snapshots") or [])
+        where = (f", saved at steps {', '.join(map(str, snaps + [c['steps']]))} as `{name}/checkpoint-STEP` "
+                 "(a timeline; the last is the run)" if snaps else "")
+        taken = f", {steps_taken[name]} optimiser steps" if name in steps_taken else ""
+        lines.append(f"  - `{name}`: {r['kind']}, {c['steps']} steps{taken}, lr {c['lr']:g}, seed {c['seed']}{where}")
     lines += [
-        "- **SFT** (`sft`): the same base, cross-entropy on correct answers, batch 16, same optimiser.",
+        sft_line(record),
         "- `fp32-grpo-lowlr-seed1`: the same weights as `grpo-lowlr-seed1` saved in fp32; `base-fp32` is the bf16 "
         "base stored in fp32 (identical values), to compare the two without rounding to bf16.",
         "",
@@ -164,6 +202,7 @@ def render_readme(record: dict) -> str:
                          f"stratified); where two or more seeds updated a "
                          f"parameter, {_p(f['sign_agreement'])} moved it in the same direction; norm weights "
                          f"{_p(f['norm_sparsity_mean'])} sparse.")
+    lines += timeline_lines(m) + transplant_lines(m, acc)
     lines += [
         "",
         "## What it shows, honestly",
@@ -181,12 +220,16 @@ def render_readme(record: dict) -> str:
         "- Norm weights are left alone far more often than matrices.",
         f"- Rank: {spectrum_sentence(m)}",
         f"- A fairer chance level: {strat_sentence(m)}",
-        f"- SFT vs RL: {sft_sentence(m)}",
+        f"- SFT vs RL: {sft_sentence(m, record)}",
         f"- bf16 vs fp32: {fp32_sentence(m)}",
         f"- Hidden by bf16: {hidden_sentence(m)}",
         f"- Rows and columns: {lines_sentence(m)}",
+        *([f"- The subnetwork: {transplant_sentence(m, acc, record['held_out_prompts'])}"]
+          if m.get("transplant") else []),
         "",
-        "Open the GRPO runs (the default) with `rlsub-tui`; add the SFT contrast or the fp32 pair by naming them:",
+        "Open the GRPO runs (the default) with `rlsub-tui`"
+        + (" (key `t` draws the focused node's timeline for the `grpo-lowlr` seeds)"
+           if m.get("grpo-lowlr", {}).get("timelines") else "") + "; add the SFT contrast or the fp32 pair by naming them:",
         "",
         "    S=$(python -c 'from rlsub_tui.sample_paths import sample_dir; print(sample_dir())')",
         "    rlsub-tui $S/base $S/grpo-lowlr-seed* sft=$S/sft",
@@ -247,6 +290,42 @@ def lines_sentence(m: dict) -> str:
             f"chance: {verdict}")
 
 
+def sft_matched(record: dict) -> bool:
+    """Whether SFT took as many optimiser steps as GRPO's nominal count (epochs per batch x batches)."""
+    runs = record["runs"]
+    if "sft" not in runs or "grpo-lowlr-seed1" not in runs:
+        return False
+    grpo = runs["grpo-lowlr-seed1"]["config"]
+    return runs["sft"]["config"]["steps"] == grpo["steps"] * grpo.get("epochs", 2)
+
+
+def sft_line(record: dict) -> str:
+    """The SFT run's description, saying whether its optimiser steps match GRPO's."""
+    head = ("- **SFT** (`sft`): the same base, cross-entropy on correct answers, batch 16, same optimiser and learning "
+            "rate as `grpo-lowlr`")
+    if not sft_matched(record):
+        return (head + ". Its optimiser steps are NOT matched to GRPO's: GRPO takes two per batch (about twice "
+                "SFT's), so comparing their sparsity compares step counts as well.")
+    taken = [v for k, v in record.get("optimizer_steps", {}).items() if k.startswith("grpo-lowlr")]
+    return (head + ", and as many optimiser steps as GRPO's nominal two per batch"
+            + (f" (the `grpo-lowlr` runs took {min(taken)}-{max(taken)}: a batch whose groups all got one "
+               "reward takes none)" if taken else "") + ", so that the SFT-vs-RL comparison is not one of step counts.")
+
+
+def base_note(record: dict) -> list[str]:
+    """How the base came about: trained by this command, or kept from an earlier run (`--base`)."""
+    if record.get("base_retrained", True):
+        return []
+    return [
+        "The base was not retrained: `python -m rlsub_tui.sample --out sample_data --base sample_data/base` keeps the",
+        "committed bf16 base byte for byte and trains every run from it. Pretraining from scratch is deterministic on",
+        "one machine but not across machines (float rounding of CPU kernels differs with the processor; on another",
+        "machine the same recipe gave a base with a different held-out accuracy), so a retrained base would change",
+        "every figure below.",
+        "",
+    ]
+
+
 def spectrum_sentence(m: dict) -> str:
     try:
         runs = [v for fam in ("grpo-lowlr", "grpo-highlr") for v in m[fam]["runs"].values()]
@@ -279,15 +358,25 @@ def strat_sentence(m: dict) -> str:
             f"{min(margin):.3f}-{max(margin):.3f} over the pooled chance.")
 
 
-def sft_sentence(m: dict) -> str:
+def sft_sentence(m: dict, record: dict | None = None) -> str:
+    """SFT against the GRPO runs of the same learning rate, with the optimiser steps each took."""
     try:
         sft = next(iter(m["sft"]["runs"].values()))["sparsity"]
-        rl = [v["sparsity"] for fam in ("grpo-lowlr", "grpo-highlr") for v in m[fam]["runs"].values()]
+        rl = [v["sparsity"] for v in m["grpo-lowlr"]["runs"].values()]
     except (KeyError, StopIteration):
         return "not measured."
     relation = "sparser than" if sft > max(rl) else "denser than" if sft < min(rl) else "as sparse as"
     note = " (the opposite of the paper's finding for large models)" if relation == "sparser than" else ""
-    return (f"the SFT run is {_p(sft)} sparse, {relation} the GRPO runs ({_p(min(rl))}-{_p(max(rl))}){note}.")
+    found = f"the SFT run is {_p(sft)} sparse, {relation} the `grpo-lowlr` runs ({_p(min(rl))}-{_p(max(rl))}){note}"
+    if record is None or not sft_matched(record):
+        return (f"at the same learning rate {found}; but SFT took about half GRPO's optimiser steps, so this "
+                f"compares step counts as much as objectives.")
+    taken = record.get("optimizer_steps", {})
+    low = [v for k, v in taken.items() if k.startswith("grpo-lowlr")]
+    steps = (f" ({taken['sft']} for SFT; the `grpo-lowlr` runs took {min(low)}-{max(low)}, fewer where a batch's "
+             f"groups all got one reward)" if "sft" in taken and low else "")
+    return (f"at the same learning rate and GRPO's nominal number of optimiser steps{steps}, {found}. In the earlier "
+            f"sample SFT took half GRPO's optimiser steps, which confounded this comparison.")
 
 
 def fp32_sentence(m: dict) -> str:
@@ -299,3 +388,63 @@ def fp32_sentence(m: dict) -> str:
     return (f"`grpo-lowlr-seed1` is {_p(bf16)} sparse as saved in bf16, but its fp32 copy against the fp32 base "
             f"is {_p(fp32['sparsity'])} sparse at atol 1e-5 and {_p(fp32['sparsity_sweep'][0])} at 1e-8: nearly "
             f"every parameter the bf16 checkpoint shows as unchanged did move, by less than bf16 can store.")
+
+
+def timeline_lines(m: dict) -> list[str]:
+    """The `grpo-lowlr` timelines, pooled per step (see the main README for the definitions)."""
+    timelines = m.get("grpo-lowlr", {}).get("timelines", [])
+    if not timelines:
+        return []
+    lines = ["", "## Training timelines (`grpo-lowlr`, atol 1e-5)", "",
+             "| run | step | sparsity vs base | sparsity vs previous checkpoint | overlap with the previous step "
+             "(chance) | union so far | lossless patch / dense |", "|---|---|---|---|---|---|---|"]
+    for t in timelines:
+        for s in t["per_step"]:
+            overlap = "–" if s["overlap_prev"] is None else f"{_p(s['overlap_prev'])} ({_p(s['overlap_prev_random'])})"
+            lines.append(f"| {t['label']} | {s['prev_step']} → {s['step']} | {_p(s['sparsity_vs_base'])} | "
+                         f"{_p(s['sparsity_vs_prev'])} | {overlap} | {_p(s['union_density'])} | "
+                         f"{_p(s['patch_ratio'])} |")
+    return lines
+
+
+def transplant_lines(m: dict, acc: dict) -> list[str]:
+    t = m.get("transplant")
+    if not t:
+        return []
+    n = t["numel"]
+    return [
+        "", "## The subnetwork transplanted", "",
+        f"`rlsub-tui masks` over the three `grpo-lowlr` seeds gives the consensus mask ({_p(t['mask_true'] / n)} of "
+        f"parameters, updated by all three); `rlsub-tui transplant` puts `{t['run']}`'s values there and the base's "
+        f"elsewhere, and a random control takes the run's values on as many positions per tensor, drawn uniformly "
+        f"(seed {t['control_seed']}). The run differs from the base at {_p(t['run_changed'] / n)} of parameters; "
+        f"the transplant at {_p(t['transplant_changed'] / n)}, the control at {_p(t['control_changed'] / n)}.",
+        "",
+        "| checkpoint | held-out accuracy |", "|---|---|",
+        f"| base | {_p(acc['base'])} |",
+        f"| {t['run']} (the full run) | {_p(acc.get(t['run']))} |",
+        f"| consensus transplant | {_p(t['accuracy_transplant'])} |",
+        f"| random control | {_p(t['accuracy_control'])} |",
+    ]
+
+
+def transplant_sentence(m: dict, acc: dict, prompts: int) -> str:
+    """What the consensus transplant and its random control recover of the run's gain over the base."""
+    t = m["transplant"]
+    base, run = acc["base"], acc.get(t["run"])
+    if run is None or run == base:
+        return "the run did not change the held-out accuracy, so there is nothing to recover."
+    a, c = t["accuracy_transplant"], t["accuracy_control"]
+    se = (run * (1 - run) / prompts) ** 0.5  # binomial standard error of one accuracy
+    gap = a - c
+    if abs(gap) <= 2 * se * 2 ** 0.5:  # within two standard errors of a difference of two accuracies
+        verdict = "within noise of each other, so on this sample the transplant cannot tell the seeds' common " \
+                  "subnetwork from a random one of the same size"
+    else:
+        verdict = f"the consensus does {'better' if gap > 0 else 'worse'} than the random control by more than noise"
+    part = lambda x: f"{100 * (x - base) / (run - base):.0f}%"  # noqa: E731
+    return (f"the consensus transplant recovers {part(a)} of the run's gain in held-out accuracy over the base, "
+            f"the random control {part(c)}: {100 * abs(gap):.1f} points apart against a standard error of about "
+            f"{100 * se:.1f} points for one accuracy on {prompts} prompts, {verdict}. With "
+            f"{_p(t['mask_true'] / t['numel'])} of parameters in the mask, a random mask of that size still puts "
+            f"the run's values on {_p(t['control_changed'] / t['numel'])} of parameters.")

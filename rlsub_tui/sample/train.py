@@ -38,6 +38,7 @@ class GRPOConfig:
     kl_coef: float = 0.0
     temperature: float = 1.0
     seed: int = 1
+    snapshots: tuple[int, ...] = ()  # steps (before the last) after which a checkpoint is saved as well
 
 
 @dataclass
@@ -137,8 +138,14 @@ def pretrain(cfg: LlamaConfig, pc: PretrainConfig, train_pairs: torch.Tensor) ->
     return model
 
 
-def grpo(cfg: LlamaConfig, base_dir: Path, gc: GRPOConfig, train_pairs: torch.Tensor, tag: str) -> TinyLlama:
-    """GRPO: G samples per prompt, reward 1 if correct, group-normalised advantages, clipped ratio."""
+def grpo(cfg: LlamaConfig, base_dir: Path, gc: GRPOConfig, train_pairs: torch.Tensor, tag: str,
+         on_snapshot=None, stats: dict | None = None) -> TinyLlama:
+    """GRPO: G samples per prompt, reward 1 if correct, group-normalised advantages, clipped ratio.
+
+    `on_snapshot(step, model)` is called after each step in `gc.snapshots`; `stats` receives the
+    number of optimiser steps taken (batches whose groups all got one reward take none).
+    """
+    updates = 0
     torch.manual_seed(gc.seed)
     policy = load_model(base_dir, cfg)
     ref = load_model(base_dir, cfg) if gc.kl_coef > 0 else None
@@ -161,26 +168,36 @@ def grpo(cfg: LlamaConfig, base_dir: Path, gc: GRPOConfig, train_pairs: torch.Te
             old = completion_logprobs(policy, seq)
             ref_lp = completion_logprobs(ref, seq) if ref is not None else None
         mean_reward = 0.95 * mean_reward + 0.05 * float(rewards.mean()) if step else float(rewards.mean())
-        if float(rewards.std(1).sum()) == 0.0:
-            continue  # every group uniform: all advantages zero, no gradient (as in GRPO)
-        policy.train()
-        for _ in range(gc.epochs):
-            new = completion_logprobs(policy, seq)
-            ratio = torch.exp(new - old)
-            surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - gc.clip, 1 + gc.clip) * adv)
-            per_token = -surrogate
-            if ref_lp is not None:
-                log_r = ref_lp - new
-                per_token = per_token + gc.kl_coef * (torch.exp(log_r) - log_r - 1)
-            loss = (per_token * mask).sum() / mask.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
+        # every group uniform: all advantages zero, no gradient and no optimiser step (as in GRPO)
+        if float(rewards.std(1).sum()) != 0.0:
+            _policy_update(policy, opt, gc, seq, old, ref_lp, adv, mask)
+            updates += gc.epochs
+        if on_snapshot is not None and step + 1 in gc.snapshots:
+            on_snapshot(step + 1, policy)
         if (step + 1) % 100 == 0:
             log(f"  {tag:<16} step {step + 1}/{gc.steps}  train reward {mean_reward:.3f}  "
                 f"{time.perf_counter() - start:.0f}s")
+    if stats is not None:
+        stats["optimizer_steps"] = updates
     return policy
+
+
+def _policy_update(policy: TinyLlama, opt, gc: GRPOConfig, seq, old, ref_lp, adv, mask) -> None:
+    """`gc.epochs` optimiser steps on one batch of sampled completions (the clipped GRPO objective)."""
+    policy.train()
+    for _ in range(gc.epochs):
+        new = completion_logprobs(policy, seq)
+        ratio = torch.exp(new - old)
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - gc.clip, 1 + gc.clip) * adv)
+        per_token = -surrogate
+        if ref_lp is not None:
+            log_r = ref_lp - new
+            per_token = per_token + gc.kl_coef * (torch.exp(log_r) - log_r - 1)
+        loss = (per_token * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
 
 
 def sft(cfg: LlamaConfig, base_dir: Path, sc: SFTConfig, train_pairs: torch.Tensor, tag: str) -> TinyLlama:
