@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -127,6 +128,22 @@ def criterion_mask(b: torch.Tensor, r: torch.Tensor, absd: torch.Tensor, criteri
     return (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """Torch's CPU ops on one thread while chunks are counted: on a chunk of CHUNK_ELEMENTS, waking the
+    intra-op threads costs more than they save, and on a busy machine far more (BENCHMARKS.md). The rank,
+    computed after, keeps every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
                    ranks: list[RankFigures | None] | None = None,
@@ -149,8 +166,9 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     flat_base = base.reshape(-1)
     flat_runs = [r.reshape(-1) for r in runs]
     chunk = chunk_elements(base.device, k)
-    for start in range(0, flat_base.numel(), chunk):
-        acc.add_chunk(flat_base[start:start + chunk], [r[start:start + chunk] for r in flat_runs])
+    with one_cpu_thread(base.device):
+        for start in range(0, flat_base.numel(), chunk):
+            acc.add_chunk(flat_base[start:start + chunk], [r[start:start + chunk] for r in flat_runs])
     totals, cross = acc.finish()
     stats = [RunTensorStats(
         updated=t.updated, nonfinite=t.nonfinite, sum_abs_delta=t.sum_abs_delta, sq_delta=t.sq_delta,
