@@ -1,11 +1,4 @@
-"""One tensor's counts across K runs, built chunk by chunk: `add_chunk` for each slice, `finish` once.
-
-Each run's chunk first becomes its stored Δ and a per-position *state*: 0 not updated, 1 updated with
-Δ > 0, 2 updated with Δ < 0, 3 updated with Δ NaN/Inf (no sign). Per-run accumulators (`PatternRun`,
-`FloatRun`) turn Δ into that run's numbers and its states; cross-run accumulators (`StateCodes`,
-`RunCodes`, `Pairwise`, `SignTally`) combine the K states. Adding a per-chunk measure = one class with
-`add(chunk)` and `finish(out)`, appended to `TensorAccumulator.cross`.
-"""
+"""One tensor's counts across K runs, built chunk by chunk: `add_chunk` for each slice, `finish` once."""
 
 from __future__ import annotations
 
@@ -186,10 +179,10 @@ class CrossRun:
     """What the cross-run accumulators fill in at `finish`."""
 
     k: int
-    magnitude_numel: np.ndarray = None
-    magnitude_updated: list[np.ndarray] = None
-    both: dict[tuple[int, int], int] = None
-    agreement: np.ndarray = None
+    magnitude_numel: np.ndarray | None = None
+    magnitude_updated: list[np.ndarray] | None = None
+    both: dict[tuple[int, int], int] | None = None
+    agreement: np.ndarray | None = None
     multi: int = 0
     sign_agree: int = 0
     run_codes: list[int] = field(default_factory=list)
@@ -337,6 +330,11 @@ class TensorAccumulator:
     """Every count of one tensor across K runs, from its chunks: `add_chunk(base, runs)` each, then `finish()`.
 
     `dtypes[j]` is the dtype run j is compared in (its slice already in it); the base slice is cast to it.
+    Each run's chunk first becomes its stored Δ and a per-position *state*: 0 not updated, 1 updated with
+    Δ > 0, 2 updated with Δ < 0, 3 updated with Δ NaN/Inf (no sign). Per-run accumulators (`PatternRun`,
+    `FloatRun`) turn Δ into that run's numbers and its states; cross-run accumulators (`StateCodes`,
+    `RunCodes`, `Pairwise`, `SignTally`) combine the K states. Adding a per-chunk measure = one class with
+    `add(chunk)` and `finish(out)`, appended to `self.cross` (and a field of `CrossRun` for its result).
     """
 
     def __init__(self, base_dtype: torch.dtype, dtypes: list[torch.dtype], criterion: Criterion,
