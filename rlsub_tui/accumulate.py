@@ -223,19 +223,26 @@ class StateCodes:
     def finish(self, out: CrossRun) -> None:
         k = self.k
         table = self.joint.reshape(MAG_BINS, 1 << 2 * k)
-        codes = np.arange(1 << 2 * k)
-        states = [(codes >> 2 * j) & 3 for j in range(k)]
-        run_code = sum((s != 0).astype(np.int64) << j for j, s in enumerate(states))
+        run_code, several, agree = state_code_meaning(k)
         by_run_code = np.zeros((MAG_BINS, 1 << k), dtype=np.int64)
         np.add.at(by_run_code.T, run_code, table.T)
         _from_run_codes(out, by_run_code)
-        updated = sum((s != 0).astype(np.int64) for s in states)
-        signed = np.all([s != NONFINITE for s in states], axis=0)
-        several = (updated >= 2) & signed
-        same = np.all([s != NEGATIVE for s in states], axis=0) | np.all([s != POSITIVE for s in states], axis=0)
         by_state = table.sum(axis=0)
         out.multi = int(by_state[several].sum())
-        out.sign_agree = int(by_state[several & same].sum())
+        out.sign_agree = int(by_state[agree].sum())
+
+
+@functools.lru_cache(maxsize=STATE_CODED_RUNS)
+def state_code_meaning(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per code of K states: its run code, whether two or more runs updated it with no NaN/Inf among them
+    (counted in `multi`), and whether those runs' signs also agree."""
+    codes = np.arange(1 << 2 * k)
+    states = [(codes >> 2 * j) & 3 for j in range(k)]
+    run_code = sum((s != 0).astype(np.int64) << j for j, s in enumerate(states))
+    updated = sum((s != 0).astype(np.int64) for s in states)
+    several = (updated >= 2) & np.all([s != NONFINITE for s in states], axis=0)
+    same = np.all([s != NEGATIVE for s in states], axis=0) | np.all([s != POSITIVE for s in states], axis=0)
+    return run_code, several, several & same
 
 
 class RunCodes:
