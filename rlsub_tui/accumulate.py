@@ -96,7 +96,8 @@ class FloatRun:
             t.sweep[i] += _nonzero(absd > tol) + bad
         t.sum_abs_delta += total
         t.sq_delta += float(torch.dot(d, d))
-        state = mask.to(torch.int32) + (mask & (d < 0)).to(torch.int32)
+        kind = torch.int32 if self.shift else torch.uint8  # unshifted (K > 6): a byte each, K of them kept
+        state = mask.to(kind) + (mask & (d < 0)).to(kind)
         if finite is not None:
             state = torch.where(finite, state, NONFINITE)
         return state << self.shift if self.shift else state
