@@ -37,6 +37,7 @@ class Chunk:
     base: torch.Tensor
     bins: torch.Tensor  # magnitude bin per position, shifted left by the cross-run layout's `bin_shift`
     states: list[torch.Tensor] = field(default_factory=list)  # per run, shifted left by its `state_shift`
+    runs: list[torch.Tensor] = field(default_factory=list)  # each run's slice, in its pair's dtype
     base_sq: dict[torch.dtype, float] = field(default_factory=dict)  # Σw0² per comparison dtype
 
     def base_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -355,7 +356,7 @@ class TensorAccumulator:
         self.base_bins = BaseBins(base_dtype, layout.bin_shift, device)
 
     def add_chunk(self, base: torch.Tensor, runs: list[torch.Tensor]) -> None:
-        chunk = Chunk(base, self.base_bins(base))
+        chunk = Chunk(base, self.base_bins(base), runs=runs)
         chunk.states = [acc.add(chunk, run) for acc, run in zip(self.per_run, runs)]
         for acc in self.cross:
             acc.add(chunk)
