@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import numpy as np
 import torch
 
 from rlsub_tui.dtypes import dtype_name, dtypes_label
-from rlsub_tui.precision import PrecisionAccumulator, SharedBase
-from rlsub_tui.structure import LineAccumulator
 from rlsub_tui.rank import stacked_rank_figures
 from rlsub_tui.results import TensorResult
 from rlsub_tui.spectrum import RankFigures
 
 from rlsub_tui.criteria import MAG_BINS, MAG_X_MAX, MAG_X_MIN, MAX_SUBSET_RUNS, Criterion, RunTensorStats  # noqa: F401
 
-CHUNK_ELEMENTS = 1 << 22  # elementwise work is done in chunks this size: cache-friendly, bounded memory
+# Elementwise work is done in chunks this size: a chunk's int64 temporaries (2 MB each) stay in the CPU's
+# caches; 2^22 ran the per-chunk passes 2-3x slower (BENCHMARKS.md).
+CHUNK_ELEMENTS = 1 << 18
 # On a GPU each chunk costs ~20 host syncs and ~90 kernel launches whatever its size: 2^26 elements ran
 # the 151936x1536 embedding 3.6x faster than 2^22 on an H200 (BENCHMARKS.md), with ~2 GB of temporaries.
 CUDA_CHUNK_ELEMENTS = 1 << 26
@@ -113,6 +113,22 @@ def criterion_mask(b: torch.Tensor, r: torch.Tensor, absd: torch.Tensor, criteri
     return (rw - bw).abs() > criterion.value * torch.maximum(bw.abs(), rw.abs())
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """Torch's CPU ops on one thread while chunks are counted: on a chunk of CHUNK_ELEMENTS, waking the
+    intra-op threads costs more than they save, and on a busy machine far more (BENCHMARKS.md). The rank,
+    computed after, keeps every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Criterion,
                    sweep: tuple[float, ...] = (), want_rank: bool = True,
                    ranks: list[RankFigures | None] | None = None,
@@ -124,145 +140,51 @@ def compute_tensor(base: torch.Tensor, runs: list[torch.Tensor], criterion: Crit
     numbers depend on its own pair alone. A position whose Δ is NaN/Inf counts as updated by that
     run and is left out of its Σ|Δ|, ‖Δ‖², ‖W0‖² and of the sign agreement.
     `ranks`, when given, are known ranks with their spectra (from the cache) and are not recomputed.
-    Elementwise work runs over chunks of CHUNK_ELEMENTS, so temporaries stay small whatever the tensor.
-    For up to MAX_CODED_RUNS runs each parameter gets a code (bit j set when run j updated it), and
-    one histogram of (|w0| bin, code) per chunk yields updated counts by magnitude, every pair's
-    overlap and the agreement histogram at once.
+    Elementwise work runs over chunks (chunk_elements), so temporaries stay small whatever the tensor;
+    accumulate.TensorAccumulator holds the per-chunk counts.
     """
+    from rlsub_tui.accumulate import TensorAccumulator  # it builds on this module's helpers
+
     k = len(runs)
     dtypes = list(dtypes) if dtypes is not None else [base.dtype] * k
-    works = [torch.float64 if dt == torch.float64 else torch.float32 for dt in dtypes]
-    tols = [_rounded(criterion.value, dt) if criterion.name == "atol" else 0.0 for dt in dtypes]
-    sweep_tols = [[_rounded(t, dt) for t in sweep] for dt in dtypes]
+    acc = TensorAccumulator(base.dtype, dtypes, criterion, tuple(sweep), base.device, base.numel(),
+                            shape=tuple(base.shape))
     flat_base = base.reshape(-1)
     flat_runs = [r.reshape(-1) for r in runs]
-    n = flat_base.numel()
-    dev = base.device
-    coded = k <= MAX_CODED_RUNS
-    code_dtype = torch.int16 if k < 16 else torch.int32
+    chunk = chunk_elements(base.device, k)
+    with one_cpu_thread(base.device):
+        for start in range(0, flat_base.numel(), chunk):
+            acc.add_chunk(flat_base[start:start + chunk], [r[start:start + chunk] for r in flat_runs])
+    totals, cross = acc.finish()
+    stats = [RunTensorStats(
+        updated=t.updated, nonfinite=t.nonfinite, sum_abs_delta=t.sum_abs_delta, sq_delta=t.sq_delta,
+        sq_base=t.sq_base, sweep=list(t.sweep), dtype=dtype_name(dt),
+        magnitude_updated=[int(x) for x in cross.magnitude_updated[j]],
+    ) for j, (t, dt) in enumerate(zip(totals, dtypes))]
+    for j, s in enumerate(stats):
+        _set_precision_and_lines(s, cross.precision[j], cross.lines[j])  # issue 11 items 1, 4
+    rank_note = _set_ranks(stats, base, runs, dtypes, want_rank, ranks)
+    return TensorResult(
+        name="", dtype=dtypes_label(dtypes), shape=list(base.shape), numel=base.numel(),  # the caller names it
+        runs=stats, both=cross.both, agreement=[int(x) for x in cross.agreement], multi=cross.multi,
+        sign_agree=cross.sign_agree, magnitude_numel=[int(x) for x in cross.magnitude_numel],
+        notes=[rank_note] if rank_note else [], run_codes=cross.run_codes)
 
-    updated = [0] * k
-    nonfinite = [0] * k
-    sum_abs = [0.0] * k
-    sq_delta = [0.0] * k
-    sq_base = [0.0] * k
-    sweep_counts = [[0] * len(sweep) for _ in range(k)]
-    joint = np.zeros(MAG_BINS << k if coded else 1, dtype=np.int64)  # (bin, code) histogram
-    table = magnitude_table(k if coded else 0, dev)
-    mag_numel = np.zeros(MAG_BINS, dtype=np.int64)
-    mag_updated = [np.zeros(MAG_BINS, dtype=np.int64) for _ in range(k)]
-    both = {(a, b): 0 for a in range(k) for b in range(a + 1, k)}
-    agreement = np.zeros(k + 1, dtype=np.int64)
-    multi = 0
-    sign_agree = 0
-    # issue 11 items 1 and 4: one precision and one row/column accumulator per run, fed each chunk
-    shared_base = SharedBase()
-    precision = [PrecisionAccumulator(dt, shared_base) for dt in dtypes]
-    lines = [LineAccumulator(base.shape, dev) for _ in range(k)]
 
-    chunk = chunk_elements(dev, k)
-    for start in range(0, n, chunk):
-        b = flat_base[start:start + chunk]
-        bins = magnitude_bins(b.to(torch.float32), table)  # already shifted left by k when coded
-        base_sq: dict[torch.dtype, float] = {}
-        # int16: an int8 counter overflows past 127 runs (K is capped at MAX_RUNS in the engine)
-        count = torch.zeros(b.shape, dtype=torch.int16, device=dev)
-        signs = torch.zeros(b.shape, dtype=torch.int16, device=dev)
-        code = torch.zeros(b.shape, dtype=code_dtype, device=dev) if coded else None
-        unsigned = None  # positions whose Δ is NaN/Inf in some run: no sign to agree on
-        masks = []
-        for j, run in enumerate(flat_runs):
-            r = run[start:start + chunk]
-            bj = b if b.dtype == dtypes[j] else b.to(dtypes[j])
-            work = works[j]
-            d = stored_delta(bj, r).to(work)
-            absd = d.abs()
-            total = float(absd.sum())
-            bad = 0
-            if not math.isfinite(total):  # NaN/Inf in Δ (rare): zero it out, count as updated
-                finite = torch.isfinite(d)
-                bad = b.numel() - _nonzero(finite)
-                d = torch.where(finite, d, torch.zeros_like(d))
-                absd = d.abs()
-                total = float(absd.sum())
-                unsigned = ~finite if unsigned is None else unsigned | ~finite
-                sq_base[j] += _sum_sq(torch.where(finite, bj.to(work), torch.zeros_like(d)))
-            else:
-                if dtypes[j] not in base_sq:
-                    base_sq[dtypes[j]] = _sum_sq(bj.to(work))
-                sq_base[j] += base_sq[dtypes[j]]
-            mask = criterion_mask(bj, r, absd, criterion, tols[j], work)
-            if bad:
-                mask |= ~finite
-                nonfinite[j] += bad
-            updated[j] += _nonzero(mask)
-            precision[j].add(bj, r, absd, mask, finite if bad else None)  # issue 11 item 1
-            lines[j].add(mask, start)  # issue 11 item 4
-            for i, t in enumerate(sweep_tols[j]):
-                sweep_counts[j][i] += _nonzero(absd > t) + bad
-            sum_abs[j] += total
-            sq_delta[j] += float(torch.dot(d, d))
-            count += mask
-            signs += torch.sign(d).to(torch.int16) * mask
-            if coded:
-                code |= mask.to(code_dtype) << j
-            else:
-                masks.append(mask)
-                mag_updated[j] += _bincount(bins[mask], MAG_BINS)
-        several = count >= 2
-        if unsigned is not None:
-            several &= ~unsigned
-        multi += _nonzero(several)
-        sign_agree += _nonzero(several & (signs.abs() == count))
-        if coded:
-            joint += _bincount(bins | code.to(torch.int32), MAG_BINS << k)
-        else:
-            mag_numel += _bincount(bins, MAG_BINS)
-            agreement += _bincount(count, k + 1)
-            if k >= GRAM_MIN_RUNS:
-                inter = pair_intersections(masks)
-                for (a, c) in both:
-                    both[(a, c)] += int(inter[a, c])
-            else:
-                for (a, c) in both:
-                    both[(a, c)] += _nonzero(masks[a] & masks[c])
-
-    if coded:
-        table = joint.reshape(MAG_BINS, 1 << k)
-        mag_numel = table.sum(axis=1)
-        by_code = table.sum(axis=0)
-        codes = np.arange(1 << k)
-        bits = [(codes >> j) & 1 == 1 for j in range(k)]
-        for j in range(k):
-            mag_updated[j] = table[:, bits[j]].sum(axis=1)
-        for (a, c) in both:
-            both[(a, c)] = int(by_code[bits[a] & bits[c]].sum())
-        popcount = np.array([bin(c).count("1") for c in codes])
-        agreement = np.bincount(popcount, weights=by_code, minlength=k + 1).astype(np.int64)
-
-    stats: list[RunTensorStats] = []
+def _set_ranks(stats: list[RunTensorStats], base: torch.Tensor, runs: list[torch.Tensor],
+               dtypes: list[torch.dtype], want_rank: bool, ranks: list[RankFigures | None] | None) -> str | None:
+    """Set each run's rank figures (known ones reused); the note when a NaN/Inf update keeps one out."""
     rank_note = None
-    for j, run in enumerate(runs):
+    for j, (s, run) in enumerate(zip(stats, runs)):
         rank = ranks[j] if ranks is not None else None
         if rank is None and want_rank and base.ndim in (2, 3):
-            if nonfinite[j]:
+            if s.nonfinite:
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
                 bj = base if base.dtype == dtypes[j] else base.to(dtypes[j])
                 rank = stacked_rank_figures(stored_delta(bj, run))
-        stats.append(RunTensorStats(
-            updated=updated[j], nonfinite=nonfinite[j], sum_abs_delta=sum_abs[j], sq_delta=sq_delta[j],
-            sq_base=sq_base[j], sweep=sweep_counts[j], dtype=dtype_name(dtypes[j]),
-            magnitude_updated=[int(x) for x in mag_updated[j]],
-        ))
-        stats[-1].set_rank(rank)
-        _set_precision_and_lines(stats[-1], precision[j].finish(), lines[j].finish())  # issue 11 items 1, 4
-    return TensorResult(
-        name="", dtype=dtypes_label(dtypes), shape=list(base.shape), numel=n,  # the caller names it
-        runs=stats, both=both, agreement=[int(x) for x in agreement], multi=multi, sign_agree=sign_agree,
-        magnitude_numel=[int(x) for x in mag_numel], notes=[rank_note] if rank_note else [],
-        run_codes=[int(x) for x in by_code] if coded and k <= MAX_SUBSET_RUNS else [],
-    )
+        s.set_rank(rank)
+    return rank_note
 
 
 def _set_precision_and_lines(stats: RunTensorStats, figures, counts) -> None:

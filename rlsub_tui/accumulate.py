@@ -1,0 +1,427 @@
+"""One tensor's counts across K runs, built chunk by chunk: `add_chunk` for each slice, `finish` once."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion
+from rlsub_tui.precision import PrecisionAccumulator, SharedBase
+from rlsub_tui.structure import LineAccumulator
+from rlsub_tui.masks import (GRAM_MIN_RUNS, MAX_CODED_RUNS, _bincount, _nonzero, _rounded, _sum_sq, criterion_mask,
+                             magnitude_bins, magnitude_table, pair_intersections, stored_delta)
+
+STATE_CODED_RUNS = 6  # up to this many runs one histogram of (|w0| bin, K states) gives every cross-run count
+PATTERN_DTYPES = (torch.bfloat16, torch.float16)  # 2^16 bit patterns: one histogram holds a run's Δ exactly
+PATTERNS = 1 << 16
+PATTERN_MIN_NUMEL = PATTERNS  # below this a histogram of 2^16 patterns costs more than it saves
+NONFINITE, POSITIVE, NEGATIVE = 3, 1, 2
+
+
+def pattern_values(dtype: torch.dtype) -> torch.Tensor:
+    """The value of every 16-bit pattern of `dtype`, as float32 (exact), indexed by the unsigned pattern."""
+    return torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(dtype).float()
+
+
+def patterns_of(x: torch.Tensor) -> np.ndarray:
+    """Each 16-bit value's bit pattern in 0..65535, as the int64 numpy array that bincount and take use."""
+    return x.view(torch.int16).numpy().view(np.uint16).astype(np.int64)
+
+
+@dataclass
+class Chunk:
+    """One slice of a tensor: the base as compared, its |w0| bins, and per run its stored Δ and states."""
+
+    base: torch.Tensor
+    bins: torch.Tensor  # magnitude bin per position, shifted left by the cross-run layout's `bin_shift`
+    states: list[torch.Tensor] = field(default_factory=list)  # per run, shifted left by its `state_shift`
+    runs: list[torch.Tensor] = field(default_factory=list)  # each run's slice, in its pair's dtype
+    base_sq: dict[torch.dtype, float] = field(default_factory=dict)  # Σw0² per comparison dtype
+    start: int = 0  # the slice's first flat position in the tensor
+
+    def base_in(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.base if self.base.dtype == dtype else self.base.to(dtype)
+
+    def sum_sq_base(self, dtype: torch.dtype, work: torch.dtype) -> float:
+        if dtype not in self.base_sq:
+            self.base_sq[dtype] = _sum_sq(self.base_in(dtype).to(work))
+        return self.base_sq[dtype]
+
+
+@dataclass
+class RunTotals:
+    """One run's sums over the chunks seen so far (the fields of RunTensorStats that add up)."""
+
+    updated: int = 0
+    nonfinite: int = 0
+    sum_abs_delta: float = 0.0
+    sq_delta: float = 0.0
+    sq_base: float = 0.0
+    sweep: list[int] = field(default_factory=list)
+
+
+class FloatRun:
+    """Any dtype, criterion and device: Δ in float32/64 with NaN/Inf zeroed and counted."""
+
+    def __init__(self, dtype: torch.dtype, criterion: Criterion, sweep: tuple[float, ...], shift: int):
+        self.dtype, self.criterion, self.shift = dtype, criterion, shift
+        self.work = torch.float64 if dtype == torch.float64 else torch.float32
+        self.tol = _rounded(criterion.value, dtype) if criterion.name == "atol" else 0.0
+        self.sweep_tols = [_rounded(t, dtype) for t in sweep]
+        self.totals = RunTotals(sweep=[0] * len(sweep))
+
+    def add(self, chunk: Chunk, run: torch.Tensor) -> torch.Tensor:
+        """Count this run's chunk; return its states (shifted)."""
+        bj, t = chunk.base_in(self.dtype), self.totals
+        d = stored_delta(bj, run).to(self.work)
+        absd = d.abs()
+        total = float(absd.sum())
+        finite = None
+        if math.isfinite(total):
+            t.sq_base += chunk.sum_sq_base(self.dtype, self.work)
+        else:  # NaN/Inf in Δ (rare): zero it out, count as updated
+            finite = torch.isfinite(d)
+            d = torch.where(finite, d, torch.zeros_like(d))
+            absd = d.abs()
+            total = float(absd.sum())
+            t.sq_base += _sum_sq(torch.where(finite, bj.to(self.work), torch.zeros_like(d)))
+        mask = criterion_mask(bj, run, absd, self.criterion, self.tol, self.work)
+        bad = 0
+        if finite is not None:
+            bad = d.numel() - _nonzero(finite)
+            mask |= ~finite
+            t.nonfinite += bad
+        t.updated += _nonzero(mask)
+        for i, tol in enumerate(self.sweep_tols):
+            t.sweep[i] += _nonzero(absd > tol) + bad
+        t.sum_abs_delta += total
+        t.sq_delta += float(torch.dot(d, d))
+        kind = torch.int32 if self.shift else torch.uint8  # unshifted (K > 6): a byte each, K of them kept
+        state = mask.to(kind) + (mask & (d < 0)).to(kind)
+        if finite is not None:
+            state = torch.where(finite, state, NONFINITE)
+        return state << self.shift if self.shift else state
+
+    def finish(self) -> RunTotals:
+        return self.totals
+
+
+@dataclass(frozen=True)
+class PatternTable:
+    """What every 16-bit pattern of Δ means for one dtype and threshold: its value and its state."""
+
+    abs_values: np.ndarray  # |value| as float64, 0 for NaN/Inf
+    finite: np.ndarray
+    nonfinite_patterns: np.ndarray
+    states: np.ndarray  # int64 (bincount's own type), shifted
+
+
+@functools.lru_cache(maxsize=64)
+def pattern_table(dtype: torch.dtype, tol: float, shift: int) -> PatternTable:
+    values = pattern_values(dtype)
+    finite = torch.isfinite(values)
+    updated = values.abs() > tol
+    state = updated.to(torch.int64) + (updated & (values < 0)).to(torch.int64)
+    states = torch.where(finite, state, NONFINITE) << shift
+    abs_values = torch.where(finite, values.abs(), 0.0).double()
+    return PatternTable(abs_values.numpy(), finite.numpy(), np.flatnonzero(~finite.numpy()), states.numpy())
+
+
+class PatternRun:
+    """A 16-bit comparison dtype under atol or exact, on the CPU: one histogram of Δ's bit patterns per run.
+
+    |Δ| > t for a float t is a property of Δ's pattern, so the updated count, every sweep count, the
+    NaN/Inf count and Σ|Δ|, ΣΔ² (in float64) all follow from the histogram at the end, and the
+    per-position state is one table lookup. Exact equals atol 0 here: two stored values differ
+    exactly when their difference, rounded to the dtype, is non-zero (gradual underflow).
+    """
+
+    def __init__(self, dtype: torch.dtype, criterion: Criterion, sweep: tuple[float, ...], shift: int):
+        self.dtype = dtype
+        tol = _rounded(criterion.value, dtype) if criterion.name == "atol" else 0.0
+        self.table = pattern_table(dtype, tol, shift)
+        self.sweep_tols = [_rounded(t, dtype) for t in sweep]
+        self.hist = np.zeros(PATTERNS, dtype=np.int64)
+        self.sq_base = 0.0
+
+    def add(self, chunk: Chunk, run: torch.Tensor) -> torch.Tensor:
+        bj = chunk.base_in(self.dtype)
+        pattern = patterns_of(stored_delta(bj, run))
+        counts = np.bincount(pattern, minlength=PATTERNS)
+        self.hist += counts
+        if counts[self.table.nonfinite_patterns].any():  # leave the NaN/Inf positions out of Σw0²
+            keep = torch.from_numpy(self.table.finite[pattern])
+            self.sq_base += _sum_sq(torch.where(keep, bj.float(), 0.0))
+        else:
+            self.sq_base += chunk.sum_sq_base(self.dtype, torch.float32)
+        return torch.from_numpy(np.take(self.table.states, pattern))
+
+    def finish(self) -> RunTotals:
+        h, absv = self.hist, self.table.abs_values
+        weights = h.astype(np.float64)  # exact below 2^53; plain sums: a BLAS dot wakes its threads, int64 @ float64 crawls
+        nonfinite = int(h[~self.table.finite].sum())
+        return RunTotals(
+            updated=int(h[self.table.states != 0].sum()), nonfinite=nonfinite,
+            sum_abs_delta=float((weights * absv).sum()), sq_delta=float((weights * absv * absv).sum()), sq_base=self.sq_base,
+            sweep=[int(h[absv > t].sum()) + nonfinite for t in self.sweep_tols])
+
+
+def run_accumulator(dtype: torch.dtype, criterion: Criterion, sweep: tuple[float, ...], device: torch.device,
+                    shift: int, numel: int):
+    """The fastest exact accumulator for one run's pair dtype and criterion on this device."""
+    if (device.type == "cpu" and dtype in PATTERN_DTYPES and criterion.name in ("atol", "exact")
+            and numel >= PATTERN_MIN_NUMEL):
+        return PatternRun(dtype, criterion, sweep, shift)
+    return FloatRun(dtype, criterion, sweep, shift)
+
+
+@dataclass
+class CrossRun:
+    """What the cross-run accumulators fill in at `finish`."""
+
+    k: int
+    magnitude_numel: np.ndarray | None = None
+    magnitude_updated: list[np.ndarray] | None = None
+    both: dict[tuple[int, int], int] | None = None
+    agreement: np.ndarray | None = None
+    multi: int = 0
+    sign_agree: int = 0
+    run_codes: list[int] = field(default_factory=list)
+    precision: list = field(default_factory=list)  # per run: precision.PrecisionFigures or None
+    lines: list = field(default_factory=list)  # per run: structure.LineCounts or None
+
+
+def _from_run_codes(out: CrossRun, table: np.ndarray) -> None:
+    """Magnitude profile, pair overlaps, agreement and subset counts from a (bin, run code) histogram."""
+    k = out.k
+    out.magnitude_numel = table.sum(axis=1)
+    by_code = table.sum(axis=0)
+    codes = np.arange(1 << k)
+    bits = [(codes >> j) & 1 == 1 for j in range(k)]
+    out.magnitude_updated = [table[:, bits[j]].sum(axis=1) for j in range(k)]
+    out.both = {(a, c): int(by_code[bits[a] & bits[c]].sum()) for a in range(k) for c in range(a + 1, k)}
+    popcount = np.array([bin(c).count("1") for c in codes])
+    out.agreement = np.bincount(popcount, weights=by_code, minlength=k + 1).astype(np.int64)
+    out.run_codes = [int(x) for x in by_code] if k <= MAX_SUBSET_RUNS else []
+
+
+class StateCodes:
+    """Up to STATE_CODED_RUNS runs: one histogram of (|w0| bin, the K states) per chunk gives everything."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.joint = np.zeros(MAG_BINS << 2 * k, dtype=np.int64)
+
+    bin_shift = property(lambda self: 2 * self.k)
+
+    def state_shift(self, j: int) -> int:
+        return 2 * j
+
+    def add(self, chunk: Chunk) -> None:
+        key = chunk.bins + chunk.states[0]
+        for s in chunk.states[1:]:
+            key += s
+        self.joint += _bincount(key, len(self.joint))
+
+    def finish(self, out: CrossRun) -> None:
+        k = self.k
+        table = self.joint.reshape(MAG_BINS, 1 << 2 * k)
+        run_code, several, agree = state_code_meaning(k)
+        by_run_code = np.zeros((MAG_BINS, 1 << k), dtype=np.int64)
+        np.add.at(by_run_code.T, run_code, table.T)
+        _from_run_codes(out, by_run_code)
+        by_state = table.sum(axis=0)
+        out.multi = int(by_state[several].sum())
+        out.sign_agree = int(by_state[agree].sum())
+
+
+@functools.lru_cache(maxsize=STATE_CODED_RUNS)
+def state_code_meaning(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per code of K states: its run code, whether two or more runs updated it with no NaN/Inf among them
+    (counted in `multi`), and whether those runs' signs also agree."""
+    codes = np.arange(1 << 2 * k)
+    states = [(codes >> 2 * j) & 3 for j in range(k)]
+    run_code = sum((s != 0).astype(np.int64) << j for j, s in enumerate(states))
+    updated = sum((s != 0).astype(np.int64) for s in states)
+    several = (updated >= 2) & np.all([s != NONFINITE for s in states], axis=0)
+    same = np.all([s != NEGATIVE for s in states], axis=0) | np.all([s != POSITIVE for s in states], axis=0)
+    return run_code, several, several & same
+
+
+class RunCodes:
+    """Up to MAX_CODED_RUNS runs: one histogram of (|w0| bin, run code: bit j set when run j updated)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.joint = np.zeros(MAG_BINS << k, dtype=np.int64)
+
+    bin_shift = property(lambda self: self.k)
+
+    def state_shift(self, j: int) -> int:
+        return 0
+
+    def add(self, chunk: Chunk) -> None:
+        key = chunk.bins.clone()
+        for j, s in enumerate(chunk.states):
+            key |= (s != 0).to(torch.int32) << j
+        self.joint += _bincount(key, len(self.joint))
+
+    def finish(self, out: CrossRun) -> None:
+        _from_run_codes(out, self.joint.reshape(MAG_BINS, 1 << self.k))
+
+
+class Pairwise:
+    """Beyond MAX_CODED_RUNS: per-run magnitude histograms, the agreement count, pair overlaps from the masks."""
+
+    bin_shift = 0
+
+    def __init__(self, k: int):
+        self.k = k
+        self.magnitude_numel = np.zeros(MAG_BINS, dtype=np.int64)
+        self.magnitude_updated = [np.zeros(MAG_BINS, dtype=np.int64) for _ in range(k)]
+        self.both = {(a, c): 0 for a in range(k) for c in range(a + 1, k)}
+        self.agreement = np.zeros(k + 1, dtype=np.int64)
+
+    def state_shift(self, j: int) -> int:
+        return 0
+
+    def add(self, chunk: Chunk) -> None:
+        masks = [s != 0 for s in chunk.states]
+        count = torch.zeros(chunk.bins.shape, dtype=torch.int16, device=chunk.bins.device)
+        for j, mask in enumerate(masks):
+            count += mask
+            self.magnitude_updated[j] += _bincount(chunk.bins[mask], MAG_BINS)
+        self.magnitude_numel += _bincount(chunk.bins, MAG_BINS)
+        self.agreement += _bincount(count, self.k + 1)
+        if self.k >= GRAM_MIN_RUNS:
+            inter = pair_intersections(masks)
+            for (a, c) in self.both:
+                self.both[(a, c)] += int(inter[a, c])
+        else:
+            for (a, c) in self.both:
+                self.both[(a, c)] += _nonzero(masks[a] & masks[c])
+
+    def finish(self, out: CrossRun) -> None:
+        out.magnitude_numel, out.magnitude_updated = self.magnitude_numel, self.magnitude_updated
+        out.both, out.agreement = self.both, self.agreement
+
+
+class SignTally:
+    """Beyond STATE_CODED_RUNS: positions updated by two or more runs, and those where their signs agree."""
+
+    def __init__(self):
+        self.multi = self.sign_agree = 0
+
+    def add(self, chunk: Chunk) -> None:
+        shape, dev = chunk.bins.shape, chunk.bins.device
+        count = torch.zeros(shape, dtype=torch.int16, device=dev)  # int8 would overflow past 127 runs
+        signs = torch.zeros(shape, dtype=torch.int16, device=dev)
+        unsigned = torch.zeros(shape, dtype=torch.bool, device=dev)
+        for s in chunk.states:
+            count += s != 0
+            signs += (s == POSITIVE).to(torch.int16) - (s == NEGATIVE).to(torch.int16)
+            unsigned |= s == NONFINITE
+        several = (count >= 2) & ~unsigned
+        self.multi += _nonzero(several)
+        self.sign_agree += _nonzero(several & (signs.abs() == count))
+
+    def finish(self, out: CrossRun) -> None:
+        out.multi, out.sign_agree = self.multi, self.sign_agree
+
+
+class PrecisionAndLines:
+    """Issue 11 items 1 and 4, per run: the bf16 visibility and distance to visibility of its true updates
+    (precision.py), and the rows and columns of a 2-D tensor holding one (structure.py). It reads each run's
+    updated positions from its states and recomputes |Δ| only where the precision figures apply."""
+
+    def __init__(self, dtypes: list[torch.dtype], shape: tuple[int, ...], device: torch.device, shifts: list[int]):
+        shared = SharedBase()  # the runs compared in bf16 share the base's exponent work
+        self.dtypes, self.shifts = dtypes, shifts
+        self.precision = [PrecisionAccumulator(dt, shared) for dt in dtypes]
+        self.lines = [LineAccumulator(shape, device) for _ in dtypes]
+
+    def add(self, chunk: Chunk) -> None:
+        for j, (state, run) in enumerate(zip(chunk.states, chunk.runs)):
+            state = (state >> self.shifts[j]) & 3 if self.shifts[j] else state
+            updated = state != 0
+            self.lines[j].add(updated, chunk.start)
+            if not self.precision[j].applies:
+                continue
+            bj = chunk.base_in(self.dtypes[j])
+            absd = stored_delta(bj, run).float().abs() if bj.dtype != torch.float64 else stored_delta(bj, run).abs()
+            finite = state != NONFINITE
+            if bool(finite.all()):
+                finite = None
+            else:
+                absd = torch.where(finite, absd, torch.zeros_like(absd))
+            self.precision[j].add(bj, run, absd, updated, finite)
+
+    def finish(self, out: CrossRun) -> None:
+        out.precision = [p.finish() for p in self.precision]
+        out.lines = [line.finish() for line in self.lines]
+
+
+def cross_run_accumulators(k: int) -> list:
+    """The layout (first) and the other per-chunk cross-run accumulators for K runs."""
+    if k <= STATE_CODED_RUNS:
+        return [StateCodes(k)]
+    return [RunCodes(k) if k <= MAX_CODED_RUNS else Pairwise(k), SignTally()]
+
+
+class TensorAccumulator:
+    """Every count of one tensor across K runs, from its chunks: `add_chunk(base, runs)` each, then `finish()`.
+
+    `dtypes[j]` is the dtype run j is compared in (its slice already in it); the base slice is cast to it.
+    Each run's chunk first becomes its stored Δ and a per-position *state*: 0 not updated, 1 updated with
+    Δ > 0, 2 updated with Δ < 0, 3 updated with Δ NaN/Inf (no sign). Per-run accumulators (`PatternRun`,
+    `FloatRun`) turn Δ into that run's numbers and its states; cross-run accumulators (`StateCodes`,
+    `RunCodes`, `Pairwise`, `SignTally`) combine the K states. Adding a per-chunk measure = one class with
+    `add(chunk)` and `finish(out)`, appended to `self.cross` (and a field of `CrossRun` for its result).
+    """
+
+    def __init__(self, base_dtype: torch.dtype, dtypes: list[torch.dtype], criterion: Criterion,
+                 sweep: tuple[float, ...], device: torch.device, numel: int, shape: tuple[int, ...] | None = None):
+        self.k = len(dtypes)
+        self.cross = cross_run_accumulators(self.k)
+        layout = self.cross[0]
+        shifts = [layout.state_shift(j) for j in range(self.k)]
+        self.per_run = [run_accumulator(dt, criterion, sweep, device, shifts[j], numel)
+                        for j, dt in enumerate(dtypes)]
+        self.cross.append(PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, shifts))
+        self.base_bins = BaseBins(base_dtype, layout.bin_shift, device)
+        self.offset = 0
+
+    def add_chunk(self, base: torch.Tensor, runs: list[torch.Tensor]) -> None:
+        chunk = Chunk(base, self.base_bins(base), runs=runs, start=self.offset)
+        self.offset += base.numel()
+        chunk.states = [acc.add(chunk, run) for acc, run in zip(self.per_run, runs)]
+        for acc in self.cross:
+            acc.add(chunk)
+
+    def finish(self) -> tuple[list[RunTotals], CrossRun]:
+        out = CrossRun(self.k)
+        for acc in self.cross:
+            acc.finish(out)
+        return [acc.finish() for acc in self.per_run], out
+
+
+class BaseBins:
+    """The |w0| magnitude bin of every base position, shifted; one table lookup for a 16-bit base."""
+
+    def __init__(self, dtype: torch.dtype, shift: int, device: torch.device):
+        self.table = magnitude_table(shift, device)
+        self.by_pattern = _bins_by_pattern(dtype, shift) if device.type == "cpu" and dtype in PATTERN_DTYPES else None
+
+    def __call__(self, base: torch.Tensor) -> torch.Tensor:
+        if self.by_pattern is not None:  # on the CPU only
+            return torch.from_numpy(self.by_pattern[patterns_of(base)])
+        return magnitude_bins(base.to(torch.float32), self.table)
+
+
+@functools.lru_cache(maxsize=16)
+def _bins_by_pattern(dtype: torch.dtype, shift: int) -> np.ndarray:
+    return magnitude_bins(pattern_values(dtype), magnitude_table(shift)).long().numpy()

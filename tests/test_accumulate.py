@@ -1,0 +1,126 @@
+"""The per-chunk accumulator: every path (16-bit patterns, float, state codes, run codes, pairwise) against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import reference
+from rlsub_tui import accumulate, masks
+from rlsub_tui.criteria import MAG_BINS, Criterion
+from rlsub_tui.masks import compute_tensor
+
+NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _tensors(k: int, dtype: torch.dtype, n: int = 3000, seed: int = 0):
+    """A base and k runs in `dtype`: sparse steps around the dtype's resolution, ±0, NaN/Inf planted."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 0.05
+    base[:7] = torch.tensor([0.0, -0.0, 1e-30, -3e-6, 70000.0, float("nan"), 2.0])
+    runs = []
+    for j in range(k):
+        pick = torch.rand(n, generator=g) < 0.4
+        step = torch.randn(n, generator=g) * torch.tensor([1e-6, 1e-5, 1e-4, 1e-3])[torch.randint(0, 4, (n,), generator=g)]
+        r = base + pick * step
+        r[1] = 0.0  # -0 -> +0: the stored values differ, Δ is zero
+        r[10 + j] = [float("inf"), float("-inf"), float("nan")][j % 3]
+        r[20:25] = base[20:25] + 1e-3 * (1 if j % 2 else -1)  # several runs, signs that disagree
+        r[30:35] = base[30:35] + 1e-3  # every run, same sign
+        runs.append(r.to(dtype))
+    return base.to(dtype), runs
+
+
+def _expected(base, runs, dtype, criterion, sweep):
+    name = NAMES[dtype]
+    b = base.float().numpy()
+    rs = [r.float().numpy() for r in runs]
+    ms = [reference.mask(b, r, name, criterion.name, criterion.value) for r in rs]
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf - Inf: the NaN Δ the test plants
+        ds = [reference.stored_delta(b, r, name) for r in rs]
+    exp = reference.pooled([[m] for m in ms], [[d] for d in ds])
+    with np.errstate(invalid="ignore"):
+        finite = [np.isfinite(d) for d in ds]
+        unsigned = ~np.all(finite, axis=0)
+        count = np.sum(ms, axis=0)
+        pos = np.sum([m & (d > 0) for m, d in zip(ms, ds)], axis=0)
+        neg = np.sum([m & (d < 0) for m, d in zip(ms, ds)], axis=0)
+    several = (count >= 2) & ~unsigned
+    exp["multi"] = int(several.sum())
+    exp["sign_agree"] = int((several & ((pos == count) | (neg == count))).sum())
+    exp["nonfinite"] = [int((~f).sum()) for f in finite]
+    exp["sum_abs"] = [float(np.abs(np.where(f, d, 0)).astype(np.float64).sum()) for d, f in zip(ds, finite)]
+    exp["sq_delta"] = [float((np.where(f, d, 0).astype(np.float64) ** 2).sum()) for d, f in zip(ds, finite)]
+    exp["sq_base"] = [float((np.where(f, b, 0).astype(np.float64) ** 2).sum()) for f in finite]
+    exp["sweep"] = [[int(((np.abs(np.where(f, d, 0)) > reference.tolerance_in(name, t)) | ~f).sum()) for t in sweep]
+                    for d, f in zip(ds, finite)]
+    bins = reference.exponent_stratum(b) + 26  # strata -26..3 are bins 0..29
+    bins[~np.isfinite(b)] = MAG_BINS - 1  # a NaN/Inf w0 has the largest exponent: the top bin
+    exp["magnitude_numel"] = np.bincount(bins, minlength=MAG_BINS).tolist()
+    exp["magnitude_updated"] = [np.bincount(bins[m], minlength=MAG_BINS).tolist() for m in ms]
+    codes = sum(m.astype(np.int64) << j for j, m in enumerate(ms))
+    exp["run_codes"] = np.bincount(codes, minlength=1 << len(runs)).tolist() if len(runs) <= 10 else []
+    return exp
+
+
+@pytest.mark.parametrize("k", [1, 3, 6, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact", 0.0), Criterion("atol", 0.0),
+                                       Criterion("relative", 1e-2)])
+@pytest.mark.parametrize("patterns", [True, False], ids=["patterns", "float"])
+def test_every_path_matches_numpy(monkeypatch, k, dtype, criterion, patterns):
+    """Several ragged chunks; the pattern path forced on (or off) whatever the tensor's size."""
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0 if patterns else 1 << 62)
+    sweep = (0.0, 1e-8, 1e-6, 1e-5, 1e-3)
+    base, runs = _tensors(k, dtype, seed=k)
+    comp = compute_tensor(base, runs, criterion, sweep, want_rank=False)
+    exp = _expected(base, runs, dtype, criterion, sweep)
+    assert [s.updated for s in comp.runs] == exp["updated"]
+    assert [s.nonfinite for s in comp.runs] == exp["nonfinite"]
+    assert [s.sweep for s in comp.runs] == exp["sweep"]
+    assert comp.agreement == exp["agreement"]
+    assert {p: n for p, n in comp.both.items()} == {p: v["both"] for p, v in exp["pairs"].items()}
+    assert (comp.multi, comp.sign_agree) == (exp["multi"], exp["sign_agree"])
+    assert comp.sign_agree > 0 and comp.multi > comp.sign_agree or k == 1
+    assert comp.magnitude_numel == exp["magnitude_numel"]
+    assert [s.magnitude_updated for s in comp.runs] == exp["magnitude_updated"]
+    assert comp.run_codes == exp["run_codes"]
+    for j, s in enumerate(comp.runs):
+        assert s.sum_abs_delta == pytest.approx(exp["sum_abs"][j], rel=1e-6)
+        assert s.sq_delta == pytest.approx(exp["sq_delta"][j], rel=1e-6)
+        assert s.sq_base == pytest.approx(exp["sq_base"][j], rel=1e-6)
+
+
+def test_pattern_path_is_taken_for_large_16bit_tensors_only():
+    cpu = torch.device("cpu")
+    acc = accumulate.TensorAccumulator(torch.bfloat16, [torch.bfloat16, torch.float32, torch.float16],
+                                       Criterion(), (), cpu, accumulate.PATTERNS)
+    assert [type(a).__name__ for a in acc.per_run] == ["PatternRun", "FloatRun", "PatternRun"]
+    small = accumulate.TensorAccumulator(torch.bfloat16, [torch.bfloat16], Criterion(), (), cpu, 100)
+    relative = accumulate.TensorAccumulator(torch.bfloat16, [torch.bfloat16], Criterion("relative", 1e-3), (), cpu,
+                                            accumulate.PATTERNS)
+    assert type(small.per_run[0]).__name__ == type(relative.per_run[0]).__name__ == "FloatRun"
+
+
+def test_mixed_pair_dtypes_on_a_large_tensor_match_numpy():
+    """An fp32 base with bf16, fp16 and fp32 runs, each compared in its pair's dtype, past PATTERN_MIN_NUMEL."""
+    g = torch.Generator().manual_seed(5)
+    n = accumulate.PATTERNS + 4321
+    base = torch.randn(n, generator=g) * 0.05
+    base[3] = float("inf")
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    runs = [(base + (torch.rand(n, generator=g) < 0.3) * torch.randn(n, generator=g) * 1e-3).to(dt) for dt in dtypes]
+    comp = compute_tensor(base, runs, Criterion(), (1e-6,), want_rank=False, dtypes=dtypes)
+    for j, (dt, r) in enumerate(zip(dtypes, runs)):
+        name = NAMES[dt]
+        b = base.to(dt).float().numpy()
+        m = reference.mask(b, r.float().numpy(), name)
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = reference.stored_delta(b, r.float().numpy(), name)
+            f = np.isfinite(d)
+        assert comp.runs[j].updated == int(m.sum()) and comp.runs[j].nonfinite == int((~f).sum()) == 1
+        assert comp.runs[j].sum_abs_delta == pytest.approx(float(np.abs(d[f]).astype(np.float64).sum()), rel=1e-6)
+        # Σw0² is a float32 dot product (as before this change), so a 70k-element sum is good to ~1e-5
+        assert comp.runs[j].sq_base == pytest.approx(float((b[f].astype(np.float64) ** 2).sum()), rel=1e-5)
