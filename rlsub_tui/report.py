@@ -13,6 +13,8 @@ def _lift(observed: float, chance: float) -> float:
 
 
 def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
+    """The text `analyze` prints. Over 60 lines on purpose: it is the printed report's template, one
+    statement per printed line, read top to bottom in the order the lines appear."""
     s = result.stats()
     lines = [
         f"base: {result.base_label} ({result.base_path})",
