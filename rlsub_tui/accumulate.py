@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion
+from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, ULP_LOG2_MIN, Criterion
 from rlsub_tui.precision import PrecisionAccumulator, SharedBase
 from rlsub_tui.structure import LineAccumulator
 from rlsub_tui.masks import (GRAM_MIN_RUNS, MAX_CODED_RUNS, _bincount, _nonzero, _rounded, _sum_sq, criterion_mask,
@@ -42,6 +42,14 @@ class Chunk:
     runs: list[torch.Tensor] = field(default_factory=list)  # each run's slice, in its pair's dtype
     base_sq: dict[torch.dtype, float] = field(default_factory=dict)  # Σw0² per comparison dtype
     start: int = 0  # the slice's first flat position in the tensor
+    patterns: list = field(default_factory=list)  # per run: Δ's 16-bit patterns where a PatternRun counted it
+    _base_exponents: np.ndarray | None = None
+
+    def base_exponents(self) -> np.ndarray:
+        """The biased binary exponent of each base value as bf16 holds it (int64, for bincount keys)."""
+        if self._base_exponents is None:
+            self._base_exponents = (patterns_of(self.base_in(torch.bfloat16)) >> 7) & 0xFF
+        return self._base_exponents
 
     def base_in(self, dtype: torch.dtype) -> torch.Tensor:
         return self.base if self.base.dtype == dtype else self.base.to(dtype)
@@ -147,10 +155,12 @@ class PatternRun:
         self.sweep_tols = [_rounded(t, dtype) for t in sweep]
         self.hist = np.zeros(PATTERNS, dtype=np.int64)
         self.sq_base = 0.0
+        self.last_pattern: np.ndarray | None = None
 
     def add(self, chunk: Chunk, run: torch.Tensor) -> torch.Tensor:
         bj = chunk.base_in(self.dtype)
         pattern = patterns_of(stored_delta(bj, run))
+        self.last_pattern = pattern  # for the distance-to-visibility histogram (PrecisionAndLines)
         counts = np.bincount(pattern, minlength=PATTERNS)
         self.hist += counts
         if counts[self.table.nonfinite_patterns].any():  # leave the NaN/Inf positions out of Σw0²
@@ -343,26 +353,67 @@ class PrecisionAndLines:
         self.dtypes, self.shifts = dtypes, shifts
         self.precision = [PrecisionAccumulator(dt, shared) for dt in dtypes]
         self.lines = [LineAccumulator(shape, device) for _ in dtypes]
+        self.joint: list[np.ndarray | None] = [None] * len(dtypes)  # bf16 pairs on the pattern path
+        self.state_tables: list = [None] * len(dtypes)  # each run's PatternTable, set by TensorAccumulator
+        self.codes: list[np.ndarray | None] = [None] * len(dtypes)
 
     def add(self, chunk: Chunk) -> None:
         for j, (state, run) in enumerate(zip(chunk.states, chunk.runs)):
-            state = (state >> self.shifts[j]) & 3 if self.shifts[j] else state
-            updated = state != 0
+            shift = self.shifts[j]
+            pattern = chunk.patterns[j] if chunk.patterns else None
+            fast = pattern is not None and self.dtypes[j] == torch.bfloat16 and self.precision[j].applies
+            if not self.lines[j].applies and (fast or not self.precision[j].applies):
+                if fast:
+                    self._add_bf16_patterns(j, chunk, pattern)
+                continue  # nothing else to count: the updated mask is not needed
+            updated = (state & (3 << shift)) != 0 if shift else state != 0
             self.lines[j].add(updated, chunk.start)
             if not self.precision[j].applies:
                 continue
+            if fast:
+                self._add_bf16_patterns(j, chunk, pattern)
+                continue
             bj = chunk.base_in(self.dtypes[j])
             absd = stored_delta(bj, run).float().abs() if bj.dtype != torch.float64 else stored_delta(bj, run).abs()
-            finite = state != NONFINITE
+            finite = state != (NONFINITE << shift)
             if bool(finite.all()):
                 finite = None
             else:
                 absd = torch.where(finite, absd, torch.zeros_like(absd))
             self.precision[j].add(bj, run, absd, updated, finite)
 
+    def _add_bf16_patterns(self, j: int, chunk: Chunk, pattern: np.ndarray) -> None:
+        """A bf16 pair counted by a PatternRun: one histogram of (exponent of |Δ| where it is a true update with a
+        finite Δ, exponent of w0); finish() turns it into the distance bins, as precision.ulp_bins does per value."""
+        if self.joint[j] is None:
+            self.joint[j] = np.zeros(257 * 256, dtype=np.int64)
+            self.codes[j] = counted_exponent_code(self.state_tables[j], self.shifts[j])
+        self.joint[j] += np.bincount(np.take(self.codes[j], pattern) + chunk.base_exponents(), minlength=257 * 256)
+
     def finish(self, out: CrossRun) -> None:
+        for p, joint in zip(self.precision, self.joint):
+            if joint is not None:
+                p.histogram += _distance_bins(joint)
         out.precision = [p.finish() for p in self.precision]
         out.lines = [line.finish() for line in self.lines]
+
+
+def counted_exponent_code(table: PatternTable, shift: int) -> np.ndarray:
+    """Per bf16 pattern of Δ: 256·(1 + biased exponent of |Δ|) where Δ is a finite true update, else 0."""
+    unshifted = (table.states >> shift) & 3
+    counted = (unshifted == POSITIVE) | (unshifted == NEGATIVE)
+    exponent = (np.arange(PATTERNS, dtype=np.int64) & 0x7FFF) >> 7
+    return np.where(counted, (exponent + 1) * 256, 0)
+
+
+def _distance_bins(joint: np.ndarray) -> np.ndarray:
+    """The distance-to-visibility histogram from a (1 + e_Δ, e_w0) histogram: bin = e_Δ − max(e_w0, 1) + 7 −
+    ULP_LOG2_MIN, clamped to the end bins (precision.ulp_bins on a bf16 pair); row 0 holds positions not counted."""
+    table = joint.reshape(257, 256)[1:]
+    e_delta = np.arange(256)[:, None]
+    e_base = np.maximum(np.arange(256), 1)[None, :]
+    bins = np.clip(e_delta - e_base + 7 - ULP_LOG2_MIN, 0, ULP_BINS - 1)
+    return np.bincount(bins.reshape(-1), weights=table.reshape(-1), minlength=ULP_BINS).astype(np.int64)
 
 
 def cross_run_accumulators(k: int) -> list:
@@ -391,7 +442,9 @@ class TensorAccumulator:
         shifts = [layout.state_shift(j) for j in range(self.k)]
         self.per_run = [run_accumulator(dt, criterion, sweep, device, shifts[j], numel)
                         for j, dt in enumerate(dtypes)]
-        self.cross.append(PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, shifts))
+        passes = PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, shifts)
+        passes.state_tables = [getattr(acc, "table", None) for acc in self.per_run]
+        self.cross.append(passes)
         self.base_bins = BaseBins(base_dtype, layout.bin_shift, device)
         self.offset = 0
 
@@ -399,6 +452,7 @@ class TensorAccumulator:
         chunk = Chunk(base, self.base_bins(base), runs=runs, start=self.offset)
         self.offset += base.numel()
         chunk.states = [acc.add(chunk, run) for acc, run in zip(self.per_run, runs)]
+        chunk.patterns = [getattr(acc, "last_pattern", None) for acc in self.per_run]
         for acc in self.cross:
             acc.add(chunk)
 

@@ -213,3 +213,47 @@ def test_nan_updates_count_as_updated_but_have_no_distance(dtype):
     assert sum(s.ulp_histogram) == 1 and s.ulp_histogram[3 - ULP_LOG2_MIN] == 1
     if dtype == torch.float32:
         assert (s.updated_bf16_visible, s.hidden_by_bf16) == (2, 0)  # NaN differs from any value
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact")])
+def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, monkeypatch):
+    """Tensors large enough for the 16-bit pattern path (a joint histogram of Δ's and w0's exponents): the
+    distance histogram of every run, with zeros, tiny weights and a NaN planted, and rows/columns, vs numpy."""
+    from rlsub_tui import accumulate
+    from rlsub_tui.accumulate import PATTERN_MIN_NUMEL
+
+    taken = []
+    real = accumulate.PrecisionAndLines._add_bf16_patterns
+    monkeypatch.setattr(accumulate.PrecisionAndLines, "_add_bf16_patterns",
+                        lambda self, j, chunk, pattern: (taken.append(j), real(self, j, chunk, pattern)))
+
+    g = np.random.default_rng(11 + k)
+    m, n = 300, 257  # rows cut across chunks; numel above PATTERN_MIN_NUMEL
+    assert m * n >= PATTERN_MIN_NUMEL
+    a = (g.standard_normal((m, n)) * 0.05).astype(np.float32)
+    a[0, :40] = 0.0
+    a[1, :40] = 1e-39  # subnormal in float32, flushed or kept by bf16 as it stores it
+    w0 = torch.from_numpy(a).to(torch.bfloat16)
+    runs = []
+    for j in range(k):
+        step = (g.standard_normal((m, n)) * 3e-3 * (g.random((m, n)) < 0.4)).astype(np.float32)
+        step[5 + j, :] = 0.0  # a row this run leaves alone
+        runs.append((w0.float() + torch.from_numpy(step)).to(torch.bfloat16))
+    runs[0][7, 3] = float("nan")
+    comp = compute_tensor(w0, runs, criterion, want_rank=False)
+    assert sorted(set(taken)) == list(range(k))  # every run went through the pattern path
+    base = w0.float().numpy()
+    tol = np.float32(torch.tensor(1e-5, dtype=torch.bfloat16).item()) if criterion.name == "atol" else 0.0
+    for j, run in enumerate(runs):
+        d = (run - w0).float().numpy()  # Δ in the stored dtype
+        finite = np.isfinite(d)
+        updated = ~finite | (np.abs(np.where(finite, d, 0)) > tol)
+        counted = updated & finite
+        ratio = np.abs(d[counted]).astype(np.float64) / ulp_bf16(base[counted])
+        _, e = np.frexp(ratio)
+        want = np.bincount(np.clip(e - 1, ULP_LOG2_MIN, ULP_LOG2_MAX) - ULP_LOG2_MIN, minlength=ULP_BINS)
+        s = comp.runs[j]
+        assert s.updated == int(updated.sum())
+        assert s.ulp_histogram == want.tolist()
+        assert (s.rows_updated, s.cols_updated) == (int(updated.any(axis=1).sum()), int(updated.any(axis=0).sum()))
