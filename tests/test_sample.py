@@ -21,7 +21,8 @@ SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 
 def test_committed_files_match_their_checksums():
     sums = json.loads((SAMPLE / "SHA256SUMS.json").read_text())
-    assert len(sums) >= 2 * 10  # weights and config of base, base-fp32, 6 GRPO, SFT, fp32 run
+    assert len(sums) >= 2 * 10 + 2 * 6  # weights and config of base, base-fp32, 6 GRPO, SFT, fp32 run, and the
+    # two earlier checkpoints of each grpo-lowlr timeline
     for rel, digest in sums.items():
         assert hashlib.sha256((SAMPLE / rel).read_bytes()).hexdigest() == digest, rel
 
@@ -36,6 +37,16 @@ def test_sample_holds_base_three_seeds_per_family_and_sft():
     record = json.loads((SAMPLE / "training.json").read_text())
     acc = record["held_out_accuracy"]
     assert all(acc[f"grpo-lowlr-seed{s}"] > acc["base"] for s in (1, 2, 3))
+
+
+def test_committed_lowlr_seeds_are_timelines_and_sft_matches_their_optimiser_steps():
+    from rlsub_tui.steps import find_timeline
+
+    for s in (1, 2, 3):
+        timeline = find_timeline(str(SAMPLE / f"grpo-lowlr-seed{s}"))
+        assert timeline is not None and timeline.steps == [200, 500, 800]
+    steps = json.loads((SAMPLE / "training.json").read_text())["optimizer_steps"]
+    assert steps["sft"] == 2 * 800 and all(0 < steps[f"grpo-lowlr-seed{s}"] <= 1600 for s in (1, 2, 3))
 
 
 def test_default_explorer_runs_are_the_grpo_seeds():
