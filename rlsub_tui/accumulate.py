@@ -348,13 +348,14 @@ class PrecisionAndLines:
     (precision.py), and the rows and columns of a 2-D tensor holding one (structure.py). It reads each run's
     updated positions from its states and recomputes |Δ| only where the precision figures apply."""
 
-    def __init__(self, dtypes: list[torch.dtype], shape: tuple[int, ...], device: torch.device, shifts: list[int]):
+    def __init__(self, dtypes: list[torch.dtype], shape: tuple[int, ...], device: torch.device, shifts: list[int],
+                 state_tables: list | None = None):
         shared = SharedBase()  # the runs compared in bf16 share the base's exponent work
         self.dtypes, self.shifts = dtypes, shifts
         self.precision = [PrecisionAccumulator(dt, shared) for dt in dtypes]
         self.lines = [LineAccumulator(shape, device) for _ in dtypes]
         self.joint: list[np.ndarray | None] = [None] * len(dtypes)  # bf16 pairs on the pattern path
-        self.state_tables: list = [None] * len(dtypes)  # each run's PatternTable, set by TensorAccumulator
+        self.state_tables = state_tables or [None] * len(dtypes)  # each run's PatternTable (PatternRun only)
         self.codes: list[np.ndarray | None] = [None] * len(dtypes)
 
     def add(self, chunk: Chunk) -> None:
@@ -374,7 +375,8 @@ class PrecisionAndLines:
                 self._add_bf16_patterns(j, chunk, pattern)
                 continue
             bj = chunk.base_in(self.dtypes[j])
-            absd = stored_delta(bj, run).float().abs() if bj.dtype != torch.float64 else stored_delta(bj, run).abs()
+            delta = stored_delta(bj, run)
+            absd = (delta if delta.dtype == torch.float64 else delta.float()).abs()
             finite = state != (NONFINITE << shift)
             if bool(finite.all()):
                 finite = None
@@ -442,9 +444,8 @@ class TensorAccumulator:
         shifts = [layout.state_shift(j) for j in range(self.k)]
         self.per_run = [run_accumulator(dt, criterion, sweep, device, shifts[j], numel)
                         for j, dt in enumerate(dtypes)]
-        passes = PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, shifts)
-        passes.state_tables = [getattr(acc, "table", None) for acc in self.per_run]
-        self.cross.append(passes)
+        self.cross.append(PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, shifts,
+                                            [getattr(acc, "table", None) for acc in self.per_run]))
         self.base_bins = BaseBins(base_dtype, layout.bin_shift, device)
         self.offset = 0
 
