@@ -5,13 +5,24 @@ alternately with the passes on and with them replaced by a pass that does nothin
 prints a table of medians and their ratio. CPU time of this process (the machine may be busy).
 
     PYTHONPATH=. python benchmarks/bench_precision_cost.py [--dtype bf16|fp32] [--runs 3] [--rounds 5]
+
+With --analyze: the issue's own measure, `rlsub-tui analyze --no-rank --no-cache` end to end (a fresh process
+reading bench_engine.py's synthetic Qwen2.5-0.5B-shaped bf16 checkpoints, base + 3 runs, page cache warm),
+rounds alternating with and without the passes, wall time, medians:
+
+    PYTHONPATH=. python benchmarks/bench_precision_cost.py --analyze --layers 8 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,7 +37,7 @@ SHAPES = {"q_proj 896x896": (896, 896), "k_proj 128x896": (128, 896), "gate_proj
 class NoPasses:
     """Stands in for accumulate.PrecisionAndLines: counts nothing, reports nothing."""
 
-    def __init__(self, dtypes, shape, device, shifts):
+    def __init__(self, dtypes, shape, device, shifts, state_tables=None):
         self.k = len(dtypes)
 
     def add(self, chunk) -> None:
@@ -57,12 +68,59 @@ def one_layer(layer) -> float:
     return time.process_time() - start
 
 
+CHILD = r"""
+import json, resource, sys, time
+start = time.perf_counter()
+passes, args = sys.argv[1] == "on", json.loads(sys.argv[2])
+sys.path.insert(0, "benchmarks")
+if not passes:
+    from rlsub_tui import accumulate
+    from bench_precision_cost import NoPasses
+    accumulate.PrecisionAndLines = NoPasses
+from rlsub_tui.cli import main
+assert main(args) == 0
+use = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall": time.perf_counter() - start, "cpu": use.ru_utime + use.ru_stime}))
+"""
+
+
+def end_to_end(layers: int, runs: int, rounds: int) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_engine import QWEN05, model_shapes, read_floor, write_checkpoints
+
+    root = Path(tempfile.gettempdir()) / "rlsub-bench" / f"L{layers}"
+    dirs = write_checkpoints(root, model_shapes(layers, **QWEN05), runs)
+    read_floor(dirs)  # warm the page cache
+    args = ["analyze", *map(str, dirs), "--out", str(root.parent / "out-precision-cost"), "--quiet", "--no-cache",
+            "--no-rank", "--device", "cpu"]
+    times = {(passes, what): [] for passes in ("on", "off") for what in ("wall", "cpu")}
+    for _ in range(rounds):
+        for passes in ("off", "on"):
+            out = subprocess.run([sys.executable, "-c", CHILD, passes, json.dumps(args)], capture_output=True,
+                                 text=True, check=True)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            for what in ("wall", "cpu"):
+                times[(passes, what)].append(got[what])
+    print(f"`analyze --no-rank`, end to end, bf16, base + {runs} runs, {layers} layers; medians of {rounds} rounds\n")
+    print("| time | without the passes | with them | ratio | every round (without / with) |")
+    print("|---|---|---|---|---|")
+    for what, label in (("wall", "wall"), ("cpu", "CPU (user + system, all threads)")):
+        off, on = (statistics.median(times[(p, what)]) for p in ("off", "on"))
+        every = " / ".join(", ".join(f"{t:.2f}" for t in times[(p, what)]) for p in ("off", "on"))
+        print(f"| {label} | {off:.2f} s | {on:.2f} s | {on / off:.2f}x | {every} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--analyze", action="store_true", help="end to end: analyze --no-rank in fresh processes")
+    p.add_argument("--layers", type=int, default=8, help="with --analyze: the synthetic model's depth")
     a = p.parse_args()
+    if a.analyze:
+        end_to_end(a.layers, a.runs, a.rounds)
+        return
     layer = tensors(torch.bfloat16 if a.dtype == "bf16" else torch.float32, a.runs)
     real = accumulate.PrecisionAndLines
     times = {"with the passes": [], "without": []}

@@ -11,7 +11,7 @@ import torch
 
 from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, ULP_LOG2_MIN, Criterion
 from rlsub_tui.precision import PrecisionAccumulator, SharedBase
-from rlsub_tui.structure import LineAccumulator
+from rlsub_tui.structure import CodeLines, LineAccumulator
 from rlsub_tui.masks import (GRAM_MIN_RUNS, MAX_CODED_RUNS, _bincount, _nonzero, _rounded, _sum_sq, criterion_mask,
                              magnitude_bins, magnitude_table, pair_intersections, stored_delta)
 
@@ -20,6 +20,17 @@ PATTERN_DTYPES = (torch.bfloat16, torch.float16)  # 2^16 bit patterns: one histo
 PATTERNS = 1 << 16
 PATTERN_MIN_NUMEL = PATTERNS  # below this a histogram of 2^16 patterns costs more than it saves
 NONFINITE, POSITIVE, NEGATIVE = 3, 1, 2
+# The distance to bf16 visibility of a bf16 pair's true update is e_Δ − max(e_w0, 1) (biased exponents). On the
+# pattern path it is counted from one key per position: DELTA_CODE + e_Δ for a finite true update (else 0) plus
+# BASE_CODE − max(e_w0, 1), i.e. DISTANCE_ZERO + the distance; keys below DELTA_CODE are positions not counted.
+DELTA_CODE = 512
+BASE_CODE = 255
+DISTANCE_ZERO = DELTA_CODE + BASE_CODE
+DISTANCE_KEYS = DELTA_CODE + 254 + BASE_CODE  # e_Δ ≤ 254 (finite), max(e_w0, 1) ≥ 1
+# With the state-code layout and a bf16 base, each run's state word carries its Δ part and the base's |w0| bin
+# word the base part, both above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key.
+EXPONENT_SHIFT = 32
+LOW_BITS = (1 << EXPONENT_SHIFT) - 1
 
 
 def pattern_values(dtype: torch.dtype) -> torch.Tensor:
@@ -43,13 +54,16 @@ class Chunk:
     base_sq: dict[torch.dtype, float] = field(default_factory=dict)  # Σw0² per comparison dtype
     start: int = 0  # the slice's first flat position in the tensor
     patterns: list = field(default_factory=list)  # per run: Δ's 16-bit patterns where a PatternRun counted it
-    _base_exponents: np.ndarray | None = None
+    carried: bool = False  # the states and bins carry distance-key parts above EXPONENT_SHIFT
+    key: torch.Tensor | None = None  # the cross-run layout's per-position code (StateCodes, RunCodes), once built
+    _base_term: np.ndarray | None = None
 
-    def base_exponents(self) -> np.ndarray:
-        """The biased binary exponent of each base value as bf16 holds it (int64, for bincount keys)."""
-        if self._base_exponents is None:
-            self._base_exponents = (patterns_of(self.base_in(torch.bfloat16)) >> 7) & 0xFF
-        return self._base_exponents
+    def base_term(self) -> np.ndarray:
+        """BASE_CODE − max(e_w0, 1) per position, e_w0 the biased exponent of the base as bf16 holds it."""
+        if self._base_term is None:
+            exponent = (patterns_of(self.base_in(torch.bfloat16)) >> 7) & 0xFF
+            self._base_term = BASE_CODE - np.maximum(exponent, 1)
+        return self._base_term
 
     def base_in(self, dtype: torch.dtype) -> torch.Tensor:
         return self.base if self.base.dtype == dtype else self.base.to(dtype)
@@ -125,18 +139,23 @@ class PatternTable:
     abs_values: np.ndarray  # |value| as float64, 0 for NaN/Inf
     finite: np.ndarray
     nonfinite_patterns: np.ndarray
-    states: np.ndarray  # int64 (bincount's own type), shifted
+    states: np.ndarray  # int64 (bincount's own type), shifted; with the exponent code above EXPONENT_SHIFT if carried
+    carries_exponent: bool = False
 
 
 @functools.lru_cache(maxsize=64)
-def pattern_table(dtype: torch.dtype, tol: float, shift: int) -> PatternTable:
+def pattern_table(dtype: torch.dtype, tol: float, shift: int, carry_exponent: bool = False) -> PatternTable:
+    """`carry_exponent` (bf16 only): each state word also holds counted_exponent_code << EXPONENT_SHIFT, so the
+    one lookup that gives a run's states also gives its part of the distance key (PrecisionAndLines)."""
     values = pattern_values(dtype)
     finite = torch.isfinite(values)
     updated = values.abs() > tol
     state = updated.to(torch.int64) + (updated & (values < 0)).to(torch.int64)
-    states = torch.where(finite, state, NONFINITE) << shift
+    states = (torch.where(finite, state, NONFINITE) << shift).numpy()
     abs_values = torch.where(finite, values.abs(), 0.0).double()
-    return PatternTable(abs_values.numpy(), finite.numpy(), np.flatnonzero(~finite.numpy()), states.numpy())
+    if carry_exponent:
+        states = states | (counted_exponent_code(states >> shift & 3) << EXPONENT_SHIFT)
+    return PatternTable(abs_values.numpy(), finite.numpy(), np.flatnonzero(~finite.numpy()), states, carry_exponent)
 
 
 class PatternRun:
@@ -148,10 +167,11 @@ class PatternRun:
     exactly when their difference, rounded to the dtype, is non-zero (gradual underflow).
     """
 
-    def __init__(self, dtype: torch.dtype, criterion: Criterion, sweep: tuple[float, ...], shift: int):
+    def __init__(self, dtype: torch.dtype, criterion: Criterion, sweep: tuple[float, ...], shift: int,
+                 carry_exponent: bool = False):
         self.dtype = dtype
         tol = _rounded(criterion.value, dtype) if criterion.name == "atol" else 0.0
-        self.table = pattern_table(dtype, tol, shift)
+        self.table = pattern_table(dtype, tol, shift, carry_exponent)
         self.sweep_tols = [_rounded(t, dtype) for t in sweep]
         self.hist = np.zeros(PATTERNS, dtype=np.int64)
         self.sq_base = 0.0
@@ -175,17 +195,18 @@ class PatternRun:
         weights = h.astype(np.float64)  # exact below 2^53; plain sums: a BLAS dot wakes its threads, int64 @ float64 crawls
         nonfinite = int(h[~self.table.finite].sum())
         return RunTotals(
-            updated=int(h[self.table.states != 0].sum()), nonfinite=nonfinite,
+            updated=int(h[(self.table.states & LOW_BITS) != 0].sum()), nonfinite=nonfinite,
             sum_abs_delta=float((weights * absv).sum()), sq_delta=float((weights * absv * absv).sum()), sq_base=self.sq_base,
             sweep=[int(h[absv > t].sum()) + nonfinite for t in self.sweep_tols])
 
 
 def run_accumulator(dtype: torch.dtype, criterion: Criterion, sweep: tuple[float, ...], device: torch.device,
-                    shift: int, numel: int):
-    """The fastest exact accumulator for one run's pair dtype and criterion on this device."""
+                    shift: int, numel: int, carry_exponent: bool = False):
+    """The fastest exact accumulator for one run's pair dtype and criterion on this device; `carry_exponent`:
+    a bf16 PatternRun's states also carry the distance-to-visibility key (the layout must mask it off)."""
     if (device.type == "cpu" and dtype in PATTERN_DTYPES and criterion.name in ("atol", "exact")
             and numel >= PATTERN_MIN_NUMEL):
-        return PatternRun(dtype, criterion, sweep, shift)
+        return PatternRun(dtype, criterion, sweep, shift, carry_exponent and dtype == torch.bfloat16)
     return FloatRun(dtype, criterion, sweep, shift)
 
 
@@ -222,6 +243,8 @@ def _from_run_codes(out: CrossRun, table: np.ndarray) -> None:
 class StateCodes:
     """Up to STATE_CODED_RUNS runs: one histogram of (|w0| bin, the K states) per chunk gives everything."""
 
+    carries_exponents = True  # its key masks off what runs carry above EXPONENT_SHIFT
+
     def __init__(self, k: int):
         self.k = k
         self.joint = np.zeros(MAG_BINS << 2 * k, dtype=np.int64)
@@ -231,10 +254,17 @@ class StateCodes:
     def state_shift(self, j: int) -> int:
         return 2 * j
 
+    def run_field(self, j: int) -> tuple[int, int]:
+        """Where run j sits in the key: (key >> shift) & field is non-zero where it updated."""
+        return 2 * j, 3
+
     def add(self, chunk: Chunk) -> None:
         key = chunk.bins + chunk.states[0]
         for s in chunk.states[1:]:
             key += s
+        if chunk.carried:
+            key &= LOW_BITS
+        chunk.key = key
         self.joint += _bincount(key, len(self.joint))
 
     def finish(self, out: CrossRun) -> None:
@@ -270,14 +300,19 @@ class RunCodes:
         self.joint = np.zeros(MAG_BINS << k, dtype=np.int64)
 
     bin_shift = property(lambda self: self.k)
+    carries_exponents = False
 
     def state_shift(self, j: int) -> int:
         return 0
+
+    def run_field(self, j: int) -> tuple[int, int]:
+        return j, 1
 
     def add(self, chunk: Chunk) -> None:
         key = chunk.bins.clone()
         for j, s in enumerate(chunk.states):
             key |= (s != 0).to(torch.int32) << j
+        chunk.key = key
         self.joint += _bincount(key, len(self.joint))
 
     def finish(self, out: CrossRun) -> None:
@@ -288,6 +323,7 @@ class Pairwise:
     """Beyond MAX_CODED_RUNS: per-run magnitude histograms, the agreement count, pair overlaps from the masks."""
 
     bin_shift = 0
+    carries_exponents = False
 
     def __init__(self, k: int):
         self.k = k
@@ -345,34 +381,41 @@ class SignTally:
 
 class PrecisionAndLines:
     """Issue 11 items 1 and 4, per run: the bf16 visibility and distance to visibility of its true updates
-    (precision.py), and the rows and columns of a 2-D tensor holding one (structure.py). It reads each run's
-    updated positions from its states and recomputes |Δ| only where the precision figures apply."""
+    (precision.py), and the rows and columns of a 2-D tensor holding one (structure.py).
 
-    def __init__(self, dtypes: list[torch.dtype], shape: tuple[int, ...], device: torch.device, shifts: list[int],
+    On the CPU with a coded layout (K <= MAX_CODED_RUNS) the rows and columns of every run come from one OR
+    of the layout's key (structure.CodeLines); a bf16 pair on the pattern path takes its distance histogram
+    from its states (the exponent code they carry) or its Δ patterns. Otherwise it reads each run's updated
+    positions from its states and recomputes |Δ| only where the precision figures apply."""
+
+    def __init__(self, dtypes: list[torch.dtype], shape: tuple[int, ...], device: torch.device, layout,
                  state_tables: list | None = None):
         shared = SharedBase()  # the runs compared in bf16 share the base's exponent work
-        self.dtypes, self.shifts = dtypes, shifts
+        self.dtypes, self.layout = dtypes, layout
+        self.shifts = [layout.state_shift(j) for j in range(len(dtypes))]
         self.precision = [PrecisionAccumulator(dt, shared) for dt in dtypes]
-        self.lines = [LineAccumulator(shape, device) for _ in dtypes]
+        by_code = len(shape) == 2 and device.type == "cpu" and hasattr(layout, "run_field")
+        self.code_lines = CodeLines(shape) if by_code else None
+        self.lines = [LineAccumulator(() if by_code else shape, device) for _ in dtypes]
         self.joint: list[np.ndarray | None] = [None] * len(dtypes)  # bf16 pairs on the pattern path
         self.state_tables = state_tables or [None] * len(dtypes)  # each run's PatternTable (PatternRun only)
         self.codes: list[np.ndarray | None] = [None] * len(dtypes)
+        self.key_buffer: np.ndarray | None = None
 
     def add(self, chunk: Chunk) -> None:
+        if self.code_lines is not None:
+            self.code_lines.add(chunk.key.numpy().reshape(-1), chunk.start)
         for j, (state, run) in enumerate(zip(chunk.states, chunk.runs)):
-            shift = self.shifts[j]
+            shift, precision = self.shifts[j], self.precision[j]
             pattern = chunk.patterns[j] if chunk.patterns else None
-            fast = pattern is not None and self.dtypes[j] == torch.bfloat16 and self.precision[j].applies
-            if not self.lines[j].applies and (fast or not self.precision[j].applies):
-                if fast:
-                    self._add_bf16_patterns(j, chunk, pattern)
+            if pattern is not None and self.dtypes[j] == torch.bfloat16 and precision.applies:
+                self._add_bf16_patterns(j, chunk, pattern)
+                pattern = True  # counted: only the lines may still need the mask
+            if not self.lines[j].applies and (pattern is True or not precision.applies):
                 continue  # nothing else to count: the updated mask is not needed
             updated = (state & (3 << shift)) != 0 if shift else state != 0
             self.lines[j].add(updated, chunk.start)
-            if not self.precision[j].applies:
-                continue
-            if fast:
-                self._add_bf16_patterns(j, chunk, pattern)
+            if pattern is True or not precision.applies:
                 continue
             bj = chunk.base_in(self.dtypes[j])
             delta = stored_delta(bj, run)
@@ -382,40 +425,54 @@ class PrecisionAndLines:
                 finite = None
             else:
                 absd = torch.where(finite, absd, torch.zeros_like(absd))
-            self.precision[j].add(bj, run, absd, updated, finite)
+            precision.add(bj, run, absd, updated, finite)
 
     def _add_bf16_patterns(self, j: int, chunk: Chunk, pattern: np.ndarray) -> None:
-        """A bf16 pair counted by a PatternRun: one histogram of (exponent of |Δ| where it is a true update with a
-        finite Δ, exponent of w0); finish() turns it into the distance bins, as precision.ulp_bins does per value."""
+        """A bf16 pair counted by a PatternRun: one histogram of (1 + exponent of |Δ| where it is a true update
+        with a finite Δ, else 0; exponent of w0); finish() turns it into the distance bins, as
+        precision.ulp_bins does per value. The first part is what the run's states carry, else one lookup."""
+        table = self.state_tables[j]
         if self.joint[j] is None:
-            self.joint[j] = np.zeros(257 * 256, dtype=np.int64)
-            self.codes[j] = counted_exponent_code(self.state_tables[j], self.shifts[j])
-        self.joint[j] += np.bincount(np.take(self.codes[j], pattern) + chunk.base_exponents(), minlength=257 * 256)
+            self.joint[j] = np.zeros(DISTANCE_KEYS, dtype=np.int64)
+            if not table.carries_exponent:
+                self.codes[j] = counted_exponent_code((table.states >> self.shifts[j]) & 3)
+        if table.carries_exponent:  # the bins carry the base part (TensorAccumulator sees to it)
+            n = chunk.base.numel()
+            if self.key_buffer is None or self.key_buffer.size < n:
+                self.key_buffer = np.empty(n, dtype=np.int64)  # kept: a fresh one per chunk costs its page faults
+            key = np.add(chunk.states[j].numpy(), chunk.bins.numpy(), out=self.key_buffer[:n])
+            key >>= EXPONENT_SHIFT
+        else:
+            key = np.take(self.codes[j], pattern)
+            key += chunk.base_term()
+        self.joint[j] += np.bincount(key, minlength=DISTANCE_KEYS)
 
     def finish(self, out: CrossRun) -> None:
         for p, joint in zip(self.precision, self.joint):
             if joint is not None:
                 p.histogram += _distance_bins(joint)
         out.precision = [p.finish() for p in self.precision]
-        out.lines = [line.finish() for line in self.lines]
+        if self.code_lines is not None:
+            out.lines = [self.code_lines.finish(*self.layout.run_field(j)) for j in range(len(self.dtypes))]
+        else:
+            out.lines = [line.finish() for line in self.lines]
 
 
-def counted_exponent_code(table: PatternTable, shift: int) -> np.ndarray:
-    """Per bf16 pattern of Δ: 256·(1 + biased exponent of |Δ|) where Δ is a finite true update, else 0."""
-    unshifted = (table.states >> shift) & 3
-    counted = (unshifted == POSITIVE) | (unshifted == NEGATIVE)
+def counted_exponent_code(states: np.ndarray) -> np.ndarray:
+    """Per bf16 pattern of Δ (its unshifted state given): DELTA_CODE + the biased exponent of |Δ| where Δ is a
+    finite true update, else 0."""
+    counted = (states == POSITIVE) | (states == NEGATIVE)
     exponent = (np.arange(PATTERNS, dtype=np.int64) & 0x7FFF) >> 7
-    return np.where(counted, (exponent + 1) * 256, 0)
+    return np.where(counted, DELTA_CODE + exponent, 0)
 
 
-def _distance_bins(joint: np.ndarray) -> np.ndarray:
-    """The distance-to-visibility histogram from a (1 + e_Δ, e_w0) histogram: bin = e_Δ − max(e_w0, 1) + 7 −
-    ULP_LOG2_MIN, clamped to the end bins (precision.ulp_bins on a bf16 pair); row 0 holds positions not counted."""
-    table = joint.reshape(257, 256)[1:]
-    e_delta = np.arange(256)[:, None]
-    e_base = np.maximum(np.arange(256), 1)[None, :]
-    bins = np.clip(e_delta - e_base + 7 - ULP_LOG2_MIN, 0, ULP_BINS - 1)
-    return np.bincount(bins.reshape(-1), weights=table.reshape(-1), minlength=ULP_BINS).astype(np.int64)
+def _distance_bins(keys: np.ndarray) -> np.ndarray:
+    """The distance-to-visibility histogram from a histogram of distance keys (DISTANCE_ZERO + e_Δ − max(e_w0, 1),
+    below DELTA_CODE not counted): bin = that distance + 7 − ULP_LOG2_MIN, clamped to the end bins, as
+    precision.ulp_bins gives on a bf16 pair."""
+    counted = np.arange(DELTA_CODE, DISTANCE_KEYS)
+    bins = np.clip(counted - DISTANCE_ZERO + 7 - ULP_LOG2_MIN, 0, ULP_BINS - 1)
+    return np.bincount(bins, weights=keys[DELTA_CODE:], minlength=ULP_BINS).astype(np.int64)
 
 
 def cross_run_accumulators(k: int) -> list:
@@ -441,16 +498,18 @@ class TensorAccumulator:
         self.k = len(dtypes)
         self.cross = cross_run_accumulators(self.k)
         layout = self.cross[0]
-        shifts = [layout.state_shift(j) for j in range(self.k)]
-        self.per_run = [run_accumulator(dt, criterion, sweep, device, shifts[j], numel)
+        # bf16 runs of a bf16 base carry their distance key in their state words and bin words (see EXPONENT_SHIFT)
+        carry = layout.carries_exponents and base_dtype == torch.bfloat16 and device.type == "cpu"
+        self.per_run = [run_accumulator(dt, criterion, sweep, device, layout.state_shift(j), numel, carry)
                         for j, dt in enumerate(dtypes)]
-        self.cross.append(PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, shifts,
-                                            [getattr(acc, "table", None) for acc in self.per_run]))
-        self.base_bins = BaseBins(base_dtype, layout.bin_shift, device)
+        tables = [getattr(acc, "table", None) for acc in self.per_run]
+        self.carried = any(t is not None and t.carries_exponent for t in tables)
+        self.cross.append(PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, layout, tables))
+        self.base_bins = BaseBins(base_dtype, layout.bin_shift, device, carry_base_term=self.carried)
         self.offset = 0
 
     def add_chunk(self, base: torch.Tensor, runs: list[torch.Tensor]) -> None:
-        chunk = Chunk(base, self.base_bins(base), runs=runs, start=self.offset)
+        chunk = Chunk(base, self.base_bins(base), runs=runs, start=self.offset, carried=self.carried)
         self.offset += base.numel()
         chunk.states = [acc.add(chunk, run) for acc, run in zip(self.per_run, runs)]
         chunk.patterns = [getattr(acc, "last_pattern", None) for acc in self.per_run]
@@ -467,9 +526,12 @@ class TensorAccumulator:
 class BaseBins:
     """The |w0| magnitude bin of every base position, shifted; one table lookup for a 16-bit base."""
 
-    def __init__(self, dtype: torch.dtype, shift: int, device: torch.device):
+    def __init__(self, dtype: torch.dtype, shift: int, device: torch.device, carry_base_term: bool = False):
+        """`carry_base_term` (a bf16 base on the CPU): each bin word also holds BASE_CODE − max(e_w0, 1) above
+        EXPONENT_SHIFT, the base's part of the distance key."""
         self.table = magnitude_table(shift, device)
-        self.by_pattern = _bins_by_pattern(dtype, shift) if device.type == "cpu" and dtype in PATTERN_DTYPES else None
+        self.by_pattern = (_bins_by_pattern(dtype, shift, carry_base_term)
+                           if device.type == "cpu" and dtype in PATTERN_DTYPES else None)
 
     def __call__(self, base: torch.Tensor) -> torch.Tensor:
         if self.by_pattern is not None:  # on the CPU only
@@ -478,5 +540,10 @@ class BaseBins:
 
 
 @functools.lru_cache(maxsize=16)
-def _bins_by_pattern(dtype: torch.dtype, shift: int) -> np.ndarray:
-    return magnitude_bins(pattern_values(dtype), magnitude_table(shift)).long().numpy()
+def _bins_by_pattern(dtype: torch.dtype, shift: int, carry_base_term: bool = False) -> np.ndarray:
+    bins = magnitude_bins(pattern_values(dtype), magnitude_table(shift)).long().numpy()
+    if carry_base_term:
+        assert dtype == torch.bfloat16
+        exponent = (np.arange(PATTERNS, dtype=np.int64) >> 7) & 0xFF
+        bins = bins | (BASE_CODE - np.maximum(exponent, 1)) << EXPONENT_SHIFT
+    return bins

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -52,3 +53,42 @@ class LineAccumulator:
         if not self.applies:
             return None
         return LineCounts(int(self.rows.sum()), int(self.cols.sum()))
+
+
+class CodeLines:
+    """Rows and columns touched, for every run at once, from a flat (row-major) int64 code per position in
+    which run j's field is non-zero where run j updated (the cross-run layout's key, CPU only): one bitwise
+    OR along the rows and one down the columns per chunk, whatever K, then each run's field at the end."""
+
+    def __init__(self, shape):
+        self.m, self.n = int(shape[0]), int(shape[1])
+        self.rows = np.zeros(self.m, dtype=np.int64)
+        self.cols = np.zeros(self.n, dtype=np.int64)
+
+    def add(self, codes: np.ndarray, start: int) -> None:
+        """The codes of flat positions start .. start + codes.size - 1."""
+        n, length = self.n, codes.size
+        if not n or not length:
+            return
+        head = min((-start) % n, length)  # the end of a row begun in an earlier chunk
+        if head:
+            self._partial(codes[:head], start)
+        whole = (length - head) // n
+        if whole:
+            block = codes[head:head + whole * n].reshape(whole, n)
+            row0 = (start + head) // n
+            self.rows[row0:row0 + whole] |= np.bitwise_or.reduce(block, axis=1)
+            self.cols |= np.bitwise_or.reduce(block, axis=0)
+        tail = head + whole * n
+        if tail < length:
+            self._partial(codes[tail:], start + tail)
+
+    def _partial(self, piece: np.ndarray, start: int) -> None:
+        row, col = divmod(start, self.n)
+        self.rows[row] |= np.bitwise_or.reduce(piece)
+        self.cols[col:col + piece.size] |= piece
+
+    def finish(self, shift: int, field: int) -> LineCounts:
+        """Run j's counts, its field being (code >> shift) & field."""
+        return LineCounts(int(np.count_nonzero((self.rows >> shift) & field)),
+                          int(np.count_nonzero((self.cols >> shift) & field)))

@@ -124,3 +124,39 @@ def test_mixed_pair_dtypes_on_a_large_tensor_match_numpy():
         assert comp.runs[j].sum_abs_delta == pytest.approx(float(np.abs(d[f]).astype(np.float64).sum()), rel=1e-6)
         # Σw0² is a float32 dot product (as before this change), so a 70k-element sum is good to ~1e-5
         assert comp.runs[j].sq_base == pytest.approx(float((b[f].astype(np.float64) ** 2).sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6, 7, 16])
+@pytest.mark.parametrize("patterns", [True, False], ids=["patterns", "float"])
+def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns):
+    """A 60x50 bf16 matrix in ragged chunks that cut rows: each run's rows and columns holding an update and
+    its distance-to-visibility histogram, against numpy, for every cross-run layout (state codes, run codes,
+    pairwise) and both per-run paths."""
+    from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
+
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0 if patterns else 1 << 62)
+    m, n = 60, 50
+    flat_base, flat_runs = _tensors(k, torch.bfloat16, n=m * n, seed=k)
+    base = flat_base.reshape(m, n)
+    runs = []
+    for j, r in enumerate(flat_runs):
+        r = r.reshape(m, n).clone()
+        r[40 + j % 20, :] = base[40 + j % 20, :]  # a row this run leaves alone
+        r[:, 49 - j % 10] = base[:, 49 - j % 10]  # and a column
+        runs.append(r)
+    comp = compute_tensor(base, runs, Criterion("atol", 1e-5), (), want_rank=False)
+    b = base.float().numpy()
+    for j, (r, s) in enumerate(zip(runs, comp.runs)):
+        mask = reference.mask(b, r.float().numpy(), "bf16", "atol", 1e-5)
+        assert (s.rows_updated, s.cols_updated) == (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
+        assert s.rows_updated < m and s.cols_updated < n
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = reference.stored_delta(b, r.float().numpy(), "bf16").astype(np.float64)
+            counted = mask & np.isfinite(d)
+        w = np.abs(b[counted]).astype(np.float64)
+        _, e = np.frexp(w)  # |w| = f·2^e, f in [0.5, 1): ULP_bf16(w) = 2^(e - 1 - 7); zeros, subnormals 2^-133
+        ulp = np.where(w < np.finfo(np.float32).tiny, 2.0 ** -133, np.ldexp(1.0, e - 8))
+        _, e = np.frexp(np.abs(d[counted]) / ulp)
+        want = np.bincount(np.clip(e - 1, ULP_LOG2_MIN, ULP_LOG2_MAX) - ULP_LOG2_MIN, minlength=ULP_BINS)
+        assert s.ulp_histogram == want.tolist() and sum(want) > 0

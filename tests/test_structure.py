@@ -16,7 +16,7 @@ from rlsub_tui.engine import Analysis, AnalysisOptions
 from rlsub_tui.export import write_outputs
 from rlsub_tui.masks import compute_tensor
 from rlsub_tui.overlap import touched_chance
-from rlsub_tui.structure import LineAccumulator
+from rlsub_tui.structure import CodeLines, LineAccumulator
 
 
 def planted_mask(m: int, n: int, rows: int, cols: int, scatter: float, seed: int) -> np.ndarray:
@@ -39,6 +39,26 @@ def test_accumulator_against_numpy(m, n, chunk, rows, scatter, seed):
         acc.add(flat[start:start + chunk], start)
     counts = acc.finish()
     assert (counts.rows, counts.cols) == (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), chunk=st.integers(1, 200), rows=st.integers(0, 3),
+       scatter=st.sampled_from([0.0, 0.001, 0.05]), seed=st.integers(0, 1000))
+def test_code_lines_against_numpy(m, n, chunk, rows, scatter, seed):
+    """Three runs' masks in one code per position (2-bit fields, as the state-code layout's key, plus a bin
+    in the high bits): each run's rows and columns, with chunks that start and end anywhere in a row."""
+    masks = [planted_mask(m, n, min(rows, m), min(j, n), scatter, seed + j) for j in range(3)]
+    g = np.random.default_rng(seed)
+    codes = (g.integers(0, 30, (m, n)) << 6).astype(np.int64)
+    for j, mask in enumerate(masks):
+        codes |= mask * g.integers(1, 4, (m, n)) << 2 * j
+    acc = CodeLines((m, n))
+    flat = codes.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        acc.add(flat[start:start + chunk], start)
+    for j, mask in enumerate(masks):
+        counts = acc.finish(2 * j, 3)
+        assert (counts.rows, counts.cols) == (int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum()))
 
 
 def test_only_matrices():
