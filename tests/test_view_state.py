@@ -11,7 +11,7 @@ from synthetic import base_state, save, sparse_run
 from rlsub_tui import explore
 from rlsub_tui.engine import AnalysisOptions
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
-from rlsub_tui.ui.chart import ChartKey, ChartPanel, key_line, series_color
+from rlsub_tui.ui.chart import ChartKey, ChartPanel, key_entries, key_line, series_color
 from rlsub_tui.ui.dialogs import HelpScreen
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
@@ -59,6 +59,25 @@ def test_key_line_names_series_then_numbers_runs_when_names_do_not_fit():
     line = key_line(timeline, 46)
     assert line.plain.startswith("grpo-lowlr-seed1: ") and line.cell_len <= 46
     assert all(what in line.plain for what in ("vs base", "step", "union"))
+
+
+def test_key_line_groups_several_series_of_each_run_under_its_number():
+    """A timeline of three runs (nine series) at a chart's width: each run's number once, one swatch per series
+    in that series' own colour, and what the series are said once; all nine colours distinct."""
+    runs = ["base-model", "grpo-lowlr-seed1", "grpo-lowlr-seed2", "grpo-lowlr-seed3"]
+    labels = [f"{r} {what}" for r in runs[1:] for what in ("vs base", "200-step", "union")]
+    entries = key_entries(labels, runs)
+    assert [(e.run, e.kind) for e in entries[:3]] == [(2, "vs base"), (2, "200-step"), (2, "union")]
+    assert len({e.color for e in entries}) == 9
+    line = key_line(entries, 58)
+    assert line.cell_len <= 58
+    assert line.plain.startswith("2 ━━━  3 ━━━  4 ━━━") and "vs base, 200-step, union" in line.plain
+    swatches = [s for s in line.spans if "rgb" in str(s.style)]
+    assert [str(s.style) for s in swatches] == [f"rgb({c[0]},{c[1]},{c[2]})" for c in (e.color for e in entries)]
+    # wide enough: every series by its name
+    assert all(label in key_line(entries, 400).plain for label in labels)
+    # a run label that prefixes another's ('seed1' and 'seed1-long') belongs to the longest match
+    assert key_entries(["seed1-long union"], ["seed1", "seed1-long"])[0][2:] == (2, "union")
 
 
 async def test_every_multi_series_chart_keeps_its_legend_at_80x24(six_runs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from typing import NamedTuple
 
 from rich.text import Text
 from textual.widgets import Static
@@ -13,47 +14,98 @@ from rlsub_tui.explore import ChartData
 
 # Series colours (RGB, so the plot and its key line match exactly); no red: red marks the focus and the tolerance
 PALETTE = [(0, 175, 255), (255, 135, 255), (135, 215, 0), (255, 215, 0), (175, 135, 255), (0, 215, 175),
-           (255, 175, 95), (200, 200, 200)]
+           (255, 175, 95), (200, 200, 200), (95, 95, 255), (215, 255, 135), (135, 175, 175), (255, 255, 175)]
 SWATCH = "━━"
+
+
+class KeyEntry(NamedTuple):
+    """One series in the key line."""
+
+    label: str
+    color: tuple[int, int, int]
+    run: int | None = None  # its run's number, when the series is one run's
+    kind: str = ""  # what of that run it shows, when a run has several series ('vs base', 'step', 'union')
+
+
+def key_entries(labels: list[str], run_labels: list[str]) -> list[KeyEntry]:
+    """Each series' key entry: a run's own series, or one of a run's several ('<run label> <kind>')."""
+    numbers = {label: i + 1 for i, label in enumerate(run_labels)}
+    entries = []
+    for i, label in enumerate(labels):
+        run = numbers.get(label)
+        owner = max((r for r in numbers if label.startswith(r + " ")), key=len, default=None) if run is None else None
+        entries.append(KeyEntry(label, series_color(i), numbers[owner], label[len(owner) + 1:]) if owner
+                       else KeyEntry(label, series_color(i), run))
+    return entries
 
 
 def series_color(i: int) -> tuple[int, int, int]:
     return PALETTE[i % len(PALETTE)]
 
 
-def key_line(entries: list[tuple[str, tuple[int, int, int], int | None]], width: int) -> Text:
+def key_line(entries: list[KeyEntry], width: int) -> Text:
     """The chart's legend in one line: every series by name when the names fit, else runs by number
-    (numbered as in the summary strip, r and the help), else each name cut to its share of the width.
+    (numbered as in the summary strip, r and the help), several series of each run grouped under its
+    number, else each name cut to its share of the width."""
+    entries = [KeyEntry(*e) for e in entries]
 
-    entries: (series label, colour, run number or None for a series that is not one run's)."""
     def render(names: list[str], suffix: str = "", gap: str = " ", sep: str = "  ") -> Text:
         text = Text()
-        for (_, color, _), name in zip(entries, names):
+        for color, name in zip((e.color for e in entries), names):
             text.append(SWATCH, style=f"rgb({color[0]},{color[1]},{color[2]})")
             text.append(f"{gap}{name}{sep}")
         text.append(suffix, style="dim")
         text.rstrip()
         return text
 
-    full = render([label for label, _, _ in entries])
+    full = render([e.label for e in entries])
     if full.cell_len <= width or not entries:
         return full
-    tight = render([label for label, _, _ in entries], sep=" ")
+    tight = render([e.label for e in entries], sep=" ")
     if tight.cell_len <= width:
         return tight
-    if all(number is not None for _, _, number in entries):
-        numbers = [str(n) for _, _, n in entries]
+    if all(e.run is not None and not e.kind for e in entries):
+        numbers = [str(e.run) for e in entries]
         numbered = render(numbers, "run no. (?)", gap="", sep=" ")
         return numbered if numbered.cell_len <= width else render(numbers, gap="", sep=" ")
-    labels = [label for label, _, _ in entries]
+    grouped = _by_run(entries, width)
+    if grouped is not None:
+        return grouped
+    labels = [e.label for e in entries]
     prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
     prefix = prefix[:prefix.rfind(" ") + 1]  # whole words: 'seed1 vs base', 'seed1 step' share 'seed1 '
     if prefix:  # said once: 'seed1: ━━ vs base  ━━ step  ━━ union'
         text = Text(prefix.rstrip() + ": ")
-        text.append_text(key_line([(label[len(prefix):], c, n) for label, c, n in entries], width - len(text)))
+        text.append_text(key_line([(e.label[len(prefix):], e.color) for e in entries], width - len(text)))
         return text
     share = max(3, width // len(entries) - len(SWATCH) - 3)
     return render([label if len(label) <= share else label[:share - 1] + "…" for label in labels])
+
+
+def _by_run(entries: list[KeyEntry], width: int) -> Text | None:
+    """Two or more runs with the same several series each: '4 ━━━ 5 ━━━ 6 ━━━  each: vs base, step, union', one
+    swatch per series in its colour (None when the series are not so)."""
+    runs: dict[int, list[KeyEntry]] = {}
+    for e in entries:
+        if e.run is None or not e.kind:
+            return None
+        runs.setdefault(e.run, []).append(e)
+    kinds = [e.kind for e in next(iter(runs.values()))]
+    if len(runs) < 2 or any([e.kind for e in group] != kinds for group in runs.values()):
+        return None
+    text = Text()
+    for run, group in runs.items():
+        text.append(f"{run} ")
+        for e in group:
+            text.append(SWATCH[0], style=f"rgb({e.color[0]},{e.color[1]},{e.color[2]})")
+        text.append("  ")
+    words = Text(f"each: {', '.join(kinds)}; runs by no. (?)", style="dim")
+    if text.cell_len + words.cell_len <= width:
+        text.append_text(words)
+    elif text.cell_len + len(", ".join(kinds)) + 6 <= width:
+        text.append(f"each: {', '.join(kinds)}", style="dim")
+    text.rstrip()
+    return text
 
 
 class ChartKey(Static):
@@ -62,9 +114,9 @@ class ChartKey(Static):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.entries: list[tuple[str, tuple[int, int, int], int | None]] = []
+        self.entries: list[KeyEntry] = []
 
-    def show(self, entries: list[tuple[str, tuple[int, int, int], int | None]]) -> None:
+    def show(self, entries: list[KeyEntry]) -> None:
         self.entries = entries
         self.display = bool(entries)
         self.update(key_line(entries, max(20, (self.size.width or 48))))
@@ -78,16 +130,14 @@ class ChartPanel(PlotextPlot):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.data: ChartData | None = None
-        self.key: list[tuple[str, tuple[int, int, int], int | None]] = []  # what ChartKey shows for this chart
+        self.key: list[KeyEntry] = []  # what ChartKey shows for this chart
 
     def show(self, data: ChartData, run_labels: list[str] | None = None) -> None:
         """Draw the chart; with two or more series, each gets a colour and `key` names it (by run number
         when it is one run's, from `run_labels`)."""
         self.data = data
-        numbers = {label: i + 1 for i, label in enumerate(run_labels or [])}
         many = len(data.series) > 1 and not data.message and bool(data.x) and data.name != "overlap"
-        self.key = [(label, series_color(i), numbers.get(label)) for i, label in enumerate(data.series)] \
-            if many else []
+        self.key = key_entries(list(data.series), run_labels or []) if many else []
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
