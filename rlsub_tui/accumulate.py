@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, ULP_LOG2_MIN, Criterion
-from rlsub_tui.precision import PrecisionAccumulator, SharedBase
+from rlsub_tui.precision import (BASE_CODE, DELTA_CODE, DISTANCE_KEYS, PrecisionAccumulator, SharedBase,
+                                 distance_bins)
 from rlsub_tui.structure import CodeLines, LineAccumulator
 from rlsub_tui.masks import (GRAM_MIN_RUNS, MAX_CODED_RUNS, _bincount, _nonzero, _rounded, _sum_sq, criterion_mask,
                              magnitude_bins, magnitude_table, pair_intersections, stored_delta)
@@ -20,14 +21,7 @@ PATTERN_DTYPES = (torch.bfloat16, torch.float16)  # 2^16 bit patterns: one histo
 PATTERNS = 1 << 16
 PATTERN_MIN_NUMEL = PATTERNS  # below this a histogram of 2^16 patterns costs more than it saves
 NONFINITE, POSITIVE, NEGATIVE = 3, 1, 2
-# The distance to bf16 visibility of a bf16 pair's true update is e_Δ − max(e_w0, 1) (biased exponents). On the
-# pattern path it is counted from one key per position: DELTA_CODE + e_Δ for a finite true update (else 0) plus
-# BASE_CODE − max(e_w0, 1), i.e. DISTANCE_ZERO + the distance; keys below DELTA_CODE are positions not counted.
-DELTA_CODE = 512
-BASE_CODE = 255
-DISTANCE_ZERO = DELTA_CODE + BASE_CODE
-DISTANCE_KEYS = DELTA_CODE + 254 + BASE_CODE  # e_Δ ≤ 254 (finite), max(e_w0, 1) ≥ 1
-# With the state-code layout and a bf16 base, each run's state word carries its Δ part and the base's |w0| bin
+# The distance to visibility is counted from keys (precision.DELTA_CODE, BASE_CODE). With the state-code layout and a bf16 base, each run's state word carries its Δ part and the base's |w0| bin
 # word the base part, both above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key.
 EXPONENT_SHIFT = 32
 LOW_BITS = (1 << EXPONENT_SHIFT) - 1
@@ -413,17 +407,14 @@ class PrecisionAndLines:
                 pattern = True  # counted: only the lines may still need the mask
             if not self.lines[j].applies and (pattern is True or not precision.applies):
                 continue  # nothing else to count: the updated mask is not needed
-            updated = (state & (3 << shift)) != 0 if shift else state != 0
+            updated, finite = _updated_and_finite(state, shift)
             self.lines[j].add(updated, chunk.start)
             if pattern is True or not precision.applies:
                 continue
             bj = chunk.base_in(self.dtypes[j])
             delta = stored_delta(bj, run)
             absd = (delta if delta.dtype == torch.float64 else delta.float()).abs()
-            finite = state != (NONFINITE << shift)
-            if bool(finite.all()):
-                finite = None
-            else:
+            if finite is not None:
                 absd = torch.where(finite, absd, torch.zeros_like(absd))
             precision.add(bj, run, absd, updated, finite)
 
@@ -450,12 +441,24 @@ class PrecisionAndLines:
     def finish(self, out: CrossRun) -> None:
         for p, joint in zip(self.precision, self.joint):
             if joint is not None:
-                p.histogram += _distance_bins(joint)
+                p.histogram += distance_bins(joint)
         out.precision = [p.finish() for p in self.precision]
         if self.code_lines is not None:
             out.lines = [self.code_lines.finish(*self.layout.run_field(j)) for j in range(len(self.dtypes))]
         else:
             out.lines = [line.finish() for line in self.lines]
+
+
+def _updated_and_finite(state: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A run's updated mask from its (shifted) states, and where its Δ is finite (None when it is everywhere);
+    in numpy on the CPU, where torch's comparisons of int64 run several times slower on one thread."""
+    if state.is_cuda:
+        field = state & (3 << shift) if shift else state
+        finite = field != NONFINITE << shift
+        return field != 0, (None if bool(finite.all()) else finite)
+    field = state.numpy() & (3 << shift)  # a carried exponent code (pattern path) sits above the fields
+    finite = field != NONFINITE << shift
+    return torch.from_numpy(field != 0), (None if finite.all() else torch.from_numpy(finite))
 
 
 def counted_exponent_code(states: np.ndarray) -> np.ndarray:
@@ -464,15 +467,6 @@ def counted_exponent_code(states: np.ndarray) -> np.ndarray:
     counted = (states == POSITIVE) | (states == NEGATIVE)
     exponent = (np.arange(PATTERNS, dtype=np.int64) & 0x7FFF) >> 7
     return np.where(counted, DELTA_CODE + exponent, 0)
-
-
-def _distance_bins(keys: np.ndarray) -> np.ndarray:
-    """The distance-to-visibility histogram from a histogram of distance keys (DISTANCE_ZERO + e_Δ − max(e_w0, 1),
-    below DELTA_CODE not counted): bin = that distance + 7 − ULP_LOG2_MIN, clamped to the end bins, as
-    precision.ulp_bins gives on a bf16 pair."""
-    counted = np.arange(DELTA_CODE, DISTANCE_KEYS)
-    bins = np.clip(counted - DISTANCE_ZERO + 7 - ULP_LOG2_MIN, 0, ULP_BINS - 1)
-    return np.bincount(bins, weights=keys[DELTA_CODE:], minlength=ULP_BINS).astype(np.int64)
 
 
 def cross_run_accumulators(k: int) -> list:

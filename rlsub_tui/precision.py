@@ -12,6 +12,23 @@ from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
 BF16_MANTISSA_BITS = 7
 _BF16_EPS = torch.finfo(torch.bfloat16).eps
 
+# floor(log2(|Δ| / ULP_bf16(w0))) = e_Δ − max(e_w0, 1) + 7 for a normal Δ, e the biased float32 exponents. Where
+# whole chunks are counted at once it comes from one key per position: DELTA_CODE + e_Δ for a finite true
+# update (else 0) plus BASE_CODE − max(e_w0, 1), i.e. DISTANCE_ZERO + e_Δ − max(e_w0, 1); keys below DELTA_CODE
+# are positions not counted. A histogram of DISTANCE_KEYS keys holds every case; distance_bins() bins it.
+DELTA_CODE = 512
+BASE_CODE = 255
+DISTANCE_ZERO = DELTA_CODE + BASE_CODE
+DISTANCE_KEYS = DELTA_CODE + 254 + BASE_CODE  # e_Δ ≤ 254 (finite), max(e_w0, 1) ≥ 1
+
+
+def distance_bins(keys: np.ndarray) -> np.ndarray:
+    """The distance-to-visibility histogram (criteria.ULP_* bins) from a histogram of distance keys: bin =
+    e_Δ − max(e_w0, 1) + 7 − ULP_LOG2_MIN, clamped to the end bins, as ulp_bins gives per value."""
+    counted = np.arange(DELTA_CODE, DISTANCE_KEYS)
+    bins = np.clip(counted - DISTANCE_ZERO + BF16_MANTISSA_BITS - ULP_LOG2_MIN, 0, ULP_BINS - 1)
+    return np.bincount(bins, weights=keys[DELTA_CODE:], minlength=ULP_BINS).astype(np.int64)
+
 
 def above_bf16(dtype: torch.dtype) -> bool:
     """A floating dtype finer than bf16 (fp16, fp32, fp64): its pairs have updates that bf16 may hide."""
@@ -54,11 +71,27 @@ class SharedBase:
     def __init__(self):
         self.chunk: torch.Tensor | None = None
         self.term: torch.Tensor | None = None
+        self.key_chunk: torch.Tensor | None = None
+        self.key_term: torch.Tensor | None = None
+        self.cast_chunk: torch.Tensor | None = None
+        self.cast: torch.Tensor | None = None
 
     def term_of(self, base: torch.Tensor) -> torch.Tensor:
         if self.chunk is not base:
             self.chunk, self.term = base, ulp_base_term(base)
         return self.term
+
+    def key_term_of(self, base: torch.Tensor) -> torch.Tensor:
+        """BASE_CODE − max(e_w0, 1) per position (int32, CPU)."""
+        if self.key_chunk is not base:
+            exponent = float_exponent(base).to(torch.int32).numpy()
+            self.key_chunk, self.key_term = base, torch.from_numpy(BASE_CODE - np.maximum(exponent, 1))
+        return self.key_term
+
+    def bf16_of(self, base: torch.Tensor) -> torch.Tensor:
+        if self.cast_chunk is not base:
+            self.cast_chunk, self.cast = base, base.to(torch.bfloat16)
+        return self.cast
 
 
 def ulp_bins(abs_delta: torch.Tensor, base: torch.Tensor, shared: SharedBase | None = None) -> torch.Tensor:
@@ -86,6 +119,17 @@ def _bf16_bins(abs_delta: torch.Tensor, term: torch.Tensor, out: torch.Tensor) -
 def bf16_visible(base: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     """bf16(θ1) ≠ bf16(θ0), both rounded to nearest even (torch's cast)."""
     return base.to(torch.bfloat16) != run.to(torch.bfloat16)
+
+
+def bf16_values_differ(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """a != b for two bf16 CPU tensors, as values (so +0 = −0 and NaN differs from everything), compared as
+    bit patterns in numpy: torch compares bf16 values several times slower on one CPU thread."""
+    x, y = a.reshape(-1).view(torch.int16).numpy(), b.reshape(-1).view(torch.int16).numpy()
+    differ = x != y
+    differ &= ((x | y) & 0x7FFF) != 0  # +0 and −0 are one value
+    differ |= (x & 0x7FFF) > 0x7F80  # NaN (exponent all ones, mantissa non-zero) differs from anything
+    differ |= (y & 0x7FFF) > 0x7F80
+    return differ
 
 
 def _bincount(x: torch.Tensor, minlength: int) -> np.ndarray:
@@ -125,6 +169,7 @@ class PrecisionAccumulator:
         self.applies = applies(dtype)
         self.above = above_bf16(dtype)
         self.histogram = np.zeros(ULP_BINS, dtype=np.int64)
+        self.keys = np.zeros(DISTANCE_KEYS, dtype=np.int64)  # the float32 path's distance keys (distance_bins)
         self.visible = 0
         self.hidden = 0
 
@@ -137,13 +182,35 @@ class PrecisionAccumulator:
         counted = updated if finite is None else updated & finite
         if base.dtype == torch.bfloat16:
             binned = self._bf16_binned(base, abs_delta, counted)
-        else:
+            self.histogram += _bincount(binned, ULP_BINS + 1)[1:]  # bin 0: positions not counted
+        elif not self._add_keys(base, abs_delta, counted):
             binned = torch.where(counted, ulp_bins(abs_delta, base) + 1, 0).to(torch.uint8)
-        self.histogram += _bincount(binned, ULP_BINS + 1)[1:]  # bin 0: positions not counted
+            self.histogram += _bincount(binned, ULP_BINS + 1)[1:]
         if self.above:
-            visible = bf16_visible(base, run)
-            self.visible += int(torch.count_nonzero(visible))
-            self.hidden += int(torch.count_nonzero(updated & ~visible))
+            base_bf16 = (self.shared or SharedBase()).bf16_of(base)  # the base cast once per chunk
+            if base.is_cuda:
+                visible = base_bf16 != run.to(torch.bfloat16)  # bf16_visible
+                self.visible += int(torch.count_nonzero(visible))
+                self.hidden += int(torch.count_nonzero(updated & ~visible))
+            else:
+                visible = bf16_values_differ(base_bf16, run.to(torch.bfloat16))
+                self.visible += int(np.count_nonzero(visible))
+                self.hidden += int(np.count_nonzero(updated.reshape(-1).numpy() & ~visible))
+
+    def _add_keys(self, base, abs_delta, counted) -> bool:
+        """float32 |Δ| on the CPU: floor(log2 |Δ|) from its exponent bits, exact for normal values, counted as
+        distance keys (in numpy: torch's mixed-type elementwise ops run several times slower on one CPU thread).
+        False (nothing counted) on a GPU, for float64 and when a counted |Δ| is subnormal."""
+        if abs_delta.dtype != torch.float32 or abs_delta.is_cuda:
+            return False
+        exponent = abs_delta.reshape(-1).numpy().view(np.int32) >> 23  # |Δ| ≥ 0 (NaN/Inf zeroed): sign bit 0
+        counted = counted.reshape(-1).numpy()
+        if np.count_nonzero(counted & (exponent == 0)):  # subnormal |Δ| (counted ones are non-zero): frexp instead
+            return False
+        key = (exponent + DELTA_CODE) * counted
+        key += (self.shared or SharedBase()).key_term_of(base).reshape(-1).numpy()
+        self.keys += np.bincount(key, minlength=DISTANCE_KEYS)
+        return True
 
     def _bf16_binned(self, base, abs_delta, counted) -> torch.Tensor:
         """1 + bin where counted, else 0, as uint8, in buffers kept from chunk to chunk."""
@@ -159,6 +226,8 @@ class PrecisionAccumulator:
     def finish(self) -> PrecisionFigures | None:
         if not self.applies:
             return None
+        self.histogram += distance_bins(self.keys)
+        self.keys[:] = 0
         return PrecisionFigures(tuple(int(c) for c in self.histogram),
                                 self.visible if self.above else None, self.hidden if self.above else None)
 

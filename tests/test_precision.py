@@ -257,3 +257,38 @@ def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, monkeypatch)
         assert s.updated == int(updated.sum())
         assert s.ulp_histogram == want.tolist()
         assert (s.rows_updated, s.cols_updated) == (int(updated.any(axis=1).sum()), int(updated.any(axis=0).sum()))
+
+
+def test_bf16_values_differ_as_torch_compares_values():
+    """Every pair of a set of bf16 values with ±0, ±Inf, NaNs of several payloads, subnormals and neighbours:
+    the bit-pattern comparison equals torch's value comparison."""
+    from rlsub_tui.precision import bf16_values_differ
+
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 1.0, -1.0, 1.0078125, 3e38],
+                           dtype=torch.bfloat16)
+    nans = torch.tensor([0x7FC0, 0x7F81, -1, -0x7F], dtype=torch.int16).view(torch.bfloat16)
+    values = torch.cat([special, nans])
+    a, b = torch.meshgrid(values, values, indexing="ij")
+    assert np.array_equal(bf16_values_differ(a, b), (a != b).reshape(-1).numpy())
+
+
+@pytest.mark.parametrize("subnormal", [False, True])
+def test_fp32_distance_from_exponent_bits_or_frexp(subnormal, monkeypatch):
+    """An fp32 pair counted from |Δ|'s exponent bits (normal Δ) or, for a chunk holding a subnormal true update,
+    through frexp: both give numpy's histogram."""
+    from rlsub_tui import precision
+
+    paths = []
+    real = precision.PrecisionAccumulator._add_keys
+    monkeypatch.setattr(precision.PrecisionAccumulator, "_add_keys",
+                        lambda self, *a: paths.append(real(self, *a)) or paths[-1])
+    g = np.random.default_rng(5)
+    w0 = (g.standard_normal((50, 70)) * 0.02).astype(np.float32)
+    w1 = (w0 + g.standard_normal(w0.shape).astype(np.float32) * 1e-4 * (g.random(w0.shape) < 0.5)).astype(np.float32)
+    if subnormal:
+        w0[3, 4], w1[3, 4] = 0.0, 3e-42  # Δ below float32's smallest normal
+    comp = compute_tensor(torch.from_numpy(w0), [torch.from_numpy(w1)], Criterion("exact"), want_rank=False)
+    s = comp.runs[0]
+    want = oracle(w0, w1, w1 != w0)
+    assert s.ulp_histogram == want["hist"] and (s.updated_bf16_visible, s.hidden_by_bf16) == (want["visible"], want["hidden"])
+    assert paths == [not subnormal]
