@@ -271,6 +271,7 @@ def main() -> int:
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "rlsub-bench")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-ui", action="store_true")
+    p.add_argument("--ui-only", action="store_true", help="measure the explorer alone (item 6) and an idle timer")
     p.add_argument("--ui-half", action="store_true", help="measure the UI on the half-depth model (quicker)")
     p.add_argument("--skip-rank", action="store_true", help="leave out the with-rank analysis and the rank comparison")
     p.add_argument("--repeats", type=int, default=2, help="runs of each marginal-rate measurement (fastest kept)")
@@ -283,6 +284,10 @@ def main() -> int:
     dirs = write_checkpoints(full_dir, shapes, args.runs)
     half_dirs = write_checkpoints(half_dir, half, args.runs)
     print(f"# wrote checkpoints in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    if args.ui_only:
+        read_floor(half_dirs if args.ui_half else dirs)  # warm the page cache
+        print_rows([ui_row(ui_responsiveness(half_dirs if args.ui_half else dirs), idle_stalls())])
+        return 0
     params = sum(int(torch.tensor(s).prod()) if s else 1 for s in shapes.values())
 
     read_floor(dirs)  # warm the page cache
@@ -331,16 +336,24 @@ def main() -> int:
                                  f"(target < +10%)"),
     ]
     if ui:
-        rows.append(("6. UI", f"first paint {ui['first_paint']:.2f} s (target < 1 s); longest event-loop stall "
-                              f"while computing {ui['max_stall_ms']:.0f} ms, p99 {ui['p99_stall_ms']:.0f} ms "
-                              f"(target < 100 ms) over {ui['total']:.0f} s (no rank); before computing (torch "
-                              f"import, opening) {ui['max_stall_before_ms']:.0f} ms; an idle timer's longest "
-                              f"gap on this machine {noise:.0f} ms"))
+        rows.append(ui_row(ui, noise))
+    print_rows(rows)
+    return 0
+
+
+def ui_row(ui: dict, noise: float) -> tuple[str, str]:
+    return ("6. UI", f"first paint {ui['first_paint']:.2f} s (target < 1 s); longest event-loop stall "
+                     f"while computing {ui['max_stall_ms']:.0f} ms, p99 {ui['p99_stall_ms']:.0f} ms "
+                     f"(target < 100 ms) over {ui['total']:.0f} s (no rank); before computing (torch "
+                     f"import, opening) {ui['max_stall_before_ms']:.0f} ms; an idle timer's longest "
+                     f"gap on this machine {noise:.0f} ms")
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure':<{width}} | result |\n|{'-' * (width + 2)}|--------|")
     for k, v in rows:
         print(f"| {k:<{width}} | {v} |")
-    return 0
 
 
 if __name__ == "__main__":
