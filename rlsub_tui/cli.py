@@ -371,13 +371,18 @@ def explorer_config(argv: list[str]):
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
     return ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
                           timelines=resolved.timelines, step_gap=args.step_gap,
-                          run_selection=args.runs, group_specs=args.group)
+                          run_selection=args.runs, group_specs=args.group, compute="process")
 
 
 def run_explore(argv: list[str]) -> int:
     from rlsub_tui.ui.app import ExplorerApp
 
-    app = ExplorerApp(explorer_config(argv))
+    config = explorer_config(argv)
+    if config.compute == "process":
+        from rlsub_tui.analysis_process import start_server
+
+        start_server()  # at once: its torch import, in its own process, overlaps the app's start and first paint
+    app = ExplorerApp(config)
     app.run()
     if app.failed:  # the analysis could not start: say so here too, for scripts and scrollback
         print(f"rlsub-tui: error: {app.failed}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""The explorer app: owns the state; a thread worker runs the analysis and posts its events as messages; handlers update widgets."""
+"""The explorer app: owns the state; a thread worker runs the analysis (in a child process, see
+analysis_process) and posts its events as messages; handlers update widgets."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -50,6 +52,10 @@ class ExplorerConfig:
     step_gap: int = 1
     run_selection: str | None = None  # --runs: which runs the pooled figures use at start (default all)
     group_specs: list[tuple[str, str]] | None = None  # --group NAME=GLOB; None: groups from label prefixes
+    # "process" (the CLI's): the analysis and the detail views run in a child process (analysis_process), so
+    # this process never imports torch and its event loop never waits for the GIL; "thread": in this process,
+    # where tests can patch the engine
+    compute: str = "thread"
 
 
 class ExplorerApp(App):
@@ -187,8 +193,12 @@ class ExplorerApp(App):
         from textual.worker import get_current_worker
 
         from rlsub_tui.analysis import analyse, batched
+        from rlsub_tui.analysis_process import AnalysisError, analyse_in_child, start_server
 
         worker, cfg = get_current_worker(), self.config
+        if cfg.compute == "process":
+            start_server()  # its torch import, in its own process, overlaps the first paint
+            analyse = analyse_in_child
         if self.result is None:
             self._post_preview(generation)
         try:
@@ -196,7 +206,7 @@ class ExplorerApp(App):
                                  cancelled=lambda: worker.is_cancelled)) as events:
                 for event in batched(events, BATCH_SECONDS):
                     self.post_message(_message(event, generation))
-        except InputError as exc:
+        except (InputError, AnalysisError) as exc:  # a sentence for the user either way
             self.post_message(AnalysisFailed(str(exc), generation))
         except Exception as exc:  # a failure in the worker becomes a dialog, never a crash
             self.post_message(AnalysisFailed(f"the analysis failed: {type(exc).__name__}: {exc}", generation))
@@ -219,6 +229,7 @@ class ExplorerApp(App):
         self.focus_node = self.roots[0] if self.roots else None
         tree = self.query_one(LayerTree)
         tree.populate(self.roots, None)
+        self.call_after_refresh(_settle_heap)
 
     def on_analysis_opened(self, msg: AnalysisOpened) -> None:
         if msg.generation != self.generation:
@@ -252,6 +263,7 @@ class ExplorerApp(App):
             text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
                 (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
             self.notify(text, severity="warning", timeout=10)
+        self.call_after_refresh(_settle_heap)
 
     def _resolve_groups(self, labels: list[str]) -> None:
         from rlsub_tui.groups import resolve_groups
@@ -336,6 +348,7 @@ class ExplorerApp(App):
         self._dirty = False
         self.query_one(LayerTree).refresh_labels()
         self.mutate_reactive(ExplorerApp.focus_node)
+        self.call_after_refresh(_settle_heap)
 
     # ----------------------------------------------------------------------------------------- views
     def _rebuild_tree(self, keep_key: str | None = None) -> None:
@@ -455,13 +468,20 @@ class ExplorerApp(App):
 
     @work(thread=True, exit_on_error=False, group="detail")
     def inspect_tensor(self, key: tuple) -> None:
-        from rlsub_tui.matrix_detail import detail, read_tensor
+        """Reads one tensor with torch: in a child process like the analysis (see ExplorerConfig.compute)."""
+        from rlsub_tui.analysis_process import AnalysisError, detail_in_child
 
         name, runs, _ = key
+        cfg = self.config
         try:
-            tensors = read_tensor(self.config.base, self.config.runs, self.options, name)
-            self.post_message(DetailReady(key, detail(name, tensors, self.options, runs)))
-        except InputError as exc:
+            if cfg.compute == "process":
+                found = detail_in_child(cfg.base, cfg.runs, self.options, name, runs)
+            else:
+                from rlsub_tui.matrix_detail import detail, read_tensor
+
+                found = detail(name, read_tensor(cfg.base, cfg.runs, self.options, name), self.options, runs)
+            self.post_message(DetailReady(key, found))
+        except (InputError, AnalysisError) as exc:
             self.post_message(DetailFailed(key, str(exc)))
         except Exception as exc:  # shown in the panel, never a crash
             self.post_message(DetailFailed(key, f"cannot read {name}: {type(exc).__name__}: {exc}"))
@@ -773,6 +793,14 @@ class ExplorerApp(App):
                                 lambda n=name: self.action_chart(n))
         yield SystemCommand("Warnings", "Tensors not compared, and notes", self.action_warnings)
         yield SystemCommand("Help", "Definitions and keys", self.action_help)
+
+
+def _settle_heap() -> None:
+    """Exempt what lives now (widgets, the tree, the results so far, render caches) from the collector's full
+    passes: over a heap this size one took 60-110 ms, a visible stall of the event loop. The young
+    generations are collected first (a few ms), so only cycles that already reached the oldest are kept."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def _message(event, generation: int):
