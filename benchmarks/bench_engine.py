@@ -215,9 +215,6 @@ dirs, compute = json.loads(sys.argv[1]), sys.argv[2]
 async def go():
     app = ExplorerApp(ExplorerConfig(dirs[0], dirs[1:], AnalysisOptions(use_cache=False, rank=False),
                                      Path(tempfile.gettempdir()), compute=compute))
-    if compute == "process":  # as the CLI does before the app starts
-        from rlsub_tui.analysis_process import start_server
-        start_server()
     ticks, state = [], {"engine": None, "first_paint": None, "computing": None}
     t0 = time.perf_counter()
     async with app.run_test(size=(120, 40)) as pilot:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Generator, Iterator
 
 from rlsub_tui.analysis import Event, Finished, analyse
 from rlsub_tui.criteria import AnalysisOptions
@@ -22,7 +24,7 @@ from rlsub_tui.errors import InputError
 
 # Imported by the forkserver once, so that a child starts with torch and the engine loaded.
 PRELOAD = ["rlsub_tui.engine", "rlsub_tui.timeline", "rlsub_tui.matrix_detail"]
-CANCEL_GRACE_SECONDS = 2.0  # a cancelled child may finish its tensor and say so; then it is killed
+CANCEL_GRACE_SECONDS = 0.5  # a cancelled child may stop between tensors and say so; then it is killed
 CHILD_NICENESS = 10  # added to the child's nice value (POSIX): on a busy machine the UI's redraws come first
 POLL_SECONDS = 0.05  # how often the consumer's cancelled() is asked while the child works
 
@@ -46,7 +48,28 @@ def start_server() -> None:
         _context()
         from multiprocessing import forkserver
 
-        forkserver.ensure_running()
+        with _real_stderr():
+            forkserver.ensure_running()
+
+
+@contextmanager
+def _real_stderr():
+    """multiprocessing hands sys.stderr's file descriptor to the helper processes it starts (the resource
+    tracker, the forkserver); a running Textual app replaces sys.stderr with an object whose fileno() is -1,
+    which makes that fail. For the few milliseconds of a start, the interpreter's own stderr stands in."""
+    try:
+        usable = sys.stderr is None or sys.stderr.fileno() >= 0
+    except Exception:  # no descriptor at all: multiprocessing then passes none
+        usable = True
+    if usable:
+        yield
+        return
+    saved = sys.stderr
+    sys.stderr = sys.__stderr__ if sys.__stderr__ is not None else open(os.devnull, "w")
+    try:
+        yield
+    finally:
+        sys.stderr = saved
 
 
 def analyse_in_child(base: str, runs: list[str], options: AnalysisOptions, timelines: dict | None = None,
@@ -135,23 +158,29 @@ def _child_stream(target, args: tuple, cancelled: Callable[[], bool]) -> Iterato
     ours, theirs = ctx.Pipe(duplex=True)
     child = ctx.Process(target=_child_main, args=(theirs, os.getcwd(), dict(os.environ), target, args),
                         name="rlsub-analysis", daemon=True)
-    child.start()
+    with _real_stderr():  # starts the forkserver again if it is gone
+        child.start()
     theirs.close()
+    ended = False  # by the child's last message: it is exiting on its own
     try:
-        yield from _receive(child, ours, cancelled)
+        ended = yield from _receive(child, ours, cancelled)
+    except (InputError, AnalysisError):
+        ended = True
+        raise
     finally:
         ours.close()
-        _end(child)
+        _end(child, 2.0 if ended else 0.0)
 
 
-def _receive(child, conn, cancelled: Callable[[], bool]) -> Iterator[Any]:
+def _receive(child, conn, cancelled: Callable[[], bool]) -> Generator[Any, None, bool]:
+    """What the child sends, until its last message (True) or the end of its grace once cancelled (False)."""
     deadline = None
     while True:
         if deadline is None and cancelled():
             _tell(conn, "cancel")
             deadline = time.monotonic() + CANCEL_GRACE_SECONDS
         if deadline is not None and time.monotonic() > deadline:
-            return
+            return False
         try:
             if not conn.poll(POLL_SECONDS):
                 if child.is_alive() or conn.poll(0):
@@ -160,12 +189,12 @@ def _receive(child, conn, cancelled: Callable[[], bool]) -> Iterator[Any]:
             kind, payload = conn.recv()
         except (EOFError, OSError):
             if deadline is not None:
-                return  # it stopped as asked
+                return True  # it stopped as asked
             raise AnalysisError(_death(child)) from None
         if kind == "item":
             yield payload
         elif kind == "done":
-            return
+            return True
         elif kind == "input":
             raise InputError(payload)
         else:
@@ -193,9 +222,9 @@ def _death(child) -> str:
     return f"the analysis process ended before it finished (exit code {code})."
 
 
-def _end(child) -> None:
-    """The child gone and reaped, however the stream ended."""
-    child.join(0.5)
+def _end(child, wait: float) -> None:
+    """The child gone and reaped, however the stream ended: given `wait` seconds to exit, then terminated."""
+    child.join(wait)
     if child.is_alive():
         child.terminate()
         child.join(2)

@@ -377,12 +377,7 @@ def explorer_config(argv: list[str]):
 def run_explore(argv: list[str]) -> int:
     from rlsub_tui.ui.app import ExplorerApp
 
-    config = explorer_config(argv)
-    if config.compute == "process":
-        from rlsub_tui.analysis_process import start_server
-
-        start_server()  # at once: its torch import, in its own process, overlaps the app's start and first paint
-    app = ExplorerApp(config)
+    app = ExplorerApp(explorer_config(argv))
     app.run()
     if app.failed:  # the analysis could not start: say so here too, for scripts and scrollback
         print(f"rlsub-tui: error: {app.failed}", file=sys.stderr)

@@ -148,6 +148,10 @@ class ExplorerApp(App):
         self._dirty = False
         self.timeline = None  # timeline.TimelineResult, once computed
         self.timeline_state = "waiting" if config.timelines else "none"
+        if config.compute == "process":
+            from rlsub_tui.analysis_process import start_server
+
+            start_server()  # a few ms; its torch import, in its own process, overlaps the app's start and first paint
 
     # ----------------------------------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -169,6 +173,17 @@ class ExplorerApp(App):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
         yield Footer()
+
+    def _settle_heap(self) -> None:
+        """While it computes, exempt what lives now (widgets, the tree, the results so far, render caches) from
+        the collector's full passes: over this heap one took 60-110 ms, a visible stall of the event loop. The
+        young generations are collected first (a few ms); the analysis' end (and quitting) unfreezes it all."""
+        if self.running:
+            gc.collect(1)
+            gc.freeze()
+
+    def on_unmount(self) -> None:
+        gc.unfreeze()
 
     def on_mount(self) -> None:
         self.sub_title = "opening checkpoints…"
@@ -193,11 +208,10 @@ class ExplorerApp(App):
         from textual.worker import get_current_worker
 
         from rlsub_tui.analysis import analyse, batched
-        from rlsub_tui.analysis_process import AnalysisError, analyse_in_child, start_server
+        from rlsub_tui.analysis_process import AnalysisError, analyse_in_child
 
         worker, cfg = get_current_worker(), self.config
         if cfg.compute == "process":
-            start_server()  # its torch import, in its own process, overlaps the first paint
             analyse = analyse_in_child
         if self.result is None:
             self._post_preview(generation)
@@ -229,7 +243,7 @@ class ExplorerApp(App):
         self.focus_node = self.roots[0] if self.roots else None
         tree = self.query_one(LayerTree)
         tree.populate(self.roots, None)
-        self.call_after_refresh(_settle_heap)
+        self.call_after_refresh(self._settle_heap)
 
     def on_analysis_opened(self, msg: AnalysisOpened) -> None:
         if msg.generation != self.generation:
@@ -263,7 +277,7 @@ class ExplorerApp(App):
             text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
                 (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
             self.notify(text, severity="warning", timeout=10)
-        self.call_after_refresh(_settle_heap)
+        self.call_after_refresh(self._settle_heap)
 
     def _resolve_groups(self, labels: list[str]) -> None:
         from rlsub_tui.groups import resolve_groups
@@ -312,6 +326,7 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        gc.unfreeze()
         if self.result is not None:
             self.result.complete = msg.complete
             self.result.notes += [n for n in msg.notes if n not in self.result.notes]
@@ -333,6 +348,7 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        gc.unfreeze()
         self.timeline_state = "the timeline was not computed (the analysis failed)"
         if self.result is None:  # the analysis could not start: quitting now reports it in the exit status
             self.failed = msg.error
@@ -348,7 +364,7 @@ class ExplorerApp(App):
         self._dirty = False
         self.query_one(LayerTree).refresh_labels()
         self.mutate_reactive(ExplorerApp.focus_node)
-        self.call_after_refresh(_settle_heap)
+        self.call_after_refresh(self._settle_heap)
 
     # ----------------------------------------------------------------------------------------- views
     def _rebuild_tree(self, keep_key: str | None = None) -> None:
@@ -618,7 +634,8 @@ class ExplorerApp(App):
             return
         if self.running:
             self.workers.cancel_group(self, "analysis")
-            self.notify("Cancelling: the tensor in progress finishes, then the computation stops.")
+            self.notify("Cancelling: the computation stops after the tensor in progress (in a child process: "
+                        "within half a second), keeping what is done.")
 
     def action_sort(self) -> None:
         self.query_one(ChildrenTable).cycle_sort()
@@ -793,14 +810,6 @@ class ExplorerApp(App):
                                 lambda n=name: self.action_chart(n))
         yield SystemCommand("Warnings", "Tensors not compared, and notes", self.action_warnings)
         yield SystemCommand("Help", "Definitions and keys", self.action_help)
-
-
-def _settle_heap() -> None:
-    """Exempt what lives now (widgets, the tree, the results so far, render caches) from the collector's full
-    passes: over a heap this size one took 60-110 ms, a visible stall of the event loop. The young
-    generations are collected first (a few ms), so only cycles that already reached the oldest are kept."""
-    gc.collect(1)
-    gc.freeze()
 
 
 def _message(event, generation: int):
