@@ -208,3 +208,16 @@ def test_the_consumer_never_imports_torch(tmp_path):
     assert got["torch"] is False
     assert {"Opened", "Progress", "TimelineStep", "TimelineDone", "Finished"} <= set(got["kinds"])
     assert got["detail"] == "MatrixDetail"
+
+
+def _cuda_state(send, cancelled):
+    import torch
+
+    send({"initialized": torch.cuda.is_initialized(), "bad_fork": torch.cuda._is_in_bad_fork()})
+
+
+def test_the_forkserver_leaves_cuda_untouched_for_the_child():
+    """The server imports torch and the engine but must not initialise CUDA: a child forked after that could
+    not use the GPU (on a CPU-only build this holds trivially; on a GPU box it is the real check)."""
+    (state,) = list(analysis_process._child_stream(_cuda_state, (), lambda: False))
+    assert state == {"initialized": False, "bad_fork": False}
