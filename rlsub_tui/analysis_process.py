@@ -18,7 +18,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Generator, Iterator
 
-from rlsub_tui.analysis import Event, Finished, analyse
+from rlsub_tui.analysis import Event, Finished, analyse, reopened
+from rlsub_tui.cache import reopen
 from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.errors import InputError
 
@@ -76,7 +77,12 @@ def analyse_in_child(base: str, runs: list[str], options: AnalysisOptions, timel
                      step_gap: int = 1, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Event]:
     """`analysis.analyse` run in a child process: the same events, the same InputError; any other failure
     of the child, or its death, as an AnalysisError. Cancelled: the child stops (keeping what the cache
-    holds) and the stream ends with Finished(complete=False)."""
+    holds) and the stream ends with Finished(complete=False). An analysis the cache holds whole (and no
+    timeline pass) is read here, without a child: that needs no torch, and waits for no forkserver."""
+    cached = None if timelines else reopen(base, runs, options)
+    if cached is not None:
+        yield from reopened(cached, base, None, options, step_gap, cancelled)
+        return
     finished = False
     for event in _child_stream(_analyse_target, (base, runs, options, timelines, step_gap), cancelled):
         finished = finished or isinstance(event, Finished)

@@ -221,3 +221,17 @@ def test_the_forkserver_leaves_cuda_untouched_for_the_child():
     not use the GPU (on a CPU-only build this holds trivially; on a GPU box it is the real check)."""
     (state,) = list(analysis_process._child_stream(_cuda_state, (), lambda: False))
     assert state == {"initialized": False, "bad_fork": False}
+
+
+def test_a_cached_analysis_reopens_here_without_a_child(checkpoints, monkeypatch):
+    base, runs = paths(checkpoints)
+    options = AnalysisOptions(rank=False, device="cpu")
+    first = list(analyse_in_child(base, runs, options))
+
+    def no_child(*args):
+        raise AssertionError("a child was started for a cached analysis")
+
+    monkeypatch.setattr(analysis_process, "_child_stream", no_child)
+    again = list(analyse_in_child(base, runs, options))
+    assert [type(e) for e in again] == [type(e) for e in first] and again[-1].complete
+    assert all(e.cached for e in again if isinstance(e, Progress))
