@@ -210,11 +210,11 @@ import asyncio, json, sys, tempfile, time
 from pathlib import Path
 from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
-dirs = json.loads(sys.argv[1])
+dirs, compute = json.loads(sys.argv[1]), sys.argv[2]
 
 async def go():
     app = ExplorerApp(ExplorerConfig(dirs[0], dirs[1:], AnalysisOptions(use_cache=False, rank=False),
-                                     Path(tempfile.gettempdir())))
+                                     Path(tempfile.gettempdir()), compute=compute))
     ticks, state = [], {"engine": None, "first_paint": None, "computing": None}
     t0 = time.perf_counter()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -238,15 +238,17 @@ async def go():
                       "p99_stall_ms": 1000 * during[int(0.99 * (len(during) - 1))],
                       "max_stall_before_ms": 1000 * max(before), "total": time.perf_counter() - t0}))
 
-asyncio.run(go())
+if __name__ == "__main__":  # a child process of the analysis runs this file again as __mp_main__
+    asyncio.run(go())
 """
 
 
-def ui_responsiveness(dirs: list[Path]) -> dict:
+def ui_responsiveness(dirs: list[Path], compute: str = "process") -> dict:
     """In a fresh process (torch not yet imported, as for a user): first paint (tree from headers), the
     longest event-loop stall before computing starts (the worker imports torch and opens the checkpoints)
-    and while the worker computes, keys pressed all along."""
-    out = subprocess.run([sys.executable, "-c", UI_CHILD, json.dumps([str(d) for d in dirs])],
+    and while the worker computes, keys pressed all along. compute: as ExplorerConfig.compute (the CLI's
+    is "process")."""
+    out = subprocess.run([sys.executable, "-c", UI_CHILD, json.dumps([str(d) for d in dirs]), compute],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -271,6 +273,9 @@ def main() -> int:
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "rlsub-bench")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-ui", action="store_true")
+    p.add_argument("--ui-only", action="store_true", help="measure the explorer alone (item 6) and an idle timer")
+    p.add_argument("--ui-compute", choices=("process", "thread"), default="process",
+                   help="where the explorer computes: a child process (the CLI's default) or a thread of its own")
     p.add_argument("--ui-half", action="store_true", help="measure the UI on the half-depth model (quicker)")
     p.add_argument("--skip-rank", action="store_true", help="leave out the with-rank analysis and the rank comparison")
     p.add_argument("--repeats", type=int, default=2, help="runs of each marginal-rate measurement (fastest kept)")
@@ -283,6 +288,10 @@ def main() -> int:
     dirs = write_checkpoints(full_dir, shapes, args.runs)
     half_dirs = write_checkpoints(half_dir, half, args.runs)
     print(f"# wrote checkpoints in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    if args.ui_only:
+        read_floor(half_dirs if args.ui_half else dirs)  # warm the page cache
+        print_rows([ui_row(ui_responsiveness(half_dirs if args.ui_half else dirs, args.ui_compute), idle_stalls())])
+        return 0
     params = sum(int(torch.tensor(s).prod()) if s else 1 for s in shapes.values())
 
     read_floor(dirs)  # warm the page cache
@@ -295,7 +304,7 @@ def main() -> int:
     pair_ref = child("reference", [str(dirs[0]), str(dirs[1])])
     half_run = rates[("ours", "half")]
     rank = None if args.skip_rank else rank_comparison(dirs, args.rank_layers, device)
-    ui = None if args.skip_ui else ui_responsiveness(half_dirs if args.ui_half else dirs)
+    ui = None if args.skip_ui else ui_responsiveness(half_dirs if args.ui_half else dirs, args.ui_compute)
     noise = idle_stalls()
 
     gb = nbytes / 1e9
@@ -331,16 +340,24 @@ def main() -> int:
                                  f"(target < +10%)"),
     ]
     if ui:
-        rows.append(("6. UI", f"first paint {ui['first_paint']:.2f} s (target < 1 s); longest event-loop stall "
-                              f"while computing {ui['max_stall_ms']:.0f} ms, p99 {ui['p99_stall_ms']:.0f} ms "
-                              f"(target < 100 ms) over {ui['total']:.0f} s (no rank); before computing (torch "
-                              f"import, opening) {ui['max_stall_before_ms']:.0f} ms; an idle timer's longest "
-                              f"gap on this machine {noise:.0f} ms"))
+        rows.append(ui_row(ui, noise))
+    print_rows(rows)
+    return 0
+
+
+def ui_row(ui: dict, noise: float) -> tuple[str, str]:
+    return ("6. UI", f"first paint {ui['first_paint']:.2f} s (target < 1 s); longest event-loop stall "
+                     f"while computing {ui['max_stall_ms']:.0f} ms, p99 {ui['p99_stall_ms']:.0f} ms "
+                     f"(target < 100 ms) over {ui['total']:.0f} s (no rank); before computing (torch "
+                     f"import, opening) {ui['max_stall_before_ms']:.0f} ms; an idle timer's longest "
+                     f"gap on this machine {noise:.0f} ms")
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure':<{width}} | result |\n|{'-' * (width + 2)}|--------|")
     for k, v in rows:
         print(f"| {k:<{width}} | {v} |")
-    return 0
 
 
 if __name__ == "__main__":

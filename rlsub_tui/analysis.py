@@ -79,7 +79,7 @@ def analyse(base: str, runs: list[str], options: AnalysisOptions, timelines: dic
     anything is computed. Stops early, keeping what is done, when cancelled() turns true."""
     cached = reopen(base, runs, options)
     if cached is not None:  # a finished analysis of exactly this: no torch needed at all (unless timelines)
-        yield from _reopened(cached, base, timelines, options, step_gap, cancelled)
+        yield from reopened(cached, base, timelines, options, step_gap, cancelled)
         return
     from rlsub_tui.engine import Analysis  # imports torch: a second or so
 
@@ -101,7 +101,7 @@ def analyse(base: str, runs: list[str], options: AnalysisOptions, timelines: dic
             steps.close()
 
 
-def _reopened(cached: AnalysisResult, base: str, timelines, options: AnalysisOptions, step_gap: int,
+def reopened(cached: AnalysisResult, base: str, timelines, options: AnalysisOptions, step_gap: int,
               cancelled: Callable[[], bool]) -> Iterator[Event]:
     """The same events for an analysis the cache holds whole: every tensor at once, then any timeline pass."""
     steps = open_timelines(base, timelines, cached.run_labels, options, step_gap)

@@ -371,7 +371,7 @@ def explorer_config(argv: list[str]):
     export_dir = (args.export_dir or Path.cwd()).expanduser().resolve()
     return ExplorerConfig(base=base, runs=runs, options=options, export_dir=export_dir,
                           timelines=resolved.timelines, step_gap=args.step_gap,
-                          run_selection=args.runs, group_specs=args.group)
+                          run_selection=args.runs, group_specs=args.group, compute="process")
 
 
 def run_explore(argv: list[str]) -> int:

@@ -4,53 +4,17 @@ distribution of log2 |Δ| per run. Reads that one tensor from each checkpoint, n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.masks import _rounded, criterion_mask, stored_delta
+from rlsub_tui.results import MatrixDetail  # no torch there: an analysis process sends it to the UI
 
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows are processed in blocks of about this many parameters
 LOG2_MIN, LOG2_MAX = -40, 8
 FINE_CELLS = (96, 256)  # the map is counted on at most this grid once, then merged to the screen's size  # histogram range of log2 |Δ| (clamped at the ends)
-
-
-@dataclass
-class MatrixDetail:
-    """What the two views draw for one tensor and a set of chosen runs."""
-
-    name: str
-    shape: tuple[int, ...]
-    runs: tuple[int, ...]
-    cell_numel: np.ndarray  # (R, C) parameters per cell of the map
-    updated: np.ndarray  # (len(runs), R, C) parameters each chosen run updated, per cell
-    consensus: np.ndarray  # (R, C) parameters every chosen run updated, per cell
-    log2_bins: np.ndarray  # left edges: bin x holds |Δ| in [2^x, 2^(x+1)), ends clamped
-    log2_counts: np.ndarray  # (len(runs), bins) parameters per bin (Δ = 0 and NaN/Inf left out)
-    zero: np.ndarray  # (len(runs),) parameters with Δ exactly 0
-    tolerance_log2: float | None  # log2 of the atol tolerance as the stored dtype rounds it; None otherwise
-
-    def resampled(self, rows: int, cols: int) -> "MatrixDetail":
-        """The same counts merged into at most rows × cols cells (cells of the finer grid summed)."""
-        r0, c0 = self.cell_numel.shape
-        rows, cols = max(1, min(rows, r0)), max(1, min(cols, c0))
-        ri, ci = (np.arange(r0) * rows) // r0, (np.arange(c0) * cols) // c0
-
-        def merge(a: np.ndarray) -> np.ndarray:
-            out = np.zeros(a.shape[:-2] + (rows, cols), dtype=np.int64)
-            np.add.at(out, (..., ri[:, None], ci[None, :]), a)
-            return out
-
-        return replace(self, cell_numel=merge(self.cell_numel), updated=merge(self.updated),
-                       consensus=merge(self.consensus))
-
-    def fraction(self, which: int | None) -> np.ndarray:
-        """Updated fraction per cell: of chosen run `which` (its position in runs), or by every chosen run."""
-        counts = self.consensus if which is None else self.updated[which]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.cell_numel > 0, counts / np.maximum(self.cell_numel, 1), np.nan)
 
 
 def _cells(length: int, cells: int) -> torch.Tensor:

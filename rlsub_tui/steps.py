@@ -6,6 +6,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from rlsub_tui.criteria import Criterion
 from rlsub_tui.errors import CheckpointError, InputError
 from rlsub_tui.locate import locate, parse_run_spec
 
@@ -93,3 +96,51 @@ def run_specs(resolved: ResolvedRuns) -> list[str]:
         plain = label is None or "=" in label or "/" in label
         out.append(path if plain else f"{label}={path}")
     return out
+
+
+# What the timeline pass (timeline.py) finds: plain data, no torch.
+@dataclass
+class TimelineRow:
+    """One tensor of one run at one step: against the base and against the step `gap` checkpoints before."""
+
+    tensor: str
+    run: str
+    step: int
+    prev_step: int | None  # None: fewer than `gap` checkpoints before this one
+    numel: int
+    updated_vs_base: int
+    updated_vs_prev: int | None
+    both_prev: int | None  # updated in this step and in the previous step (same gap)
+    prev_updated: int | None  # updated in the previous step
+    union_so_far: int
+    patch_bytes: int | None
+    dense_bytes: int
+
+    @property
+    def overlap_prev(self) -> float | None:
+        if self.both_prev is None or not self.updated_vs_prev:
+            return None
+        return self.both_prev / self.updated_vs_prev
+
+    @property
+    def overlap_prev_random(self) -> float | None:
+        return None if self.prev_updated is None or not self.numel else self.prev_updated / self.numel
+
+
+@dataclass
+class RunTimeline:
+    """One timeline's steps and, per step index (0 = never), how many parameters first changed there."""
+
+    label: str
+    path: str
+    steps: list[int]
+    first_changed: np.ndarray  # length len(steps) + 1
+
+
+@dataclass
+class TimelineResult:
+    criterion: Criterion
+    gap: int
+    runs: list[RunTimeline]
+    rows: list[TimelineRow] = field(default_factory=list)
+    skipped: list = field(default_factory=list)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,56 +14,10 @@ from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
 from rlsub_tui.errors import InputError
 from rlsub_tui.labels import checkpoint_label
 from rlsub_tui.masks import CHUNK_ELEMENTS, update_mask
-from rlsub_tui.steps import Timeline
+# the result types live in steps.py (no torch), so a UI process can unpickle them from an analysis process
+from rlsub_tui.steps import RunTimeline, Timeline, TimelineResult, TimelineRow  # noqa: F401
 
 INDEX_BYTES = 4  # a sparse patch stores each changed position as a 4-byte index plus the new stored value
-
-
-@dataclass
-class TimelineRow:
-    """One tensor of one run at one step: against the base and against the step `gap` checkpoints before."""
-
-    tensor: str
-    run: str
-    step: int
-    prev_step: int | None  # None: fewer than `gap` checkpoints before this one
-    numel: int
-    updated_vs_base: int
-    updated_vs_prev: int | None
-    both_prev: int | None  # updated in this step and in the previous step (same gap)
-    prev_updated: int | None  # updated in the previous step
-    union_so_far: int
-    patch_bytes: int | None
-    dense_bytes: int
-
-    @property
-    def overlap_prev(self) -> float | None:
-        if self.both_prev is None or not self.updated_vs_prev:
-            return None
-        return self.both_prev / self.updated_vs_prev
-
-    @property
-    def overlap_prev_random(self) -> float | None:
-        return None if self.prev_updated is None or not self.numel else self.prev_updated / self.numel
-
-
-@dataclass
-class RunTimeline:
-    """One timeline's steps and, per step index (0 = never), how many parameters first changed there."""
-
-    label: str
-    path: str
-    steps: list[int]
-    first_changed: np.ndarray  # length len(steps) + 1
-
-
-@dataclass
-class TimelineResult:
-    criterion: Criterion
-    gap: int
-    runs: list[RunTimeline]
-    rows: list[TimelineRow] = field(default_factory=list)
-    skipped: list = field(default_factory=list)
 
 
 def _check_agreement(t: Timeline, ckpts: list[Checkpoint]) -> None:

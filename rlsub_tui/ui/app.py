@@ -1,7 +1,9 @@
-"""The explorer app: owns the state; a thread worker runs the analysis and posts its events as messages; handlers update widgets."""
+"""The explorer app: owns the state; a thread worker runs the analysis (in a child process, see
+analysis_process) and posts its events as messages; handlers update widgets."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -50,6 +52,10 @@ class ExplorerConfig:
     step_gap: int = 1
     run_selection: str | None = None  # --runs: which runs the pooled figures use at start (default all)
     group_specs: list[tuple[str, str]] | None = None  # --group NAME=GLOB; None: groups from label prefixes
+    # "process" (the CLI's): the analysis and the detail views run in a child process (analysis_process), so
+    # this process never imports torch and its event loop never waits for the GIL; "thread": in this process,
+    # where tests can patch the engine
+    compute: str = "thread"
 
 
 class ExplorerApp(App):
@@ -142,6 +148,10 @@ class ExplorerApp(App):
         self._dirty = False
         self.timeline = None  # timeline.TimelineResult, once computed
         self.timeline_state = "waiting" if config.timelines else "none"
+        if config.compute == "process":
+            from rlsub_tui.analysis_process import start_server
+
+            start_server()  # a few ms; its torch import, in its own process, overlaps the app's start and first paint
 
     # ----------------------------------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -163,6 +173,17 @@ class ExplorerApp(App):
             yield ProgressBar(id="progress", show_eta=False, show_percentage=True)
             yield Static("opening checkpoints…", id="progress-text")
         yield Footer()
+
+    def _settle_heap(self) -> None:
+        """While it computes, exempt what lives now (widgets, the tree, the results so far, render caches) from
+        the collector's full passes: over this heap one took 60-110 ms, a visible stall of the event loop. The
+        young generations are collected first (a few ms); the analysis' end (and quitting) unfreezes it all."""
+        if self.running:
+            gc.collect(1)
+            gc.freeze()
+
+    def on_unmount(self) -> None:
+        gc.unfreeze()
 
     def on_mount(self) -> None:
         self.sub_title = "opening checkpoints…"
@@ -187,8 +208,11 @@ class ExplorerApp(App):
         from textual.worker import get_current_worker
 
         from rlsub_tui.analysis import analyse, batched
+        from rlsub_tui.analysis_process import AnalysisError, analyse_in_child
 
         worker, cfg = get_current_worker(), self.config
+        if cfg.compute == "process":
+            analyse = analyse_in_child
         if self.result is None:
             self._post_preview(generation)
         try:
@@ -196,7 +220,7 @@ class ExplorerApp(App):
                                  cancelled=lambda: worker.is_cancelled)) as events:
                 for event in batched(events, BATCH_SECONDS):
                     self.post_message(_message(event, generation))
-        except InputError as exc:
+        except (InputError, AnalysisError) as exc:  # a sentence for the user either way
             self.post_message(AnalysisFailed(str(exc), generation))
         except Exception as exc:  # a failure in the worker becomes a dialog, never a crash
             self.post_message(AnalysisFailed(f"the analysis failed: {type(exc).__name__}: {exc}", generation))
@@ -219,6 +243,7 @@ class ExplorerApp(App):
         self.focus_node = self.roots[0] if self.roots else None
         tree = self.query_one(LayerTree)
         tree.populate(self.roots, None)
+        self.call_after_refresh(self._settle_heap)
 
     def on_analysis_opened(self, msg: AnalysisOpened) -> None:
         if msg.generation != self.generation:
@@ -252,6 +277,7 @@ class ExplorerApp(App):
             text = (f"{len(r.skipped)} tensor(s) not compared: {shown}{more}. " if r.skipped else "") + \
                 (f"{len(r.notes)} note(s). " if r.notes else "") + "Press w for the full list and reasons."
             self.notify(text, severity="warning", timeout=10)
+        self.call_after_refresh(self._settle_heap)
 
     def _resolve_groups(self, labels: list[str]) -> None:
         from rlsub_tui.groups import resolve_groups
@@ -300,6 +326,7 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        gc.unfreeze()
         if self.result is not None:
             self.result.complete = msg.complete
             self.result.notes += [n for n in msg.notes if n not in self.result.notes]
@@ -321,6 +348,7 @@ class ExplorerApp(App):
         if msg.generation != self.generation:
             return
         self.running = False
+        gc.unfreeze()
         self.timeline_state = "the timeline was not computed (the analysis failed)"
         if self.result is None:  # the analysis could not start: quitting now reports it in the exit status
             self.failed = msg.error
@@ -336,6 +364,7 @@ class ExplorerApp(App):
         self._dirty = False
         self.query_one(LayerTree).refresh_labels()
         self.mutate_reactive(ExplorerApp.focus_node)
+        self.call_after_refresh(self._settle_heap)
 
     # ----------------------------------------------------------------------------------------- views
     def _rebuild_tree(self, keep_key: str | None = None) -> None:
@@ -455,13 +484,20 @@ class ExplorerApp(App):
 
     @work(thread=True, exit_on_error=False, group="detail")
     def inspect_tensor(self, key: tuple) -> None:
-        from rlsub_tui.matrix_detail import detail, read_tensor
+        """Reads one tensor with torch: in a child process like the analysis (see ExplorerConfig.compute)."""
+        from rlsub_tui.analysis_process import AnalysisError, detail_in_child
 
         name, runs, _ = key
+        cfg = self.config
         try:
-            tensors = read_tensor(self.config.base, self.config.runs, self.options, name)
-            self.post_message(DetailReady(key, detail(name, tensors, self.options, runs)))
-        except InputError as exc:
+            if cfg.compute == "process":
+                found = detail_in_child(cfg.base, cfg.runs, self.options, name, runs)
+            else:
+                from rlsub_tui.matrix_detail import detail, read_tensor
+
+                found = detail(name, read_tensor(cfg.base, cfg.runs, self.options, name), self.options, runs)
+            self.post_message(DetailReady(key, found))
+        except (InputError, AnalysisError) as exc:
             self.post_message(DetailFailed(key, str(exc)))
         except Exception as exc:  # shown in the panel, never a crash
             self.post_message(DetailFailed(key, f"cannot read {name}: {type(exc).__name__}: {exc}"))
@@ -598,7 +634,8 @@ class ExplorerApp(App):
             return
         if self.running:
             self.workers.cancel_group(self, "analysis")
-            self.notify("Cancelling: the tensor in progress finishes, then the computation stops.")
+            self.notify("Cancelling: the computation stops after the tensor in progress (in a child process: "
+                        "within half a second), keeping what is done.")
 
     def action_sort(self) -> None:
         self.query_one(ChildrenTable).cycle_sort()
