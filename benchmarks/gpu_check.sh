@@ -54,7 +54,10 @@ step() {
   local rc=$?
   log "end $name rc=$rc in $(( $(date +%s) - s ))s$( ((rc == 124 || rc == 137)) && echo ' TIMED OUT')"
   grep -E '^(PASS|FAIL|WARN|INFO|TIME|RESULT|ROW| +(field|file) )' "$OUT/$name.log" | head -n 120 >> "$SUMMARY"
-  if (( rc != 0 )); then tail -n 15 "$OUT/$name.log" | sed 's/^/    | /' >> "$SUMMARY"; fi
+  if (( rc != 0 )); then
+    echo "FAIL step $name exited with rc $rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)') (see $name.log)" >> "$SUMMARY"
+    tail -n 15 "$OUT/$name.log" | sed 's/^/    | /' >> "$SUMMARY"
+  fi
   return 0
 }
 
@@ -226,11 +229,11 @@ def rel_diff(a, b):
         return math.inf
 
 
-def route(shape):
-    from rlsub_tui.rank import SQUARISH
+def route(shape, device=None):
+    """The rank route rank.update_rank_figures takes for a matrix of this shape on this device."""
     if len(shape) != 2:
         return "-"
-    return "gram+eigvalsh" if GPU == "cuda" or max(shape) >= SQUARISH * min(shape) else "cpu svdvals"
+    return "gram+eigvalsh" if (device or GPU) == "cuda" else "certified gram+eigvalsh (svd near the threshold)"
 
 
 def compare_results(rc, rg, tol=1e-5, check_complete=True):
@@ -410,7 +413,7 @@ def cmd_ui(args):
             return app.result, app.sub_title, time.perf_counter() - t0
 
     res, sub, dt = asyncio.run(go())
-    ref, _ = run_analysis(base, runs, "cpu", opts)
+    ref, _ = run_analysis(base, run_specs(resolved), "cpu", opts)
     bad, maxrel = compare_results(ref, res, check_complete=False)  # the app's own result never sets complete
     dev_ok = DRY or "cuda" in sub
     print(f"{'PASS' if not bad and dev_ok else 'FAIL'} explorer (device auto) on the sample, K={len(runs)}: "
@@ -534,7 +537,6 @@ def cmd_table(args):
 def cmd_timed(args):
     """rlsub-tui analyze with the time split into reader thread / compute / rank routes, and peak memory."""
     from rlsub_tui import engine, masks
-    from rlsub_tui.rank import SQUARISH
     times, counts = collections.defaultdict(float), collections.Counter()
     t_start = time.perf_counter()
     t_cuda = time.perf_counter()
@@ -558,7 +560,7 @@ def cmd_timed(args):
 
     def rank(delta):
         m, n = delta.shape[-2:]
-        key = f"rank on {delta.device.type} ({route((m, n)) if delta.is_cuda or max(m, n) >= SQUARISH * min(m, n) else 'svdvals'})"
+        key = f"rank on {delta.device.type} ({route((m, n), delta.device.type)})"
         t = time.perf_counter()
         r = orig_rank(delta)
         times[key] += time.perf_counter() - t
