@@ -324,7 +324,11 @@ async def test_second_open_comes_complete_from_cache(checkpoints):
         assert len(second.result.tensors) == len(second.result.planned)
         assert second.result.stats().updated.tolist() == expected
         batches = [m for m in messages if isinstance(m, TensorsComputed)]
-        assert len(batches) == 1 and batches[0].done == batches[0].total
+        # every tensor came from the cache, in one batch unless this machine stalled the worker over a
+        # batch's time (BATCH_SECONDS) between two of them; the last batch completes the count
+        assert batches and sum(len(b.results) for b in batches) == len(second.result.planned)
+        assert batches[-1].done == batches[-1].total == len(second.result.planned)
+        assert all(b.elapsed == 0.0 and b.bytes_done == 0 for b in batches)  # nothing was read or computed
         assert "complete" in str(second.query_one("#progress-text").render())
 
 
