@@ -409,6 +409,35 @@ async def test_tab_switches_between_tree_and_table_only(checkpoints):
         assert isinstance(app.screen, CriterionDialog) and app.focused is not first
 
 
+async def test_enter_on_a_table_row_opens_that_child(checkpoints):
+    """Keyboard drill-down from the table: enter on a row makes that child the focused node, in the tree too
+    (its ancestors expanded), whatever the table's sort order; the table then lists its children."""
+    app = make_app(checkpoints)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(app, pilot)
+        tree, table = app.query_one(LayerTree), app.query_one(ChildrenTable)
+        root = app.focus_node
+        await pilot.press("tab", "s", "S")  # sort by name, Z to A: rows no longer in the children's order
+        await pilot.pause()
+        names = [r["name"] for r in table.rows_data]
+        assert names == sorted(names, reverse=True) and names != [c.label for c in root.children]
+        by_label = {c.label: c for c in root.children}
+        row = next(i for i, n in enumerate(names) if i > 0 and by_label[n].children)  # a part, not a tensor
+        await pilot.press(*["j"] * row, "enter")
+        await pilot.pause()
+        child = by_label[names[row]]
+        assert app.focus_node is child and tree.cursor_node.data is child and app.focused is table
+        assert [r["name"] for r in table.rows_data] == sorted((c.label for c in child.children), reverse=True)
+        while app.focus_node.children:  # down to a tensor: its rows are runs, and enter opens nothing
+            await pilot.press("enter")
+            await pilot.pause()
+        tensor = app.focus_node
+        assert tensor.is_tensor and tree.cursor_node.data is tensor and tree.cursor_node.parent.is_expanded
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.focus_node is tensor
+
+
 async def test_filtered_root_says_what_it_pools(checkpoints):
     app = make_app(checkpoints)
     async with app.run_test(size=(100, 30)) as pilot:

@@ -565,6 +565,25 @@ class ExplorerApp(App):
         if event.node.data is not None:
             self.focus_node = event.node.data
 
+    @on(ChildrenTable.RowSelected)
+    def _table_row_opened(self, event: ChildrenTable.RowSelected) -> None:
+        """Enter on a child's row: that child becomes the focused node, shown in the tree (its ancestors
+        expanded); the table, still focused, then lists its children. A tensor's rows (runs) open nothing."""
+        node, table = self.focus_node, self.query_one(ChildrenTable)
+        i = table.given_index(event.cursor_row)
+        if node is None or not node.children or i is None or i >= len(node.children):
+            return
+        child = node.children[i]
+        tree = self.query_one(LayerTree)
+        found = next((tn for tn in _tree_nodes(tree.root) if tn.data is child), None)
+        if found is not None:
+            parent = found.parent
+            while parent is not None:
+                parent.expand()
+                parent = parent.parent
+            tree.move_cursor(found, animate=False)
+        self.focus_node = child
+
     # ----------------------------------------------------------------------------------------- actions
     def check_action(self, action: str, parameters) -> bool | None:
         if action in ("filter", "switch_pane") and len(self.screen_stack) > 1:
@@ -826,3 +845,10 @@ def _message(event, generation: int):
     if isinstance(event, TimelineDone):
         return TimelineComputed(event.timeline, generation)
     return AnalysisFinished(event.complete, generation, event.notes)
+
+
+def _tree_nodes(node):
+    """Every node of a Textual tree below `node`, depth first."""
+    for child in node.children:
+        yield child
+        yield from _tree_nodes(child)

@@ -59,6 +59,8 @@ class ChildrenTable(DataTable):
                 tooltip="Scroll the columns left (the row stays selected)"),
         Binding("l", "cursor_right", "Right", show=False, id="table.right",
                 tooltip="Scroll to the columns past the right edge"),
+        Binding("enter", "select_cursor", "Open row", show=False, id="table.open",
+                tooltip="Open the row's part of the model in the tree: its own children fill the table"),
         Binding("g", "scroll_top", "Top", show=False, id="table.top"),
         Binding("G", "scroll_bottom", "Bottom", show=False, id="table.bottom"),
     ]
@@ -100,6 +102,13 @@ class ChildrenTable(DataTable):
         if has_text and self.virtual_size.width > self.scroll_x + visible:
             return mark_clipped(strip, visible)
         return strip
+
+    def given_index(self, row: int) -> int | None:
+        """Where the row shown at `row` (sorted) was in the rows as given, None when there is no such row."""
+        if not 0 <= row < len(self.rows_data):
+            return None
+        shown = self.rows_data[row]
+        return next((i for i, r in enumerate(self.rows_given) if r is shown), None)
 
     def redraw(self) -> None:
         """Show the same rows again, in the current sort order."""
