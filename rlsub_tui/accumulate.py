@@ -258,7 +258,7 @@ class StateCodes:
             key += s
         if chunk.carried:
             key &= LOW_BITS
-        chunk.key = key
+        chunk.key = key if not key.is_cuda else None  # for CodeLines (CPU only): on a GPU it would hold memory
         self.joint += _bincount(key, len(self.joint))
 
     def finish(self, out: CrossRun) -> None:
@@ -306,7 +306,7 @@ class RunCodes:
         key = chunk.bins.clone()
         for j, s in enumerate(chunk.states):
             key |= (s != 0).to(torch.int32) << j
-        chunk.key = key
+        chunk.key = key if not key.is_cuda else None
         self.joint += _bincount(key, len(self.joint))
 
     def finish(self, out: CrossRun) -> None:

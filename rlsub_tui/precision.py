@@ -204,7 +204,7 @@ class PrecisionAccumulator:
         if abs_delta.dtype != torch.float32 or abs_delta.is_cuda:
             return False
         exponent = abs_delta.reshape(-1).numpy().view(np.int32) >> 23  # |Δ| ≥ 0 (NaN/Inf zeroed): sign bit 0
-        counted = counted.reshape(-1).numpy()
+        counted = counted.reshape(-1).numpy() & (exponent < 255)  # a NaN/Inf left in has no distance to count
         if np.count_nonzero(counted & (exponent == 0)):  # subnormal |Δ| (counted ones are non-zero): frexp instead
             return False
         key = (exponent + DELTA_CODE) * counted

@@ -160,3 +160,64 @@ def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns):
         _, e = np.frexp(np.abs(d[counted]) / ulp)
         want = np.bincount(np.clip(e - 1, ULP_LOG2_MIN, ULP_LOG2_MAX) - ULP_LOG2_MIN, minlength=ULP_BINS)
         assert s.ulp_histogram == want.tolist() and sum(want) > 0
+
+
+@pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact")])
+def test_pairs_of_several_dtypes_on_one_bf16_base(monkeypatch, criterion):
+    """One bf16 base, runs compared in bf16 (its distance key carried in the state words), fp32 and fp16 (the
+    float path beside it, in the same cross-run key), over chunks that cut rows; the fp32 run has a NaN and,
+    in one chunk only, a subnormal Δ (that chunk's distances through frexp, the others from exponent bits).
+    Rows, columns, distance histograms and bf16 visibility per run, against numpy."""
+    from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
+
+    from rlsub_tui import precision
+
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0)
+    routes = []  # per fp32/fp16 chunk: distances from exponent bits (True) or through frexp (False)
+    real = precision.PrecisionAccumulator._add_keys
+    monkeypatch.setattr(precision.PrecisionAccumulator, "_add_keys",
+                        lambda self, *a: routes.append(real(self, *a)) or routes[-1])
+    g = np.random.default_rng(7)
+    m, n = 60, 50
+    w0 = torch.from_numpy((g.standard_normal((m, n)) * 0.05).astype(np.float32)).to(torch.bfloat16)
+    w0[0, 0] = 0.0
+    b = w0.float().numpy()
+    steps = [(g.standard_normal((m, n)) * 3e-4 * (g.random((m, n)) < 0.4)).astype(np.float32) for _ in range(3)]
+    bf16_run = torch.from_numpy(b + steps[0]).to(torch.bfloat16)
+    fp32 = b + steps[1]
+    fp32[0, 0] = 3e-42  # Δ subnormal in float32, in the first chunk only
+    fp32[50, 7] = np.nan
+    fp32_run = torch.from_numpy(fp32)
+    fp16_run = torch.from_numpy(b + steps[2]).to(torch.float16)
+    for r in (bf16_run, fp32_run, fp16_run):
+        r[45, :] = w0[45, :].to(r.dtype)  # a row every run leaves alone
+    dtypes = [torch.bfloat16, torch.float32, torch.float16]
+    acc_types = accumulate.TensorAccumulator(torch.bfloat16, dtypes, criterion, (), torch.device("cpu"), m * n,
+                                             shape=(m, n))
+    assert [type(a).__name__ for a in acc_types.per_run] == ["PatternRun", "FloatRun", "PatternRun"]
+    assert acc_types.carried
+    comp = compute_tensor(w0, [bf16_run, fp32_run, fp16_run], criterion, want_rank=False, dtypes=dtypes)
+    frexp = 1 if criterion.name == "exact" else 0  # under atol 1e-5 the subnormal Δ is no update
+    assert routes.count(False) == frexp and routes.count(True) == 2 * 3 - frexp  # 3 chunks, 2 runs
+    for s, r, name in zip(comp.runs, (bf16_run, fp32_run, fp16_run), ("bf16", "fp32", "fp16")):
+        base_as = torch.from_numpy(b).to(r.dtype).float().numpy()  # the base as the pair compares it
+        rn = r.float().numpy()
+        upd = reference.mask(base_as, rn, name, criterion.name, criterion.value)
+        assert (s.rows_updated, s.cols_updated) == (int(upd.any(axis=1).sum()), int(upd.any(axis=0).sum()))
+        with np.errstate(invalid="ignore"):
+            d = reference.stored_delta(base_as, rn, name).astype(np.float64)
+        counted = upd & np.isfinite(d)
+        w = np.abs(base_as[counted]).astype(np.float64)
+        _, e = np.frexp(w)
+        ulp = np.where(w < np.finfo(np.float32).tiny, 2.0 ** -133, np.ldexp(1.0, e - 8))
+        _, e = np.frexp(np.abs(d[counted]) / ulp)
+        want = np.bincount(np.clip(e - 1, ULP_LOG2_MIN, ULP_LOG2_MAX) - ULP_LOG2_MIN, minlength=ULP_BINS)
+        assert s.ulp_histogram == want.tolist(), name
+        if name == "bf16":
+            assert s.updated_bf16_visible is None
+            continue
+        with np.errstate(invalid="ignore"):
+            visible = torch.from_numpy(base_as).to(torch.bfloat16) != torch.from_numpy(rn).to(torch.bfloat16)
+        assert s.updated_bf16_visible == int(visible.sum()), name
+        assert s.hidden_by_bf16 == int((torch.from_numpy(upd) & ~visible).sum()), name
