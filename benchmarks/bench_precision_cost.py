@@ -35,7 +35,8 @@ SHAPES = {"q_proj 896x896": (896, 896), "k_proj 128x896": (128, 896), "gate_proj
 
 
 class NoPasses:
-    """Stands in for accumulate.PrecisionAndLines: counts nothing, reports nothing."""
+    """Stands in for accumulate.PrecisionAndLines: counts nothing, reports nothing. (Runs with it also carry no
+    distance keys in their state words: StateCodes.carries_exponents is switched off beside it.)"""
 
     def __init__(self, dtypes, shape, device, shifts, state_tables=None):
         self.k = len(dtypes)
@@ -77,6 +78,7 @@ if not passes:
     from rlsub_tui import accumulate
     from bench_precision_cost import NoPasses
     accumulate.PrecisionAndLines = NoPasses
+    accumulate.StateCodes.carries_exponents = False  # no distance keys carried in the state and bin words
 from rlsub_tui.cli import main
 assert main(args) == 0
 use = resource.getrusage(resource.RUSAGE_SELF)
@@ -128,8 +130,10 @@ def main() -> None:
     for _ in range(a.rounds):
         for label, cls in (("with the passes", real), ("without", NoPasses)):
             accumulate.PrecisionAndLines = cls
+            accumulate.StateCodes.carries_exponents = cls is real  # the carried keys are part of the passes
             times[label].append(one_layer(layer))
     accumulate.PrecisionAndLines = real
+    accumulate.StateCodes.carries_exponents = True
     with_, without = (statistics.median(times[k]) for k in ("with the passes", "without"))
     print(f"| pairs | K | layer (Qwen2.5-0.5B shapes) without | with the passes | ratio |")
     print("|---|---|---|---|---|")
