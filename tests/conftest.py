@@ -21,3 +21,15 @@ def cpu_unless_gpu_test(request, monkeypatch):
         import torch
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """A base and three sparse seed runs (seed0, seed1, seed2) of the synthetic model, as safetensors."""
+    from synthetic import base_state, save, sparse_run
+
+    b = base_state()
+    save(b, tmp_path / "base")
+    for s in range(3):
+        save(sparse_run(b, s), tmp_path / f"seed{s}")
+    return tmp_path

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthetic import base_state, save, sparse_run
 from rlsub_tui import analysis_process
 from rlsub_tui.analysis import Finished, Opened, Progress, analyse
 from rlsub_tui.analysis_process import AnalysisError, analyse_in_child, detail_in_child
@@ -23,15 +22,6 @@ from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def checkpoints(tmp_path):
-    b = base_state()
-    save(b, tmp_path / "base")
-    for s in range(2):
-        save(sparse_run(b, s), tmp_path / f"seed{s}")
-    return tmp_path
 
 
 def paths(root: Path) -> tuple[str, list[str]]:

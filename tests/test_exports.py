@@ -12,20 +12,9 @@ import threading
 import numpy as np
 import pytest
 
-from synthetic import base_state, save, sparse_run
 from test_ui import make_app, settle
 from rlsub_tui.cli import main
 from rlsub_tui.export import atomic_write, cell, sidecar_path
-from rlsub_tui.ui.table import ChildrenTable
-
-
-@pytest.fixture
-def checkpoints(tmp_path):
-    b = base_state()
-    save(b, tmp_path / "base")
-    for s in range(3):
-        save(sparse_run(b, s), tmp_path / f"seed{s}")
-    return tmp_path
 
 
 def read_csv(path):

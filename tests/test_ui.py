@@ -21,15 +21,6 @@ from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 
 
-@pytest.fixture
-def checkpoints(tmp_path):
-    b = base_state()
-    save(b, tmp_path / "base")
-    for s in range(3):
-        save(sparse_run(b, s), tmp_path / f"seed{s}")
-    return tmp_path
-
-
 def make_app(root: Path, runs=("seed0", "seed1", "seed2"), **opts) -> ExplorerApp:
     opts.setdefault("sweep", (1e-8, 1e-5))
     return ExplorerApp(ExplorerConfig(str(root / "base"), [str(root / r) for r in runs],

@@ -8,9 +8,7 @@ import os
 import signal
 import time
 
-import pytest
 
-from synthetic import base_state, save, sparse_run
 from rlsub_tui import analysis_process
 from rlsub_tui.engine import AnalysisOptions
 from rlsub_tui.masks import Criterion
@@ -18,15 +16,6 @@ from rlsub_tui.results import MatrixDetail
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
 from rlsub_tui.ui.dialogs import CriterionDialog, ErrorDialog
 from rlsub_tui.ui.tree import LayerTree
-
-
-@pytest.fixture
-def checkpoints(tmp_path):
-    b = base_state()
-    save(b, tmp_path / "base")
-    for s in range(2):
-        save(sparse_run(b, s), tmp_path / f"seed{s}")
-    return tmp_path
 
 
 def make_app(root, runs=("seed0", "seed1"), **opts) -> ExplorerApp:
