@@ -80,3 +80,10 @@ def save(state: dict[str, torch.Tensor], directory: Path, layout: str = "safeten
         raise ValueError(layout)
     (directory / "config.json").write_text("{}")
     return directory
+
+
+def broken_checkpoint(root: Path) -> Path:
+    """root/broken: a model.safetensors whose header is not JSON (the explorer and analyze must refuse it)."""
+    (root / "broken").mkdir()
+    (root / "broken" / "model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    return root / "broken"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from synthetic import broken_checkpoint
 from rlsub_tui import analysis_process
 from rlsub_tui.analysis import Finished, Opened, Progress, analyse
 from rlsub_tui.analysis_process import AnalysisError, analyse_in_child, detail_in_child
@@ -48,8 +49,7 @@ def test_same_events_and_results_as_in_process(checkpoints):
 
 
 def test_bad_input_is_the_same_sentence(checkpoints):
-    (checkpoints / "broken").mkdir()
-    (checkpoints / "broken" / "model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    broken_checkpoint(checkpoints)
     base, runs = str(checkpoints / "base"), [str(checkpoints / "seed0"), str(checkpoints / "broken")]
     options = AnalysisOptions(use_cache=False, rank=False, device="cpu")
     with pytest.raises(InputError) as here:

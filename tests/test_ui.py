@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic import base_state, save, sparse_run
+from synthetic import base_state, broken_checkpoint, save, sparse_run
 from rlsub_tui import explore
 from rlsub_tui.engine import AnalysisOptions
 from rlsub_tui.masks import Criterion
@@ -226,8 +226,7 @@ async def test_cancel_keeps_what_is_done(checkpoints, monkeypatch):
 
 
 async def test_unreadable_run_shows_dialog_and_app_stays_usable(checkpoints):
-    (checkpoints / "broken").mkdir()
-    (checkpoints / "broken" / "model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    broken_checkpoint(checkpoints)
     app = make_app(checkpoints, runs=("seed0", "broken"))
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)
@@ -512,8 +511,7 @@ def test_default_options_turn_the_papers_sweep_on():
 
 
 async def test_failure_to_start_is_in_title_and_exit_status(checkpoints):
-    (checkpoints / "broken").mkdir()
-    (checkpoints / "broken" / "model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    broken_checkpoint(checkpoints)
     app = make_app(checkpoints, runs=("seed0", "broken"))
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-
+from synthetic import broken_checkpoint
 from rlsub_tui import analysis_process
 from rlsub_tui.engine import AnalysisOptions
 from rlsub_tui.masks import Criterion
@@ -79,8 +79,7 @@ async def test_a_new_criterion_cancels_the_running_child_and_recomputes(checkpoi
 
 
 async def test_bad_input_is_the_same_dialog(checkpoints):
-    (checkpoints / "broken").mkdir()
-    (checkpoints / "broken" / "model.safetensors").write_bytes(b"\x0a\x00\x00\x00\x00\x00\x00\x00{not json}")
+    broken_checkpoint(checkpoints)
     app = make_app(checkpoints, runs=("seed0", "broken"))
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)
@@ -91,6 +90,15 @@ async def test_bad_input_is_the_same_dialog(checkpoints):
     assert not analysis_children()
 
 
+async def started_child(pilot) -> list:
+    """The analysis children, once one has started (up to 10 s)."""
+    for _ in range(200):
+        await pilot.pause(0.05)
+        if analysis_children():
+            break
+    return analysis_children()
+
+
 def _never_answers(send, cancelled, *args):  # run in the child instead of the analysis
     time.sleep(60)
 
@@ -99,11 +107,7 @@ async def test_a_killed_child_is_a_dialog_with_its_exit_code(checkpoints, monkey
     monkeypatch.setattr(analysis_process, "_analyse_target", _never_answers)
     app = make_app(checkpoints)
     async with app.run_test(size=(100, 30)) as pilot:
-        for _ in range(200):
-            await pilot.pause(0.05)
-            if analysis_children():
-                break
-        (child,) = analysis_children()
+        (child,) = await started_child(pilot)
         os.kill(child.pid, signal.SIGKILL)
         await settle(app, pilot)
         assert isinstance(app.screen, ErrorDialog)
@@ -116,11 +120,7 @@ async def test_quitting_while_it_computes_leaves_no_child(checkpoints, monkeypat
     monkeypatch.setattr(analysis_process, "_analyse_target", _never_answers)
     app = make_app(checkpoints)
     async with app.run_test(size=(100, 30)) as pilot:
-        for _ in range(200):
-            await pilot.pause(0.05)
-            if analysis_children():
-                break
-        assert analysis_children()
+        assert await started_child(pilot)
         await pilot.press("q")
     for _ in range(100):  # the worker ends its child once it sees the app's cancellation
         if not analysis_children():
