@@ -14,7 +14,7 @@ from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.ui.heatmap import HeatmapPanel
 from rlsub_tui.ui.runs import RunChooser
 from rlsub_tui.ui.summary import SummaryStrip
-from test_ui import checkpoints, make_app, settle  # noqa: F401  (the fixture)
+from test_ui import make_app, settle
 
 RUNS = ("seed0", "seed1", "seed2")
 

@@ -57,9 +57,6 @@ def server(checkpoints, tmp_path):
         proc.wait(10)
 
 
-from test_ui import checkpoints  # noqa: E402,F401  (the fixture)
-
-
 async def _screen_text(ws, until: str, seconds: float = 60) -> str:
     """Collect what the app writes (terminal escapes and text) until `until` appears."""
     seen = ""

@@ -15,7 +15,7 @@ from rlsub_tui.ui.chart import ChartKey, ChartPanel, key_entries, key_line, seri
 from rlsub_tui.ui.dialogs import HelpScreen
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
-from test_ui import checkpoints, make_app, settle  # noqa: F401  (the fixture)
+from test_ui import make_app, settle
 
 LONG = [f"grpo-{lr}-seed{i}" for lr in ("lowlr", "highlr") for i in (1, 2, 3)]  # six long labels, as users name runs
 
