@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, ULP_LOG2_MIN, Criterion
+from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion
 from rlsub_tui.precision import (BASE_CODE, DELTA_CODE, DISTANCE_KEYS, PrecisionAccumulator, SharedBase,
                                  distance_bins)
 from rlsub_tui.structure import CodeLines, LineAccumulator

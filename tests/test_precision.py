@@ -78,7 +78,7 @@ def test_bundled_fp32_pair_against_numpy(criterion, tmp_path):
     from rlsub_tui.report import summary_text
 
     share = 100 * totals["hidden"] / totals["updated"]
-    assert f"hidden by bf16 (true updates with bf16(w1) = bf16(w0)" in summary_text(result)
+    assert "hidden by bf16 (true updates with bf16(w1) = bf16(w0)" in summary_text(result)
     assert f"fp32-grpo-lowlr-seed1 {share:.1f}%" in summary_text(result)
     write_outputs(result, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())["runs"][0]

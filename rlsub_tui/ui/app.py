@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import json
 import re
-import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -211,12 +210,11 @@ class ExplorerApp(App):
         from rlsub_tui.analysis_process import AnalysisError, analyse_in_child
 
         worker, cfg = get_current_worker(), self.config
-        if cfg.compute == "process":
-            analyse = analyse_in_child
+        run = analyse_in_child if cfg.compute == "process" else analyse
         if self.result is None:
             self._post_preview(generation)
         try:
-            with closing(analyse(cfg.base, cfg.runs, self.options, cfg.timelines, cfg.step_gap,
+            with closing(run(cfg.base, cfg.runs, self.options, cfg.timelines, cfg.step_gap,
                                  cancelled=lambda: worker.is_cancelled)) as events:
                 for event in batched(events, BATCH_SECONDS):
                     self.post_message(_message(event, generation))
