@@ -38,7 +38,7 @@ class NoPasses:
     """Stands in for accumulate.PrecisionAndLines: counts nothing, reports nothing. (Runs with it also carry no
     distance keys in their state words: StateCodes.carries_exponents is switched off beside it.)"""
 
-    def __init__(self, dtypes, shape, device, shifts, state_tables=None):
+    def __init__(self, dtypes, shape, device, layout, state_tables=None):
         self.k = len(dtypes)
 
     def add(self, chunk) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion
-from rlsub_tui.precision import (BASE_CODE, DELTA_CODE, DISTANCE_KEYS, PrecisionAccumulator, SharedBase,
+from rlsub_tui.precision import (DELTA_CODE, DISTANCE_KEYS, PrecisionAccumulator, SharedBase, base_key_term,
                                  distance_bins)
 from rlsub_tui.structure import CodeLines, LineAccumulator
 from rlsub_tui.masks import (GRAM_MIN_RUNS, MAX_CODED_RUNS, _bincount, _nonzero, _rounded, _sum_sq, criterion_mask,
@@ -21,8 +21,9 @@ PATTERN_DTYPES = (torch.bfloat16, torch.float16)  # 2^16 bit patterns: one histo
 PATTERNS = 1 << 16
 PATTERN_MIN_NUMEL = PATTERNS  # below this a histogram of 2^16 patterns costs more than it saves
 NONFINITE, POSITIVE, NEGATIVE = 3, 1, 2
-# The distance to visibility is counted from keys (precision.DELTA_CODE, BASE_CODE). With the state-code layout and a bf16 base, each run's state word carries its Δ part and the base's |w0| bin
-# word the base part, both above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key.
+# The distance to visibility is counted from keys (precision.DELTA_CODE, BASE_CODE). With the state-code layout
+# and a bf16 base, each run's state word carries its Δ part and the base's |w0| bin word the base part, both
+# above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key.
 EXPONENT_SHIFT = 32
 LOW_BITS = (1 << EXPONENT_SHIFT) - 1
 
@@ -55,8 +56,7 @@ class Chunk:
     def base_term(self) -> np.ndarray:
         """BASE_CODE − max(e_w0, 1) per position, e_w0 the biased exponent of the base as bf16 holds it."""
         if self._base_term is None:
-            exponent = (patterns_of(self.base_in(torch.bfloat16)) >> 7) & 0xFF
-            self._base_term = BASE_CODE - np.maximum(exponent, 1)
+            self._base_term = base_key_term(self.base_in(torch.bfloat16))
         return self._base_term
 
     def base_in(self, dtype: torch.dtype) -> torch.Tensor:
@@ -402,14 +402,15 @@ class PrecisionAndLines:
         for j, (state, run) in enumerate(zip(chunk.states, chunk.runs)):
             shift, precision = self.shifts[j], self.precision[j]
             pattern = chunk.patterns[j] if chunk.patterns else None
-            if pattern is not None and self.dtypes[j] == torch.bfloat16 and precision.applies:
+            by_pattern = pattern is not None and self.dtypes[j] == torch.bfloat16 and precision.applies
+            if by_pattern:
                 self._add_bf16_patterns(j, chunk, pattern)
-                pattern = True  # counted: only the lines may still need the mask
-            if not self.lines[j].applies and (pattern is True or not precision.applies):
+            precision_left = precision.applies and not by_pattern
+            if not self.lines[j].applies and not precision_left:
                 continue  # nothing else to count: the updated mask is not needed
             updated, finite = _updated_and_finite(state, shift)
             self.lines[j].add(updated, chunk.start)
-            if pattern is True or not precision.applies:
+            if not precision_left:
                 continue
             bj = chunk.base_in(self.dtypes[j])
             delta = stored_delta(bj, run)
@@ -419,9 +420,9 @@ class PrecisionAndLines:
             precision.add(bj, run, absd, updated, finite)
 
     def _add_bf16_patterns(self, j: int, chunk: Chunk, pattern: np.ndarray) -> None:
-        """A bf16 pair counted by a PatternRun: one histogram of (1 + exponent of |Δ| where it is a true update
-        with a finite Δ, else 0; exponent of w0); finish() turns it into the distance bins, as
-        precision.ulp_bins does per value. The first part is what the run's states carry, else one lookup."""
+        """A bf16 pair counted by a PatternRun: the histogram of its distance keys (precision.DELTA_CODE), which
+        finish() turns into the distance bins as precision.ulp_bins does per value. The Δ part of each key is
+        what the run's states carry (with the base part in the bin words), else one lookup by Δ's pattern."""
         table = self.state_tables[j]
         if self.joint[j] is None:
             self.joint[j] = np.zeros(DISTANCE_KEYS, dtype=np.int64)
@@ -538,6 +539,5 @@ def _bins_by_pattern(dtype: torch.dtype, shift: int, carry_base_term: bool = Fal
     bins = magnitude_bins(pattern_values(dtype), magnitude_table(shift)).long().numpy()
     if carry_base_term:
         assert dtype == torch.bfloat16
-        exponent = (np.arange(PATTERNS, dtype=np.int64) >> 7) & 0xFF
-        bins = bins | (BASE_CODE - np.maximum(exponent, 1)) << EXPONENT_SHIFT
+        bins = bins | base_key_term(pattern_values(dtype)) << EXPONENT_SHIFT
     return bins

@@ -59,39 +59,37 @@ def ulp_log2(abs_delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return delta_exp.to(torch.int32) - 1 - (spacing_exp.to(torch.int32) - 127 - BF16_MANTISSA_BITS)
 
 
+def base_key_term(base: torch.Tensor) -> np.ndarray:
+    """The base's part of the distance key, BASE_CODE − max(e_w0, 1), per position (int64, CPU; flat)."""
+    return BASE_CODE - np.maximum(float_exponent(base).reshape(-1).numpy().astype(np.int64), 1)
+
+
 def ulp_base_term(base: torch.Tensor) -> torch.Tensor:
     """For bf16 weights: max(e_w0, 1) − 7 + ULP_LOG2_MIN (biased exponent), what ulp_bins subtracts from e_Δ."""
     return torch.clamp(float_exponent(base), min=1) + (ULP_LOG2_MIN - BF16_MANTISSA_BITS)
 
 
 class SharedBase:
-    """The base's term of the current chunk, computed once for every run that compares in bf16 (it holds
-    the chunk it was computed from, so an identity check cannot mistake another tensor for it)."""
+    """The base's per-chunk terms, computed once for every run of the chunk that needs them (each held with the
+    chunk it was computed from, so an identity check cannot mistake another tensor for it)."""
 
     def __init__(self):
-        self.chunk: torch.Tensor | None = None
-        self.term: torch.Tensor | None = None
-        self.key_chunk: torch.Tensor | None = None
-        self.key_term: torch.Tensor | None = None
-        self.cast_chunk: torch.Tensor | None = None
-        self.cast: torch.Tensor | None = None
+        self._of: dict[str, tuple[torch.Tensor, object]] = {}
+
+    def _per_chunk(self, what: str, base: torch.Tensor, compute):
+        held = self._of.get(what)
+        if held is None or held[0] is not base:
+            held = self._of[what] = (base, compute(base))
+        return held[1]
 
     def term_of(self, base: torch.Tensor) -> torch.Tensor:
-        if self.chunk is not base:
-            self.chunk, self.term = base, ulp_base_term(base)
-        return self.term
+        return self._per_chunk("ulp", base, ulp_base_term)
 
-    def key_term_of(self, base: torch.Tensor) -> torch.Tensor:
-        """BASE_CODE − max(e_w0, 1) per position (int32, CPU)."""
-        if self.key_chunk is not base:
-            exponent = float_exponent(base).to(torch.int32).numpy()
-            self.key_chunk, self.key_term = base, torch.from_numpy(BASE_CODE - np.maximum(exponent, 1))
-        return self.key_term
+    def key_term_of(self, base: torch.Tensor) -> np.ndarray:
+        return self._per_chunk("key", base, base_key_term)
 
     def bf16_of(self, base: torch.Tensor) -> torch.Tensor:
-        if self.cast_chunk is not base:
-            self.cast_chunk, self.cast = base, base.to(torch.bfloat16)
-        return self.cast
+        return self._per_chunk("bf16", base, lambda b: b.to(torch.bfloat16))
 
 
 def ulp_bins(abs_delta: torch.Tensor, base: torch.Tensor, shared: SharedBase | None = None) -> torch.Tensor:
@@ -208,7 +206,7 @@ class PrecisionAccumulator:
         if np.count_nonzero(counted & (exponent == 0)):  # subnormal |Δ| (counted ones are non-zero): frexp instead
             return False
         key = (exponent + DELTA_CODE) * counted
-        key += (self.shared or SharedBase()).key_term_of(base).reshape(-1).numpy()
+        key += (self.shared or SharedBase()).key_term_of(base)
         self.keys += np.bincount(key, minlength=DISTANCE_KEYS)
         return True
 

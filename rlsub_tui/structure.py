@@ -16,6 +16,21 @@ class LineCounts:
     cols: int
 
 
+def row_pieces(start: int, length: int, n: int):
+    """Flat positions start .. start + length - 1 of a row-major matrix with n columns, in at most three
+    pieces (lo, hi, whole): the end of a row begun before (whole 0), `whole` complete rows, the start of a
+    row (whole 0); lo and hi are offsets from `start`."""
+    head = min((-start) % n, length)
+    if head:
+        yield 0, head, 0
+    whole = (length - head) // n
+    if whole:
+        yield head, head + whole * n, whole
+    tail = head + whole * n
+    if tail < length:
+        yield tail, length, 0
+
+
 class LineAccumulator:
     """Rows and columns touched by a flat (row-major) mask, one chunk at a time: add() each chunk, finish()."""
 
@@ -27,21 +42,16 @@ class LineAccumulator:
 
     def add(self, mask, start: int) -> None:
         """The mask of flat positions start .. start + mask.numel() - 1."""
-        if not self.applies or not self.n or not mask.numel():
+        if not self.applies or not self.n:
             return
-        n, length = self.n, mask.numel()
-        head = min((-start) % n, length)  # the end of a row begun in an earlier chunk
-        if head:
-            self._partial(mask[:head], start)
-        whole = (length - head) // n
-        if whole:
-            block = mask[head:head + whole * n].view(whole, n).view(torch.uint8)  # amax on bytes: ~20x any()
-            row0 = (start + head) // n
+        for lo, hi, whole in row_pieces(start, mask.numel(), self.n):
+            if not whole:
+                self._partial(mask[lo:hi], start + lo)
+                continue
+            block = mask[lo:hi].view(whole, self.n).view(torch.uint8)  # amax on bytes: ~20x any()
+            row0 = (start + lo) // self.n
             self.rows[row0:row0 + whole] |= block.amax(dim=1).bool()
             self.cols |= block.amax(dim=0).bool()
-        tail = head + whole * n
-        if tail < length:
-            self._partial(mask[tail:], start + tail)
 
     def _partial(self, piece, start: int) -> None:
         """A piece of one row, starting at flat position `start`."""
@@ -67,21 +77,16 @@ class CodeLines:
 
     def add(self, codes: np.ndarray, start: int) -> None:
         """The codes of flat positions start .. start + codes.size - 1."""
-        n, length = self.n, codes.size
-        if not n or not length:
+        if not self.n:
             return
-        head = min((-start) % n, length)  # the end of a row begun in an earlier chunk
-        if head:
-            self._partial(codes[:head], start)
-        whole = (length - head) // n
-        if whole:
-            block = codes[head:head + whole * n].reshape(whole, n)
-            row0 = (start + head) // n
+        for lo, hi, whole in row_pieces(start, codes.size, self.n):
+            if not whole:
+                self._partial(codes[lo:hi], start + lo)
+                continue
+            block = codes[lo:hi].reshape(whole, self.n)
+            row0 = (start + lo) // self.n
             self.rows[row0:row0 + whole] |= np.bitwise_or.reduce(block, axis=1)
             self.cols |= np.bitwise_or.reduce(block, axis=0)
-        tail = head + whole * n
-        if tail < length:
-            self._partial(codes[tail:], start + tail)
 
     def _partial(self, piece: np.ndarray, start: int) -> None:
         row, col = divmod(start, self.n)

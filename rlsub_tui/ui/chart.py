@@ -43,6 +43,10 @@ def series_color(i: int) -> tuple[int, int, int]:
     return PALETTE[i % len(PALETTE)]
 
 
+def swatch_style(color: tuple[int, int, int]) -> str:
+    return f"rgb({color[0]},{color[1]},{color[2]})"
+
+
 def key_line(entries: list[KeyEntry], width: int) -> Text:
     """The chart's legend in one line: every series by name when the names fit, else runs by number
     (numbered as in the summary strip, r and the help), several series of each run grouped under its
@@ -52,7 +56,7 @@ def key_line(entries: list[KeyEntry], width: int) -> Text:
     def render(names: list[str], suffix: str = "", gap: str = " ", sep: str = "  ") -> Text:
         text = Text()
         for color, name in zip((e.color for e in entries), names):
-            text.append(SWATCH, style=f"rgb({color[0]},{color[1]},{color[2]})")
+            text.append(SWATCH, style=swatch_style(color))
             text.append(f"{gap}{name}{sep}")
         text.append(suffix, style="dim")
         text.rstrip()
@@ -97,7 +101,7 @@ def _by_run(entries: list[KeyEntry], width: int) -> Text | None:
     for run, group in runs.items():
         text.append(f"{run} ")
         for e in group:
-            text.append(SWATCH[0], style=f"rgb({e.color[0]},{e.color[1]},{e.color[2]})")
+            text.append(SWATCH[0], style=swatch_style(e.color))
         text.append("  ")
     words = Text(f"each: {', '.join(kinds)}; runs by no. (?)", style="dim")
     if text.cell_len + words.cell_len <= width:
