@@ -74,6 +74,8 @@ def test_key_line_groups_several_series_of_each_run_under_its_number():
     assert line.plain.startswith("2 ━━━  3 ━━━  4 ━━━") and "vs base, 200-step, union" in line.plain
     swatches = [s for s in line.spans if "rgb" in str(s.style)]
     assert [str(s.style) for s in swatches] == [f"rgb({c[0]},{c[1]},{c[2]})" for c in (e.color for e in entries)]
+    narrow = key_line(entries, 44)  # a chart at 80 columns: the kinds still said, tersely
+    assert narrow.cell_len <= 44 and narrow.plain.endswith("vs base/200-step/union")
     # wide enough: every series by its name
     assert all(label in key_line(entries, 400).plain for label in labels)
     # a run label that prefixes another's ('seed1' and 'seed1-long') belongs to the longest match

@@ -103,11 +103,11 @@ def _by_run(entries: list[KeyEntry], width: int) -> Text | None:
         for e in group:
             text.append(SWATCH[0], style=swatch_style(e.color))
         text.append("  ")
-    words = Text(f"each: {', '.join(kinds)}; runs by no. (?)", style="dim")
-    if text.cell_len + words.cell_len <= width:
-        text.append_text(words)
-    elif text.cell_len + len(", ".join(kinds)) + 6 <= width:
-        text.append(f"each: {', '.join(kinds)}", style="dim")
+    # what the swatches of a run are, said as fully as the width allows (never left out while it fits at all)
+    for words in (f"each: {', '.join(kinds)}; runs by no. (?)", f"each: {', '.join(kinds)}", "/".join(kinds)):
+        if text.cell_len + len(words) <= width:
+            text.append(words, style="dim")
+            break
     text.rstrip()
     return text
 
