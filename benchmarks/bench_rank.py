@@ -5,7 +5,9 @@
 
 Both sides run on one thread and are timed in CPU time of this process (time.process_time), the two
 alternating, median of the repeats: on a shared machine wall time measures the neighbours.
-`--threads N` (N > 1) times wall clock with N torch threads instead. Δ is an
+`--threads N` (N > 1) times wall clock with N threads instead. Ours runs its Gram and eigensolver in numpy,
+so the script gives numpy's OpenBLAS the same number of threads as torch (OPENBLAS_NUM_THREADS, set before
+numpy loads). Δ is an
 RL-like bf16 update (30% of the weights moved by ~3e-4 on weights of ~0.02) as stored. Every rank is
 checked against numpy's float64 SVD under PyTorch's float32 rule.
 """
@@ -13,13 +15,18 @@ checked against numpy's float64 SVD under PyTorch's float32 rule.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+
+# OpenBLAS reads its thread count once, when numpy loads it: give it torch's before anything imports numpy.
+os.environ["OPENBLAS_NUM_THREADS"] = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--threads"), "1")
 
 import numpy as np
 import torch
 
-from rlsub_tui.rank import _gram_route, _svd_route, certified_rank, update_rank_figures
+from rlsub_tui.rank import EPS32, certified_rank, update_rank_figures
 from rlsub_tui.spectrum import rank_figures
 
 SHAPES = {"q_proj / o_proj": (896, 896), "k_proj / v_proj": (128, 896), "gate_proj / up_proj": (4864, 896),
@@ -44,10 +51,18 @@ def cpu_seconds(fn) -> tuple[float, object]:
 
 
 def previous_route(delta: torch.Tensor):
-    """The CPU route before the certificate (5e30dfe): matrix_rank's float32 SVD when near-square, else the Gram."""
-    near_square = max(delta.shape) < 2 * min(delta.shape)
-    rank, sq = _svd_route(delta) if near_square else _gram_route(delta)
-    return rank_figures(rank, sq.numpy())
+    """The CPU route before numpy's Gram (eebfe24): the certified count's float64 Gram from torch products (the
+    lower column blocks only) and torch's eigvalsh; the certificate's bound, negligible, left out."""
+    m, n = delta.shape
+    x = delta if m >= n else delta.T
+    side = min(m, n)
+    lower = torch.zeros((side, side), dtype=torch.float64)
+    width = -(-side // 4)
+    block = x.to(torch.float32).to(torch.float64)
+    for lo in range(0, side, width):
+        lower[lo:, lo:lo + width].addmm_(block[:, lo:].T, block[:, lo:lo + width])
+    sq = torch.linalg.eigvalsh(lower).numpy()
+    return rank_figures(int((sq > sq[-1] * (max(m, n) * EPS32) ** 2).sum()), sq)
 
 
 def numpy_rank64(delta: torch.Tensor) -> int:

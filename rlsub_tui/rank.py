@@ -4,7 +4,8 @@ The rank counts the singular values σ_i of Δ (the float32 matrix, exactly) abo
 σ_max · max(m, n) · eps32, PyTorch's default tolerance for `matrix_rank(Δ.float())` (science.md).
 On the CPU it comes from the float64 Gram matrix's eigenvalues with a certificate (`certified_rank`):
 a rigorous bound on their error, and a float64 SVD of Δ only when an eigenvalue lies within that
-bound of the threshold. On CUDA: float64 Gram eigenvalues thresholded at the rule squared (unchanged).
+bound of the threshold. The Gram and its eigenvalues are numpy's (its bundled OpenBLAS and LAPACK's
+syevd), which ran 1.4-2x faster than torch's on our CPU machine. On CUDA: float64 Gram eigenvalues thresholded at the rule squared (unchanged).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from rlsub_tui.spectrum import RankFigures, rank_figures
 EPS32 = torch.finfo(torch.float32).eps
 U64 = 2.0 ** -53  # unit roundoff of float64
 CHUNK_ELEMENTS = 1 << 24  # float64 working set per step: 128 MB
-GRAM_BLOCKS = 4  # column blocks of the CPU Gram: only the lower triangle is formed, 5/8 of the flops
 
 
 def gram(delta: torch.Tensor) -> torch.Tensor:
@@ -45,23 +45,29 @@ def _long_side_chunks(delta: torch.Tensor):
     m, n = delta.shape
     x = delta if m >= n else delta.T
     step = max(1, CHUNK_ELEMENTS // max(x.shape[1], 1))
+    # float32 holds a bf16/fp16 value exactly, and float64 a float32 one: only a wider Δ is rounded to float32 first
+    exact_in_float32 = x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     for start in range(0, x.shape[0], step):
-        yield x[start:start + step].to(torch.float32).to(torch.float64)
+        block = x[start:start + step]
+        yield (block if exact_in_float32 else block.to(torch.float32)).to(torch.float64)
 
 
-def lower_gram(delta: torch.Tensor) -> torch.Tensor:
-    """The smaller-side float64 Gram's column blocks on and below the diagonal; above them it is left zero.
+def cpu_gram(delta: torch.Tensor) -> np.ndarray:
+    """The smaller side's float64 Gram XᵀX (X = Δ as float32, long side first), summed over row blocks of X.
 
-    eigvalsh reads only the lower triangle, so the blocks above the diagonal are never formed (with
-    4 blocks, 5/8 of a full product's flops).
+    numpy computes each block's `b.T @ b` as a symmetric rank-k update (BLAS syrk: half a product's flops)
+    and its bundled OpenBLAS ran this 1.6-2.1x faster than torch's float64 products on our CPU machine
+    (BENCHMARKS.md).
     """
-    side = min(delta.shape)
-    out = torch.zeros((side, side), dtype=torch.float64)
-    width = max(1, math.ceil(side / GRAM_BLOCKS))
+    out = tmp = None
     for block in _long_side_chunks(delta):
-        for lo in range(0, side, width):
-            hi = min(side, lo + width)
-            out[lo:, lo:hi].addmm_(block[:, lo:].T, block[:, lo:hi])
+        b = block.numpy()
+        if out is None:
+            out = b.T @ b
+            continue
+        tmp = np.empty_like(out) if tmp is None else tmp
+        np.matmul(b.T, b, out=tmp)
+        out += tmp
     return out
 
 
@@ -70,8 +76,8 @@ def gamma(k: int) -> float:
     return k * U64 / (1.0 - k * U64)
 
 
-def error_bound(lower: torch.Tensor, sq: np.ndarray, long_side: int) -> float:
-    """A rigorous bound η on |λ̂_i − λ_i(XᵀX)| for the eigenvalues `sq` that eigvalsh returned for `lower`.
+def error_bound(gram_matrix: np.ndarray, sq: np.ndarray, long_side: int) -> float:
+    """A rigorous bound η on |λ̂_i − λ_i(XᵀX)| for the eigenvalues `sq` that eigvalsh returned for `gram_matrix`.
 
     Two parts, added (Weyl's inequality: a symmetric perturbation moves every eigenvalue by at most
     its 2-norm):
@@ -87,8 +93,8 @@ def error_bound(lower: torch.Tensor, sq: np.ndarray, long_side: int) -> float:
       the 2-norm of Ĝ's exact eigenvalues, within √s·‖F‖₂ of ‖λ̂‖₂, hence ‖Ĝ‖_F ≤ ‖λ̂‖₂ / (1 − √s·s²·u).
     Every sum and norm taken here is itself rounded; the factor (1 + γ_{s²+k}) covers that.
     """
-    side = lower.shape[0]
-    trace = float(torch.diagonal(lower).sum())
+    side = gram_matrix.shape[0]
+    trace = float(np.trace(gram_matrix))
     c = side * side * U64
     frob = float(np.linalg.norm(sq)) / (1.0 - math.sqrt(side) * c)
     forming = gamma(long_side) * trace / (1.0 - gamma(long_side))
@@ -129,12 +135,12 @@ def certified_rank(delta: torch.Tensor) -> tuple[int, np.ndarray, bool]:
     Float64 Gram eigenvalues with the bound η of `error_bound`; when an eigenvalue lies inside
     `threshold_band`, the count is taken from `exact_route` instead.
     """
-    lower = lower_gram(delta)
-    sq = torch.linalg.eigvalsh(lower).numpy()  # reads the lower triangle only
-    if not bool(torch.diagonal(lower).any()):
+    g = cpu_gram(delta)
+    sq = np.linalg.eigvalsh(g)  # LAPACK's syevd, values only
+    if not np.diagonal(g).any():
         return 0, sq, False  # Δ = 0
     rel = max(delta.shape) * EPS32
-    low, high = threshold_band(sq, error_bound(lower, sq, max(delta.shape)), rel)
+    low, high = threshold_band(sq, error_bound(g, sq, max(delta.shape)), rel)
     if bool(((sq >= low) & (sq <= high)).any()):
         rank, exact = exact_route(delta)
         return rank, exact.numpy(), True
@@ -168,8 +174,8 @@ def update_rank_figures(delta: torch.Tensor) -> RankFigures:
     """Default rank of a 2-D update (PyTorch's float32 tolerance) and its spectrum's figures, from one decomposition.
 
     CPU: `certified_rank` (float64 Gram eigenvalues, checked against a rigorous error bound; a float64
-    SVD for the rare matrix with an eigenvalue at the threshold), 3x or more faster than
-    matrix_rank's float32 SVD (BENCHMARKS.md). CUDA: the Gram route, faster than gesvd for every
+    SVD for the rare matrix with an eigenvalue at the threshold), 3.3x faster per layer than
+    matrix_rank's float32 SVD on one thread (BENCHMARKS.md). CUDA: the Gram route, faster than gesvd for every
     shape (H200: 75 vs 115 ms at 1536^2, 78 vs 420 ms at 3584^2; gesvdj is inaccurate on large matrices).
     """
     if delta.ndim != 2:

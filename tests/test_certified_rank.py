@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlsub_tui import rank as rank_mod
-from rlsub_tui.rank import certified_rank, error_bound, exact_route, lower_gram, threshold_band, update_rank
+from rlsub_tui.rank import certified_rank, cpu_gram, error_bound, exact_route, threshold_band, update_rank
 
 EPS32 = np.finfo(np.float32).eps
 
@@ -95,24 +95,25 @@ def test_error_bound_holds(shape):
     computation whose own error, ~1e-16·σmax², is far below η)."""
     for seed in range(3):
         delta = bf16_delta(shape, seed=seed)
-        lower = lower_gram(delta)
-        sq = np.linalg.eigvalsh(lower.numpy())
-        eta = error_bound(lower, sq, max(shape))
+        g = cpu_gram(delta)
+        sq = np.linalg.eigvalsh(g)
+        eta = error_bound(g, sq, max(shape))
         s = np.linalg.svd(delta.float().numpy().astype(np.float64), compute_uv=False)
         assert np.max(np.abs(np.sort(sq) - np.sort(s * s))) <= eta
         assert eta < (max(shape) * EPS32) ** 2 * sq[-1]  # the band is narrower than the threshold itself
 
 
-def test_lower_gram_is_the_gram():
+@pytest.mark.parametrize("chunk", [1 << 24, 2000])
+def test_cpu_gram_is_the_gram(monkeypatch, chunk):
+    """One block or many (2000 elements: 12 blocks of 28 rows), tall or wide: the float64 Gram of the smaller side."""
+    monkeypatch.setattr(rank_mod, "CHUNK_ELEMENTS", chunk)
     delta = bf16_delta((333, 70), seed=3)
     d = delta.float().numpy().astype(np.float64)
     full = d.T @ d
-    got = lower_gram(delta).numpy()
-    assert np.allclose(np.tril(got), np.tril(full), rtol=1e-12, atol=0)
-    assert not np.triu(got, 70 // 4 + 1).any()  # above the diagonal blocks nothing is formed
-    wide = lower_gram(delta.T).numpy()
-    assert np.allclose(np.tril(wide), np.tril(full), rtol=1e-12, atol=0)
-    assert np.allclose(torch.linalg.eigvalsh(lower_gram(delta)).numpy(), np.linalg.eigvalsh(full), rtol=0, atol=1e-12)
+    for got in (cpu_gram(delta), cpu_gram(delta.T), cpu_gram(delta.T.contiguous())):
+        assert got.shape == (70, 70) and got.dtype == np.float64
+        assert np.allclose(got, full, rtol=1e-12, atol=0)
+        assert np.array_equal(got, got.T)
 
 
 def test_band_contains_the_threshold():
