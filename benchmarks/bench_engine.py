@@ -109,12 +109,49 @@ def read_floor(dirs: list[Path]) -> tuple[float, int]:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 mode, args = sys.argv[1], json.loads(sys.argv[2])
 start = time.perf_counter()
+
+
+def tree_rss_kb() -> int:
+    # this process and every descendant (analyze --workers: the forkserver and its workers), VmRSS summed
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+            except OSError:
+                pass
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+        todo += children.get(pid, [])
+    return total
+
+
+tree_peak, stop = [0], threading.Event()
+
+
+def sample():
+    while not stop.is_set():
+        tree_peak[0] = max(tree_peak[0], tree_rss_kb())
+        stop.wait(0.05)
+
+
 if mode == "ours":
     from rlsub_tui.cli import main
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     code = main(args)
+    stop.set()
+    sampler.join()
     assert code == 0, code
 elif mode == "mask":  # the anchor: the paper's mask and its count, nothing else, tensors from safe_open
     import torch
@@ -137,7 +174,9 @@ elif mode == "reference":
 wall = time.perf_counter() - start
 # VmHWM (peak RSS) resets at exec; ru_maxrss would carry the parent's peak over from fork
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"wall": wall, "rss_mb": hwm / 1024}))
+# with worker processes the peak is the process tree's: its summed RSS sampled every 50 ms (shared pages
+# counted in every process that maps them, so an upper bound)
+print(json.dumps({"wall": wall, "rss_mb": max(hwm, tree_peak[0]) / 1024}))
 """
 
 
@@ -148,8 +187,12 @@ def child(mode: str, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+WORKERS: list[str] = []  # --workers N, passed on to every analyze (default: analyze's own)
+
+
 def ours(dirs: list[Path], out: Path, extra: list[str] = ()) -> dict:
-    args = ["analyze", str(dirs[0]), *map(str, dirs[1:]), "--out", str(out), "--quiet", "--no-cache", *extra]
+    args = ["analyze", str(dirs[0]), *map(str, dirs[1:]), "--out", str(out), "--quiet", "--no-cache", *WORKERS,
+            *extra]
     return child("ours", args)
 
 
@@ -279,7 +322,10 @@ def main() -> int:
     p.add_argument("--ui-half", action="store_true", help="measure the UI on the half-depth model (quicker)")
     p.add_argument("--skip-rank", action="store_true", help="leave out the with-rank analysis and the rank comparison")
     p.add_argument("--repeats", type=int, default=2, help="runs of each marginal-rate measurement (fastest kept)")
+    p.add_argument("--workers", type=int, help="analyze's --workers (default: its own, one per core up to 4)")
     args = p.parse_args()
+    if args.workers is not None:
+        WORKERS[:] = ["--workers", str(args.workers)]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     shapes = model_shapes(args.layers, **QWEN05)
     half = model_shapes(max(1, args.layers // 2), **QWEN05)

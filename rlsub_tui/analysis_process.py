@@ -34,7 +34,8 @@ class AnalysisError(Exception):
     """The child failed other than on bad input, or died: the message is the sentence for the user."""
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def process_context() -> multiprocessing.context.BaseContext:
+    """Where the analysis' processes start: the forkserver that preloads torch and the engine, else spawn."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
@@ -46,7 +47,7 @@ def start_server() -> None:
     """Start the forkserver now (it imports torch in its own process, in parallel): call it early and off
     the event loop; a no-op where children are spawned, and cheap once it runs."""
     if "forkserver" in multiprocessing.get_all_start_methods():
-        _context()
+        process_context()
         from multiprocessing import forkserver
 
         with _real_stderr():
@@ -160,7 +161,7 @@ def _child_main(conn, cwd: str, environ: dict, target, args: tuple) -> None:
 # ----------------------------------------------------------------------------------------- the consumer's side
 def _child_stream(target, args: tuple, cancelled: Callable[[], bool]) -> Iterator[Any]:
     """Start a child running target(send, cancelled, *args) and yield what it sends; always ends the child."""
-    ctx = _context()
+    ctx = process_context()
     ours, theirs = ctx.Pipe(duplex=True)
     child = ctx.Process(target=_child_main, args=(theirs, os.getcwd(), dict(os.environ), target, args),
                         name="rlsub-analysis", daemon=True)

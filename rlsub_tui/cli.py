@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from rlsub_tui import __version__
-from rlsub_tui.errors import InputError
+from rlsub_tui.errors import ComputeError, InputError
 
 USAGE_EXPLORE = "rlsub-tui [BASE RUN [RUN ...]] [options]   (no arguments: the bundled sample)"
 USAGE_ANALYZE = "rlsub-tui analyze BASE RUN [RUN ...] --out DIR [options]"
@@ -93,7 +93,8 @@ def analysis_options(args):
 
     return AnalysisOptions(criterion=criterion_option(args), sweep=tuple(args.sweep),
                            rank=not args.no_rank, device=args.device, common_rows=args.common_rows,
-                           use_cache=not args.no_cache, compare_dtype=args.compare_dtype)
+                           use_cache=not args.no_cache, compare_dtype=args.compare_dtype,
+                           workers=getattr(args, "workers", 1))
 
 
 def analyze_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,11 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"rlsub-tui {__version__}")
     add_group_option(p)
     add_analysis_options(p)
+    from rlsub_tui.workers import default_workers
+
+    p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                   help="on the CPU, compute N tensors at once in N processes; the numbers do not change "
+                        f"(default: one per core, at most 4: {default_workers()} here)")
     return p
 
 
@@ -414,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"rlsub-tui: error: {exc}", file=sys.stderr)
         return 2
+    except ComputeError as exc:
+        print(f"rlsub-tui: error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return _stdout_closed()
     except KeyboardInterrupt:

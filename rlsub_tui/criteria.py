@@ -126,6 +126,7 @@ class AnalysisOptions:
     use_cache: bool = True
     cache_dir: Path | None = None
     compare_dtype: str = "stored"
+    workers: int = 1  # processes computing tensors side by side on the CPU (workers.py); changes no number
 
     def __post_init__(self):
         if self.compare_dtype not in COMPARE_DTYPES:
@@ -133,3 +134,5 @@ class AnalysisOptions:
         for t in self.sweep:
             if not math.isfinite(t) or t < 0:
                 raise InputError(f"sweep tolerance {t} must be a finite number >= 0.")
+        if self.workers < 1:
+            raise InputError(f"--workers {self.workers}: must be 1 or more.")

@@ -258,6 +258,7 @@ class Analysis:
         if len(runs) > MAX_RUNS:
             raise InputError(f"{len(runs)} runs given; at most {MAX_RUNS} can be compared in one analysis.")
         self.device = resolve_device(self.options.device)
+        self.given = (base, list(runs))  # as named: worker processes open the same (workers.py)
         self.base = open_checkpoint(base, label=checkpoint_label(base))
         self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(run_paths(runs), run_labels(runs))]
         try:
@@ -369,6 +370,18 @@ class Analysis:
         return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
                               want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes)
 
+    def compute_named(self, name: str, known: list[RankFigures | None]):
+        """One planned tensor read and computed here, on the CPU (a worker process's task)."""
+        plan = next(p for p in self.plans if p.name == name)
+        try:
+            return self._compute(plan, self._load_cpu(plan), known)
+        except torch.OutOfMemoryError:
+            raise self._out_of_memory(plan) from None
+
+    def _out_of_memory(self, plan: TensorPlan) -> InputError:
+        return InputError(f"out of memory while comparing tensor '{plan.name}' ({size(plan.nbytes)} for the "
+                          f"base and {len(self.runs)} run(s)); compare fewer runs at a time.")
+
     def _compute_planned(self, plan: TensorPlan, pending, known: list[RankFigures | None]):
         """Wait for a tensor's read, compute it; on a GPU out-of-memory error, compute it on the CPU instead."""
         try:
@@ -378,9 +391,7 @@ class Analysis:
             return self._compute(plan, loaded, known), []
         except torch.OutOfMemoryError:
             if self.device.type != "cuda":
-                raise InputError(
-                    f"out of memory while comparing tensor '{plan.name}' ({size(plan.nbytes)} for the "
-                    f"base and {len(self.runs)} run(s)); compare fewer runs at a time.") from None
+                raise self._out_of_memory(plan) from None
             torch.cuda.empty_cache()
             self.cpu_fallbacks += 1
             comp = self._compute(plan, self._load_cpu(plan), known)
@@ -405,30 +416,17 @@ class Analysis:
                 yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, hit, True)
             else:
                 todo.append(plan)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsub-read",
-                                initializer=self._reader_init) as reader:
-            pending = reader.submit(self._load, todo[0]) if todo else None
-            for i, plan in enumerate(todo):
-                if cancelled():
-                    pending.cancel()
-                    break
-                current = pending
-                pending = reader.submit(self._load, todo[i + 1]) if i + 1 < len(todo) else None
-                # cached ranks are reused; with --no-rank none are passed, so none are reported
-                rank_keys = [self._rank_key(plan, j) for j in range(len(self.runs))]
-                known = [ranks[j].get(rank_keys[j]) if self.options.rank else None for j in range(len(self.runs))]
-                comp, extra_notes = self._compute_planned(plan, current, known)
-                del current
-                result = replace(comp, name=plan.name, notes=plan.notes + extra_notes + comp.notes)
-                self.result.tensors[plan.name] = result
-                if self.cache:
-                    self.cache.store_result(key, result)
-                    for j, s in enumerate(result.runs):
-                        if s.rank is not None and known[j] is None:
-                            self.cache.store_rank(pair_keys[j], rank_keys[j], s.rank_figures())
-                done += 1
-                bytes_done += plan.nbytes
-                yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)
+        for plan, comp, extra_notes in self._computed(todo, ranks, cancelled):
+            result = replace(comp, name=plan.name, notes=plan.notes + extra_notes + comp.notes)
+            self.result.tensors[plan.name] = result
+            if self.cache:
+                self.cache.store_result(key, result)
+                for j, s in enumerate(result.runs):
+                    if s.rank is not None and self._known(plan, ranks)[j] is None:
+                        self.cache.store_rank(pair_keys[j], self._rank_key(plan, j), s.rank_figures())
+            done += 1
+            bytes_done += plan.nbytes
+            yield Progress(done, total, bytes_done, self.bytes_total, time.perf_counter() - start, result, False)
         self._close_stager()
         if self.cpu_fallbacks:
             self.result.notes.append(f"{self.cpu_fallbacks} tensor(s) computed on the CPU after the GPU ran out "
@@ -438,6 +436,38 @@ class Analysis:
         self.result.complete = True
         if self.cache:
             self.cache.store_analysis(key, self.result)
+
+    def _known(self, plan: TensorPlan, ranks: list[dict]) -> list[RankFigures | None]:
+        """The ranks the cache holds for this tensor, per run (none with --no-rank: none are reported then)."""
+        if not self.options.rank:
+            return [None] * len(self.runs)
+        return [ranks[j].get(self._rank_key(plan, j)) for j in range(len(self.runs))]
+
+    def _computed(self, todo: list[TensorPlan], ranks: list[dict], cancelled: Callable[[], bool]):
+        """(plan, record, notes) per tensor of `todo`, in order: in worker processes (CPU, --workers > 1), else
+        here, with the next tensor read ahead on a reader thread."""
+        if self.device.type == "cpu" and self.options.workers > 1 and len(todo) > 1:
+            from rlsub_tui.workers import TensorWorkers
+
+            pool = TensorWorkers(*self.given, self.options, min(self.options.workers, len(todo)))
+            try:
+                for plan, comp in pool.computed(todo, lambda p: self._known(p, ranks), cancelled):
+                    yield plan, comp, []
+            finally:
+                pool.close()
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsub-read",
+                                initializer=self._reader_init) as reader:
+            pending = reader.submit(self._load, todo[0]) if todo else None
+            for i, plan in enumerate(todo):
+                if cancelled():
+                    pending.cancel()
+                    break
+                current = pending
+                pending = reader.submit(self._load, todo[i + 1]) if i + 1 < len(todo) else None
+                comp, extra_notes = self._compute_planned(plan, current, self._known(plan, ranks))
+                del current
+                yield plan, comp, extra_notes
 
     def _close_stager(self) -> None:
         if self._stager is not None:

@@ -10,3 +10,7 @@ class InputError(Exception):
 
 class CheckpointError(InputError):
     """A checkpoint file or directory cannot be read as a checkpoint."""
+
+
+class ComputeError(Exception):
+    """The computation failed for a reason outside the input (a worker process died): a sentence for the user."""

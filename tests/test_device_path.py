@@ -9,6 +9,7 @@ from synthetic import base_state, save, sparse_run
 from rlsub_tui import engine
 from rlsub_tui.checkpoint import open_checkpoint
 from rlsub_tui.cli import main
+from rlsub_tui.errors import InputError
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
@@ -45,12 +46,21 @@ def test_out_of_memory_on_cpu_is_one_sentence(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(engine, "compute_tensor", oom)
     code = main(["analyze", str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "out"),
-                 "--device", "cpu", "--quiet", "--no-cache"])
+                 "--device", "cpu", "--quiet", "--no-cache", "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = [l for l in err.splitlines() if l.startswith("rlsub-tui: error:")]
     assert len(line) == 1 and "out of memory while comparing tensor '" in line[0], err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # what a worker process computes (analyze --workers N): the same sentence, an InputError it hands back
+    analysis = engine.Analysis(str(tmp_path / "base"), [str(tmp_path / "run")],
+                               engine.AnalysisOptions(device="cpu", use_cache=False))
+    try:
+        with pytest.raises(InputError, match="out of memory while comparing tensor '") as caught:
+            analysis.compute_named(analysis.plans[0].name, [None])
+    finally:
+        analysis.close()
+    assert line[0] == f"rlsub-tui: error: {caught.value}"
 
 
 def test_cuda_device_is_named_with_its_index(monkeypatch):
