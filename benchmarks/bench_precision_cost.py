@@ -94,7 +94,7 @@ def end_to_end(layers: int, runs: int, rounds: int) -> None:
     dirs = write_checkpoints(root, model_shapes(layers, **QWEN05), runs)
     read_floor(dirs)  # warm the page cache
     args = ["analyze", *map(str, dirs), "--out", str(root.parent / "out-precision-cost"), "--quiet", "--no-cache",
-            "--no-rank", "--device", "cpu"]
+            "--no-rank", "--device", "cpu", "--workers", "1"]  # one process: the switch below reaches no worker
     times = {(passes, what): [] for passes in ("on", "off") for what in ("wall", "cpu")}
     for _ in range(rounds):
         for passes in ("off", "on"):
