@@ -28,6 +28,12 @@ from rlsub_tui.results import AnalysisResult, Skipped
 from rlsub_tui.spectrum import RankFigures
 from rlsub_tui.staging import PinnedStager, ready
 
+# Below this many bytes to compare (base and runs), worker processes cost more than they save: starting
+# them (a forkserver importing torch) takes about a second; the bundled sample (26 MB) took 2.7-3.5 s in
+# one process and 3.9-4.1 s with two workers.
+WORKERS_MIN_BYTES = 1 << 30
+
+
 @dataclass
 class TensorPlan:
     """One tensor to compare: its name in the base and in each run, and how."""
@@ -444,9 +450,10 @@ class Analysis:
         return [ranks[j].get(self._rank_key(plan, j)) for j in range(len(self.runs))]
 
     def _computed(self, todo: list[TensorPlan], ranks: list[dict], cancelled: Callable[[], bool]):
-        """(plan, record, notes) per tensor of `todo`, in order: in worker processes (CPU, --workers > 1), else
-        here, with the next tensor read ahead on a reader thread."""
-        if self.device.type == "cpu" and self.options.workers > 1 and len(todo) > 1:
+        """(plan, record, notes) per tensor of `todo`, in order: in worker processes (CPU, --workers > 1, at least
+        WORKERS_MIN_BYTES to read), else here, with the next tensor read ahead on a reader thread."""
+        if (self.device.type == "cpu" and self.options.workers > 1 and len(todo) > 1
+                and sum(p.nbytes for p in todo) >= WORKERS_MIN_BYTES):
             from rlsub_tui.workers import TensorWorkers
 
             pool = TensorWorkers(*self.given, self.options, min(self.options.workers, len(todo)))

@@ -11,9 +11,26 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from rlsub_tui.cli import main
+from rlsub_tui import engine
 from rlsub_tui.engine import Analysis, AnalysisOptions
 from rlsub_tui.errors import ComputeError, InputError
 from rlsub_tui.workers import BLAS_THREAD_SETTERS, TensorWorkers
+
+
+@pytest.fixture(autouse=True)
+def pools(monkeypatch):
+    """These models are tiny: let workers take them anyway (analyze uses them from WORKERS_MIN_BYTES up); the
+    list of worker counts of the pools started, so a test can tell that its tensors went to workers."""
+    monkeypatch.setattr(engine, "WORKERS_MIN_BYTES", 0)
+    started = []
+    real = TensorWorkers.__init__
+
+    def spy(self, base, runs, options, workers):
+        started.append(workers)
+        real(self, base, runs, options, workers)
+
+    monkeypatch.setattr(TensorWorkers, "__init__", spy)
+    return started
 
 
 def analysed(ckpts, workers: int, **options):
@@ -43,9 +60,11 @@ def assert_same_records(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("rank", [False, True])
-def test_workers_give_the_same_records_in_order(checkpoints, rank):
+def test_workers_give_the_same_records_in_order(checkpoints, rank, pools):
     one, alone = analysed(checkpoints, 1, use_cache=False, rank=rank, sweep=(1e-6, 1e-5))
+    assert pools == []
     two, spread = analysed(checkpoints, 2, use_cache=False, rank=rank, sweep=(1e-6, 1e-5))
+    assert pools == [2]
     assert alone.complete and spread.complete
     assert list(spread.tensors) == [p.name for p in two.plans] == list(alone.tensors)
     if rank:
@@ -94,7 +113,7 @@ def test_cancelled_between_tensors(checkpoints):
     assert seen == [p.name for p in analysis.plans[:len(seen)]]
 
 
-def test_bad_input_met_in_a_worker_is_the_same_error(checkpoints):
+def test_bad_input_met_in_a_worker_is_the_same_error(checkpoints, pools):
     """A run file cut short after the parent opened it: the worker's open refuses it, and the parent raises
     that InputError, naming the file (not a dead pool)."""
     runs = [str(checkpoints / f"seed{s}") for s in range(3)]
@@ -107,6 +126,7 @@ def test_bad_input_met_in_a_worker_is_the_same_error(checkpoints):
     finally:
         analysis.close()
     assert str(weights) in str(caught.value)
+    assert pools == [2]
 
 
 def test_a_dead_worker_is_one_sentence():
@@ -119,10 +139,11 @@ def test_a_dead_worker_is_one_sentence():
         TensorWorkers._record(Plan, died)
 
 
-def test_cli_workers_option(checkpoints, tmp_path, capsys):
+def test_cli_workers_option(checkpoints, tmp_path, capsys, pools):
     args = ["analyze", str(checkpoints / "base"), str(checkpoints / "seed0"), "--no-cache", "--quiet", "--device", "cpu"]
     assert main(args + ["--out", str(tmp_path / "one"), "--workers", "1"]) == 0
     assert main(args + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert pools == [2]
     for name in ("matrices.csv", "pairs.csv", "agreement.csv", "groups.csv"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     capsys.readouterr()
@@ -130,3 +151,9 @@ def test_cli_workers_option(checkpoints, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip() == "rlsub-tui: error: --workers 0: must be 1 or more."
     assert not (tmp_path / "none").exists()
+
+
+def test_small_models_are_computed_in_one_process(checkpoints, monkeypatch, pools):
+    monkeypatch.setattr(engine, "WORKERS_MIN_BYTES", 1 << 30)
+    _, result = analysed(checkpoints, 4, use_cache=False)
+    assert result.complete and pools == []
