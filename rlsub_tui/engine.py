@@ -284,6 +284,8 @@ class Analysis:
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)
         self._fingerprints = None
+        if self.options.workers > 1:  # the bytes as opened now: workers must find the same (workers.py)
+            self.fingerprints()
         self._stager: PinnedStager | None = None
         self.cpu_fallbacks = 0
 
@@ -378,15 +380,17 @@ class Analysis:
 
     def compute_named(self, name: str, known: list[RankFigures | None]):
         """One planned tensor read and computed here, on the CPU (a worker process's task)."""
-        plan = next(p for p in self.plans if p.name == name)
+        plan = next((p for p in self.plans if p.name == name), None)
+        if plan is None:
+            raise InputError(f"tensor '{name}' is no longer in the checkpoints: a file changed during the analysis.")
         try:
             return self._compute(plan, self._load_cpu(plan), known)
         except torch.OutOfMemoryError:
-            raise self._out_of_memory(plan) from None
+            raise self._out_of_memory(plan, "compare fewer runs at a time, or use fewer --workers") from None
 
-    def _out_of_memory(self, plan: TensorPlan) -> InputError:
+    def _out_of_memory(self, plan: TensorPlan, advice: str = "compare fewer runs at a time") -> InputError:
         return InputError(f"out of memory while comparing tensor '{plan.name}' ({size(plan.nbytes)} for the "
-                          f"base and {len(self.runs)} run(s)); compare fewer runs at a time.")
+                          f"base and {len(self.runs)} run(s)); {advice}.")
 
     def _compute_planned(self, plan: TensorPlan, pending, known: list[RankFigures | None]):
         """Wait for a tensor's read, compute it; on a GPU out-of-memory error, compute it on the CPU instead."""
@@ -456,12 +460,14 @@ class Analysis:
                 and sum(p.nbytes for p in todo) >= WORKERS_MIN_BYTES):
             from rlsub_tui.workers import TensorWorkers
 
-            pool = TensorWorkers(*self.given, self.options, min(self.options.workers, len(todo)))
+            pool = TensorWorkers(*self.given, self.options, min(self.options.workers, len(todo)), self.fingerprints())
+            finished = False
             try:
                 for plan, comp in pool.computed(todo, lambda p: self._known(p, ranks), cancelled):
                     yield plan, comp, []
+                finished = not cancelled()
             finally:
-                pool.close()
+                pool.close(finished)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsub-read",
                                 initializer=self._reader_init) as reader:

@@ -7,10 +7,14 @@ and gets back the tensor's record (masks.compute_tensor's), computed as in one p
 ranks; a rank's stable and effective rank may differ in their last digits, since each worker's BLAS has
 cores / N threads and sums the Gram in another order.
 
-Memory: the tensors being computed hold at most the two largest planned tensors' bytes (base and runs)
-at once, whatever the number of workers: what one process computing alone holds, a tensor and the next
-one read ahead. So a model's largest tensor is computed beside small ones only. Each worker is a process
-with torch loaded (a few hundred MB of its own, much of it shared with the forkserver it forked from).
+Memory: the tensors being computed hold at most the two largest planned tensors' stored bytes (base and
+runs) at once, whatever the number of workers, so a model's largest tensor is computed beside small ones
+only. Each worker adds its own working set (Δ, chunk temporaries, a rank's Gram) and its own process with
+torch loaded (a few hundred MB, much of it shared with the forkserver it forked from): on the 24-layer
+benchmark model the process tree peaked at 1.95 GB against 1.31 GB for one process (BENCHMARKS.md).
+
+A worker ends with the pool, or within a second of the analyze process's death (it watches for it), and
+refuses checkpoints whose bytes changed since the parent opened them.
 """
 
 from __future__ import annotations
@@ -22,62 +26,110 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from typing import Callable, Iterator
 
-from rlsub_tui.errors import ComputeError
+from rlsub_tui.errors import CheckpointError, ComputeError
 
 _given: tuple = ()  # the worker process's (base, runs, options), as the parent named them
 _worker = None  # its own engine.Analysis, opened at its first tensor
+_fingerprints: tuple = ()  # the parent's (base, [runs]) fingerprints: the worker must open the same bytes
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity, under taskset or a container's cpuset), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def default_workers() -> int:
     """Processes `analyze` computes in on the CPU unless told: one per core, at most 4."""
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, cores())
 
 
-def _start(cwd: str, environ: dict, base: str, runs: list[str], options, threads: int) -> None:
-    """A worker's start: the parent's folder and environment (a forkserver's are its own). Nothing here may
-    fail: an initializer's exception would break the whole pool without a word."""
+def _watch_parent(pid: int) -> None:
+    """End this worker once the analyze process is gone (killed): the pool's queues would never tell it."""
+    import time
+
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # the pid was reused by someone else's process: the parent is gone too
+            os._exit(1)
+
+
+def _start(cwd: str, environ: dict, base: str, runs: list[str], options, threads: int, parent: int,
+           fingerprints: tuple) -> None:
+    """A worker's start: the parent's folder and environment (a forkserver's are its own), cores / N threads
+    for torch and BLAS, a watch on the parent. Nothing here may fail: an initializer's exception would break
+    the whole pool without a word."""
+    import threading
+
     import torch
 
-    global _given
+    global _given, _fingerprints
+    _fingerprints = fingerprints
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
     torch.set_num_threads(threads)
     limit_blas_threads(threads)
     _given = (base, runs, replace(options, use_cache=False, workers=1))
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="rlsub-parent-watch").start()
 
 
 BLAS_THREAD_SETTERS = ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads")
 
 
+def _openblas_libraries() -> list:
+    """Every OpenBLAS library this process has loaded (numpy's), opened by ctypes; Linux only, else none."""
+    import ctypes
+
+    import numpy  # noqa: F401  (loads its library)
+
+    try:
+        with open("/proc/self/maps") as f:  # address perms offset dev inode [path, which may hold spaces]
+            fields = [line.rstrip("\n").split(maxsplit=5) for line in f]
+    except OSError:
+        return []
+    libs = []
+    for path in sorted({x[5] for x in fields if len(x) == 6 and "openblas" in x[5].lower()}):
+        try:
+            libs.append(ctypes.CDLL(path))
+        except OSError:
+            continue
+    return libs
+
+
 def limit_blas_threads(n: int) -> bool:
-    """numpy's OpenBLAS (the rank's Gram and eigensolver) to n threads in this process; whether it was found.
+    """numpy's OpenBLAS (the rank's Gram and eigensolver) to n threads in this process; whether any was set.
 
     OpenBLAS reads its thread count once, when it loads, and starts one per core: in workers side by side
     that oversubscribes the cores (`analyze` with rank on 2 cores: 28-45 s with two workers, 21-23 s with
-    one BLAS thread each; BENCHMARKS.md). Best effort, Linux: the library is found among this process's
-    mapped files; elsewhere nothing changes.
+    one BLAS thread each; BENCHMARKS.md). Best effort: where no library or setter is found, nothing changes.
     """
-    import ctypes
+    done = False
+    for lib in _openblas_libraries():
+        setter = next((getattr(lib, s) for s in BLAS_THREAD_SETTERS if hasattr(lib, s)), None)
+        if setter is not None:
+            setter(n)
+            done = True
+    return done
 
-    import numpy  # noqa: F401  (loads the library)
 
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return False
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in BLAS_THREAD_SETTERS:
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(n)
-                return True
-    return False
+def thread_counts() -> tuple[int, list[int]]:
+    """Torch's thread count and each OpenBLAS library's in this process (what a worker was given)."""
+    import torch
+
+    counts = []
+    for lib in _openblas_libraries():
+        getter = next((getattr(lib, s.replace("_set_", "_get_")) for s in BLAS_THREAD_SETTERS
+                       if hasattr(lib, s.replace("_set_", "_get_"))), None)
+        if getter is not None:
+            counts.append(int(getter()))
+    return torch.get_num_threads(), counts
 
 
 def _compute(name: str, known: list):
@@ -87,20 +139,28 @@ def _compute(name: str, known: list):
     if _worker is None:
         from rlsub_tui.engine import Analysis
 
-        _worker = Analysis(*_given)
+        opened = Analysis(*_given)
+        base_fp, run_fps = opened.fingerprints()
+        expected = [_fingerprints[0], *_fingerprints[1]]
+        for ckpt, mine, theirs in zip([opened.base, *opened.runs], [base_fp, *run_fps], expected):
+            if mine != theirs:
+                opened.close()
+                raise CheckpointError(f"{ckpt.source}: changed while it was being analyzed; run the analysis again.")
+        _worker = opened
     return _worker.compute_named(name, known)
 
 
 class TensorWorkers:
     """A pool of worker processes for one analysis; `computed` yields records in the order asked for."""
 
-    def __init__(self, base: str, runs: list[str], options, workers: int):
+    def __init__(self, base: str, runs: list[str], options, workers: int, fingerprints: tuple):
         from rlsub_tui.analysis_process import process_context
 
         self.workers = workers
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, cores() // workers)
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=_start,
-                                        initargs=(os.getcwd(), dict(os.environ), base, list(runs), options, threads))
+                                        initargs=(os.getcwd(), dict(os.environ), base, list(runs), options, threads,
+                                                  os.getpid(), fingerprints))
 
     def computed(self, plans: list, known: Callable[[object], list], cancelled: Callable[[], bool]) -> Iterator:
         """(plan, record) for each plan in order. At most `workers` tensors are computing at once, holding at
@@ -116,7 +176,12 @@ class TensorWorkers:
             while (ahead < len(plans) and len(running) < self.workers and not cancelled()
                    and (not running or held + plans[ahead].nbytes <= budget)):
                 plan = plans[ahead]
-                future = self.pool.submit(_compute, plan.name, known(plan))
+                try:
+                    future = self.pool.submit(_compute, plan.name, known(plan))
+                except BrokenProcessPool:  # a worker died: the futures in flight say so, in order
+                    if not pending:
+                        raise self._died([plan]) from None
+                    break
                 pending.append((plan, future))
                 running.append((plan, future))
                 held += plan.nbytes
@@ -126,18 +191,25 @@ class TensorWorkers:
             if not pending[0][1].done():
                 wait([f for _, f in running], return_when=FIRST_COMPLETED)
                 continue
-            plan, future = pending.popleft()
-            yield plan, self._record(plan, future)
+            try:
+                record = pending[0][1].result()
+            except BrokenProcessPool:
+                raise self._died([p for p, _ in pending]) from None
+            yield pending.popleft()[0], record
             if cancelled():
                 return
 
     @staticmethod
-    def _record(plan, future: Future):
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            raise ComputeError(f"a worker process died while comparing tensor '{plan.name}' (out of memory?); "
-                             "try --workers 1.") from None
+    def _died(plans: list) -> ComputeError:
+        """A worker died (killed, most likely for memory): which tensor's worker it was, the pool cannot tell."""
+        names = ", ".join(f"'{p.name}'" for p in plans[:3]) + (f" and {len(plans) - 3} more" if len(plans) > 3 else "")
+        return ComputeError(f"a worker process died (out of memory?) while these tensors were being compared: "
+                            f"{names}; try fewer --workers, or --workers 1.")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """The pool shut down: after its last record, at once; early (an error, a cancel, the consumer gone),
+        its workers are ended rather than waited for, since a tensor in flight can take minutes."""
+        if not finished:
+            for process in list((getattr(self.pool, "_processes", None) or {}).values()):  # no public terminate before 3.14
+                process.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -60,7 +60,8 @@ def test_out_of_memory_on_cpu_is_one_sentence(tmp_path, capsys, monkeypatch):
             analysis.compute_named(analysis.plans[0].name, [None])
     finally:
         analysis.close()
-    assert line[0] == f"rlsub-tui: error: {caught.value}"
+    in_process = line[0].removeprefix("rlsub-tui: error: ")
+    assert str(caught.value) == in_process.removesuffix(".") + ", or use fewer --workers."
 
 
 def test_cuda_device_is_named_with_its_index(monkeypatch):
