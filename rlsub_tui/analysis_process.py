@@ -50,8 +50,40 @@ def start_server() -> None:
         process_context()
         from multiprocessing import forkserver
 
-        with _real_stderr():
+        with _real_stderr(), _sigint_ignored():
             forkserver.ensure_running()
+
+
+@contextmanager
+def sigint_deferred():
+    """Ctrl-C held back for the block and raised (KeyboardInterrupt) at its end: around a step that must not be
+    cut in two, such as a worker process's start, which would otherwise outlive its parent. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigint_ignored():
+    """Ctrl-C (SIGINT to the terminal's whole process group) ignored while the forkserver starts: it inherits
+    that through exec, so neither its import of torch nor the children it forks print a traceback; the
+    process that started it handles Ctrl-C and ends them. Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

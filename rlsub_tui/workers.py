@@ -26,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from typing import Callable, Iterator
 
+from rlsub_tui.analysis_process import sigint_deferred
 from rlsub_tui.errors import CheckpointError, ComputeError
 
 _given: tuple = ()  # the worker process's (base, runs, options), as the parent named them
@@ -154,8 +155,9 @@ class TensorWorkers:
     """A pool of worker processes for one analysis; `computed` yields records in the order asked for."""
 
     def __init__(self, base: str, runs: list[str], options, workers: int, fingerprints: tuple):
-        from rlsub_tui.analysis_process import process_context
+        from rlsub_tui.analysis_process import process_context, start_server
 
+        start_server()  # now, ignoring Ctrl-C, which this process handles for its workers
         self.workers = workers
         threads = max(1, cores() // workers)
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(), initializer=_start,
@@ -177,7 +179,8 @@ class TensorWorkers:
                    and (not running or held + plans[ahead].nbytes <= budget)):
                 plan = plans[ahead]
                 try:
-                    future = self.pool.submit(_compute, plan.name, known(plan))
+                    with sigint_deferred():  # a submit may start a worker: not to be cut off half-started
+                        future = self.pool.submit(_compute, plan.name, known(plan))
                 except BrokenProcessPool:  # a worker died: the futures in flight say so, in order
                     if not pending:
                         raise self._died([plan]) from None
