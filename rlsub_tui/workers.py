@@ -165,9 +165,9 @@ class TensorWorkers:
                                                   os.getpid(), fingerprints))
 
     def computed(self, plans: list, known: Callable[[object], list], cancelled: Callable[[], bool]) -> Iterator:
-        """(plan, record) for each plan in order. At most `workers` tensors are computing at once, holding at
-        most the two largest plans' bytes (what one process holds with its read-ahead); records that finish
-        early wait, small, for those before them."""
+        """(plan, record) for each plan in order. At most `workers` tensors are computing at once, whose stored
+        bytes add up to at most the two largest plans' (one tensor alone may always start); records that
+        finish early wait, small, for those before them."""
         sizes = sorted((p.nbytes for p in plans), reverse=True)
         budget = sum(sizes[:2])
         pending: deque[tuple[object, Future]] = deque()
