@@ -161,7 +161,7 @@ class ChartPanel(PlotextPlot):
         elif data.name == "rank" and marked is None:
             ys = data.series["rank ratio"]
             plt.bar(list(range(len(ys))), ys)
-            plt.ylim(0, 105)
+            self._percent_axis()
             plt.xlabel("matrix (see table / export for names)")
         elif data.name == "rank":
             self._marked_bars(data, marked)
@@ -219,7 +219,12 @@ class ChartPanel(PlotextPlot):
         pairs = list(zip(data.x, data.series["rank ratio"]))
         plt.bar([x for x, _ in pairs if x != marked], [y for x, y in pairs if x != marked], color="blue")
         plt.bar([x for x, _ in pairs if x == marked], [y for x, y in pairs if x == marked], color="red")
-        plt.ylim(0, 105)
+        self._percent_axis()
+
+    def _percent_axis(self) -> None:
+        """0-100 % in round ticks, with headroom above 100 for full bars (plotext's own ticks read 87.5, 105)."""
+        self.plt.ylim(0, 105)
+        self.plt.yticks([0, 25, 50, 75, 100])
 
     def _mark(self, data: ChartData, marked: int) -> None:
         """The focused layer: a red line and, on line charts, a red dot on each series."""
