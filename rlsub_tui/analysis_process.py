@@ -55,35 +55,35 @@ def start_server() -> None:
 
 
 @contextmanager
-def sigint_deferred():
-    """Ctrl-C held back for the block and raised (KeyboardInterrupt) at its end: around a step that must not be
-    cut in two, such as a worker process's start, which would otherwise outlive its parent. Main thread only."""
+def _sigint_handled(handler):
+    """SIGINT handled by `handler` for the block, the previous handler restored after. Only the main thread
+    can set a handler: elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
-@contextmanager
 def _sigint_ignored():
     """Ctrl-C (SIGINT to the terminal's whole process group) ignored while the forkserver starts: it inherits
     that through exec, so neither its import of torch nor the children it forks print a traceback; the
-    process that started it handles Ctrl-C and ends them. Only the main thread can set a handler."""
-    if threading.current_thread() is not threading.main_thread():
+    process that started it handles Ctrl-C and ends them."""
+    return _sigint_handled(signal.SIG_IGN)
+
+
+@contextmanager
+def sigint_deferred():
+    """Ctrl-C held back for the block and raised (KeyboardInterrupt) at its end: around a step that must not be
+    cut in two, such as a worker process's start, which would otherwise outlive its parent."""
+    caught = []
+    with _sigint_handled(lambda *_: caught.append(True)):
         yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @contextmanager

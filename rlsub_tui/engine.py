@@ -272,6 +272,7 @@ class Analysis:
         except InputError as exc:  # nothing in common: name the architectures, the likely reason
             raise InputError(f"{str(exc).rstrip('.')}{architectures_note(self.base, self.runs)}.") from None
         self.plans, skipped = planning.plans, planning.skipped
+        self._plans_by_name = {p.name: p for p in self.plans}
         notes = open_warnings(self.base, self.runs, skipped) + self._same_checkpoint_notes() + planning.notes
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,
@@ -284,7 +285,7 @@ class Analysis:
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)
         self._fingerprints = None
-        if self.options.workers > 1:  # the bytes as opened now: workers must find the same (workers.py)
+        if self.options.workers > 1 and self.device.type == "cpu":  # the bytes as opened now: workers must find the same
             self.fingerprints()
         self._stager: PinnedStager | None = None
         self.cpu_fallbacks = 0
@@ -358,7 +359,7 @@ class Analysis:
 
     def read_tensors(self, name: str) -> list[torch.Tensor] | None:
         """Base and run tensors of one planned tensor on the CPU, as compared (see _prepare); None if not planned."""
-        plan = next((p for p in self.plans if p.name == name), None)
+        plan = self._plans_by_name.get(name)
         if plan is None:
             return None
         return self._prepare(plan, self._load_cpu(plan))
@@ -380,7 +381,7 @@ class Analysis:
 
     def compute_named(self, name: str, known: list[RankFigures | None]):
         """One planned tensor read and computed here, on the CPU (a worker process's task)."""
-        plan = next((p for p in self.plans if p.name == name), None)
+        plan = self._plans_by_name.get(name)
         if plan is None:
             raise InputError(f"tensor '{name}' is no longer in the checkpoints: a file changed during the analysis.")
         try:
@@ -431,8 +432,9 @@ class Analysis:
             self.result.tensors[plan.name] = result
             if self.cache:
                 self.cache.store_result(key, result)
+                known = self._known(plan, ranks)
                 for j, s in enumerate(result.runs):
-                    if s.rank is not None and self._known(plan, ranks)[j] is None:
+                    if s.rank is not None and known[j] is None:
                         self.cache.store_rank(pair_keys[j], self._rank_key(plan, j), s.rank_figures())
             done += 1
             bytes_done += plan.nbytes

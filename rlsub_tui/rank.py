@@ -23,20 +23,11 @@ CHUNK_ELEMENTS = 1 << 24  # float64 working set per step: 128 MB
 
 
 def gram(delta: torch.Tensor) -> torch.Tensor:
-    """delta @ delta.T or delta.T @ delta, whichever is smaller, in float64, built in chunks."""
-    m, n = delta.shape
-    side = min(m, n)
+    """XᵀX (X = Δ when tall, Δᵀ when wide: the smaller side's Gram) in float64 on Δ's device, built in chunks."""
+    side = min(delta.shape)
     out = torch.zeros((side, side), dtype=torch.float64, device=delta.device)
-    if m >= n:
-        step = max(1, CHUNK_ELEMENTS // max(n, 1))
-        for start in range(0, m, step):
-            block = delta[start:start + step].to(torch.float32).to(torch.float64)
-            out.addmm_(block.T, block)
-    else:
-        step = max(1, CHUNK_ELEMENTS // max(m, 1))
-        for start in range(0, n, step):
-            block = delta[:, start:start + step].to(torch.float32).to(torch.float64)
-            out.addmm_(block, block.T)
+    for block in _long_side_chunks(delta):
+        out.addmm_(block.T, block)
     return out
 
 

@@ -111,26 +111,28 @@ def limit_blas_threads(n: int) -> bool:
     that oversubscribes the cores (`analyze` with rank on 2 cores: 28-45 s with two workers, 21-23 s with
     one BLAS thread each; BENCHMARKS.md). Best effort: where no library or setter is found, nothing changes.
     """
-    done = False
-    for lib in _openblas_libraries():
-        setter = next((getattr(lib, s) for s in BLAS_THREAD_SETTERS if hasattr(lib, s)), None)
-        if setter is not None:
-            setter(n)
-            done = True
-    return done
+    setters = _blas_functions("set")
+    for setter in setters:
+        setter(n)
+    return bool(setters)
 
 
 def thread_counts() -> tuple[int, list[int]]:
     """Torch's thread count and each OpenBLAS library's in this process (what a worker was given)."""
     import torch
 
-    counts = []
+    return torch.get_num_threads(), [int(getter()) for getter in _blas_functions("get")]
+
+
+def _blas_functions(verb: str) -> list:
+    """Each loaded OpenBLAS library's thread-count setter ("set") or getter ("get"), where it has one."""
+    found = []
     for lib in _openblas_libraries():
-        getter = next((getattr(lib, s.replace("_set_", "_get_")) for s in BLAS_THREAD_SETTERS
-                       if hasattr(lib, s.replace("_set_", "_get_"))), None)
-        if getter is not None:
-            counts.append(int(getter()))
-    return torch.get_num_threads(), counts
+        names = [s.replace("_set_", f"_{verb}_") for s in BLAS_THREAD_SETTERS]
+        function = next((getattr(lib, name) for name in names if hasattr(lib, name)), None)
+        if function is not None:
+            found.append(function)
+    return found
 
 
 def _compute(name: str, known: list):
