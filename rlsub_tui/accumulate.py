@@ -26,6 +26,11 @@ NONFINITE, POSITIVE, NEGATIVE = 3, 1, 2
 # above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key.
 EXPONENT_SHIFT = 32
 LOW_BITS = (1 << EXPONENT_SHIFT) - 1
+# A chunk in which fewer than this fraction of positions changed in any run (RL updates: a few to 40%) is counted
+# on those positions alone (`Chunk.positions`). Every other position has Δ = 0 in every run: its zero pattern
+# counts for nothing in a run's figures, Σw0² and the |w0| bins come from the whole slice's base histogram, and its
+# code 0 in the cross-run key is added from those bins (`with_left_out`). Measured: BENCHMARKS.md.
+CHANGED_ONLY_BELOW = 0.75
 
 
 def pattern_values(dtype: torch.dtype) -> torch.Tensor:
@@ -40,17 +45,25 @@ def patterns_of(x: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class Chunk:
-    """One slice of a tensor: the base as compared, its |w0| bins, and per run its stored Δ and states."""
+    """One slice of a tensor: the base as compared, its |w0| bins, and per run its stored Δ and states.
+
+    On the changed-positions route (`positions` set) the base, bins, deltas, states and keys hold only the
+    positions where some run's Δ is non-zero, `positions` their offsets in the slice (ascending) and `length`
+    the slice's full length; runs stay whole (`run_slice` picks)."""
 
     base: torch.Tensor
     bins: torch.Tensor  # magnitude bin per position, shifted left by the cross-run layout's `bin_shift`
     states: list[torch.Tensor] = field(default_factory=list)  # per run, shifted left by its `state_shift`
-    runs: list[torch.Tensor] = field(default_factory=list)  # each run's slice, in its pair's dtype
+    runs: list[torch.Tensor] = field(default_factory=list)  # each run's whole slice, in its pair's dtype
     base_sq: dict[torch.dtype, float] = field(default_factory=dict)  # Σw0² per comparison dtype
     start: int = 0  # the slice's first flat position in the tensor
     patterns: list = field(default_factory=list)  # per run: Δ's 16-bit patterns where a PatternRun counted it
     carried: bool = False  # the states and bins carry distance-key parts above EXPONENT_SHIFT
     key: torch.Tensor | None = None  # the cross-run layout's per-position code (StateCodes, RunCodes), once built
+    deltas: list[torch.Tensor] | None = None  # per run: its stored Δ, when already computed (16-bit CPU chunks)
+    base_counts: np.ndarray | None = None  # histogram of the whole slice's base bit patterns (16-bit CPU chunks)
+    positions: np.ndarray | None = None
+    length: int = 0
     _base_term: np.ndarray | None = None
 
     def base_term(self) -> np.ndarray:
@@ -62,10 +75,62 @@ class Chunk:
     def base_in(self, dtype: torch.dtype) -> torch.Tensor:
         return self.base if self.base.dtype == dtype else self.base.to(dtype)
 
+    def spread(self, values: np.ndarray) -> np.ndarray:
+        """Values at the chunk's positions laid out over the whole slice, zero at the positions left out."""
+        out = np.zeros(self.length, dtype=values.dtype)
+        out[self.positions] = values
+        return out
+
+    def bin_counts(self) -> np.ndarray:
+        """How many of the whole slice's positions fall in each |w0| magnitude bin (from `base_counts`)."""
+        if self.base.dtype == torch.bfloat16:  # a bf16 value's bin is its exponent's: bits 7..14 of its pattern
+            by_exponent = self.base_counts.reshape(2, 256, 128).sum(axis=(0, 2))
+            return np.bincount(exponent_bins(), weights=by_exponent, minlength=MAG_BINS).astype(np.int64)
+        weighted = np.bincount(plain_bins(self.base.dtype), weights=self.base_counts, minlength=MAG_BINS)
+        return weighted.astype(np.int64)  # counts below 2^53: exact in float64
+
+    def run_slice(self, j: int) -> torch.Tensor:
+        """Run j at the chunk's positions."""
+        run = self.runs[j]
+        return run if self.positions is None else gathered(run, self.positions)
+
+    def delta(self, j: int, dtype: torch.dtype) -> torch.Tensor:
+        """Run j's stored Δ at the chunk's positions, compared in `dtype`."""
+        if self.deltas is not None:
+            return self.deltas[j]
+        return stored_delta(self.base_in(dtype), self.run_slice(j))
+
     def sum_sq_base(self, dtype: torch.dtype, work: torch.dtype) -> float:
+        """Σw0² over the whole slice: from its bit-pattern histogram (float64) where there is one for `dtype`."""
         if dtype not in self.base_sq:
-            self.base_sq[dtype] = _sum_sq(self.base_in(dtype).to(work))
+            if self.base_counts is not None and dtype == self.base.dtype:
+                # a plain product and sum: `@` would wake BLAS's threads
+                self.base_sq[dtype] = float((self.base_counts * pattern_squares(dtype)).sum())
+            else:
+                self.base_sq[dtype] = _sum_sq(self.base_in(dtype).to(work))
         return self.base_sq[dtype]
+
+    def sum_sq_base_where(self, dtype: torch.dtype, keep: torch.Tensor) -> float:
+        """Σw0² over the slice, leaving out the chunk's positions where `keep` is False."""
+        bj = self.base_in(dtype)
+        if self.base_counts is None or dtype != self.base.dtype:  # then no position was left out of the chunk
+            return _sum_sq(torch.where(keep, bj.float(), 0.0))
+        dropped = bj[~keep].double()
+        return self.sum_sq_base(dtype, torch.float32) - _sum_sq(torch.where(torch.isfinite(dropped), dropped, 0.0))
+
+
+def gathered(x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    """x (flat, CPU) at `positions`; a 16-bit tensor through numpy on its bit patterns (faster than torch)."""
+    if x.element_size() == 2:
+        return torch.from_numpy(np.take(x.view(torch.int16).numpy(), positions)).view(x.dtype)
+    return x[torch.from_numpy(positions)]
+
+
+@functools.lru_cache(maxsize=4)
+def pattern_squares(dtype: torch.dtype) -> np.ndarray:
+    """value² of every 16-bit pattern of `dtype` as float64 (exact), 0 for NaN/Inf: Σw0² = counts · this."""
+    values = pattern_values(dtype).double()
+    return torch.where(torch.isfinite(values), values * values, 0.0).numpy()
 
 
 @dataclass
@@ -90,10 +155,10 @@ class FloatRun:
         self.sweep_tols = [_rounded(t, dtype) for t in sweep]
         self.totals = RunTotals(sweep=[0] * len(sweep))
 
-    def add(self, chunk: Chunk, run: torch.Tensor) -> torch.Tensor:
-        """Count this run's chunk; return its states (shifted)."""
-        bj, t = chunk.base_in(self.dtype), self.totals
-        d = stored_delta(bj, run).to(self.work)
+    def add(self, chunk: Chunk, j: int) -> torch.Tensor:
+        """Count run j's chunk; return its states (shifted)."""
+        bj, t, run = chunk.base_in(self.dtype), self.totals, chunk.run_slice(j)
+        d = chunk.delta(j, self.dtype).to(self.work)
         absd = d.abs()
         total = float(absd.sum())
         finite = None
@@ -157,7 +222,8 @@ class PatternRun:
 
     |Δ| > t for a float t is a property of Δ's pattern, so the updated count, every sweep count, the
     NaN/Inf count and Σ|Δ|, ΣΔ² (in float64) all follow from the histogram at the end, and the
-    per-position state is one table lookup. Exact equals atol 0 here: two stored values differ
+    per-position state is one table lookup. A zero Δ counts for nothing in any of them, so positions that a
+    chunk leaves out (Δ = 0) need no count here. Exact equals atol 0 here: two stored values differ
     exactly when their difference, rounded to the dtype, is non-zero (gradual underflow).
     """
 
@@ -171,15 +237,13 @@ class PatternRun:
         self.sq_base = 0.0
         self.last_pattern: np.ndarray | None = None
 
-    def add(self, chunk: Chunk, run: torch.Tensor) -> torch.Tensor:
-        bj = chunk.base_in(self.dtype)
-        pattern = patterns_of(stored_delta(bj, run))
+    def add(self, chunk: Chunk, j: int) -> torch.Tensor:
+        pattern = patterns_of(chunk.delta(j, self.dtype))
         self.last_pattern = pattern  # for the distance-to-visibility histogram (PrecisionAndLines)
         counts = np.bincount(pattern, minlength=PATTERNS)
         self.hist += counts
         if counts[self.table.nonfinite_patterns].any():  # leave the NaN/Inf positions out of Σw0²
-            keep = torch.from_numpy(self.table.finite[pattern])
-            self.sq_base += _sum_sq(torch.where(keep, bj.float(), 0.0))
+            self.sq_base += chunk.sum_sq_base_where(self.dtype, torch.from_numpy(self.table.finite[pattern]))
         else:
             self.sq_base += chunk.sum_sq_base(self.dtype, torch.float32)
         return torch.from_numpy(np.take(self.table.states, pattern))
@@ -234,6 +298,14 @@ def _from_run_codes(out: CrossRun, table: np.ndarray) -> None:
     out.run_codes = [int(x) for x in by_code] if k <= MAX_SUBSET_RUNS else []
 
 
+def with_left_out(counts: np.ndarray, chunk: Chunk) -> np.ndarray:
+    """A chunk's (|w0| bin, code) histogram with the positions left out of it added (code 0: no run changed)."""
+    if chunk.positions is not None:
+        table = counts.reshape(MAG_BINS, -1)
+        table[:, 0] += chunk.bin_counts() - table.sum(axis=1)
+    return counts
+
+
 class StateCodes:
     """Up to STATE_CODED_RUNS runs: one histogram of (|w0| bin, the K states) per chunk gives everything."""
 
@@ -259,7 +331,7 @@ class StateCodes:
         if chunk.carried:
             key &= LOW_BITS
         chunk.key = key if not key.is_cuda else None  # for CodeLines (CPU only): on a GPU it would hold memory
-        self.joint += _bincount(key, len(self.joint))
+        self.joint += with_left_out(_bincount(key, len(self.joint)), chunk)
 
     def finish(self, out: CrossRun) -> None:
         k = self.k
@@ -307,7 +379,7 @@ class RunCodes:
         for j, s in enumerate(chunk.states):
             key |= (s != 0).to(torch.int32) << j
         chunk.key = key if not key.is_cuda else None
-        self.joint += _bincount(key, len(self.joint))
+        self.joint += with_left_out(_bincount(key, len(self.joint)), chunk)
 
     def finish(self, out: CrossRun) -> None:
         _from_run_codes(out, self.joint.reshape(MAG_BINS, 1 << self.k))
@@ -398,8 +470,11 @@ class PrecisionAndLines:
 
     def add(self, chunk: Chunk) -> None:
         if self.code_lines is not None:
-            self.code_lines.add(chunk.key.numpy().reshape(-1), chunk.start)
-        for j, (state, run) in enumerate(zip(chunk.states, chunk.runs)):
+            key = chunk.key.numpy().reshape(-1)
+            if chunk.positions is not None:  # the run fields only (the low bits), every left-out position 0
+                key = chunk.spread((key & ((1 << self.layout.bin_shift) - 1)).astype(np.int16))
+            self.code_lines.add(key, chunk.start)
+        for j, state in enumerate(chunk.states):
             shift, precision = self.shifts[j], self.precision[j]
             pattern = chunk.patterns[j] if chunk.patterns else None
             by_pattern = pattern is not None and self.dtypes[j] == torch.bfloat16 and precision.applies
@@ -409,11 +484,13 @@ class PrecisionAndLines:
             if not self.lines[j].applies and not precision_left:
                 continue  # nothing else to count: the updated mask is not needed
             updated, finite = _updated_and_finite(state, shift)
-            self.lines[j].add(updated, chunk.start)
+            if self.lines[j].applies:
+                spread = updated if chunk.positions is None else torch.from_numpy(chunk.spread(updated.numpy()))
+                self.lines[j].add(spread, chunk.start)
             if not precision_left:
                 continue
-            bj = chunk.base_in(self.dtypes[j])
-            delta = stored_delta(bj, run)
+            bj, run = chunk.base_in(self.dtypes[j]), chunk.run_slice(j)
+            delta = chunk.delta(j, self.dtypes[j])
             absd = (delta if delta.dtype == torch.float64 else delta.float()).abs()
             if finite is not None:
                 absd = torch.where(finite, absd, torch.zeros_like(absd))
@@ -501,15 +578,45 @@ class TensorAccumulator:
         self.carried = any(t is not None and t.carries_exponent for t in tables)
         self.cross.append(PrecisionAndLines(dtypes, shape if shape is not None else (numel,), device, layout, tables))
         self.base_bins = BaseBins(base_dtype, layout.bin_shift, device, carry_base_term=self.carried)
+        # 16-bit pairs on the pattern path, every run in the base's dtype, a coded layout: chunks may be counted
+        # on their changed positions alone (Chunk.positions)
+        self.may_skip_unchanged = (device.type == "cpu" and base_dtype in PATTERN_DTYPES
+                                   and all(dt == base_dtype for dt in dtypes)
+                                   and all(isinstance(acc, PatternRun) for acc in self.per_run)
+                                   and isinstance(layout, (StateCodes, RunCodes)))
         self.offset = 0
 
     def add_chunk(self, base: torch.Tensor, runs: list[torch.Tensor]) -> None:
-        chunk = Chunk(base, self.base_bins(base), runs=runs, start=self.offset, carried=self.carried)
+        start = self.offset
         self.offset += base.numel()
-        chunk.states = [acc.add(chunk, run) for acc, run in zip(self.per_run, runs)]
+        if self.may_skip_unchanged:
+            chunk = self._changed_positions(base, runs, start)
+        else:
+            chunk = Chunk(base, self.base_bins(base), runs=runs, start=start, carried=self.carried)
+        chunk.states = [acc.add(chunk, j) for j, acc in enumerate(self.per_run)]
         chunk.patterns = [getattr(acc, "last_pattern", None) for acc in self.per_run]
         for acc in self.cross:
             acc.add(chunk)
+
+    def _changed_positions(self, base: torch.Tensor, runs: list[torch.Tensor], start: int) -> Chunk:
+        """A 16-bit chunk with each run's Δ computed once, reduced to the positions where some run's Δ is
+        non-zero when fewer than CHANGED_ONLY_BELOW of them are (±0 is no change: its state is 0 and its
+        pattern counts as 0's)."""
+        counts = np.bincount(base.view(torch.int16).numpy().view(np.uint16), minlength=PATTERNS)
+        deltas = [stored_delta(base, run) for run in runs]
+        bits = deltas[0].view(torch.int16).numpy()
+        for delta in deltas[1:]:  # OR of the Δ patterns: a non-zero magnitude bit where some run's Δ is non-zero
+            bits = bits | delta.view(torch.int16).numpy()
+        changed = (bits & 0x7FFF) != 0
+        n = base.numel()
+        if np.count_nonzero(changed) >= CHANGED_ONLY_BELOW * n:
+            return Chunk(base, self.base_bins(base), runs=runs, start=start, carried=self.carried, deltas=deltas,
+                         base_counts=counts)
+        positions = np.flatnonzero(changed)
+        kept = gathered(base, positions)
+        return Chunk(kept, self.base_bins(kept), runs=runs, start=start, carried=self.carried,
+                     deltas=[gathered(d, positions) for d in deltas], base_counts=counts, positions=positions,
+                     length=n)
 
     def finish(self) -> tuple[list[RunTotals], CrossRun]:
         out = CrossRun(self.k)
@@ -532,6 +639,18 @@ class BaseBins:
         if self.by_pattern is not None:  # on the CPU only
             return torch.from_numpy(self.by_pattern[patterns_of(base)])
         return magnitude_bins(base.to(torch.float32), self.table)
+
+
+@functools.lru_cache(maxsize=4)
+def plain_bins(dtype: torch.dtype) -> np.ndarray:
+    """The |w0| magnitude bin (unshifted) of every 16-bit pattern of `dtype`."""
+    return magnitude_bins(pattern_values(dtype), magnitude_table(0)).long().numpy()
+
+
+@functools.lru_cache(maxsize=1)
+def exponent_bins() -> np.ndarray:
+    """The |w0| magnitude bin of each biased float32 (and bf16) exponent 0..255."""
+    return magnitude_table(0).long().numpy()
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import reference
+from routes import check_route, force_route
 from rlsub_tui import accumulate, masks
 from rlsub_tui.criteria import MAG_BINS, Criterion
 from rlsub_tui.masks import compute_tensor
@@ -69,13 +72,18 @@ def _expected(base, runs, dtype, criterion, sweep):
 @pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact", 0.0), Criterion("atol", 0.0),
                                        Criterion("relative", 1e-2)])
 @pytest.mark.parametrize("patterns", [True, False], ids=["patterns", "float"])
-def test_every_path_matches_numpy(monkeypatch, k, dtype, criterion, patterns):
-    """Several ragged chunks; the pattern path forced on (or off) whatever the tensor's size."""
+@pytest.mark.parametrize("route", ["all", "changed"])
+def test_every_path_matches_numpy(monkeypatch, k, dtype, criterion, patterns, route):
+    """Several ragged chunks; the pattern path forced on (or off) whatever the tensor's size, and chunks
+    counted on every position or on the changed ones alone."""
     monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0 if patterns else 1 << 62)
+    skipped = force_route(monkeypatch, route)
     sweep = (0.0, 1e-8, 1e-6, 1e-5, 1e-3)
     base, runs = _tensors(k, dtype, seed=k)
     comp = compute_tensor(base, runs, criterion, sweep, want_rank=False)
+    check_route(skipped, route, patterns and dtype != torch.float32 and criterion.name != "relative"
+                 and k <= masks.MAX_CODED_RUNS)
     exp = _expected(base, runs, dtype, criterion, sweep)
     assert [s.updated for s in comp.runs] == exp["updated"]
     assert [s.nonfinite for s in comp.runs] == exp["nonfinite"]
@@ -128,7 +136,8 @@ def test_mixed_pair_dtypes_on_a_large_tensor_match_numpy():
 
 @pytest.mark.parametrize("k", [1, 3, 6, 7, 16])
 @pytest.mark.parametrize("patterns", [True, False], ids=["patterns", "float"])
-def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns):
+@pytest.mark.parametrize("route", ["all", "changed"])
+def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns, route):
     """A 60x50 bf16 matrix in ragged chunks that cut rows: each run's rows and columns holding an update and
     its distance-to-visibility histogram, against numpy, for every cross-run layout (state codes, run codes,
     pairwise) and both per-run paths."""
@@ -136,6 +145,7 @@ def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns):
 
     monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0 if patterns else 1 << 62)
+    skipped = force_route(monkeypatch, route)
     m, n = 60, 50
     flat_base, flat_runs = _tensors(k, torch.bfloat16, n=m * n, seed=k)
     base = flat_base.reshape(m, n)
@@ -146,6 +156,7 @@ def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns):
         r[:, 49 - j % 10] = base[:, 49 - j % 10]  # and a column
         runs.append(r)
     comp = compute_tensor(base, runs, Criterion("atol", 1e-5), (), want_rank=False)
+    check_route(skipped, route, patterns and k <= masks.MAX_CODED_RUNS)
     b = base.float().numpy()
     for j, (r, s) in enumerate(zip(runs, comp.runs)):
         mask = reference.mask(b, r.float().numpy(), "bf16", "atol", 1e-5)
@@ -221,3 +232,45 @@ def test_pairs_of_several_dtypes_on_one_bf16_base(monkeypatch, criterion):
             visible = torch.from_numpy(base_as).to(torch.bfloat16) != torch.from_numpy(rn).to(torch.bfloat16)
         assert s.updated_bf16_visible == int(visible.sum()), name
         assert s.hidden_by_bf16 == int((torch.from_numpy(upd) & ~visible).sum()), name
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_changed_positions_alone_give_every_figure_of_all_positions(monkeypatch, k, dtype):
+    """A 2-D tensor in ragged chunks, some with no change at all, a NaN and a zero in the base, Δ = -0 and NaN
+    in runs: every figure (counts, sums, strata, codes, rows, columns, distances, bf16 visibility) is the same
+    whether the chunks are counted on every position or on the changed ones alone; and bf16 visibility of the
+    fp16 pairs against numpy."""
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0)
+    g = np.random.default_rng(3 + k)
+    m, n = 90, 70
+    a = (g.standard_normal((m, n)) * 0.05).astype(np.float32)
+    a[0, 0], a[0, 1], a[0, 2] = np.nan, 0.0, -0.0
+    base = torch.from_numpy(a).to(dtype)
+    runs = []
+    for j in range(k):
+        step = (g.standard_normal((m, n)) * 3e-4 * (g.random((m, n)) < 0.2)).astype(np.float32)
+        step[20:45, :] = 0.0  # whole chunks (1000..2999) no run changes
+        r = (base.float() + torch.from_numpy(step)).to(dtype)
+        r[0, 2] = 0.0  # +0 - (-0): Δ = +0, no change
+        r[0, 1] = -0.0  # -0 - (+0): Δ = -0, no change
+        r[60 + j, 5] = float("nan")
+        runs.append(r)
+    results = {}
+    for route in ("all", "changed"):
+        skipped = force_route(monkeypatch, route)
+        results[route] = compute_tensor(base, runs, Criterion("atol", 1e-5), (1e-6, 1e-4), want_rank=False)
+        check_route(skipped, route, True)
+    assert dataclasses.asdict(results["all"]) == dataclasses.asdict(results["changed"])
+    comp = results["changed"]
+    assert comp.runs[0].nonfinite == 2 and comp.runs[0].updated < m * n // 4
+    b = base.float().numpy()
+    for r, s in zip(runs, comp.runs):
+        with np.errstate(invalid="ignore"):
+            d = (r.float().numpy() - b)  # the stored Δ's zeros are the difference's zeros
+            sq_base = float((np.where(np.isfinite(d), b, 0).astype(np.float64) ** 2).sum())
+        assert s.sq_base == pytest.approx(sq_base, rel=1e-12)
+        if dtype == torch.float16:
+            visible = base.to(torch.bfloat16) != r.to(torch.bfloat16)
+            assert s.updated_bf16_visible == int(visible.sum())

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+from routes import check_route, force_route
 from synthetic import save
 from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN, Criterion
 from rlsub_tui.engine import Analysis, AnalysisOptions
@@ -217,7 +218,8 @@ def test_nan_updates_count_as_updated_but_have_no_distance(dtype):
 
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact")])
-def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, monkeypatch):
+@pytest.mark.parametrize("route", ["all", "changed"])
+def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, route, monkeypatch):
     """Tensors large enough for the 16-bit pattern path (a joint histogram of Δ's and w0's exponents): the
     distance histogram of every run, with zeros, tiny weights and a NaN planted, and rows/columns, vs numpy."""
     from rlsub_tui import accumulate
@@ -241,7 +243,9 @@ def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, monkeypatch)
         step[5 + j, :] = 0.0  # a row this run leaves alone
         runs.append((w0.float() + torch.from_numpy(step)).to(torch.bfloat16))
     runs[0][7, 3] = float("nan")
+    skipped = force_route(monkeypatch, route)
     comp = compute_tensor(w0, runs, criterion, want_rank=False)
+    check_route(skipped, route, True)
     assert sorted(set(taken)) == list(range(k))  # every run went through the pattern path
     base = w0.float().numpy()
     tol = np.float32(torch.tensor(1e-5, dtype=torch.bfloat16).item()) if criterion.name == "atol" else 0.0
