@@ -264,8 +264,10 @@ def _analysis(args):
 
     from rlsub_tui.analysis import Finished, Opened, Progress, TimelineDone, TimelineStep, analyse
     from rlsub_tui.steps import resolve_runs, run_specs
+    from rlsub_tui.workers import start_early
 
     resolved = resolve_runs(args.runs)
+    start_early([args.base, *resolved.paths], args.device, args.workers)  # before the engine imports torch here
     events = analyse(args.base, run_specs(resolved), analysis_options(args), resolved.timelines, args.step_gap)
     result, timeline, bars = None, None, Bars(args.quiet)
     with closing(events), closing(bars):

@@ -27,11 +27,8 @@ from rlsub_tui.names import canonical
 from rlsub_tui.results import AnalysisResult, Skipped
 from rlsub_tui.spectrum import RankFigures
 from rlsub_tui.staging import PinnedStager, ready
+from rlsub_tui.workers import WORKERS_MIN_BYTES  # (tests lower it here, for the engine's own choice)
 
-# Below this many bytes to compare (base and runs), worker processes cost more than they save: starting
-# them (a forkserver importing torch) takes about a second; the bundled sample (26 MB) took 2.7-3.5 s in
-# one process and 3.9-4.1 s with two workers.
-WORKERS_MIN_BYTES = 1 << 30
 
 
 @dataclass

@@ -29,6 +29,12 @@ from typing import Callable, Iterator
 from rlsub_tui.analysis_process import sigint_deferred
 from rlsub_tui.errors import CheckpointError, ComputeError
 
+# Below this many bytes to compare (base and runs), worker processes cost more than they save: starting
+# them (a forkserver importing torch) takes about a second; the bundled sample (26 MB) took 2.7-3.5 s in
+# one process and 3.9-4.1 s with two workers.
+WORKERS_MIN_BYTES = 1 << 30
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
 _given: tuple = ()  # the worker process's (base, runs, options), as the parent named them
 _worker = None  # its own engine.Analysis, opened at its first tensor
 _fingerprints: tuple = ()  # the parent's (base, [runs]) fingerprints: the worker must open the same bytes
@@ -45,6 +51,42 @@ def cores() -> int:
 def default_workers() -> int:
     """Processes `analyze` computes in on the CPU unless told: one per core, at most 4."""
     return min(4, cores())
+
+
+def stored_bytes(path: str) -> int:
+    """The bytes of weight files at `path` (a file, or the files directly in a folder): a cheap estimate of what
+    an analysis reads, taken before anything is opened; 0 where the path is neither (a model id, a typo)."""
+    try:
+        if os.path.isfile(path):
+            return os.path.getsize(path)
+        with os.scandir(path) as entries:
+            return sum(e.stat().st_size for e in entries if e.name.endswith(WEIGHT_SUFFIXES) and e.is_file())
+    except OSError:
+        return 0
+
+
+def gpu_likely() -> bool:
+    """Whether `--device auto` may find a CUDA GPU, asked without importing torch (NVIDIA's device nodes)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
+
+
+def workers_likely(paths: list[str], device: str, workers: int) -> bool:
+    """Whether `analyze` will most likely compute in worker processes (engine: CPU, workers > 1, at least
+    WORKERS_MIN_BYTES to compare), judged from the command line and file sizes alone."""
+    on_cpu = device == "cpu" or (device == "auto" and not gpu_likely())
+    return on_cpu and workers > 1 and sum(stored_bytes(p) for p in paths) >= WORKERS_MIN_BYTES
+
+
+def start_early(paths: list[str], device: str, workers: int) -> bool:
+    """Start the workers' forkserver now, while this process imports torch itself, when workers are likely:
+    the two imports then run side by side (about 0.8 s each here) instead of one after the other. A wrong
+    guess costs an idle server, ended with this process. Whether it was started."""
+    if not workers_likely(paths, device, workers):
+        return False
+    from rlsub_tui.analysis_process import start_server
+
+    start_server()
+    return True
 
 
 def _watch_parent(pid: int) -> None:

@@ -325,3 +325,64 @@ if __name__ == "__main__":
     while session_processes(child.pid) and time.monotonic() < end:
         time.sleep(0.1)
     assert session_processes(child.pid) == []
+
+
+def test_stored_bytes_counts_weight_files_at_a_path(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"x" * 300)
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"x" * 200)
+    (model / "config.json").write_text("{}" * 1000)
+    (model / "nested").mkdir()
+    (model / "nested" / "other.safetensors").write_bytes(b"x" * 999)
+    from rlsub_tui.workers import stored_bytes
+
+    assert stored_bytes(str(model)) == 500
+    assert stored_bytes(str(model / "model-00002-of-00002.safetensors")) == 200
+    assert stored_bytes(str(tmp_path / "missing")) == 0
+    assert stored_bytes("Qwen/Qwen2.5-0.5B") == 0
+
+
+def test_workers_likely_only_on_the_cpu_with_workers_and_a_gibibyte(tmp_path, monkeypatch):
+    from rlsub_tui import workers
+
+    big, small = tmp_path / "big.safetensors", tmp_path / "small.safetensors"
+    with open(big, "wb") as f:  # sparse: no gibibyte written
+        f.truncate(workers.WORKERS_MIN_BYTES // 2)
+    small.write_bytes(b"x" * 10)
+    pair = [str(big), str(big)]
+    monkeypatch.setattr(workers, "gpu_likely", lambda: False)
+    assert workers.workers_likely(pair, "cpu", 2)
+    assert workers.workers_likely(pair, "auto", 4)
+    assert not workers.workers_likely(pair, "cpu", 1)
+    assert not workers.workers_likely(pair, "cuda", 2)
+    assert not workers.workers_likely([str(big), str(small)], "cpu", 2)  # half a GiB and 10 bytes
+    monkeypatch.setattr(workers, "gpu_likely", lambda: True)
+    assert not workers.workers_likely(pair, "auto", 2)
+    assert workers.workers_likely(pair, "cpu", 2)
+
+
+def test_analyze_starts_the_workers_server_before_it_imports_torch(checkpoints, tmp_path):
+    """The forkserver imports torch beside the analyze process, not after it: `start_early` runs first."""
+    script = f"""
+import json, sys
+from rlsub_tui import analysis_process, workers
+workers.WORKERS_MIN_BYTES = 0  # before the engine imports it: the tiny model goes to workers too
+seen = []
+real = analysis_process.start_server
+def spy():
+    seen.append("torch" in sys.modules)
+    real()
+analysis_process.start_server = spy
+from rlsub_tui.cli import main
+code = main(["analyze", {str(checkpoints / "base")!r}, {str(checkpoints / "seed0")!r}, {str(checkpoints / "seed1")!r},
+             "--out", {str(tmp_path / "out")!r}, "--quiet", "--no-cache", "--device", "cpu", "--workers", "2"])
+print(json.dumps({{"code": code, "torch_at_each_start": seen}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["code"] == 0
+    # first from start_early, torch not yet imported; again from the pool (a no-op once the server runs)
+    assert got["torch_at_each_start"] == [False, True]
+    assert (tmp_path / "out" / "matrices.csv").exists()
