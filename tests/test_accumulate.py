@@ -274,3 +274,25 @@ def test_changed_positions_alone_give_every_figure_of_all_positions(monkeypatch,
         if dtype == torch.float16:
             visible = base.to(torch.bfloat16) != r.to(torch.bfloat16)
             assert s.updated_bf16_visible == int(visible.sum())
+
+
+@pytest.mark.parametrize("route", ["all", "changed"])
+@pytest.mark.parametrize("dtype,big", [(torch.bfloat16, 1e30), (torch.bfloat16, 1e10), (torch.float16, 60000.0)])
+def test_sq_base_keeps_small_weights_beside_a_large_one_with_a_nonfinite_delta(monkeypatch, route, dtype, big):
+    """Σw0² leaves out the positions whose Δ is NaN/Inf without cancelling the rest: a large weight dropped
+    beside thousands of small ones (a sum minus the dropped w0² in float64 gave 0.0 for bf16's 1e30)."""
+    monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0)
+    skipped = force_route(monkeypatch, route)
+    n = 4096
+    base = torch.full((n,), 0.01).to(dtype)
+    base[0] = big
+    run = base.clone()
+    run[0] = float("nan")
+    run[1:100] += 0.01
+    s = compute_tensor(base, [run], Criterion("atol", 1e-5), (), want_rank=False).runs[0]
+    check_route(skipped, route, True)
+    b = base.double().numpy()
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(run.double().numpy() - b)
+    assert s.nonfinite == 1
+    assert s.sq_base == pytest.approx(float((b[finite] ** 2).sum()), rel=1e-12)
