@@ -66,8 +66,9 @@ def stored_bytes(path: str) -> int:
 
 
 def gpu_likely() -> bool:
-    """Whether `--device auto` may find a CUDA GPU, asked without importing torch (NVIDIA's device nodes)."""
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
+    """Whether `--device auto` may find a CUDA GPU, asked without importing torch: NVIDIA's device nodes, WSL's
+    GPU, or AMD's (a ROCm build of torch answers to "cuda" too)."""
+    return any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
 
 
 def workers_likely(paths: list[str], device: str, workers: int) -> bool:
