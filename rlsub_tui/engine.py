@@ -30,7 +30,6 @@ from rlsub_tui.staging import PinnedStager, ready
 from rlsub_tui.workers import WORKERS_MIN_BYTES  # (tests lower it here, for the engine's own choice)
 
 
-
 @dataclass
 class TensorPlan:
     """One tensor to compare: its name in the base and in each run, and how."""
