@@ -135,7 +135,7 @@ def main() -> None:
     accumulate.PrecisionAndLines = real
     accumulate.StateCodes.carries_exponents = True
     with_, without = (statistics.median(times[k]) for k in ("with the passes", "without"))
-    print(f"| pairs | K | layer (Qwen2.5-0.5B shapes) without | with the passes | ratio |")
+    print("| pairs | K | layer (Qwen2.5-0.5B shapes) without | with the passes | ratio |")
     print("|---|---|---|---|---|")
     print(f"| {a.dtype} | {a.runs} | {without:.3f} s | {with_:.3f} s | {with_ / without:.2f}x |")
 
