@@ -33,7 +33,6 @@ from rlsub_tui.errors import CheckpointError, ComputeError
 # them (a forkserver importing torch) takes about a second; the bundled sample (26 MB) took 2.7-3.5 s in
 # one process and 3.9-4.1 s with two workers.
 WORKERS_MIN_BYTES = 1 << 30
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _given: tuple = ()  # the worker process's (base, runs, options), as the parent named them
 _worker = None  # its own engine.Analysis, opened at its first tensor
@@ -53,15 +52,15 @@ def default_workers() -> int:
     return min(4, cores())
 
 
-def stored_bytes(path: str) -> int:
-    """The bytes of weight files at `path` (a file, or the files directly in a folder): a cheap estimate of what
-    an analysis reads, taken before anything is opened; 0 where the path is neither (a model id, a typo)."""
+def stored_bytes(source: str) -> int:
+    """The bytes of the weight files the analysis will read for `source` (locate's files: a file, a folder, its
+    shard index, a cached model id), found before torch is imported; 0 where locate refuses it (the analysis
+    then says why)."""
+    from rlsub_tui.locate import locate
+
     try:
-        if os.path.isfile(path):
-            return os.path.getsize(path)
-        with os.scandir(path) as entries:
-            return sum(e.stat().st_size for e in entries if e.name.endswith(WEIGHT_SUFFIXES) and e.is_file())
-    except OSError:
+        return sum(f.stat().st_size for f in locate(source).files)
+    except (CheckpointError, OSError):
         return 0
 
 

@@ -332,6 +332,8 @@ def test_stored_bytes_counts_weight_files_at_a_path(tmp_path):
     model.mkdir()
     (model / "model-00001-of-00002.safetensors").write_bytes(b"x" * 300)
     (model / "model-00002-of-00002.safetensors").write_bytes(b"x" * 200)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     (model / "config.json").write_text("{}" * 1000)
     (model / "nested").mkdir()
     (model / "nested" / "other.safetensors").write_bytes(b"x" * 999)
@@ -340,7 +342,7 @@ def test_stored_bytes_counts_weight_files_at_a_path(tmp_path):
     assert stored_bytes(str(model)) == 500
     assert stored_bytes(str(model / "model-00002-of-00002.safetensors")) == 200
     assert stored_bytes(str(tmp_path / "missing")) == 0
-    assert stored_bytes("Qwen/Qwen2.5-0.5B") == 0
+    assert stored_bytes("nobody-here/no-such-model-in-any-cache") == 0
 
 
 def test_workers_likely_only_on_the_cpu_with_workers_and_a_gibibyte(tmp_path, monkeypatch):
