@@ -104,8 +104,7 @@ class Chunk:
         """Σw0² over the whole slice: from its bit-pattern histogram (float64) where there is one for `dtype`."""
         if dtype not in self.base_sq:
             if self.base_counts is not None and dtype == self.base.dtype:
-                # a plain product and sum: `@` would wake BLAS's threads
-                self.base_sq[dtype] = float((self.base_counts * pattern_squares(dtype)).sum())
+                self.base_sq[dtype] = sum_sq_of_patterns(self.base_counts, dtype)
             else:
                 self.base_sq[dtype] = _sum_sq(self.base_in(dtype).to(work))
         return self.base_sq[dtype]
@@ -117,8 +116,7 @@ class Chunk:
             return _sum_sq(torch.where(keep, bj.float(), 0.0))
         # the dropped positions' patterns taken out of the slice's histogram: each term exact, no cancellation
         # (subtracting their w0² from the whole sum lost every small weight beside a large dropped one)
-        counts = self.base_counts - np.bincount(patterns_of(bj[~keep]), minlength=PATTERNS)
-        return float((counts * pattern_squares(dtype)).sum())
+        return sum_sq_of_patterns(self.base_counts - np.bincount(patterns_of(bj[~keep]), minlength=PATTERNS), dtype)
 
 
 def gathered(x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
@@ -126,6 +124,12 @@ def gathered(x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
     if x.element_size() == 2:
         return torch.from_numpy(np.take(x.view(torch.int16).numpy(), positions)).view(x.dtype)
     return x[torch.from_numpy(positions)]
+
+
+def sum_sq_of_patterns(counts: np.ndarray, dtype: torch.dtype) -> float:
+    """Σ value² over a histogram of 16-bit patterns of `dtype`, in float64 (NaN/Inf count 0); a plain product
+    and sum: `@` would wake BLAS's threads."""
+    return float((counts * pattern_squares(dtype)).sum())
 
 
 @functools.lru_cache(maxsize=4)
