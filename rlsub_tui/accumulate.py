@@ -116,7 +116,7 @@ class Chunk:
             return _sum_sq(torch.where(keep, bj.float(), 0.0))
         # the dropped positions' patterns taken out of the slice's histogram: each term exact, no cancellation
         # (subtracting their w0² from the whole sum lost every small weight beside a large dropped one)
-        return sum_sq_of_patterns(self.base_counts - np.bincount(patterns_of(bj[~keep]), minlength=PATTERNS), dtype)
+        return sum_sq_of_patterns(self.base_counts - _bincount(patterns_of(bj[~keep]), PATTERNS), dtype)
 
 
 def gathered(x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
@@ -246,7 +246,7 @@ class PatternRun:
     def add(self, chunk: Chunk, j: int) -> torch.Tensor:
         pattern = patterns_of(chunk.delta(j, self.dtype))
         self.last_pattern = pattern  # for the distance-to-visibility histogram (PrecisionAndLines)
-        counts = np.bincount(pattern, minlength=PATTERNS)
+        counts = _bincount(pattern, PATTERNS)
         self.hist += counts
         if counts[self.table.nonfinite_patterns].any():  # leave the NaN/Inf positions out of Σw0²
             self.sq_base += chunk.sum_sq_base_where(self.dtype, torch.from_numpy(self.table.finite[pattern]))
@@ -520,7 +520,7 @@ class PrecisionAndLines:
         else:
             key = np.take(self.codes[j], pattern)
             key += chunk.base_term()
-        self.joint[j] += np.bincount(key, minlength=DISTANCE_KEYS)
+        self.joint[j] += _bincount(key, DISTANCE_KEYS)
 
     def finish(self, out: CrossRun) -> None:
         for p, joint in zip(self.precision, self.joint):
@@ -608,7 +608,7 @@ class TensorAccumulator:
         """A 16-bit chunk with each run's Δ computed once, reduced to the positions where some run's Δ is
         non-zero when fewer than CHANGED_ONLY_BELOW of them are (±0 is no change: its state is 0 and its
         pattern counts as 0's)."""
-        counts = np.bincount(base.view(torch.int16).numpy().view(np.uint16), minlength=PATTERNS)
+        counts = _bincount(base.view(torch.int16).numpy().view(np.uint16), PATTERNS)
         deltas = [stored_delta(base, run) for run in runs]
         bits = deltas[0].view(torch.int16).numpy()
         for delta in deltas[1:]:  # OR of the Δ patterns: a non-zero magnitude bit where some run's Δ is non-zero

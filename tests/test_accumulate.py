@@ -296,3 +296,21 @@ def test_sq_base_keeps_small_weights_beside_a_large_one_with_a_nonfinite_delta(m
         finite = np.isfinite(run.double().numpy() - b)
     assert s.nonfinite == 1
     assert s.sq_base == pytest.approx(float((b[finite] ** 2).sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int32, np.int64, "bool", "torch-int64", "torch-bool"])
+def test_bincount_helper_counts_as_numpy_does(dtype):
+    """masks._bincount (torch.bincount on the CPU, every input widened as needed) against np.bincount: 16-bit
+    patterns above 2^15 (negative as int16), keys above the minimum length, an empty array."""
+    rng = np.random.default_rng(1)
+    high = {np.uint16: 1 << 16, np.uint8: 256, "bool": 2, "torch-bool": 2}.get(dtype, 70_000)
+    values = rng.integers(0, high, 5_001)
+    if dtype in ("torch-int64", "torch-bool"):
+        x = torch.from_numpy(values) if dtype == "torch-int64" else torch.from_numpy(values.astype(bool))
+    else:
+        x = values.astype(bool if dtype == "bool" else dtype)
+    for minlength in (2, 1 << 16, 80_000):
+        got = masks._bincount(x, minlength)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.bincount(values, minlength=minlength))
+    np.testing.assert_array_equal(masks._bincount(np.zeros(0, np.uint16), 5), np.zeros(5, np.int64))
