@@ -10,6 +10,7 @@ Runs unchanged on a GPU machine (the engine picks CUDA when torch sees it).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -51,9 +52,21 @@ def model_shapes(layers: int, vocab: int, hidden: int, intermediate: int, heads:
     return s
 
 
-def write_checkpoints(root: Path, shapes: dict, k: int, seed: int = 0) -> list[Path]:
-    """Base + k runs as bf16 safetensors, written tensor by tensor. RL-like updates: sparse, with a
-    seed-independent 'hot' set shared by all runs, steps around one bf16 ULP (some round away)."""
+def model_config(layers: int, vocab: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                 head_dim: int) -> dict:
+    """The config.json of a Qwen2 model of model_shapes' shapes, so that transformers can load the files (the
+    paper's script, `one_pair`); values the shapes do not fix are Qwen2.5-0.5B's."""
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16", "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0}
+
+
+def write_checkpoints(root: Path, shapes: dict, k: int, seed: int = 0, config: dict | None = None) -> list[Path]:
+    """Base + k runs as bf16 safetensors, written tensor by tensor, each with `config` as its config.json. RL-like
+    updates: sparse, with a seed-independent 'hot' set shared by all runs, steps around one bf16 ULP (some round
+    away)."""
     names = sorted(shapes)
     header, offset = {}, 0
     for n in names:
@@ -66,12 +79,13 @@ def write_checkpoints(root: Path, shapes: dict, k: int, seed: int = 0) -> list[P
     raw += b" " * (-len(raw) % 8)
     dirs = [root / "base"] + [root / f"run{i}" for i in range(k)]
     expected = 8 + len(raw) + offset
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(config or {}))
     if all((d / "model.safetensors").exists() and (d / "model.safetensors").stat().st_size == expected for d in dirs):
         return dirs  # written by an earlier run with these shapes (same seed: same bytes)
     files = []
     for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text("{}")
         fh = open(d / "model.safetensors", "wb")
         fh.write(struct.pack("<Q", len(raw)) + raw)
         files.append(fh)
@@ -168,6 +182,21 @@ elif mode == "mask":  # the anchor: the paper's mask and its count, nothing else
         for f in files[1:]:
             updated += int(torch.count_nonzero((f.get_tensor(name) - base).abs() > 1e-5))
     print("updated", updated, file=sys.stderr)
+elif mode == "paper-script":  # Mukherjee et al.'s check_sparsity.py, its steps at its README's settings
+    import torch
+    from transformers import AutoModelForCausalLM
+    models = [AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16, device_map="cpu") for d in args]
+    base, run = (m.state_dict() for m in models)
+    deltas = []
+    with torch.no_grad():
+        for name, _ in models[0].named_parameters():  # per parameter: Δ in bf16 and its non-zero fraction
+            delta = run[name] - base[name]
+            (delta != 0).sum().item() / delta.numel()
+            deltas.append(delta.view(-1))
+    deltas = torch.cat(deltas, dim=0)
+    (deltas == 0).sum().item()
+    updated = deltas.numel() - int(torch.isclose(deltas, torch.zeros_like(deltas), atol=1e-5).sum().item())
+    print("updated", updated, file=sys.stderr)
 elif mode == "reference":
     import torch
     from safetensors.torch import load_file
@@ -206,16 +235,27 @@ def mask_pass(dirs: list[Path]) -> dict:
     return child("mask", [str(d) for d in dirs])
 
 
-def one_pair(dirs: list[Path], device: str, rounds: int) -> tuple[dict, dict, dict]:
-    """The reference approach, ours (started as a user starts it) and the mask pass alone on one pair,
-    interleaved, `rounds` rounds: each one's median wall time, with its peak RSS."""
+def paper_script_runs() -> bool:
+    """Whether this Python can run the paper's script (transformers and accelerate, for its device_map)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("transformers", "accelerate"))
+
+
+def one_pair(dirs: list[Path], device: str, rounds: int) -> dict[str, dict]:
+    """The paper's script (where transformers runs), the lighter reference approach, ours (started as a user
+    starts it) and the mask pass alone on one pair, interleaved, `rounds` rounds: each one's median wall time,
+    with its peak RSS."""
+    names = [str(d) for d in dirs]
     runs: dict[str, list[dict]] = {"reference": [], "ours": [], "mask": []}
+    if paper_script_runs():
+        runs["paper"] = []
     for _ in range(rounds):
-        runs["reference"].append(child("reference", [str(d) for d in dirs]))
+        if "paper" in runs:
+            runs["paper"].append(child("paper-script", names))
+        runs["reference"].append(child("reference", names))
         runs["ours"].append(ours(dirs, dirs[0].parent / "out-pair", ["--no-rank", "--device", device], cold=True))
         runs["mask"].append(mask_pass(dirs))
-    return tuple({"wall": statistics.median(r["wall"] for r in got), "rss_mb": max(r["rss_mb"] for r in got),
-                  "walls": [r["wall"] for r in got]} for got in runs.values())
+    return {what: {"wall": statistics.median(r["wall"] for r in got), "rss_mb": max(r["rss_mb"] for r in got),
+                   "walls": [r["wall"] for r in got]} for what, got in runs.items()}
 
 
 def marginal(small: dict, large: dict, small_bytes: int, large_bytes: int) -> float:
@@ -355,8 +395,8 @@ def main() -> int:
     half = model_shapes(max(1, args.layers // 2), **QWEN05)
     full_dir, half_dir = args.dir / f"L{args.layers}", args.dir / f"L{max(1, args.layers // 2)}"
     t = time.perf_counter()
-    dirs = write_checkpoints(full_dir, shapes, args.runs)
-    half_dirs = write_checkpoints(half_dir, half, args.runs)
+    dirs = write_checkpoints(full_dir, shapes, args.runs, config=model_config(args.layers, **QWEN05))
+    half_dirs = write_checkpoints(half_dir, half, args.runs, config=model_config(max(1, args.layers // 2), **QWEN05))
     print(f"# wrote checkpoints in {time.perf_counter() - t:.0f}s", file=sys.stderr)
     if args.ui_only:
         read_floor(half_dirs if args.ui_half else dirs)  # warm the page cache
@@ -370,7 +410,7 @@ def main() -> int:
     rates, rounds = marginal_rates(dirs, half_dirs, device, args.repeats)
     no_rank = rates[("ours", "full")]
     with_rank = None if args.skip_rank else ours(dirs, args.dir / "out-rank", ["--device", device])
-    pair_ref, pair_ours, pair_mask = one_pair(dirs[:2], device, min(3, args.repeats))
+    pair = one_pair(dirs[:2], device, min(3, args.repeats))
     half_run = rates[("ours", "half")]
     rank = None if args.skip_rank else rank_comparison(dirs, args.rank_layers, device)
     ui = None if args.skip_ui else ui_responsiveness(half_dirs if args.ui_half else dirs, args.ui_compute)
@@ -411,14 +451,8 @@ def main() -> int:
         rows.append(("3. rank: ours vs matrix_rank", f"{rank['ours']:.2f} s vs {rank['reference']:.2f} s on "
                      f"{rank['matrices']} matrices -> {rank['reference'] / max(rank['ours'], 1e-9):.1f}x faster "
                      f"(target >= 3x); ranks agree on {rank['agree']}/{rank['matrices']}"))
+    rows += one_pair_rows(pair)
     rows += [
-        ("4. one pair: reference approach", f"{pair_ref['wall']:.2f} s, peak RSS {pair_ref['rss_mb']:.0f} MB"
-                                            f" (wall, median of {len(pair_ref['walls'])}; the same for each below)"),
-        ("   one pair: ours (no rank)", f"{pair_ours['wall']:.2f} s, peak RSS {pair_ours['rss_mb']:.0f} MB  ->  "
-                                       f"{pair_ref['wall'] / pair_ours['wall']:.1f}x faster (target >= 10x), "
-                                       f"{pair_ours['rss_mb'] / pair_ref['rss_mb']:.2f} of its memory (target <= 0.2)"),
-        ("   one pair: mask pass alone", f"{pair_mask['wall']:.2f} s  ->  {pair_ref['wall'] / pair_mask['wall']:.1f}x "
-                                        f"faster than the reference (the anchor's own ceiling for that ratio)"),
         ("5. peak RSS vs depth", f"{max(1, args.layers // 2)} layers {half_run['rss_mb']:.0f} MB, {args.layers} layers "
                                  f"{no_rank['rss_mb']:.0f} MB -> {100 * (no_rank['rss_mb'] / half_run['rss_mb'] - 1):+.1f}% "
                                  f"(target < +10%)"),
@@ -427,6 +461,28 @@ def main() -> int:
         rows.append(ui_row(ui, noise))
     print_rows(rows)
     return 0
+
+
+def one_pair_rows(pair: dict[str, dict]) -> list[tuple[str, str]]:
+    """Row 4: ours and the mask pass against the paper's script (else the lighter reference approach)."""
+    against = "paper" if "paper" in pair else "reference"
+    ref, mine, mask = pair[against], pair["ours"], pair["mask"]
+    rows = []
+    if "paper" in pair:
+        rows.append(("4. one pair: the paper's script", f"{ref['wall']:.2f} s, peak RSS {ref['rss_mb']:.0f} MB (its "
+                     f"steps: two from_pretrained, per-parameter Δ, cat, isclose; wall, median of "
+                     f"{len(ref['walls'])}; the same for each below)"))
+    lighter = pair["reference"]
+    rows.append(("   one pair: load_file, cat, isclose", f"{lighter['wall']:.2f} s, peak RSS {lighter['rss_mb']:.0f} MB"
+                 + ("" if "paper" in pair else " (transformers or accelerate missing: the paper's script not run)")))
+    rows += [
+        ("   one pair: ours (no rank)", f"{mine['wall']:.2f} s, peak RSS {mine['rss_mb']:.0f} MB  ->  "
+                                       f"{ref['wall'] / mine['wall']:.1f}x faster than the {against} (target >= "
+                                       f"10x), {mine['rss_mb'] / ref['rss_mb']:.2f} of its memory (target <= 0.2)"),
+        ("   one pair: mask pass alone", f"{mask['wall']:.2f} s  ->  {ref['wall'] / mask['wall']:.1f}x faster than "
+                                        f"the {against} (the anchor's own ceiling for that ratio)"),
+    ]
+    return rows
 
 
 def ui_row(ui: dict, noise: float) -> tuple[str, str]:
