@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from rlsub_tui.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion
-from rlsub_tui.precision import (DELTA_CODE, DISTANCE_KEYS, PrecisionAccumulator, SharedBase, base_key_term,
-                                 distance_bins)
+from rlsub_tui.precision import (BASE_CODE, DELTA_CODE, DISTANCE_KEYS, PrecisionAccumulator, SharedBase,
+                                 base_key_term, distance_bins)
 from rlsub_tui.structure import CodeLines, LineAccumulator
 from rlsub_tui.masks import (GRAM_MIN_RUNS, MAX_CODED_RUNS, _bincount, _nonzero, _rounded, _sum_sq, criterion_mask,
                              magnitude_bins, magnitude_table, pair_intersections, stored_delta)
@@ -23,9 +23,13 @@ PATTERN_MIN_NUMEL = PATTERNS  # below this a histogram of 2^16 patterns costs mo
 NONFINITE, POSITIVE, NEGATIVE = 3, 1, 2
 # The distance to visibility is counted from keys (precision.DELTA_CODE, BASE_CODE). With the state-code layout
 # and a bf16 base, each run's state word carries its Δ part and the base's |w0| bin word the base part, both
-# above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key.
-EXPONENT_SHIFT = 32
+# above EXPONENT_SHIFT: (state + bin word) >> EXPONENT_SHIFT is the key. The words are int32 (numpy's int32
+# passes cost a quarter of int64's here): below the shift the layout's key (|w0| bin, K states), above it the
+# sum of the base part and up to STATE_CODED_RUNS Δ parts, which must not overflow.
+EXPONENT_SHIFT = 18
 LOW_BITS = (1 << EXPONENT_SHIFT) - 1
+assert MAG_BINS << 2 * STATE_CODED_RUNS <= 1 << EXPONENT_SHIFT
+assert (BASE_CODE + STATE_CODED_RUNS * (DELTA_CODE + 254)) << EXPONENT_SHIFT < 1 << 31
 # A chunk in which fewer than this fraction of positions changed in any run (RL updates: a few to 40%) is counted
 # on those positions alone (`Chunk.positions`). Every other position has Δ = 0 in every run: its zero pattern
 # counts for nothing in a run's figures, Σw0² and the |w0| bins come from the whole slice's base histogram, and its
@@ -39,8 +43,13 @@ def pattern_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def patterns_of(x: torch.Tensor) -> np.ndarray:
-    """Each 16-bit value's bit pattern in 0..65535, as the int64 numpy array that bincount and take use."""
-    return x.view(torch.int16).numpy().view(np.uint16).astype(np.int64)
+    """Each 16-bit value's bit pattern in 0..65535, as an int32 numpy array (for _bincount and `looked_up`)."""
+    return x.view(torch.int16).numpy().view(np.uint16).astype(np.int32)
+
+
+def looked_up(table: np.ndarray, patterns: np.ndarray) -> torch.Tensor:
+    """table[patterns] (int32 indices), by torch's index_select: np.take first widens int32 indices to int64."""
+    return torch.index_select(torch.from_numpy(table), 0, torch.from_numpy(patterns))
 
 
 @dataclass
@@ -204,7 +213,7 @@ class PatternTable:
     abs_values: np.ndarray  # |value| as float64, 0 for NaN/Inf
     finite: np.ndarray
     nonfinite_patterns: np.ndarray
-    states: np.ndarray  # int64 (bincount's own type), shifted; with the exponent code above EXPONENT_SHIFT if carried
+    states: np.ndarray  # int32, shifted; with the exponent code above EXPONENT_SHIFT if carried
     carries_exponent: bool = False
 
 
@@ -220,7 +229,8 @@ def pattern_table(dtype: torch.dtype, tol: float, shift: int, carry_exponent: bo
     abs_values = torch.where(finite, values.abs(), 0.0).double()
     if carry_exponent:
         states = states | (counted_exponent_code(states >> shift & 3) << EXPONENT_SHIFT)
-    return PatternTable(abs_values.numpy(), finite.numpy(), np.flatnonzero(~finite.numpy()), states, carry_exponent)
+    return PatternTable(abs_values.numpy(), finite.numpy(), np.flatnonzero(~finite.numpy()), states.astype(np.int32),
+                        carry_exponent)
 
 
 class PatternRun:
@@ -252,7 +262,7 @@ class PatternRun:
             self.sq_base += chunk.sum_sq_base_where(self.dtype, torch.from_numpy(self.table.finite[pattern]))
         else:
             self.sq_base += chunk.sum_sq_base(self.dtype, torch.float32)
-        return torch.from_numpy(np.take(self.table.states, pattern))
+        return looked_up(self.table.states, pattern)
 
     def finish(self) -> RunTotals:
         h, absv = self.hist, self.table.abs_values
@@ -331,11 +341,17 @@ class StateCodes:
         return 2 * j, 3
 
     def add(self, chunk: Chunk) -> None:
-        key = chunk.bins + chunk.states[0]
-        for s in chunk.states[1:]:
-            key += s
-        if chunk.carried:
-            key &= LOW_BITS
+        if chunk.bins.is_cuda:
+            key = chunk.bins + chunk.states[0]
+            for s in chunk.states[1:]:
+                key += s
+        else:  # numpy: its int32 adds run several times faster than torch's on one thread
+            key = np.add(chunk.bins.numpy(), chunk.states[0].numpy(), dtype=np.int32)
+            for s in chunk.states[1:]:
+                key += s.numpy()
+            if chunk.carried:
+                key &= LOW_BITS
+            key = torch.from_numpy(key)
         chunk.key = key if not key.is_cuda else None  # for CodeLines (CPU only): on a GPU it would hold memory
         self.joint += with_left_out(_bincount(key, len(self.joint)), chunk)
 
@@ -510,15 +526,15 @@ class PrecisionAndLines:
         if self.joint[j] is None:
             self.joint[j] = np.zeros(DISTANCE_KEYS, dtype=np.int64)
             if not table.carries_exponent:
-                self.codes[j] = counted_exponent_code((table.states >> self.shifts[j]) & 3)
+                self.codes[j] = counted_exponent_code((table.states >> self.shifts[j]) & 3).astype(np.int32)
         if table.carries_exponent:  # the bins carry the base part (TensorAccumulator sees to it)
             n = chunk.base.numel()
             if self.key_buffer is None or self.key_buffer.size < n:
-                self.key_buffer = np.empty(n, dtype=np.int64)  # kept: a fresh one per chunk costs its page faults
+                self.key_buffer = np.empty(n, dtype=np.int32)  # kept: a fresh one per chunk costs its page faults
             key = np.add(chunk.states[j].numpy(), chunk.bins.numpy(), out=self.key_buffer[:n])
             key >>= EXPONENT_SHIFT
         else:
-            key = np.take(self.codes[j], pattern)
+            key = looked_up(self.codes[j], pattern).numpy()
             key += chunk.base_term()
         self.joint[j] += _bincount(key, DISTANCE_KEYS)
 
@@ -643,7 +659,7 @@ class BaseBins:
 
     def __call__(self, base: torch.Tensor) -> torch.Tensor:
         if self.by_pattern is not None:  # on the CPU only
-            return torch.from_numpy(self.by_pattern[patterns_of(base)])
+            return looked_up(self.by_pattern, patterns_of(base))
         return magnitude_bins(base.to(torch.float32), self.table)
 
 
@@ -665,4 +681,4 @@ def _bins_by_pattern(dtype: torch.dtype, shift: int, carry_base_term: bool = Fal
     if carry_base_term:
         assert dtype == torch.bfloat16
         bins = bins | base_key_term(pattern_values(dtype)) << EXPONENT_SHIFT
-    return bins
+    return bins.astype(np.int32)
