@@ -349,9 +349,9 @@ class StateCodes:
             key = np.add(chunk.bins.numpy(), chunk.states[0].numpy(), dtype=np.int32)
             for s in chunk.states[1:]:
                 key += s.numpy()
-            if chunk.carried:
-                key &= LOW_BITS
             key = torch.from_numpy(key)
+        if chunk.carried:
+            key &= LOW_BITS
         chunk.key = key if not key.is_cuda else None  # for CodeLines (CPU only): on a GPU it would hold memory
         self.joint += with_left_out(_bincount(key, len(self.joint)), chunk)
 
