@@ -177,6 +177,11 @@ def _blas_functions(verb: str) -> list:
     return found
 
 
+def _compute_batch(names: list[str], known: list[list]) -> list:
+    """The records of a batch of tensors, one after another (`TensorWorkers.computed` batches small ones)."""
+    return [_compute(name, k) for name, k in zip(names, known)]
+
+
 def _compute(name: str, known: list):
     """One tensor's record; the first call opens the checkpoints (bad input raises here, and reaches the
     parent as the same InputError)."""
@@ -195,6 +200,30 @@ def _compute(name: str, known: list):
     return _worker.compute_named(name, known)
 
 
+BATCH_BYTES = 16 << 20  # consecutive tensors smaller than this go to a worker together, up to this much in all
+
+
+def batches(plans: list) -> list[list]:
+    """`plans` in order, cut into batches: each tensor of BATCH_BYTES or more alone, smaller consecutive ones
+    together up to BATCH_BYTES. One task per tensor cost each of a model's many small tensors (norms, biases) a
+    round trip to a worker, while the other worker computed the large embedding alone."""
+    out: list[list] = []
+    total = 0
+    for plan in plans:
+        if plan.nbytes >= BATCH_BYTES or not out or total + plan.nbytes > BATCH_BYTES:
+            out.append([plan])
+            total = plan.nbytes
+        else:
+            out[-1].append(plan)
+            total += plan.nbytes
+    return out
+
+
+def largest(batch: list) -> int:
+    """The stored bytes a batch holds at once: its tensors are computed one after another."""
+    return max(p.nbytes for p in batch)
+
+
 class TensorWorkers:
     """A pool of worker processes for one analysis; `computed` yields records in the order asked for."""
 
@@ -209,29 +238,31 @@ class TensorWorkers:
                                                   os.getpid(), fingerprints))
 
     def computed(self, plans: list, known: Callable[[object], list], cancelled: Callable[[], bool]) -> Iterator:
-        """(plan, record) for each plan in order. At most `workers` tensors are computing at once, whose stored
-        bytes add up to at most the two largest plans' (one tensor alone may always start); records that
-        finish early wait, small, for those before them."""
+        """(plan, record) for each plan in order. Consecutive small plans go to a worker as one batch
+        (`batches`). At most `workers` batches are computing at once, whose largest tensors' stored bytes add up
+        to at most the two largest plans' (one batch alone may always start); records that finish early wait,
+        small, for those before them."""
         sizes = sorted((p.nbytes for p in plans), reverse=True)
         budget = sum(sizes[:2])
-        pending: deque[tuple[object, Future]] = deque()
-        ahead = 0  # the next plan to send
-        while ahead < len(plans) or pending:
-            running = [(p, f) for p, f in pending if not f.done()]
-            held = sum(p.nbytes for p, _ in running)
-            while (ahead < len(plans) and len(running) < self.workers and not cancelled()
-                   and (not running or held + plans[ahead].nbytes <= budget)):
-                plan = plans[ahead]
+        pending: deque[tuple[list, Future]] = deque()
+        todo = batches(plans)
+        ahead = 0  # the next batch to send
+        while ahead < len(todo) or pending:
+            running = [(b, f) for b, f in pending if not f.done()]
+            held = sum(largest(b) for b, _ in running)
+            while (ahead < len(todo) and len(running) < self.workers and not cancelled()
+                   and (not running or held + largest(todo[ahead]) <= budget)):
+                batch = todo[ahead]
                 try:
                     with sigint_deferred():  # a submit may start a worker: not to be cut off half-started
-                        future = self.pool.submit(_compute, plan.name, known(plan))
+                        future = self.pool.submit(_compute_batch, [p.name for p in batch], [known(p) for p in batch])
                 except BrokenProcessPool:  # a worker died: the futures in flight say so, in order
                     if not pending:
-                        raise self._died([plan]) from None
+                        raise self._died(batch) from None
                     break
-                pending.append((plan, future))
-                running.append((plan, future))
-                held += plan.nbytes
+                pending.append((batch, future))
+                running.append((batch, future))
+                held += largest(batch)
                 ahead += 1
             if not pending:
                 return  # cancelled before sending more
@@ -239,12 +270,13 @@ class TensorWorkers:
                 wait([f for _, f in running], return_when=FIRST_COMPLETED)
                 continue
             try:
-                record = pending[0][1].result()
+                records = pending[0][1].result()
             except BrokenProcessPool:
-                raise self._died([p for p, _ in pending]) from None
-            yield pending.popleft()[0], record
-            if cancelled():
-                return
+                raise self._died([p for b, _ in pending for p in b]) from None
+            for plan, record in zip(pending.popleft()[0], records):
+                yield plan, record
+                if cancelled():
+                    return
 
     @staticmethod
     def _died(plans: list) -> ComputeError:

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from rlsub_tui.cli import main
-from rlsub_tui import engine
+from rlsub_tui import engine, workers
 from rlsub_tui.criteria import Criterion
 from rlsub_tui.engine import Analysis, AnalysisOptions
 from rlsub_tui.errors import ComputeError, InputError
@@ -23,9 +23,11 @@ from rlsub_tui.workers import BLAS_THREAD_SETTERS, TensorWorkers
 
 @pytest.fixture(autouse=True)
 def pools(monkeypatch):
-    """These models are tiny: let workers take them anyway (analyze uses them from WORKERS_MIN_BYTES up); the
-    list of the pools started, so a test can tell that its tensors went to workers, and reach them."""
+    """These models are tiny: let workers take them anyway (analyze uses them from WORKERS_MIN_BYTES up), each
+    tensor a task of its own as a large model's large tensors are; the list of the pools started, so a test can
+    tell that its tensors went to workers, and reach them."""
     monkeypatch.setattr(engine, "WORKERS_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "BATCH_BYTES", 0)
     started = []
     real = TensorWorkers.__init__
 
@@ -77,6 +79,31 @@ def test_workers_give_the_same_records_in_order(checkpoints, rank, pools):
         assert spread.tensors == alone.tensors
     assert any(r.runs[0].rank is not None for r in spread.tensors.values()) == rank
     assert any(r.runs[0].stable_rank for r in spread.tensors.values()) == rank
+
+
+def test_small_tensors_go_to_workers_in_batches(checkpoints, monkeypatch):
+    """Consecutive small tensors sent together: the same records, in order, as in one process, and a cancel
+    still stops between tensors of a batch."""
+    opened = Analysis(str(checkpoints / "base"), [str(checkpoints / "seed0")], AnalysisOptions(device="cpu"))
+    plans = opened.plans
+    opened.close()
+    monkeypatch.setattr(workers, "BATCH_BYTES", sum(p.nbytes for p in plans) // 3)
+    cut = workers.batches(plans)
+    assert 2 <= len(cut) < len(plans) and any(len(b) > 1 for b in cut)
+    _, alone = analysed(checkpoints, 1, use_cache=False, rank=False)
+    _, batched = analysed(checkpoints, 2, use_cache=False, rank=False)
+    assert batched.tensors == alone.tensors and list(batched.tensors) == list(alone.tensors)
+    test_cancelled_between_tensors(checkpoints)
+
+
+def test_batches_keep_order_and_bounds(monkeypatch):
+    monkeypatch.setattr(workers, "BATCH_BYTES", 100)
+    plans = [engine.TensorPlan(f"t{i}", [], None, (n,), None, n, [], [], []) for i, n in
+             enumerate([30, 30, 30, 30, 250, 10, 100, 99, 1, 1])]
+    cut = workers.batches(plans)
+    assert [p for b in cut for p in b] == plans
+    assert [[p.nbytes for p in b] for b in cut] == [[30, 30, 30], [30], [250], [10], [100], [99, 1], [1]]
+    assert [workers.largest(b) for b in cut] == [30, 30, 250, 10, 100, 99, 1]
 
 
 def test_a_worker_limits_its_blas_threads():
