@@ -23,8 +23,9 @@ from rlsub_tui.cache import reopen
 from rlsub_tui.criteria import AnalysisOptions
 from rlsub_tui.errors import InputError
 
-# Imported by the forkserver once, so that a child starts with torch and the engine loaded.
-PRELOAD = ["rlsub_tui.engine", "rlsub_tui.timeline", "rlsub_tui.matrix_detail"]
+# Imported by the forkserver once, so that a child starts with torch and the engine loaded, and with the objects
+# it inherits out of its garbage collector's reach (forkserver_preload).
+PRELOAD = ["rlsub_tui.forkserver_preload"]
 CANCEL_GRACE_SECONDS = 0.5  # a cancelled child may stop between tensors and say so; then it is killed
 CHILD_NICENESS = 10  # added to the child's nice value (POSIX): on a busy machine the UI's redraws come first
 POLL_SECONDS = 0.05  # how often the consumer's cancelled() is asked while the child works

@@ -242,6 +242,22 @@ def test_each_worker_gets_its_share_of_threads(checkpoints, pools):
     assert torch_threads == share and blas and set(blas) == {share}
 
 
+def test_workers_inherit_objects_frozen_out_of_the_collector(checkpoints, pools):
+    """The forkserver froze what its imports made (forkserver_preload): a worker's collections leave those
+    inherited pages shared instead of copying them."""
+    import gc
+
+    analysis = Analysis(str(checkpoints / "base"), [str(checkpoints / "seed0")],
+                        AnalysisOptions(device="cpu", workers=2, use_cache=False))
+    pool = TensorWorkers(*analysis.given, analysis.options, 2, analysis.fingerprints())
+    try:
+        frozen = pool.pool.submit(gc.get_freeze_count).result()
+    finally:
+        pool.close()
+        analysis.close()
+    assert frozen > 10_000  # torch's and the engine's objects (about 10^5 here), not a handful
+
+
 def test_cached_ranks_reach_the_workers(checkpoints, tmp_path, pools):
     """Ranks the cache holds are handed to the workers and not recomputed: planted ones come back as planted."""
     from rlsub_tui.cache import ResultCache
