@@ -8,10 +8,9 @@ this module would freeze that process's objects too: only the forkserver names i
 """
 
 import gc
+import importlib
 
-import rlsub_tui.engine  # noqa: F401
-import rlsub_tui.matrix_detail  # noqa: F401
-import rlsub_tui.timeline  # noqa: F401
-
+for module in ("rlsub_tui.engine", "rlsub_tui.timeline", "rlsub_tui.matrix_detail"):  # what the children run
+    importlib.import_module(module)
 gc.collect()
 gc.freeze()
