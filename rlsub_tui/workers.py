@@ -177,9 +177,27 @@ def _blas_functions(verb: str) -> list:
     return found
 
 
-def _compute_batch(names: list[str], known: list[list]) -> list:
-    """The records of a batch of tensors, one after another (`TensorWorkers.computed` batches small ones)."""
-    return [_compute(name, k) for name, k in zip(names, known)]
+def _compute_batch(names: list[str], known: list[list]) -> tuple[list, BaseException | None, str]:
+    """The records of a batch of tensors, computed one after another (`TensorWorkers.computed` batches small
+    ones). A tensor that fails ends the batch: the records before it come back with its error and the worker's
+    traceback, so that the parent still takes them (progress, its cache) before it raises, as it did with one
+    task per tensor."""
+    import traceback
+
+    records = []
+    for name, k in zip(names, known):
+        try:
+            records.append(_compute(name, k))
+        except Exception as exc:  # raised again in the parent, after the records before it
+            return records, exc, traceback.format_exc()
+    return records, None, ""
+
+
+class WorkerTraceback(Exception):
+    """Where a worker's error came from: its traceback, as text (the cause of the error raised again)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _compute(name: str, known: list):
@@ -259,7 +277,7 @@ class TensorWorkers:
                         future = self.pool.submit(_compute_batch, [p.name for p in batch], [known(p) for p in batch])
                 except BrokenProcessPool:  # a worker died: the futures in flight say so, in order
                     if not pending:
-                        raise self._died(batch) from None
+                        raise self._died([batch]) from None
                     break
                 pending.append((batch, future))
                 running.append((batch, future))
@@ -271,17 +289,22 @@ class TensorWorkers:
                 wait([f for _, f in running], return_when=FIRST_COMPLETED)
                 continue
             try:
-                records = pending[0][1].result()
+                records, error, where = pending[0][1].result()
             except BrokenProcessPool:
-                raise self._died([p for b, _ in pending for p in b]) from None
+                raise self._died([b for b, _ in pending]) from None
             for plan, record in zip(pending.popleft()[0], records):
                 yield plan, record
                 if cancelled():
                     return
+            if error is not None:
+                raise error from WorkerTraceback(where)
 
     @staticmethod
-    def _died(plans: list) -> ComputeError:
-        """A worker died (killed, most likely for memory): which tensor's worker it was, the pool cannot tell."""
+    def _died(in_flight: list[list]) -> ComputeError:
+        """A worker died (killed, most likely for memory): which tensor's worker it was, the pool cannot tell.
+        Each batch in flight is named by its largest tensor, the likeliest to have cost the memory, largest
+        first (one batch may still have been waiting in the pool's queue)."""
+        plans = sorted((max(batch, key=lambda p: p.nbytes) for batch in in_flight), key=lambda p: -p.nbytes)
         names = ", ".join(f"'{p.name}'" for p in plans[:3]) + (f" and {len(plans) - 3} more" if len(plans) > 3 else "")
         return ComputeError(f"a worker process died (out of memory?) while these tensors were being compared: "
                             f"{names}; try fewer --workers, or --workers 1.")

@@ -106,6 +106,50 @@ def test_batches_keep_order_and_bounds(monkeypatch):
     assert [workers.largest(b) for b in cut] == [30, 30, 250, 10, 100, 99, 1]
 
 
+class InlinePool:
+    """An executor that runs each task at once, here: TensorWorkers.computed's logic without processes."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+def test_an_error_inside_a_batch_comes_after_the_records_before_it(monkeypatch):
+    """A tensor that fails in a batch: the ones before it still reach the parent (progress, cache), then its
+    error, with the worker's traceback as the cause; nothing after it."""
+    def fake(name, known):
+        if name == "bad":
+            raise InputError("tensor 'bad' is no longer in the checkpoints: a file changed during the analysis.")
+        return f"record {name}"
+
+    monkeypatch.setattr(workers, "_compute", fake)
+    monkeypatch.setattr(workers, "BATCH_BYTES", 100)
+    plans = [engine.TensorPlan(n, [], None, (1,), None, 10, [], [], []) for n in ("a", "b", "bad", "c")]
+    pool = TensorWorkers.__new__(TensorWorkers)
+    pool.workers, pool.pool = 2, InlinePool()
+    got = []
+    with pytest.raises(InputError, match="'bad' is no longer") as caught:
+        for plan, record in pool.computed(plans, lambda p: [None], lambda: False):
+            got.append((plan.name, record))
+    assert got == [("a", "record a"), ("b", "record b")]
+    assert isinstance(caught.value.__cause__, workers.WorkerTraceback) and "fake" in str(caught.value.__cause__)
+
+
+def test_a_dead_worker_is_named_by_the_largest_tensor_of_each_batch_in_flight():
+    small = [engine.TensorPlan(f"norm{i}", [], None, (1,), None, 10, [], [], []) for i in range(20)]
+    big = engine.TensorPlan("mlp.up_proj", [], None, (1,), None, 10 << 20, [], [], [])
+    bigger = engine.TensorPlan("embed_tokens", [], None, (1,), None, 100 << 20, [], [], [])
+    message = str(TensorWorkers._died([small, [bigger], [big]]))
+    assert message.startswith("a worker process died (out of memory?) while these tensors were being compared: "
+                              "'embed_tokens', 'mlp.up_proj', 'norm0'; try fewer --workers")
+
+
 def test_a_worker_limits_its_blas_threads():
     """numpy's OpenBLAS found and set in this process (Linux wheels): what workers side by side rely on."""
     import ctypes
