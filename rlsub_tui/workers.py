@@ -237,9 +237,10 @@ def batches(plans: list) -> list[list]:
     return out
 
 
-def largest(batch: list) -> int:
-    """The stored bytes a batch holds at once: its tensors are computed one after another."""
-    return max(p.nbytes for p in batch)
+def largest(batch: list):
+    """A batch's largest plan: its stored bytes are what the batch holds at once (its tensors are computed one
+    after another), and its name the likeliest culprit if the worker dies."""
+    return max(batch, key=lambda p: p.nbytes)
 
 
 class TensorWorkers:
@@ -268,9 +269,9 @@ class TensorWorkers:
         ahead = 0  # the next batch to send
         while ahead < len(todo) or pending:
             running = [(b, f) for b, f in pending if not f.done()]
-            held = sum(largest(b) for b, _ in running)
+            held = sum(largest(b).nbytes for b, _ in running)
             while (ahead < len(todo) and len(running) <= self.workers and not cancelled()
-                   and (not running or held + largest(todo[ahead]) <= budget)):
+                   and (not running or held + largest(todo[ahead]).nbytes <= budget)):
                 batch = todo[ahead]
                 try:
                     with sigint_deferred():  # a submit may start a worker: not to be cut off half-started
@@ -281,7 +282,7 @@ class TensorWorkers:
                     break
                 pending.append((batch, future))
                 running.append((batch, future))
-                held += largest(batch)
+                held += largest(batch).nbytes
                 ahead += 1
             if not pending:
                 return  # cancelled before sending more
@@ -304,7 +305,7 @@ class TensorWorkers:
         """A worker died (killed, most likely for memory): which tensor's worker it was, the pool cannot tell.
         Each batch in flight is named by its largest tensor, the likeliest to have cost the memory, largest
         first (one batch may still have been waiting in the pool's queue)."""
-        plans = sorted((max(batch, key=lambda p: p.nbytes) for batch in in_flight), key=lambda p: -p.nbytes)
+        plans = sorted((largest(batch) for batch in in_flight), key=lambda p: -p.nbytes)
         names = ", ".join(f"'{p.name}'" for p in plans[:3]) + (f" and {len(plans) - 3} more" if len(plans) > 3 else "")
         return ComputeError(f"a worker process died (out of memory?) while these tensors were being compared: "
                             f"{names}; try fewer --workers, or --workers 1.")

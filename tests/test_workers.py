@@ -103,7 +103,7 @@ def test_batches_keep_order_and_bounds(monkeypatch):
     cut = workers.batches(plans)
     assert [p for b in cut for p in b] == plans
     assert [[p.nbytes for p in b] for b in cut] == [[30, 30, 30], [30], [250], [10], [100], [99, 1], [1]]
-    assert [workers.largest(b) for b in cut] == [30, 30, 250, 10, 100, 99, 1]
+    assert [workers.largest(b).nbytes for b in cut] == [30, 30, 250, 10, 100, 99, 1]
 
 
 class InlinePool:
