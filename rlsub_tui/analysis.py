@@ -126,7 +126,7 @@ def open_timelines(base: str, timelines: dict[int, "Timeline"] | None, labels: l
     from rlsub_tui.timeline import TimelineAnalysis
 
     named = [(labels[i], t) for i, t in sorted(timelines.items())]
-    return TimelineAnalysis(base, named, options.criterion, step_gap)
+    return TimelineAnalysis(base, named, options.criterion, step_gap, options.compare_dtype)
 
 
 def _timeline_pass(steps: "TimelineAnalysis", cancelled: Callable[[], bool]) -> Iterator[Event]:

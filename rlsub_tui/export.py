@@ -301,6 +301,7 @@ def timeline_summary(timeline) -> list[dict]:
         first = {str(s): int(c) for s, c in zip(run.steps, run.first_changed[1:])}
         first["never"] = int(run.first_changed[0])
         out.append({"label": run.label, "path": run.path, "steps": run.steps, "step_gap": timeline.gap,
+                    "compare_dtype": timeline.compare_dtype,
                     "per_step": per_step, "first_changed": first})
     return out
 

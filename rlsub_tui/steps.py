@@ -144,3 +144,4 @@ class TimelineResult:
     runs: list[RunTimeline]
     rows: list[TimelineRow] = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    compare_dtype: str = "stored"  # the --compare-dtype policy every pair of the timeline was compared under

@@ -10,6 +10,7 @@ import torch
 
 from rlsub_tui.checkpoint import Checkpoint, open_checkpoint
 from rlsub_tui.criteria import Criterion
+from rlsub_tui.dtypes import pair_dtype
 from rlsub_tui.engine import Progress, TensorPlan, plan_tensors
 from rlsub_tui.errors import InputError
 from rlsub_tui.labels import checkpoint_label
@@ -49,10 +50,11 @@ def patch_positions(prev: torch.Tensor, cur: torch.Tensor) -> int:
 class TimelineAnalysis:
     """A base and one or more timelines, opened from headers; `run()` streams through the tensors."""
 
-    def __init__(self, base: str, timelines: list[tuple[str, Timeline]], criterion: Criterion, gap: int = 1):
+    def __init__(self, base: str, timelines: list[tuple[str, Timeline]], criterion: Criterion, gap: int = 1,
+                 policy: str = "stored"):
         if gap < 1:
             raise InputError(f"--step-gap {gap}: must be 1 or more.")
-        self.criterion, self.gap = criterion, gap
+        self.criterion, self.gap, self.policy = criterion, gap, policy
         self.base = open_checkpoint(base, label=checkpoint_label(base))
         self.timelines = timelines
         self.steps: list[list[Checkpoint]] = []
@@ -61,11 +63,12 @@ class TimelineAnalysis:
             _check_agreement(t, ckpts)
             self.steps.append(ckpts)
         every = [c for ckpts in self.steps for c in ckpts]
-        planning = plan_tensors(self.base, every)
+        # each step against the base in the dtype the run table uses for that pair (--compare-dtype included)
+        planning = plan_tensors(self.base, every, policy=policy)
         self.plans, skipped = planning.plans, planning.skipped
         runs = [RunTimeline(label, str(t.path), list(t.steps), np.zeros(len(t.steps) + 1, dtype=np.int64))
                 for label, t in timelines]
-        self.result = TimelineResult(criterion, gap, runs, skipped=skipped)
+        self.result = TimelineResult(criterion, gap, runs, skipped=skipped, compare_dtype=policy)
 
     def run(self, on_progress: Callable[[Progress], None] | None = None,
             cancelled: Callable[[], bool] = lambda: False) -> TimelineResult | None:
@@ -100,7 +103,8 @@ class TimelineAnalysis:
                 dtypes: list[torch.dtype]) -> None:
         """One tensor through one timeline, holding the base, the previous and the current version at most.
 
-        `base` is as stored; masks compare in each step's pair dtype with the base, patches in the stored bits.
+        `base` is as stored; a mask compares in the dtype the policy gives its own pair (a step with the base,
+        or a step with the one `gap` before it), patches compare the stored bits.
         """
         run = self.result.runs[r]
         union = torch.zeros(plan.shape, dtype=torch.bool)
@@ -119,7 +123,8 @@ class TimelineAnalysis:
             p = j - self.gap
             if p >= 0:
                 prev = held[1] if held[0] == p else (base if p == 0 else ckpts[p - 1].read(names[p - 1]))
-                step = update_mask(prev.to(dtypes[j - 1]), cur_cmp, self.criterion)
+                in_dtype = dtypes[j - 1] if p == 0 else pair_dtype(prev.dtype, cur.dtype, self.policy)
+                step = update_mask(prev.to(in_dtype), cur.to(in_dtype), self.criterion)
                 row.prev_step = 0 if p == 0 else run.steps[p - 1]
                 row.updated_vs_prev = int(torch.count_nonzero(step))
                 row.patch_bytes = patch_positions(prev, cur) * (INDEX_BYTES + cur.element_size())

@@ -331,3 +331,58 @@ async def test_explorer_refuses_a_bad_timeline_before_computing(tmp_path, monkey
         assert "lm_head.weight" in app.screen.message and "checkpoint-2" in app.screen.message
         assert not computed and not app.running
         assert app.timeline_state.startswith("the timeline was not computed")
+
+
+# --- the comparison dtype: the timeline compares each pair as the run table does ----------------------------------
+
+NP_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _pair_name(a: torch.dtype, b: torch.dtype, policy: str) -> str:
+    """The pair's comparison dtype, written out again here: the less precise of the two, unless forced."""
+    if policy != "stored":
+        return policy
+    return "bf16" if torch.bfloat16 in (a, b) else "fp16" if torch.float16 in (a, b) else "fp32"
+
+
+def _mask_in(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
+    """numpy's mask of a float32 pair cast to `dtype` first (round to nearest even), as a comparison in it does."""
+    cast = {"bf16": reference.round_bf16, "fp16": lambda x: x.astype(np.float16).astype(np.float32),
+            "fp32": lambda x: x}[dtype]
+    return reference.mask(cast(a), cast(b), dtype)
+
+
+@pytest.mark.parametrize("policy", ["stored", "bf16", "fp16", "fp32"])
+def test_fp32_timeline_against_bf16_base_compares_as_the_run_table(tmp_path, capsys, policy):
+    """fp32 step checkpoints of small steps (most below half a bf16 ULP) against a bf16 base: every step's count
+    against the base, and against the step before, is numpy's in that pair's dtype; the last step equals the
+    run's own matrices.csv row under every --compare-dtype."""
+    b = base_state(3)
+    states, cur = [], {n: w.float() for n, w in b.items()}
+    for i in range(3):
+        cur = sparse_run(cur, 40 + i, density=0.3, scale=2e-5)
+        states.append(cur)
+    steps = [10, 20, 30]
+    save(b, tmp_path / "base")
+    write_timeline(tmp_path / "seed1", states, steps)
+    code, _, err = cli(["analyze", tmp_path / "base", tmp_path / "seed1", "--out", tmp_path / "out", "--quiet",
+                        "--no-rank", "--no-cache", "--compare-dtype", policy], capsys)
+    assert code == 0, err
+    timeline = {(r["tensor"], int(r["step"])): r for r in read_csv(tmp_path / "out" / "timeline.csv")}
+    runs = {r["tensor"]: r for r in read_csv(tmp_path / "out" / "matrices.csv")}
+    versions = [b] + states
+    vs_base_dtype = _pair_name(torch.bfloat16, torch.float32, policy)
+    step_dtype = _pair_name(torch.float32, torch.float32, policy)
+    differs = 0
+    for name in b:
+        f32 = [v[name].float().numpy() for v in versions]
+        for j, s in enumerate(steps, 1):
+            row = timeline[(name, s)]
+            assert int(row["updated_vs_base"]) == int(_mask_in(f32[0], f32[j], vs_base_dtype).sum()), (name, s)
+            prev_dtype = vs_base_dtype if j == 1 else step_dtype
+            assert int(row["updated_vs_prev"]) == int(_mask_in(f32[j - 1], f32[j], prev_dtype).sum()), (name, s)
+        assert int(timeline[(name, steps[-1])]["updated_vs_base"]) == int(runs[name]["updated"]), name
+        differs += int(_mask_in(f32[0], f32[-1], "fp32").sum()) != int(_mask_in(f32[0], f32[-1], "bf16").sum())
+    assert differs, "the fixture must tell bf16 and fp32 comparisons apart"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["timelines"][0]["compare_dtype"] == policy
