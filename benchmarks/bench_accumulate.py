@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rlsub_tui.criteria import PAPER_SWEEP, Criterion  # noqa: E402
-from rlsub_tui.masks import compute_tensor  # noqa: E402
+from rlsub_tui.compute.masks import compute_tensor  # noqa: E402
+from rlsub_tui.records.criteria import PAPER_SWEEP, Criterion  # noqa: E402
 
 SHAPES = {"q_proj": (896, 896), "k_proj": (128, 896), "v_proj": (128, 896), "o_proj": (896, 896),
           "gate_proj": (4864, 896), "up_proj": (4864, 896), "down_proj": (896, 4864)}
@@ -44,7 +44,7 @@ def old_compute_tensor(rev: str):
     import subprocess
     import tempfile
 
-    source = subprocess.run(["git", "show", f"{rev}:rlsub_tui/masks.py"], capture_output=True, text=True, check=True,
+    source = subprocess.run(["git", "show", f"{rev}:rlsub_tui/compute/masks.py"], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parent.parent).stdout
     path = Path(tempfile.mkdtemp()) / "old_masks.py"
     path.write_text(source)

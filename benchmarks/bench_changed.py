@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from rlsub_tui import accumulate
-from rlsub_tui.criteria import DEFAULT_SWEEP, Criterion
-from rlsub_tui.masks import compute_tensor
+from rlsub_tui.compute import accumulate
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.records.criteria import DEFAULT_SWEEP, Criterion
 
 SHAPE = (4864, 896)
 

@@ -10,8 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rlsub_tui.criteria import AnalysisOptions  # noqa: E402
-from rlsub_tui.matrix_detail import detail  # noqa: E402
+from rlsub_tui.compute.matrix_detail import detail  # noqa: E402
+from rlsub_tui.records.criteria import AnalysisOptions  # noqa: E402
 
 
 def main() -> None:

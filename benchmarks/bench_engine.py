@@ -163,7 +163,7 @@ def sample():
 if mode != "ours-cold":  # as a user's shell runs `rlsub-tui analyze`: it imports torch itself, beside its workers
     import torch  # every other mode imports torch before `work` starts: the marginal rates leave import time out
 if mode.startswith("ours"):
-    from rlsub_tui.cli import main
+    from rlsub_tui.cli.main import main
 work_start = time.perf_counter()
 if mode.startswith("ours"):
     sampler = threading.Thread(target=sample, daemon=True)
@@ -284,9 +284,9 @@ def marginal_rates(dirs: list[Path], half_dirs: list[Path], device: str, repeats
 
 
 def rank_comparison(dirs: list[Path], layers: int, device: str) -> dict:
-    from rlsub_tui.checkpoint import open_checkpoint
-    from rlsub_tui.masks import stored_delta
-    from rlsub_tui.rank import reference_rank, update_rank
+    from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+    from rlsub_tui.compute.kernels import stored_delta
+    from rlsub_tui.compute.rank import reference_rank, update_rank
 
     base, run = open_checkpoint(str(dirs[0])), open_checkpoint(str(dirs[1]))
     names = [n for n, i in base.tensors.items() if len(i.shape) == 2 and "layers." in n
@@ -315,7 +315,7 @@ def rank_comparison(dirs: list[Path], layers: int, device: str) -> dict:
 UI_CHILD = r"""
 import asyncio, json, sys, tempfile, time
 from pathlib import Path
-from rlsub_tui.criteria import AnalysisOptions
+from rlsub_tui.records.criteria import AnalysisOptions
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
 dirs, compute = json.loads(sys.argv[1]), sys.argv[2]
 
@@ -328,7 +328,7 @@ async def go():
         def tick():
             now = time.perf_counter()
             ticks.append(now)
-            if state["engine"] is None and "rlsub_tui.engine" in sys.modules:
+            if state["engine"] is None and "rlsub_tui.compute.engine" in sys.modules:
                 state["engine"] = now  # torch imported, the checkpoints about to be opened
             if state["first_paint"] is None and app.roots:
                 state["first_paint"] = now - t0

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from rlsub_tui.masks import CHUNK_ELEMENTS, GRAM_MIN_RUNS, _nonzero, pair_intersections
+from rlsub_tui.compute.kernels import CHUNK_ELEMENTS, GRAM_MIN_RUNS, nonzero, pair_intersections
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
         gram = pair_intersections(masks)
         t_gram = time.perf_counter() - t
         t = time.perf_counter()
-        loop = {(a, c): _nonzero(masks[a] & masks[c]) for a in range(k) for c in range(a + 1, k)}
+        loop = {(a, c): nonzero(masks[a] & masks[c]) for a in range(k) for c in range(a + 1, k)}
         t_loop = time.perf_counter() - t
         assert all(gram[a, c] == n for (a, c), n in loop.items())
         used = "Gram" if k >= GRAM_MIN_RUNS else "passes"

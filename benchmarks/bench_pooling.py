@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def records(layers: int, k: int, seed: int = 0):
     from bench_engine import QWEN05, model_shapes
-    from rlsub_tui.criteria import MAG_BINS, RunTensorStats
-    from rlsub_tui.results import TensorResult
+
+    from rlsub_tui.records.criteria import MAG_BINS, RunTensorStats
+    from rlsub_tui.records.results import TensorResult
 
     g = np.random.default_rng(seed)
     out = {}
@@ -57,16 +58,16 @@ def main() -> None:
     if args.src:
         sys.path.insert(0, str(args.src.resolve()))
     import rlsub_tui
-    from rlsub_tui.explore import StatsIndex, build_tree
-    from rlsub_tui.export import write_outputs
-    from rlsub_tui.results import AnalysisResult
+    from rlsub_tui.export.outputs import write_outputs
+    from rlsub_tui.records.results import AnalysisResult
+    from rlsub_tui.summaries.tree import StatsIndex, build_tree
 
     tensors = records(args.layers, args.runs)
     labels = [f"run{i}" for i in range(args.runs)]
     result = AnalysisResult("base", "base", labels, labels, criterion=None, sweep=(), device="cpu",
                             tensors=tensors, planned=list(tensors),
                             planned_numel={n: t.numel for n, t in tensors.items()}, complete=True)
-    from rlsub_tui.criteria import Criterion
+    from rlsub_tui.records.criteria import Criterion
 
     result.criterion = Criterion()
 

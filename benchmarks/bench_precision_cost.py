@@ -1,4 +1,4 @@
-"""What issue 11's per-chunk passes (bf16 visibility, distance to visibility, rows and columns) cost.
+"""What the precision and line passes per chunk (bf16 visibility, distance to visibility, rows and columns) cost.
 
 Times `masks.compute_tensor` without rank, with the paper's sweep, K runs, on Qwen2.5-0.5B layer shapes,
 alternately with the passes on and with them replaced by a pass that does nothing, in one process, and
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from rlsub_tui import accumulate
-from rlsub_tui.criteria import DEFAULT_SWEEP, Criterion
-from rlsub_tui.masks import compute_tensor
+from rlsub_tui.compute import accumulate
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.records.criteria import DEFAULT_SWEEP, Criterion
 
 SHAPES = {"q_proj 896x896": (896, 896), "k_proj 128x896": (128, 896), "gate_proj 4864x896": (4864, 896),
           "down_proj 896x4864": (896, 4864), "norm 896": (896,)}
@@ -75,11 +75,11 @@ start = time.perf_counter()
 passes, args = sys.argv[1] == "on", json.loads(sys.argv[2])
 sys.path.insert(0, "benchmarks")
 if not passes:
-    from rlsub_tui import accumulate
+    from rlsub_tui.compute import accumulate
     from bench_precision_cost import NoPasses
     accumulate.PrecisionAndLines = NoPasses
     accumulate.StateCodes.carries_exponents = False  # no distance keys carried in the state and bin words
-from rlsub_tui.cli import main
+from rlsub_tui.cli.main import main
 assert main(args) == 0
 use = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"wall": time.perf_counter() - start, "cpu": use.ru_utime + use.ru_stime}))

@@ -26,8 +26,8 @@ os.environ["OPENBLAS_NUM_THREADS"] = next((sys.argv[i + 1] for i, a in enumerate
 import numpy as np
 import torch
 
-from rlsub_tui.rank import EPS32, certified_rank, update_rank_figures
-from rlsub_tui.spectrum import rank_figures
+from rlsub_tui.compute.rank import EPS32, certified_rank, update_rank_figures
+from rlsub_tui.records.spectrum import rank_figures
 
 SHAPES = {"q_proj / o_proj": (896, 896), "k_proj / v_proj": (128, 896), "gate_proj / up_proj": (4864, 896),
           "down_proj": (896, 4864)}

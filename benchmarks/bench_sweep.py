@@ -51,8 +51,8 @@ def in_process(layers: int, runs: int, repeats: int, rank: bool) -> tuple[float,
     without and with the sweep, alternating; the medians. Isolates what the sweep adds to the computation."""
     import torch
 
-    from rlsub_tui.criteria import Criterion
-    from rlsub_tui.masks import compute_tensor
+    from rlsub_tui.compute.masks import compute_tensor
+    from rlsub_tui.records.criteria import Criterion
 
     torch.set_num_threads(1)  # CPU time then measures work, not threads spinning on a busy machine
     g = torch.Generator().manual_seed(0)

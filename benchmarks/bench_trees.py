@@ -37,8 +37,8 @@ sys.path.insert(0, tree)
 sys.path.insert(1, bench)
 import torch
 from bench_engine import QWEN05, model_shapes
-from rlsub_tui.criteria import DEFAULT_SWEEP, Criterion
-from rlsub_tui.masks import compute_tensor
+from rlsub_tui.records.criteria import DEFAULT_SWEEP, Criterion
+from rlsub_tui.compute.masks import compute_tensor
 import rlsub_tui
 assert rlsub_tui.__file__.startswith(tree), rlsub_tui.__file__
 torch.set_num_threads(1)

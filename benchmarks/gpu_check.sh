@@ -198,8 +198,8 @@ def build_fixtures(root):
     fx["k15_coded"] = (base_k, kr[:15], [("atol", dict(rank=False, sweep=(1e-6,)))])
     fx["k16_uncoded"] = (base_k, kr, [("atol", dict(rank=False, sweep=(1e-6,)))])
 
-    from rlsub_tui.sample_paths import sample_dir
-    from rlsub_tui.steps import resolve_runs, run_specs
+    from rlsub_tui.checkpoints.sample_paths import sample_dir
+    from rlsub_tui.checkpoints.step_folders import resolve_runs, run_specs
     s = sample_dir()
     runs = sorted(str(p) for p in s.iterdir() if p.is_dir() and p.name.startswith("grpo-")) + [str(s / "sft")]
     runs = run_specs(resolve_runs(runs))  # a timeline (grpo-lowlr-seedN/checkpoint-STEP) stands for its last step
@@ -333,8 +333,9 @@ def diff_dirs(d1, d2, tol=1e-5):
 
 
 def run_analysis(base, runs, device, kw):
-    from rlsub_tui.criteria import Criterion
-    from rlsub_tui.engine import Analysis, AnalysisOptions
+    from rlsub_tui.records.criteria import Criterion
+    from rlsub_tui.compute.engine import Analysis
+    from rlsub_tui.records.criteria import AnalysisOptions
     kw = dict(kw)
     kw.pop("gpu", None)
     crit = kw.pop("criterion", ("atol", 1e-5))
@@ -348,7 +349,7 @@ def run_analysis(base, runs, device, kw):
 
 
 def cmd_compare(args):
-    from rlsub_tui.export import write_outputs
+    from rlsub_tui.export.outputs import write_outputs
     torch.manual_seed(0)
     fx = build_fixtures(Path(args.work) / "fx")
     failures = cases = 0
@@ -393,10 +394,10 @@ def cmd_compare(args):
 def cmd_ui(args):
     """The explorer on the sample with device auto, computing in a thread and in a child process (the CLI's
     way: a forkserver child that initialises CUDA itself), each compared with the CPU engine."""
-    from rlsub_tui.engine import AnalysisOptions
-    from rlsub_tui.sample_paths import sample_checkpoints
+    from rlsub_tui.records.criteria import AnalysisOptions
+    from rlsub_tui.checkpoints.sample_paths import sample_checkpoints
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
-    from rlsub_tui.steps import resolve_runs, run_specs
+    from rlsub_tui.checkpoints.step_folders import resolve_runs, run_specs
     base, runs = sample_checkpoints()
     resolved = resolve_runs(runs)  # the grpo-lowlr seeds are timelines, as the explorer opens them
     opts = dict(sweep=(1e-8, 1e-5))
@@ -495,8 +496,8 @@ def cmd_gen(args):
 
 def gpu_floor(dirs):
     """Every tensor of every checkpoint read into GPU memory as the engine reads it, nothing computed."""
-    from rlsub_tui.checkpoint import open_checkpoint
-    from rlsub_tui.staging import PinnedStager
+    from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+    from rlsub_tui.checkpoints.staging import PinnedStager
     cks = [open_checkpoint(str(d)) for d in dirs]
     names = sorted(cks[0].tensors, key=lambda n: cks[0].tensors[n].offset)
     stager = PinnedStager(torch.device("cuda", torch.cuda.current_device()))
@@ -543,7 +544,8 @@ def cmd_table(args):
 
 def cmd_timed(args):
     """rlsub-tui analyze with the time split into reader thread / compute / rank routes, and peak memory."""
-    from rlsub_tui import engine, masks
+    from rlsub_tui.compute import engine
+    from rlsub_tui.compute import masks
     times, counts = collections.defaultdict(float), collections.Counter()
     t_start = time.perf_counter()
     t_cuda = time.perf_counter()
@@ -605,7 +607,7 @@ def cmd_timed(args):
         os._exit(124)
 
     signal.signal(signal.SIGTERM, on_term)
-    from rlsub_tui.cli import main
+    from rlsub_tui.cli.main import main
     rc = main(args.argv)
     report(rc)
     return rc
@@ -642,8 +644,9 @@ def bf16_delta(m, n, dev, seed=0):
 
 
 def cmd_micro(args):
-    from rlsub_tui import masks, rank as rk
-    from rlsub_tui.criteria import Criterion
+    from rlsub_tui.compute import kernels, masks
+    from rlsub_tui.compute import rank as rk
+    from rlsub_tui.records.criteria import Criterion
     dev = "cpu" if DRY else "cuda"
     # (a) rank routes
     rk.update_rank(bf16_delta(64, 64, dev))  # warm-up: cuBLAS/cuSOLVER handles, lazy modules
@@ -691,11 +694,11 @@ def cmd_micro(args):
     runs = [(base.float() + torch.randn(V, H, device=dev, generator=g) * 2e-4
              * (torch.rand(V, H, device=dev, generator=g) < 0.3)).to(torch.bfloat16) for _ in range(3)]
     crit = Criterion("atol", 1e-5)
-    default = masks.CUDA_CHUNK_ELEMENTS if dev == 'cuda' else masks.CHUNK_ELEMENTS
+    default = kernels.CUDA_CHUNK_ELEMENTS if dev == 'cuda' else kernels.CHUNK_ELEMENTS
     attr = 'CUDA_CHUNK_ELEMENTS' if dev == 'cuda' else 'CHUNK_ELEMENTS'
     ref = None
     for chunk in (1 << 22, 1 << 24, 1 << 26):
-        setattr(masks, attr, chunk)
+        setattr(kernels, attr, chunk)
         comp, dt = timed(lambda: masks.compute_tensor(base, runs, crit, (1e-8, 1e-6), want_rank=False))
         same = ref is None or (comp.runs[0].updated == ref.runs[0].updated and comp.agreement == ref.agreement
                                and comp.both == ref.both and comp.magnitude_numel == ref.magnitude_numel
@@ -705,7 +708,7 @@ def cmd_micro(args):
             f"{base.numel() * 2 * 4 / dt / 1e9:.1f} GB/s of bf16 input" + ("" if same else "; RESULTS DIFFER"))
         print(f"TIME compute_tensor {V}x{H} bf16 K=3 sweep 2, chunk 2^{chunk.bit_length() - 1}: {dt * 1000:.0f} ms"
               f" ({base.numel() * 2 * 4 / dt / 1e9:.1f} GB/s of bf16 input){'' if same else ' RESULTS DIFFER from default chunk'}")
-    setattr(masks, attr, default)
+    setattr(kernels, attr, default)
     if dev == "cuda":
         from torch.profiler import ProfilerActivity, profile
         nchunks = -(-base.numel() // default)

@@ -1,3 +1,3 @@
-from rlsub_tui.cli import main
+from rlsub_tui.cli.main import main
 
 raise SystemExit(main())

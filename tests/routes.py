@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlsub_tui import accumulate
+from rlsub_tui.compute import accumulate
 
 
 def force_route(monkeypatch, route: str) -> list[bool]:

@@ -6,13 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
-
 import reference
+import torch
 from routes import check_route, force_route
-from rlsub_tui import accumulate, masks
-from rlsub_tui.criteria import MAG_BINS, Criterion
-from rlsub_tui.masks import compute_tensor
+
+from rlsub_tui.compute import accumulate, kernels
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.records.criteria import MAG_BINS, Criterion
 
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -76,14 +76,14 @@ def _expected(base, runs, dtype, criterion, sweep):
 def test_every_path_matches_numpy(monkeypatch, k, dtype, criterion, patterns, route):
     """Several ragged chunks; the pattern path forced on (or off) whatever the tensor's size, and chunks
     counted on every position or on the changed ones alone."""
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0 if patterns else 1 << 62)
     skipped = force_route(monkeypatch, route)
     sweep = (0.0, 1e-8, 1e-6, 1e-5, 1e-3)
     base, runs = _tensors(k, dtype, seed=k)
     comp = compute_tensor(base, runs, criterion, sweep, want_rank=False)
     check_route(skipped, route, patterns and dtype != torch.float32 and criterion.name != "relative"
-                 and k <= masks.MAX_CODED_RUNS)
+                 and k <= kernels.MAX_CODED_RUNS)
     exp = _expected(base, runs, dtype, criterion, sweep)
     assert [s.updated for s in comp.runs] == exp["updated"]
     assert [s.nonfinite for s in comp.runs] == exp["nonfinite"]
@@ -141,9 +141,9 @@ def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns, route
     """A 60x50 bf16 matrix in ragged chunks that cut rows: each run's rows and columns holding an update and
     its distance-to-visibility histogram, against numpy, for every cross-run layout (state codes, run codes,
     pairwise) and both per-run paths."""
-    from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
+    from rlsub_tui.records.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
 
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0 if patterns else 1 << 62)
     skipped = force_route(monkeypatch, route)
     m, n = 60, 50
@@ -156,7 +156,7 @@ def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns, route
         r[:, 49 - j % 10] = base[:, 49 - j % 10]  # and a column
         runs.append(r)
     comp = compute_tensor(base, runs, Criterion("atol", 1e-5), (), want_rank=False)
-    check_route(skipped, route, patterns and k <= masks.MAX_CODED_RUNS)
+    check_route(skipped, route, patterns and k <= kernels.MAX_CODED_RUNS)
     b = base.float().numpy()
     for j, (r, s) in enumerate(zip(runs, comp.runs)):
         mask = reference.mask(b, r.float().numpy(), "bf16", "atol", 1e-5)
@@ -179,11 +179,10 @@ def test_pairs_of_several_dtypes_on_one_bf16_base(monkeypatch, criterion):
     float path beside it, in the same cross-run key), over chunks that cut rows; the fp32 run has a NaN and,
     in one chunk only, a subnormal Δ (that chunk's distances through frexp, the others from exponent bits).
     Rows, columns, distance histograms and bf16 visibility per run, against numpy."""
-    from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
+    from rlsub_tui.compute import precision
+    from rlsub_tui.records.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
 
-    from rlsub_tui import precision
-
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1024)
     monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0)
     routes = []  # per fp32/fp16 chunk: distances from exponent bits (True) or through frexp (False)
     real = precision.PrecisionAccumulator._add_keys
@@ -241,7 +240,7 @@ def test_changed_positions_alone_give_every_figure_of_all_positions(monkeypatch,
     in runs: every figure (counts, sums, strata, codes, rows, columns, distances, bf16 visibility) is the same
     whether the chunks are counted on every position or on the changed ones alone; and bf16 visibility of the
     fp16 pairs against numpy."""
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(accumulate, "PATTERN_MIN_NUMEL", 0)
     g = np.random.default_rng(3 + k)
     m, n = 90, 70
@@ -300,7 +299,7 @@ def test_sq_base_keeps_small_weights_beside_a_large_one_with_a_nonfinite_delta(m
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int32, np.int64, "bool", "torch-int64", "torch-bool"])
 def test_bincount_helper_counts_as_numpy_does(dtype):
-    """masks._bincount (torch.bincount on the CPU, every input widened as needed) against np.bincount: 16-bit
+    """kernels.bincount (torch.bincount on the CPU, every input widened as needed) against np.bincount: 16-bit
     patterns above 2^15 (negative as int16), keys above the minimum length, an empty array."""
     rng = np.random.default_rng(1)
     high = {np.uint16: 1 << 16, np.uint8: 256, "bool": 2, "torch-bool": 2}.get(dtype, 70_000)
@@ -310,7 +309,7 @@ def test_bincount_helper_counts_as_numpy_does(dtype):
     else:
         x = values.astype(bool if dtype == "bool" else dtype)
     for minlength in (2, 1 << 16, 80_000):
-        got = masks._bincount(x, minlength)
+        got = kernels.bincount(x, minlength)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, np.bincount(values, minlength=minlength))
-    np.testing.assert_array_equal(masks._bincount(np.zeros(0, np.uint16), 5), np.zeros(5, np.int64))
+    np.testing.assert_array_equal(kernels.bincount(np.zeros(0, np.uint16), 5), np.zeros(5, np.int64))

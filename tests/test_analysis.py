@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import reference
+import torch
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.analysis import Computed, Finished, Opened, Progress, analyse, batched
-from rlsub_tui.criteria import AnalysisOptions, Criterion, parse_sweep, parse_tolerance
-from rlsub_tui.labels import checkpoint_label, run_labels, run_paths
+
+from rlsub_tui.analysis.stream import analyse, batched
+from rlsub_tui.checkpoints.labels import checkpoint_label, run_labels, run_paths
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion, parse_sweep, parse_tolerance
+from rlsub_tui.records.events import Computed, Finished, Opened, Progress
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ def test_a_finished_analysis_reopens_from_the_cache_with_the_same_figures(pair3)
     assert again.stats().updated.tolist() == first.stats().updated.tolist()
     assert again.stats().sweep.tolist() == first.stats().sweep.tolist()
     # served without importing torch
-    code = ("import sys; from rlsub_tui.analysis import analyse; from rlsub_tui.criteria import AnalysisOptions; "
+    code = ("import sys; from rlsub_tui.analysis.stream import analyse; from rlsub_tui.records.criteria import AnalysisOptions; "
             f"events = list(analyse({str(root / 'base')!r}, {specs!r}, AnalysisOptions(cache_dir={str(root / 'cache')!r}, "
             "rank=False, sweep=(1e-6,)))); print(len(events), events[-1].complete, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -100,7 +101,7 @@ def test_cancelled_keeps_what_is_done_and_is_not_complete(pair3):
 
 
 def test_bad_input_is_refused_before_anything_is_yielded(pair3):
-    from rlsub_tui.errors import InputError
+    from rlsub_tui.util.errors import InputError
 
     root, _, _ = pair3
     with pytest.raises(InputError, match="nowhere"):
@@ -151,7 +152,7 @@ def test_sweep_parser():
 
 
 def test_cli_bar_ends_on_the_last_tensor_and_quiet_has_none(pair3, capsys):
-    from rlsub_tui.cli import main
+    from rlsub_tui.cli.main import main
 
     root, _, _ = pair3
     args = ["analyze", str(root / "base"), str(root / "run0"), "--no-cache", "--no-rank"]
@@ -167,8 +168,8 @@ def test_cli_bar_ends_on_the_last_tensor_and_quiet_has_none(pair3, capsys):
 
 
 def test_a_timeline_pass_follows_the_runs_and_ends_before_finished(tmp_path):
-    from rlsub_tui.analysis import TimelineDone, TimelineStep
-    from rlsub_tui.steps import resolve_runs, run_specs
+    from rlsub_tui.checkpoints.step_folders import resolve_runs, run_specs
+    from rlsub_tui.records.events import TimelineDone, TimelineStep
 
     b = base_state(dtype=torch.bfloat16)
     save(b, tmp_path / "base")

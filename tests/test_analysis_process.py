@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from synthetic import broken_checkpoint
-from rlsub_tui import analysis_process
-from rlsub_tui.analysis import Finished, Opened, Progress, analyse
-from rlsub_tui.analysis_process import AnalysisError, analyse_in_child, detail_in_child
-from rlsub_tui.criteria import AnalysisOptions
-from rlsub_tui.errors import InputError
+
+from rlsub_tui.analysis import child as analysis_process
+from rlsub_tui.analysis.child import AnalysisError, analyse_in_child, detail_in_child
+from rlsub_tui.analysis.stream import analyse
+from rlsub_tui.records.criteria import AnalysisOptions
+from rlsub_tui.records.events import Finished, Opened, Progress
+from rlsub_tui.util.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,7 @@ def test_killed_mid_analysis_leaves_a_cache_that_finishes_the_same(checkpoints):
 
 
 def test_detail_in_child_equals_in_process(checkpoints):
-    from rlsub_tui.matrix_detail import detail, read_tensor
+    from rlsub_tui.compute.matrix_detail import detail, read_tensor
 
     base, runs = paths(checkpoints)
     options = AnalysisOptions(use_cache=False, rank=False, device="cpu")
@@ -172,11 +173,11 @@ def test_detail_in_child_equals_in_process(checkpoints):
 
 CONSUMER = r"""
 import json, sys
-from rlsub_tui.analysis import TimelineDone
-from rlsub_tui.analysis_process import analyse_in_child, detail_in_child
-from rlsub_tui.criteria import AnalysisOptions
-from rlsub_tui.sample_paths import sample_checkpoints
-from rlsub_tui.steps import resolve_runs, run_specs
+from rlsub_tui.records.events import TimelineDone
+from rlsub_tui.analysis.child import analyse_in_child, detail_in_child
+from rlsub_tui.records.criteria import AnalysisOptions
+from rlsub_tui.checkpoints.sample_paths import sample_checkpoints
+from rlsub_tui.checkpoints.step_folders import resolve_runs, run_specs
 
 if __name__ == "__main__":
     base, specs = sample_checkpoints()

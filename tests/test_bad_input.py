@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.checkpoint import open_checkpoint, read_safetensors_header
-from rlsub_tui.cli import main
-from rlsub_tui.errors import CheckpointError
+
+from rlsub_tui.checkpoints.checkpoint import open_checkpoint, read_safetensors_header
+from rlsub_tui.cli.main import main
+from rlsub_tui.util.errors import CheckpointError
 
 
 @pytest.fixture
@@ -230,7 +231,7 @@ def test_out_only_touches_our_files(pair, capsys):
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-    from rlsub_tui import export
+    from rlsub_tui.util import files
 
     target = tmp_path / "a.csv"
     target.write_text("old")
@@ -238,9 +239,9 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     def boom(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError):
-        export.atomic_write(target, "new content")
+        files.atomic_write(target, "new content")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.csv"]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlsub_tui import rank as rank_mod
-from rlsub_tui.rank import certified_rank, cpu_gram, error_bound, exact_route, threshold_band, update_rank
+from rlsub_tui.compute import rank as rank_mod
+from rlsub_tui.compute.rank import certified_rank, cpu_gram, error_bound, exact_route, threshold_band, update_rank
 
 EPS32 = np.finfo(np.float32).eps
 
@@ -139,8 +139,8 @@ def test_exact_route_in_chunks(monkeypatch):
 @pytest.mark.parametrize("shape", [(300, 260), (96, 400)])
 def test_cpu_figures_equal_the_cuda_route(shape):
     """The certified CPU figures and the CUDA route's (full float64 Gram, run here on the CPU) agree."""
-    from rlsub_tui.rank import _gram_route, update_rank_figures
-    from rlsub_tui.spectrum import rank_figures
+    from rlsub_tui.compute.rank import _gram_route, update_rank_figures
+    from rlsub_tui.records.spectrum import rank_figures
 
     delta = bf16_delta(shape, seed=9)
     ours = update_rank_figures(delta)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from synthetic import base_state, save, sparse_run
-from rlsub_tui import engine
-from rlsub_tui.checkpoint import open_checkpoint
-from rlsub_tui.cli import main
-from rlsub_tui.errors import InputError
+
+from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+from rlsub_tui.cli.main import main
+from rlsub_tui.compute import engine
+from rlsub_tui.util.errors import InputError
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])

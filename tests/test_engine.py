@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
 import reference
+import torch
 from synthetic import LLAMA_SHAPES, base_state, save, sparse_run
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.masks import Criterion
+
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -253,8 +253,9 @@ def test_sixteen_runs(tmp_path):
 
 
 def test_outputs_are_complete_and_consistent(tmp_path):
-    from rlsub_tui.export import write_outputs
     import csv
+
+    from rlsub_tui.export.outputs import write_outputs
 
     b, runs = states(k=3)
     save(b, tmp_path / "base")
@@ -300,7 +301,7 @@ def test_finished_analysis_reopens_from_cache_without_torch(tmp_path):
     import subprocess
     import sys
 
-    from rlsub_tui.cache import reopen
+    from rlsub_tui.compute.cache import reopen
 
     b, runs = states(k=2)
     save(b, tmp_path / "base")
@@ -321,7 +322,7 @@ def test_finished_analysis_reopens_from_cache_without_torch(tmp_path):
     save(sparse_run(b, 9), tmp_path / "run1")
     assert reopen(str(tmp_path / "base"), paths, opts) is None
     # and the lookup itself never imports torch
-    code = ("import sys; from rlsub_tui.cache import reopen; from rlsub_tui.criteria import AnalysisOptions; "
+    code = ("import sys; from rlsub_tui.compute.cache import reopen; from rlsub_tui.records.criteria import AnalysisOptions; "
             f"reopen({str(tmp_path / 'base')!r}, {paths!r}, AnalysisOptions(cache_dir={str(tmp_path / 'cache')!r})); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -329,7 +330,7 @@ def test_finished_analysis_reopens_from_cache_without_torch(tmp_path):
 
 
 def test_cli_prints_a_one_screen_summary(tmp_path, capsys):
-    from rlsub_tui.cli import main
+    from rlsub_tui.cli.main import main
 
     b, runs = states(k=3)
     save(b, tmp_path / "base")

@@ -11,10 +11,11 @@ import threading
 
 import numpy as np
 import pytest
-
 from test_ui import make_app, settle
-from rlsub_tui.cli import main
-from rlsub_tui.export import atomic_write, cell, sidecar_path
+
+from rlsub_tui.cli.main import main
+from rlsub_tui.export.outputs import cell, sidecar_path
+from rlsub_tui.util.files import atomic_write
 
 
 def read_csv(path):
@@ -134,7 +135,7 @@ async def test_filtered_export_says_it_is_filtered(checkpoints):
 
 
 async def test_export_after_cancel_says_what_is_missing(checkpoints, monkeypatch):
-    import rlsub_tui.engine as engine
+    import rlsub_tui.compute.engine as engine
 
     gate = threading.Event()
     real = engine.compute_tensor

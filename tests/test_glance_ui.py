@@ -7,14 +7,14 @@ import itertools
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
-
 from reference import mask
+from safetensors.torch import load_file
+from test_ui import make_app, settle
+
 from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.ui.heatmap import HeatmapPanel
 from rlsub_tui.ui.runs import RunChooser
 from rlsub_tui.ui.summary import SummaryStrip
-from test_ui import make_app, settle
 
 RUNS = ("seed0", "seed1", "seed2")
 
@@ -163,7 +163,7 @@ def test_snapshot_heatmap_120x40(checkpoints, snap_compare):
 
 
 def focus(app, key):
-    from rlsub_tui import explore
+    from rlsub_tui.summaries import tree as explore
 
     app.focus_node = explore.find(app.roots, key)
     app._show_focus()
@@ -205,7 +205,7 @@ async def test_charts_follow_the_focus(checkpoints):
 
 
 def explore_layer(app, i):
-    from rlsub_tui import explore
+    from rlsub_tui.summaries import tree as explore
 
     return explore.find(app.roots, f"model.layers.{i}").tensors
 
@@ -240,7 +240,8 @@ async def wait_detail(app, pilot):
 
 async def test_mask_map_and_delta_histogram_of_the_focused_tensor(checkpoints):
     from reference import stored_delta
-    from rlsub_tui.matrix_detail import LOG2_MIN
+
+    from rlsub_tui.compute.matrix_detail import LOG2_MIN
     from rlsub_tui.ui.maskmap import MaskMapPanel
 
     name = "model.layers.1.mlp.up_proj.weight"  # 48 x 32
@@ -320,7 +321,7 @@ async def test_tree_numbers_align_on_leaves_and_expandable_rows(checkpoints):
 
 
 async def test_a_tensor_is_read_once_however_often_the_view_redraws(checkpoints, monkeypatch):
-    import rlsub_tui.matrix_detail as md
+    import rlsub_tui.compute.matrix_detail as md
 
     calls = []
     real = md.read_tensor

@@ -8,14 +8,14 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
 from synthetic import base_state, save, sparse_run
-from rlsub_tui import engine, masks
-from rlsub_tui.checkpoint import open_checkpoint
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.criteria import Criterion
-from rlsub_tui.rank import reference_rank, update_rank
-from rlsub_tui.staging import PinnedStager, ready
+
+from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+from rlsub_tui.checkpoints.staging import PinnedStager, ready
+from rlsub_tui.compute import engine, kernels
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.compute.rank import reference_rank, update_rank
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,8 +67,8 @@ def test_cuda_equals_cpu(tmp_path):
 @pytest.mark.parametrize("criterion", [("atol", 1e-5), ("exact", 0.0), ("relative", 1e-3)])
 def test_dtypes_criteria_multichunk_nonfinite(tmp_path, monkeypatch, dtype, criterion):
     """Ragged multi-chunk tensors (small chunks forced), every dtype and criterion, NaN/Inf planted."""
-    monkeypatch.setattr(masks, "CUDA_CHUNK_ELEMENTS", 1000)
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels, "CUDA_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)
     b = base_state(dtype=torch.float32)
     runs = [sparse_run(b, i, scale=3e-3) for i in range(3)]
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -178,7 +178,8 @@ def test_gpu_out_of_memory_falls_back_to_cpu(tmp_path, monkeypatch):
 @pytest.mark.parametrize("k", [3, 64])
 def test_cuda_equals_cpu_with_pair_dtypes_nonfinite_and_many_runs(k):
     """Per-pair comparison dtypes, NaN/Inf and K past the coded path give the CPU's numbers on the GPU."""
-    from rlsub_tui.masks import Criterion, compute_tensor
+    from rlsub_tui.compute.masks import compute_tensor
+    from rlsub_tui.records.criteria import Criterion
 
     g = torch.Generator().manual_seed(k)
     base = torch.randn(40, 24, generator=g) * 0.05

@@ -8,14 +8,14 @@ import json
 
 import numpy as np
 import pytest
-
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.cli import main
-from rlsub_tui.errors import InputError
-from rlsub_tui.groups import RunGroup, automatic_groups, block, named_groups, within_between
-from rlsub_tui.results import Stats
 from test_glance_ui import numpy_masks
 from test_selection import _records
+
+from rlsub_tui.cli.main import main
+from rlsub_tui.records.results import Stats
+from rlsub_tui.summaries.groups import RunGroup, automatic_groups, block, named_groups, within_between
+from rlsub_tui.util.errors import InputError
 
 LABELS = ["grpo-lowlr-seed1", "grpo-lowlr-seed2", "grpo-lowlr-seed3", "grpo-highlr-seed1", "grpo-highlr-seed2",
           "sft"]
@@ -106,11 +106,12 @@ def test_analyze_writes_groups(grouped, capsys):
 
 
 async def test_block_heatmap_in_the_explorer(grouped):
-    from rlsub_tui.engine import AnalysisOptions
+    from test_ui import settle
+
+    from rlsub_tui.records.criteria import AnalysisOptions
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
     from rlsub_tui.ui.heatmap import HeatmapPanel
     from rlsub_tui.ui.summary import SummaryStrip
-    from test_ui import settle
 
     app = ExplorerApp(ExplorerConfig(str(grouped / "base"), [str(grouped / r) for r in RUNS4],
                                      AnalysisOptions(), grouped / "exports"))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from reference import mask, stored_delta
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.criteria import AnalysisOptions, Criterion
-from rlsub_tui.matrix_detail import LOG2_MIN, detail, read_tensor
+
+from rlsub_tui.compute.matrix_detail import LOG2_MIN, detail, read_tensor
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
 
 NAME = "model.layers.0.mlp.gate_proj.weight"  # 48 x 32
 
@@ -58,7 +58,7 @@ def test_relative_criterion_and_one_dimensional(tmp_path):
 
 
 def test_unknown_tensor_is_one_sentence(tmp_path):
-    from rlsub_tui.errors import InputError
+    from rlsub_tui.util.errors import InputError
 
     b = base_state()
     save(b, tmp_path / "base")

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from synthetic import base_state, save, sparse_run
+
 from rlsub_tui import __version__
-from rlsub_tui.cli import main
+from rlsub_tui.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

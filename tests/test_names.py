@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlsub_tui.explore import build_tree
-from rlsub_tui.names import place, tensor_kind
+from rlsub_tui.checkpoints.names import place, tensor_kind
+from rlsub_tui.summaries.tree import build_tree
 
 
 def kind(name: str) -> str:

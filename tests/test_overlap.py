@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rlsub_tui import overlap
+from rlsub_tui.records import overlap
 
 
 @given(st.integers(1, 10_000), st.data())

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import reference
+import torch
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.cli import main
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.masks import MAX_RUNS, Criterion, compute_tensor
-from rlsub_tui.sample_paths import sample_dir
+
+from rlsub_tui.checkpoints.sample_paths import sample_dir
+from rlsub_tui.cli.main import main
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.compute.kernels import MAX_RUNS
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
 
 SAMPLE = sample_dir()
 
@@ -36,7 +38,7 @@ def run_records(result, label):
 
 def sample_run(name):
     """NAME=PATH of a sample run's final checkpoint (the grpo-lowlr seeds are timelines: their last step)."""
-    from rlsub_tui.steps import find_timeline
+    from rlsub_tui.checkpoints.step_folders import find_timeline
     timeline = find_timeline(str(SAMPLE / name))
     return f"{name}={timeline.checkpoints[-1] if timeline else SAMPLE / name}"
 
@@ -113,7 +115,7 @@ def test_cast_runs_are_named_once_each_on_stderr(tmp_path, capsys):
 
 
 def test_compare_dtype_is_checked():
-    from rlsub_tui.errors import InputError
+    from rlsub_tui.util.errors import InputError
     with pytest.raises(InputError, match="compare-dtype"):
         AnalysisOptions(compare_dtype="fp8")
     with pytest.raises(SystemExit) as exc:  # argparse's own one-line error, exit status 2
@@ -293,7 +295,7 @@ def test_forced_dtype_shows_in_the_summary(tmp_path, capsys):
 
 
 def test_gram_pair_intersections_equal_numpy():
-    from rlsub_tui.masks import PAIR_BLOCK, pair_intersections
+    from rlsub_tui.compute.kernels import PAIR_BLOCK, pair_intersections
     g = np.random.default_rng(5)
     n = PAIR_BLOCK * 2 + 17  # several blocks and a ragged end
     masks = [g.random(n) < p for p in (0.0, 0.3, 0.9, 1.0, 0.5)]

@@ -8,16 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
-
 from routes import check_route, force_route
+from safetensors.numpy import load_file
 from synthetic import save
-from rlsub_tui.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN, Criterion
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.export import write_outputs
-from rlsub_tui.masks import compute_tensor
-from rlsub_tui.precision import PrecisionAccumulator
-from rlsub_tui.sample_paths import sample_dir
+
+from rlsub_tui.checkpoints.sample_paths import sample_dir
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.compute.precision import PrecisionAccumulator
+from rlsub_tui.export.outputs import write_outputs
+from rlsub_tui.records.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN, AnalysisOptions, Criterion
 
 
 def bf16_round(x: np.ndarray) -> np.ndarray:
@@ -76,7 +76,7 @@ def test_bundled_fp32_pair_against_numpy(criterion, tmp_path):
     assert stats.bf16_visible_count(0) == totals["visible"]
     assert stats.ulp_histogram[0].tolist() == pooled_hist.tolist()
     assert 0 < totals["hidden"] < totals["updated"]  # the sample has both kinds: the test can tell them apart
-    from rlsub_tui.report import summary_text
+    from rlsub_tui.cli.report import summary_text
 
     share = 100 * totals["hidden"] / totals["updated"]
     assert "hidden by bf16 (true updates with bf16(w1) = bf16(w0)" in summary_text(result)
@@ -159,13 +159,13 @@ def test_fp8_pairs_get_no_precision_figures():
 
 def test_chunks_add_up_like_one_pass(monkeypatch):
     """compute_tensor's chunks (made tiny here) give the same figures as one pass."""
-    import rlsub_tui.masks as masks
+    import rlsub_tui.compute.kernels as kernels
 
     g = torch.Generator().manual_seed(1)
     w0 = torch.randn(37, 53, generator=g) * 0.02
     w1 = w0 + torch.randn(37, 53, generator=g) * 1e-4 * (torch.rand(37, 53, generator=g) < 0.5)
     whole = compute_tensor(w0, [w1], Criterion("exact"), want_rank=False).runs[0]
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 100)
     chunked = compute_tensor(w0, [w1], Criterion("exact"), want_rank=False).runs[0]
     assert (chunked.ulp_histogram, chunked.updated_bf16_visible, chunked.hidden_by_bf16) == (
         whole.ulp_histogram, whole.updated_bf16_visible, whole.hidden_by_bf16)
@@ -222,8 +222,8 @@ def test_nan_updates_count_as_updated_but_have_no_distance(dtype):
 def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, route, monkeypatch):
     """Tensors large enough for the 16-bit pattern path (a joint histogram of Δ's and w0's exponents): the
     distance histogram of every run, with zeros, tiny weights and a NaN planted, and rows/columns, vs numpy."""
-    from rlsub_tui import accumulate
-    from rlsub_tui.accumulate import PATTERN_MIN_NUMEL
+    from rlsub_tui.compute import accumulate
+    from rlsub_tui.compute.accumulate import PATTERN_MIN_NUMEL
 
     taken = []
     real = accumulate.PrecisionAndLines._add_bf16_patterns
@@ -266,7 +266,7 @@ def test_bf16_pairs_on_the_pattern_path_against_numpy(k, criterion, route, monke
 def test_bf16_values_differ_as_torch_compares_values():
     """Every pair of a set of bf16 values with ±0, ±Inf, NaNs of several payloads, subnormals and neighbours:
     the bit-pattern comparison equals torch's value comparison."""
-    from rlsub_tui.precision import bf16_values_differ
+    from rlsub_tui.compute.precision import bf16_values_differ
 
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, -1e-40, 1.0, -1.0, 1.0078125, 3e38],
                            dtype=torch.bfloat16)
@@ -280,7 +280,7 @@ def test_bf16_values_differ_as_torch_compares_values():
 def test_fp32_distance_from_exponent_bits_or_frexp(subnormal, monkeypatch):
     """An fp32 pair counted from |Δ|'s exponent bits (normal Δ) or, for a chunk holding a subnormal true update,
     through frexp: both give numpy's histogram."""
-    from rlsub_tui import precision
+    from rlsub_tui.compute import precision
 
     paths = []
     real = precision.PrecisionAccumulator._add_keys

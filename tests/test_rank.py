@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import numpy_rank
-from rlsub_tui.rank import update_rank
+
+from rlsub_tui.compute.rank import update_rank
 
 
 @pytest.mark.parametrize("shape,rank", [

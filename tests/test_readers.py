@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
 from synthetic import base_state, save
-from rlsub_tui.checkpoint import open_checkpoint
-from rlsub_tui.errors import CheckpointError
-from rlsub_tui.readers import PickledStateDict, SafetensorsFile, ShardedSafetensors
-from rlsub_tui.safetensors_header import DTYPE_SIZES, read_header
+
+from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+from rlsub_tui.checkpoints.readers import PickledStateDict, SafetensorsFile, ShardedSafetensors
+from rlsub_tui.checkpoints.safetensors_header import DTYPE_SIZES, read_header
+from rlsub_tui.util.errors import CheckpointError
 
 SHAPES = {"model.embed_tokens.weight": (50, 16), "model.layers.0.self_attn.q_proj.weight": (16, 16),
           "model.layers.0.mlp.up_proj.weight": (40, 16), "model.norm.weight": (16,)}
@@ -68,7 +68,7 @@ def test_header_entries_match_safe_open(tmp_path):
 
 
 def test_the_header_reader_imports_no_torch():
-    code = ("import sys; import rlsub_tui.safetensors_header, rlsub_tui.preview, rlsub_tui.locate; "
+    code = ("import sys; import rlsub_tui.checkpoints.safetensors_header, rlsub_tui.checkpoints.preview, rlsub_tui.checkpoints.locate; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

@@ -14,7 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlsub_tui.engine import Analysis, AnalysisOptions  # noqa: E402
+from rlsub_tui.compute.engine import Analysis  # noqa: E402
+from rlsub_tui.records.criteria import AnalysisOptions  # noqa: E402
 
 SEEDS = (1, 2)
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -189,7 +190,7 @@ def test_tied_state_dict_counts_the_embedding_once(models):
     assert result.tied == {"lm_head.weight": "transformer.wte.weight"}
     assert "lm_head.weight" not in result.tensors and "transformer.wte.weight" in result.tensors
     assert any("lm_head.weight is the same tensor as transformer.wte.weight" in n for n in result.notes)
-    from rlsub_tui.export import summary_dict
+    from rlsub_tui.export.outputs import summary_dict
     assert summary_dict(result)["tied"] == [{"alias": "lm_head.weight", "counted_as": "transformer.wte.weight"}]
     # the same model saved by save_pretrained (lm_head dropped) gives the same figures
     st = models["gpt2"]["safetensors"]

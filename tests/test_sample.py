@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from rlsub_tui.checkpoints.sample_paths import sample_checkpoints, sample_dir
 from rlsub_tui.sample import task
 from rlsub_tui.sample.__main__ import main as generate
 from rlsub_tui.sample.model import LlamaConfig, TinyLlama
 from rlsub_tui.sample.train import completion_mask, load_model
-from rlsub_tui.sample_paths import sample_checkpoints, sample_dir
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
 
@@ -40,7 +40,7 @@ def test_sample_holds_base_three_seeds_per_family_and_sft():
 
 
 def test_committed_lowlr_seeds_are_timelines_and_sft_matches_their_optimiser_steps():
-    from rlsub_tui.steps import find_timeline
+    from rlsub_tui.checkpoints.step_folders import find_timeline
 
     for s in (1, 2, 3):
         timeline = find_timeline(str(SAMPLE / f"grpo-lowlr-seed{s}"))
@@ -81,7 +81,7 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "base" / name).read_bytes() == (SAMPLE / "base" / name).read_bytes()
     expected = {n: tuple(p.shape) for n, p in TinyLlama(LlamaConfig()).named_parameters()}
-    from rlsub_tui.steps import find_timeline
+    from rlsub_tui.checkpoints.step_folders import find_timeline
 
     timeline = find_timeline(str(tmp_path / "grpo-lowlr-seed1"))
     assert timeline.steps == [4, 10, 16]

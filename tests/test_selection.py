@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from rlsub_tui.criteria import Criterion
-from rlsub_tui.errors import InputError
-from rlsub_tui.masks import compute_tensor
-from rlsub_tui.results import Stats
-from rlsub_tui.selection import SelectedStats, parse_runs, subset_agreement
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.records.criteria import Criterion
+from rlsub_tui.records.results import Stats
+from rlsub_tui.summaries.selection import SelectedStats, parse_runs, subset_agreement
+from rlsub_tui.util.errors import InputError
 
 
 def _records(k: int, seed: int):
@@ -95,7 +95,7 @@ def test_parse_runs():
 
 
 def test_beyond_max_subset_runs_only_all_runs_have_consensus():
-    from rlsub_tui.criteria import MAX_SUBSET_RUNS
+    from rlsub_tui.records.criteria import MAX_SUBSET_RUNS
 
     k = MAX_SUBSET_RUNS + 1
     records, masks = _records(k, seed=4)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsub_tui.cli import main
+from rlsub_tui.cli.main import main
 
 textual_serve = pytest.importorskip("textual_serve", reason="textual-serve is not installed (pip install '.[serve]')")
 aiohttp = pytest.importorskip("aiohttp", reason="aiohttp (a textual-serve dependency) is not installed")

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from reference import numpy_rank
-from rlsub_tui.rank import update_rank, update_rank_figures
-from rlsub_tui.spectrum import effective_rank, energy_rank, rank_figures, stable_rank
+
+from rlsub_tui.compute.rank import update_rank, update_rank_figures
+from rlsub_tui.records.spectrum import effective_rank, energy_rank, rank_figures, stable_rank
 
 
 def numpy_figures(delta: torch.Tensor) -> dict:
@@ -145,7 +145,8 @@ def _checkpoints(tmp_path, k=2):
 
 
 def _analyze(base, runs, **kw):
-    from rlsub_tui.engine import Analysis, AnalysisOptions
+    from rlsub_tui.compute.engine import Analysis
+    from rlsub_tui.records.criteria import AnalysisOptions
 
     a = Analysis(base, runs, AnalysisOptions(**kw))
     a.run_all()
@@ -157,7 +158,8 @@ def test_engine_spectra_match_numpy_and_export(tmp_path):
     import csv
 
     import reference
-    from rlsub_tui.export import write_outputs
+
+    from rlsub_tui.export.outputs import write_outputs
 
     b, runs, base, run_paths = _checkpoints(tmp_path)
     result = _analyze(base, run_paths, use_cache=False)
@@ -194,8 +196,8 @@ def test_engine_spectra_match_numpy_and_export(tmp_path):
 
 
 def test_spectra_are_cached_with_the_rank(tmp_path, monkeypatch):
-    import rlsub_tui.masks
-    from rlsub_tui.criteria import Criterion
+    import rlsub_tui.compute.masks
+    from rlsub_tui.records.criteria import Criterion
 
     _, _, base, run_paths = _checkpoints(tmp_path)
     first = _analyze(base, run_paths, cache_dir=tmp_path / "cache")
@@ -203,7 +205,7 @@ def test_spectra_are_cached_with_the_rank(tmp_path, monkeypatch):
     def no_decomposition(delta):
         raise AssertionError("the rank and its spectrum should come from the cache")
 
-    monkeypatch.setattr(rlsub_tui.masks, "stacked_rank_figures", no_decomposition)
+    monkeypatch.setattr(rlsub_tui.compute.masks, "stacked_rank_figures", no_decomposition)
     other = _analyze(base, run_paths, cache_dir=tmp_path / "cache", criterion=Criterion("exact"))
     for name, tr in first.tensors.items():
         assert [s.rank_figures() for s in other.tensors[name].runs] == [s.rank_figures() for s in tr.runs]
@@ -214,13 +216,14 @@ def test_a_rank_cached_without_spectrum_is_recomputed(tmp_path):
     """A cache written before spectra existed holds bare ranks: they are not reused (no empty spectra)."""
     import sqlite3
 
-    from rlsub_tui.cache import APP_ID
+    from rlsub_tui.compute.cache import APP_ID
 
     _, _, base, run_paths = _checkpoints(tmp_path, k=1)
     cache = tmp_path / "cache"
     cache.mkdir()
     fresh = _analyze(base, run_paths, use_cache=False)
-    from rlsub_tui.engine import Analysis, AnalysisOptions
+    from rlsub_tui.compute.engine import Analysis
+    from rlsub_tui.records.criteria import AnalysisOptions
 
     probe = Analysis(base, run_paths, AnalysisOptions(use_cache=False))
     pair = probe._pair_keys()[0]
@@ -244,7 +247,7 @@ def test_a_rank_cached_without_spectrum_is_recomputed(tmp_path):
 def test_both_routes_give_the_same_figures(kind):
     """The Gram route (every shape on a GPU) and the SVD route (matrix_rank's own computation) agree on the
     figures: only singular values above the rank's tolerance enter them, so the routes' noise floors do not."""
-    from rlsub_tui.rank import _gram_route, _svd_route
+    from rlsub_tui.compute.rank import _gram_route, _svd_route
 
     shape = (300, 260)
     g = torch.Generator().manual_seed(4)
@@ -265,7 +268,7 @@ def test_both_routes_give_the_same_figures(kind):
 
 
 def test_energy_curve_against_numpy():
-    from rlsub_tui.spectrum import CURVE_POINTS
+    from rlsub_tui.records.spectrum import CURVE_POINTS
 
     shape = (300, 260)
     delta = bf16_merge(shape, low_rank(shape, 8, 1e-3, seed=9), seed=10)
@@ -284,7 +287,7 @@ def test_energy_curve_against_numpy():
 
 
 def test_spectrum_chart_for_a_matrix_and_a_group(tmp_path):
-    from rlsub_tui.explore import build_tree, find, spectrum_chart
+    from rlsub_tui.summaries.tree import build_tree, find, spectrum_chart
 
     _, _, base, run_paths = _checkpoints(tmp_path)
     result = _analyze(base, run_paths, use_cache=False)
@@ -307,8 +310,8 @@ def test_spectrum_chart_for_a_matrix_and_a_group(tmp_path):
 def test_a_rank_spectra_table_of_an_earlier_layout_is_rebuilt(tmp_path):
     import sqlite3
 
-    from rlsub_tui.cache import APP_ID, ResultCache
-    from rlsub_tui.spectrum import RankFigures
+    from rlsub_tui.compute.cache import APP_ID, ResultCache
+    from rlsub_tui.records.spectrum import RankFigures
 
     conn = sqlite3.connect(tmp_path / "results.sqlite")
     conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"

@@ -8,14 +8,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import given, settings, strategies as st
-
 import reference
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from synthetic import save
-from rlsub_tui import overlap
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.export import write_outputs
+
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.export.outputs import write_outputs
+from rlsub_tui.records import overlap
+from rlsub_tui.records.criteria import AnalysisOptions
 
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (96, 64), "model.layers.0.self_attn.q_proj.weight": (64, 64),
           "model.layers.0.input_layernorm.weight": (64,), "lm_head.weight": (80, 64)}
@@ -192,9 +194,9 @@ def test_outputs_carry_the_stratified_null(analysed):
 
 
 def test_charts_and_summary_show_both_chance_levels(analysed):
-    from rlsub_tui.explore import CHANCE_POOLED, CHANCE_STRAT, agreement_chart, build_tree, overlap_chart
-    from rlsub_tui.formatting import pct
-    from rlsub_tui.report import summary_text
+    from rlsub_tui.cli.report import summary_text
+    from rlsub_tui.summaries.tree import CHANCE_POOLED, CHANCE_STRAT, agreement_chart, build_tree, overlap_chart
+    from rlsub_tui.util.formatting import pct
 
     result, *_ = analysed
     model = build_tree(list(result.planned))[0]

@@ -8,15 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from synthetic import save
-from rlsub_tui.criteria import Criterion
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.export import write_outputs
-from rlsub_tui.masks import compute_tensor
-from rlsub_tui.overlap import touched_chance
-from rlsub_tui.structure import CodeLines, LineAccumulator
+
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.compute.structure import CodeLines, LineAccumulator
+from rlsub_tui.export.outputs import write_outputs
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
+from rlsub_tui.records.overlap import touched_chance
 
 
 def planted_mask(m: int, n: int, rows: int, cols: int, scatter: float, seed: int) -> np.ndarray:
@@ -80,9 +81,9 @@ def test_chance_level():
 def test_compute_tensor_and_exports_on_planted_rows(tmp_path, monkeypatch):
     """Whole-row updates (neurons) in one matrix, a scatter in another: rows, columns and chance as numpy says,
     in the record, pooled (line-weighted) and in matrices.csv / groups.csv."""
-    import rlsub_tui.masks as masks
+    import rlsub_tui.compute.kernels as kernels
 
-    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 1000)  # chunks cut rows in the middle
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)  # chunks cut rows in the middle
     g = np.random.default_rng(7)
     shapes = {"model.layers.0.mlp.up_proj.weight": (120, 48), "model.layers.0.mlp.down_proj.weight": (48, 120),
               "model.layers.0.input_layernorm.weight": (48,)}

@@ -6,14 +6,15 @@ import json
 
 import numpy as np
 import pytest
+import reference
 import torch
 from safetensors.torch import save_file
-
-import reference
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.cli import main
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.fp8 import dequantise
+
+from rlsub_tui.checkpoints.fp8 import dequantise
+from rlsub_tui.cli.main import main
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.records.criteria import AnalysisOptions
 
 
 def analyze(base, runs, **kw):

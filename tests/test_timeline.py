@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import reference
+import torch
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.cli import main
-from rlsub_tui.errors import InputError
-from rlsub_tui.steps import find_timeline, resolve_runs
+
+from rlsub_tui.checkpoints.step_folders import find_timeline, resolve_runs
+from rlsub_tui.cli.main import main
+from rlsub_tui.util.errors import InputError
 
 
 def cli(args, capsys):
@@ -162,7 +162,7 @@ def test_timeline_csv_and_summary_match_numpy(tmp_path, capsys, gap):
         assert pooled["numel"] == n
         assert pooled["sparsity_vs_base"] == pytest.approx(1 - sum(w["updated_vs_base"] for w in mine) / n)
         assert pooled["union_so_far"] == sum(w["union_so_far"] for w in mine)
-        from rlsub_tui.formatting import pct
+        from rlsub_tui.util.formatting import pct
         assert any(line.strip().endswith(pct(pooled["patch_ratio"])) and pct(pooled["sparsity_vs_base"]) in line
                    for line in out.splitlines() if line.strip().startswith(f"{pooled['prev_step']} → {s}")
                    ) or pooled["prev_step"] is None
@@ -259,9 +259,9 @@ def test_masks_and_transplant_take_a_timeline_as_its_last_step(tmp_path, capsys)
 # --- the explorer's chart ---------------------------------------------------------------------------------------
 
 async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
-    from rlsub_tui import explore
-    from rlsub_tui.criteria import AnalysisOptions
-    from rlsub_tui.steps import run_specs
+    from rlsub_tui.checkpoints.step_folders import run_specs
+    from rlsub_tui.records.criteria import AnalysisOptions
+    from rlsub_tui.summaries import tree as explore
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
     from rlsub_tui.ui.chart import ChartPanel
 
@@ -307,9 +307,9 @@ async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
 
 
 async def test_explorer_refuses_a_bad_timeline_before_computing(tmp_path, monkeypatch):
-    import rlsub_tui.engine as engine
-    from rlsub_tui.criteria import AnalysisOptions
-    from rlsub_tui.steps import run_specs
+    import rlsub_tui.compute.engine as engine
+    from rlsub_tui.checkpoints.step_folders import run_specs
+    from rlsub_tui.records.criteria import AnalysisOptions
     from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
     from rlsub_tui.ui.dialogs import ErrorDialog
 

@@ -8,11 +8,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from synthetic import base_state, broken_checkpoint, save, sparse_run
-from rlsub_tui import explore
-from rlsub_tui.engine import AnalysisOptions
-from rlsub_tui.masks import Criterion
+
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
+from rlsub_tui.summaries import tree as explore
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
 from rlsub_tui.ui.chart import ChartPanel
 from rlsub_tui.ui.dialogs import CriterionDialog, ErrorDialog, HelpScreen
@@ -39,7 +38,7 @@ def visible_labels(tree: LayerTree) -> list[str]:
 
 
 async def test_tree_first_then_values_arrive(checkpoints, monkeypatch):
-    import rlsub_tui.engine as engine
+    import rlsub_tui.compute.engine as engine
 
     gate = threading.Event()
     real = engine.compute_tensor
@@ -198,7 +197,7 @@ async def test_sort_by_column(checkpoints):
 
 
 async def test_cancel_keeps_what_is_done(checkpoints, monkeypatch):
-    import rlsub_tui.engine as engine
+    import rlsub_tui.compute.engine as engine
 
     real = engine.compute_tensor
     calls = {"n": 0}
@@ -288,7 +287,7 @@ async def test_tree_preview_comes_before_torch_work(checkpoints):
 
 
 def test_preview_names_per_layout(tmp_path):
-    from rlsub_tui.preview import tensor_names
+    from rlsub_tui.checkpoints.preview import tensor_names
 
     b = base_state()
     for layout in ("safetensors", "sharded", "file"):
@@ -504,7 +503,7 @@ async def test_criterion_dialog_shows_the_sweep_as_a_value_or_plainly_off(checkp
 
 
 def test_default_options_turn_the_papers_sweep_on():
-    from rlsub_tui.cli import analysis_options, explore_parser
+    from rlsub_tui.cli.main import analysis_options, explore_parser
 
     assert analysis_options(explore_parser().parse_args([])).sweep == (1e-8, 1e-7, 1e-6, 1e-5)
     assert analysis_options(explore_parser().parse_args(["--sweep", "none"])).sweep == ()
@@ -541,7 +540,7 @@ async def test_another_architecture_is_a_plain_warning_in_the_explorer(tmp_path)
 
 
 async def test_filter_typed_while_loading_then_cleared_leaves_the_whole_model(checkpoints, monkeypatch):
-    import rlsub_tui.engine as engine
+    import rlsub_tui.compute.engine as engine
 
     gate = threading.Event()
     real = engine.compute_tensor

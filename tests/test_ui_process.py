@@ -9,10 +9,10 @@ import signal
 import time
 
 from synthetic import broken_checkpoint
-from rlsub_tui import analysis_process
-from rlsub_tui.engine import AnalysisOptions
-from rlsub_tui.masks import Criterion
-from rlsub_tui.results import MatrixDetail
+
+from rlsub_tui.analysis import child as analysis_process
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
+from rlsub_tui.records.results import MatrixDetail
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
 from rlsub_tui.ui.dialogs import CriterionDialog, ErrorDialog
 from rlsub_tui.ui.tree import LayerTree

@@ -6,16 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from synthetic import base_state, save, sparse_run
-from rlsub_tui import explore
-from rlsub_tui.engine import AnalysisOptions
+from test_ui import make_app, settle
+
+from rlsub_tui.records.criteria import AnalysisOptions
+from rlsub_tui.summaries import tree as explore
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
 from rlsub_tui.ui.chart import ChartKey, ChartPanel, key_entries, key_line, series_color
 from rlsub_tui.ui.dialogs import HelpScreen
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
-from test_ui import make_app, settle
 
 LONG = [f"grpo-{lr}-seed{i}" for lr in ("lowlr", "highlr") for i in (1, 2, 3)]  # six long labels, as users name runs
 

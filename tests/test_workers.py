@@ -13,12 +13,12 @@ from dataclasses import replace
 
 import pytest
 
-from rlsub_tui.cli import main
-from rlsub_tui import engine, workers
-from rlsub_tui.criteria import Criterion
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.errors import ComputeError, InputError
-from rlsub_tui.workers import BLAS_THREAD_SETTERS, TensorWorkers
+from rlsub_tui.cli.main import main
+from rlsub_tui.compute import engine, workers
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.compute.workers import BLAS_THREAD_SETTERS, TensorWorkers
+from rlsub_tui.records.criteria import AnalysisOptions, Criterion
+from rlsub_tui.util.errors import ComputeError, InputError
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +154,7 @@ def test_a_worker_limits_its_blas_threads():
     """numpy's OpenBLAS found and set in this process (Linux wheels): what workers side by side rely on."""
     import ctypes
 
-    from rlsub_tui.workers import limit_blas_threads
+    from rlsub_tui.compute.workers import limit_blas_threads
 
     maps = [line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower() and "/" in line]
     assert limit_blas_threads(1)
@@ -249,12 +249,13 @@ def test_workers_end_when_the_analyze_process_is_killed(checkpoints):
     script = f"""
 import json, sys
 sys.path[:0] = {sys.path!r}
-from rlsub_tui.criteria import Criterion
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.workers import TensorWorkers, thread_counts
+from rlsub_tui.records.criteria import Criterion
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.records.criteria import AnalysisOptions
+from rlsub_tui.compute.workers import TensorWorkers, thread_counts
 if __name__ == "__main__":
     a = Analysis({str(checkpoints / "base")!r}, [{str(checkpoints / "seed0")!r}], AnalysisOptions(device="cpu", use_cache=False, workers=2))
-    pool = TensorWorkers(*a.given, a.options, 2, a.fingerprints())
+    pool = TensorWorkers(type(a), *a.given, a.options, 2, a.fingerprints())
     futures = [pool.pool.submit(thread_counts) for _ in range(4)]
     [f.result() for f in futures]
     print(json.dumps(list(pool.pool._processes)), flush=True)
@@ -272,11 +273,11 @@ if __name__ == "__main__":
 
 
 def test_each_worker_gets_its_share_of_threads(checkpoints, pools):
-    from rlsub_tui.workers import cores, thread_counts
+    from rlsub_tui.compute.workers import cores, thread_counts
 
     runs = [str(checkpoints / "seed0")]
     analysis = Analysis(str(checkpoints / "base"), runs, AnalysisOptions(device="cpu", workers=2, use_cache=False))
-    pool = TensorWorkers(*analysis.given, analysis.options, 2, analysis.fingerprints())
+    pool = TensorWorkers(type(analysis), *analysis.given, analysis.options, 2, analysis.fingerprints())
     try:
         torch_threads, blas = pool.pool.submit(thread_counts).result()
     finally:
@@ -293,7 +294,7 @@ def test_workers_inherit_objects_frozen_out_of_the_collector(checkpoints, pools)
 
     analysis = Analysis(str(checkpoints / "base"), [str(checkpoints / "seed0")],
                         AnalysisOptions(device="cpu", workers=2, use_cache=False))
-    pool = TensorWorkers(*analysis.given, analysis.options, 2, analysis.fingerprints())
+    pool = TensorWorkers(type(analysis), *analysis.given, analysis.options, 2, analysis.fingerprints())
     try:
         frozen = pool.pool.submit(gc.get_freeze_count).result()
     finally:
@@ -304,8 +305,8 @@ def test_workers_inherit_objects_frozen_out_of_the_collector(checkpoints, pools)
 
 def test_cached_ranks_reach_the_workers(checkpoints, tmp_path, pools):
     """Ranks the cache holds are handed to the workers and not recomputed: planted ones come back as planted."""
-    from rlsub_tui.cache import ResultCache
-    from rlsub_tui.spectrum import RankFigures
+    from rlsub_tui.compute.cache import ResultCache
+    from rlsub_tui.records.spectrum import RankFigures
 
     cache = tmp_path / "cache"
     first, _ = analysed(checkpoints, 2, cache_dir=cache)
@@ -380,8 +381,9 @@ def test_ctrl_c_with_workers_running(checkpoints, tmp_path):
     script = f"""
 import sys, time
 sys.path[:0] = {sys.path!r}
-from rlsub_tui import engine, workers
-from rlsub_tui.cli import main
+from rlsub_tui.compute import engine
+from rlsub_tui.compute import workers
+from rlsub_tui.cli.main import main
 engine.WORKERS_MIN_BYTES = 0
 real = workers.TensorWorkers.computed
 def slowed(self, *args):
@@ -424,7 +426,7 @@ def test_stored_bytes_counts_weight_files_at_a_path(tmp_path):
     (model / "config.json").write_text("{}" * 1000)
     (model / "nested").mkdir()
     (model / "nested" / "other.safetensors").write_bytes(b"x" * 999)
-    from rlsub_tui.workers import stored_bytes
+    from rlsub_tui.compute.workers import stored_bytes
 
     assert stored_bytes(str(model)) == 500
     assert stored_bytes(str(model / "model-00002-of-00002.safetensors")) == 200
@@ -433,7 +435,7 @@ def test_stored_bytes_counts_weight_files_at_a_path(tmp_path):
 
 
 def test_workers_likely_only_on_the_cpu_with_workers_and_a_gibibyte(tmp_path, monkeypatch):
-    from rlsub_tui import workers
+    from rlsub_tui.compute import workers
 
     big, small = tmp_path / "big.safetensors", tmp_path / "small.safetensors"
     with open(big, "wb") as f:  # sparse: no gibibyte written
@@ -455,15 +457,16 @@ def test_analyze_starts_the_workers_server_before_it_imports_torch(checkpoints, 
     """The forkserver imports torch beside the analyze process, not after it: `start_early` runs first."""
     script = f"""
 import json, sys
-from rlsub_tui import analysis_process, workers
+from rlsub_tui.util import processes
+from rlsub_tui.compute import workers
 workers.WORKERS_MIN_BYTES = 0  # before the engine imports it: the tiny model goes to workers too
 seen = []
-real = analysis_process.start_server
+real = processes.start_server
 def spy():
     seen.append("torch" in sys.modules)
     real()
-analysis_process.start_server = spy
-from rlsub_tui.cli import main
+processes.start_server = spy
+from rlsub_tui.cli.main import main
 code = main(["analyze", {str(checkpoints / "base")!r}, {str(checkpoints / "seed0")!r}, {str(checkpoints / "seed1")!r},
              "--out", {str(tmp_path / "out")!r}, "--quiet", "--no-cache", "--device", "cpu", "--workers", "2"])
 print(json.dumps({{"code": code, "torch_at_each_start": seen}}))

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.sample import task, train
-from rlsub_tui.sample.runs import train_run
 from rlsub_tui.sample.model import LlamaConfig
+from rlsub_tui.sample.runs import train_run
 
 SEEDS = (1, 2, 3)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from rlsub_tui.engine import Analysis, AnalysisOptions
-from rlsub_tui.export import timeline_summary
-from rlsub_tui.masks import Criterion
-from rlsub_tui.criteria import ULP_LOG2_MIN
-from rlsub_tui.results import SPECTRUM_RATIOS
-from rlsub_tui.steps import resolve_runs
-from rlsub_tui.timeline import TimelineAnalysis
+from rlsub_tui.checkpoints.step_folders import resolve_runs
+from rlsub_tui.compute.engine import Analysis
+from rlsub_tui.compute.timeline import TimelineAnalysis
+from rlsub_tui.export.outputs import timeline_summary
+from rlsub_tui.records.criteria import ULP_LOG2_MIN, AnalysisOptions, Criterion
+from rlsub_tui.records.results import SPECTRUM_RATIOS
 
 # family -> (base, runs)
 FAMILIES = {
@@ -91,9 +90,9 @@ def _fp32_exact(root: Path) -> dict:
 
 def measure_transplant(root: Path, model_cfg, held_out) -> dict:
     """Held-out accuracy of the base plus the lowlr seeds' consensus update (from seed 1), and a random control."""
-    from rlsub_tui.maskfile import write_mask_file
+    from rlsub_tui.compute.maskfile import write_mask_file
+    from rlsub_tui.compute.transplant import transplant
     from rlsub_tui.sample import train
-    from rlsub_tui.transplant import transplant
 
     seeds = [str(root / f"grpo-lowlr-seed{s}") for s in (1, 2, 3)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +232,7 @@ def render_readme(record: dict) -> str:
         + (" (key `t` draws the focused node's timeline for the `grpo-lowlr` seeds)"
            if m.get("grpo-lowlr", {}).get("timelines") else "") + "; add the SFT contrast or the fp32 pair by naming them:",
         "",
-        "    S=$(python -c 'from rlsub_tui.sample_paths import sample_dir; print(sample_dir())')",
+        "    S=$(python -c 'from rlsub_tui.checkpoints.sample_paths import sample_dir; print(sample_dir())')",
         "    rlsub-tui $S/base $S/grpo-lowlr-seed* sft=$S/sft",
         "    rlsub-tui $S/base-fp32 $S/fp32-grpo-lowlr-seed1 --criterion exact",
         "",

@@ -17,24 +17,41 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, Label, ProgressBar, Static, Tree
 
-from rlsub_tui import explore, glance
-from rlsub_tui.criteria import AnalysisOptions
-from rlsub_tui.errors import InputError
-from rlsub_tui.export import atomic_write, csv_text, provenance, sidecar_path
-from rlsub_tui.formatting import duration, size
-from rlsub_tui.kinship import NOT_A_FINE_TUNE, distance_warnings
+from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE, distance_warnings
+from rlsub_tui.export.outputs import csv_text, provenance, sidecar_path
+from rlsub_tui.records.criteria import AnalysisOptions
+from rlsub_tui.summaries import strip as glance
+from rlsub_tui.summaries import tree as explore
+from rlsub_tui.summaries.selection import SelectedStats, parse_runs
 from rlsub_tui.ui.chart import ChartKey, ChartPanel
-from rlsub_tui.selection import SelectedStats, parse_runs
-from rlsub_tui.ui.dialogs import (CriterionChoice, CriterionDialog, ErrorDialog, HelpScreen, WarningsScreen,
-                                  keys_markdown)
+from rlsub_tui.ui.dialogs import (
+    CriterionChoice,
+    CriterionDialog,
+    ErrorDialog,
+    HelpScreen,
+    WarningsScreen,
+    keys_markdown,
+)
 from rlsub_tui.ui.heatmap import HeatmapPanel
 from rlsub_tui.ui.maskmap import MaskMapPanel
-from rlsub_tui.ui.messages import (AnalysisFailed, AnalysisFinished, AnalysisOpened, DetailFailed, DetailReady,
-                                   TensorsComputed, TimelineComputed, TimelineProgress, TreePreview)
+from rlsub_tui.ui.messages import (
+    AnalysisFailed,
+    AnalysisFinished,
+    AnalysisOpened,
+    DetailFailed,
+    DetailReady,
+    TensorsComputed,
+    TimelineComputed,
+    TimelineProgress,
+    TreePreview,
+)
 from rlsub_tui.ui.runs import RunChooser
 from rlsub_tui.ui.summary import SummaryStrip
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
+from rlsub_tui.util.errors import InputError
+from rlsub_tui.util.files import atomic_write
+from rlsub_tui.util.formatting import duration, size
 
 BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
 VIEWS = explore.CHARTS + ["heatmap", "maskmap", "delta"]  # keys 1-9
@@ -114,7 +131,7 @@ class ExplorerApp(App):
                 tooltip="Cumulative energy of Δ's singular values against k/min(m,n), per run"),
         Binding("t", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline",
                 tooltip="Training timeline of a RUN that is a folder of step checkpoints"),
-        Binding("p", "chart('precision')", "Precision", show=False, id="app.chart_precision",  # issue 11 item 1
+        Binding("p", "chart('precision')", "Precision", show=False, id="app.chart_precision",
                 tooltip="Distance of true updates to bf16 visibility, one series per run"),
     ]
 
@@ -148,7 +165,7 @@ class ExplorerApp(App):
         self.timeline = None  # timeline.TimelineResult, once computed
         self.timeline_state = "waiting" if config.timelines else "none"
         if config.compute == "process":
-            from rlsub_tui.analysis_process import start_server
+            from rlsub_tui.util.processes import start_server
 
             start_server()  # a few ms; its torch import, in its own process, overlaps the app's start and first paint
 
@@ -206,8 +223,8 @@ class ExplorerApp(App):
 
         from textual.worker import get_current_worker
 
-        from rlsub_tui.analysis import analyse, batched
-        from rlsub_tui.analysis_process import AnalysisError, analyse_in_child
+        from rlsub_tui.analysis.child import AnalysisError, analyse_in_child
+        from rlsub_tui.analysis.stream import analyse, batched
 
         worker, cfg = get_current_worker(), self.config
         run = analyse_in_child if cfg.compute == "process" else analyse
@@ -225,8 +242,8 @@ class ExplorerApp(App):
 
     def _post_preview(self, generation: int) -> None:
         """The base's tensor names from its header alone, for a first paint before torch is imported."""
-        from rlsub_tui.labels import checkpoint_label
-        from rlsub_tui.preview import tensor_names
+        from rlsub_tui.checkpoints.labels import checkpoint_label
+        from rlsub_tui.checkpoints.preview import tensor_names
 
         names = tensor_names(self.config.base)
         if names:
@@ -278,7 +295,7 @@ class ExplorerApp(App):
         self.call_after_refresh(self._settle_heap)
 
     def _resolve_groups(self, labels: list[str]) -> None:
-        from rlsub_tui.groups import resolve_groups
+        from rlsub_tui.summaries.groups import resolve_groups
 
         try:
             self.groups = resolve_groups(self.config.group_specs, labels)
@@ -483,7 +500,7 @@ class ExplorerApp(App):
     @work(thread=True, exit_on_error=False, group="detail")
     def inspect_tensor(self, key: tuple) -> None:
         """Reads one tensor with torch: in a child process like the analysis (see ExplorerConfig.compute)."""
-        from rlsub_tui.analysis_process import AnalysisError, detail_in_child
+        from rlsub_tui.analysis.child import AnalysisError, detail_in_child
 
         name, runs, _ = key
         cfg = self.config
@@ -491,7 +508,7 @@ class ExplorerApp(App):
             if cfg.compute == "process":
                 found = detail_in_child(cfg.base, cfg.runs, self.options, name, runs)
             else:
-                from rlsub_tui.matrix_detail import detail, read_tensor
+                from rlsub_tui.compute.matrix_detail import detail, read_tensor
 
                 found = detail(name, read_tensor(cfg.base, cfg.runs, self.options, name), self.options, runs)
             self.post_message(DetailReady(key, found))
@@ -794,7 +811,7 @@ class ExplorerApp(App):
         def apply(choice: CriterionChoice | None) -> None:
             if choice is None:
                 return
-            from rlsub_tui.criteria import Criterion
+            from rlsub_tui.records.criteria import Criterion
 
             value = {"atol": choice.tolerance, "relative": choice.eta}.get(choice.criterion, 0.0)
             try:
@@ -831,7 +848,7 @@ class ExplorerApp(App):
 
 def _message(event, generation: int):
     """The message the worker posts for one event of the analysis (analysis.analyse, batched)."""
-    from rlsub_tui.analysis import Computed, Opened, TimelineDone, TimelineStep
+    from rlsub_tui.records.events import Computed, Opened, TimelineDone, TimelineStep
 
     if isinstance(event, Opened):
         return AnalysisOpened(event.result, event.bytes_total, generation)

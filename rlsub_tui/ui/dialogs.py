@@ -10,8 +10,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, RadioButton, RadioSet, Static
 
-from rlsub_tui.criteria import parse_sweep, parse_tolerance
-from rlsub_tui.measures import NODE_MEASURES, RUN_MEASURES, markdown_table
+from rlsub_tui.records.criteria import parse_sweep, parse_tolerance
+from rlsub_tui.records.measures import NODE_MEASURES, RUN_MEASURES, markdown_table
 
 
 class ErrorDialog(ModalScreen[None]):

@@ -10,8 +10,9 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from rlsub_tui.glance import MEASURE_TITLES, GridCell
+from rlsub_tui.summaries.strip import MEASURE_TITLES, GridCell
 from rlsub_tui.ui.maskmap import shade
+
 
 def lift_range(grid: list[list[GridCell]]) -> tuple[float, float]:
     lifts = [c.lift for row in grid for c in row if not math.isnan(c.lift)]

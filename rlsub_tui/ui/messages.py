@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from textual.message import Message
 
-from rlsub_tui.results import AnalysisResult, TensorResult
+from rlsub_tui.records.results import AnalysisResult, TensorResult
 
 
 @dataclass
@@ -75,7 +75,7 @@ class DetailReady(Message):
     """A tensor's mask map and Δ histogram, computed on demand (key: what it was computed for)."""
 
     key: tuple
-    detail: object  # rlsub_tui.matrix_detail.MatrixDetail
+    detail: object  # rlsub_tui.compute.matrix_detail.MatrixDetail
 
 
 @dataclass

@@ -10,10 +10,9 @@ from textual.binding import Binding
 from textual.strip import Strip
 from textual.widgets import DataTable
 
-from rlsub_tui.measures import Column
-from rlsub_tui.formatting import count, pct, ratio, sci
+from rlsub_tui.records.measures import Column
 from rlsub_tui.ui.clipping import mark_clipped
-
+from rlsub_tui.util.formatting import count, pct, ratio, sci
 
 NAME_WIDTH = 24  # the widest a name column gets
 MIN_NAME_WIDTH = 12

@@ -8,9 +8,9 @@ from textual.strip import Strip
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from rlsub_tui.explore import Node, StatsIndex
-from rlsub_tui.formatting import pct
+from rlsub_tui.summaries.tree import Node, StatsIndex
 from rlsub_tui.ui.clipping import mark_clipped
+from rlsub_tui.util.formatting import pct
 
 BAR_WIDTH = 6
 

@@ -1,0 +1,75 @@
+"""A checkpoint as the analysis sees it: what the user named, its tensors, and reads one tensor at a time.
+
+Nothing outside this module and readers.py knows about files: the analysis sees `name -> tensor`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlsub_tui.checkpoints.locate import CheckpointLayout, config_file, fingerprint, locate
+from rlsub_tui.checkpoints.readers import SAFETENSORS_DTYPES, Reader, TensorInfo, open_reader, read_safetensors_header
+from rlsub_tui.util.errors import CheckpointError
+
+__all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint", "read_safetensors_header"]
+
+
+class Checkpoint:
+    """One model checkpoint on disk: its label and files, the tensor directory, and its layout's reader."""
+
+    def __init__(self, source: str, label: str, files: list[Path], layout: CheckpointLayout):
+        self.source = source
+        self.label = label
+        self.files = files
+        self.layout = layout
+        self.reader: Reader = open_reader(files, layout)
+        self.tensors: dict[str, TensorInfo] = self.reader.tensors
+        if not self.tensors:
+            raise CheckpointError(f"{source}: the checkpoint holds no tensors.")
+
+    def config(self) -> dict | None:
+        """The model's config.json beside the weights; None when absent or unreadable (it only refines)."""
+        path = config_file(self.files)
+        try:
+            data = json.loads(path.read_text()) if path else None
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def storage_key(self, name: str) -> tuple | None:
+        """For a pickled tensor, what identifies its memory (two names with one key are one tensor); else None."""
+        return self.reader.storage_key(name)
+
+    def fingerprint(self) -> str:
+        """Identity of the checkpoint's bytes for caching (see locate.fingerprint)."""
+        return fingerprint(self.files)
+
+    def read_shape(self, name: str, rows: int | None = None) -> tuple[tuple[int, ...], int]:
+        """Shape and byte length of a tensor as read (only its first `rows` rows when given)."""
+        return self.reader.read_shape(name, rows)
+
+    def read(self, name: str, rows: int | None = None) -> torch.Tensor:
+        """Read one tensor (optionally only its first `rows` rows) into CPU memory."""
+        return self.reader.read(name, rows)
+
+    def read_bytes(self, name: str, out: torch.Tensor, start: int) -> None:
+        """Fill the uint8 CPU tensor `out` with the tensor's bytes [start, start + len(out)) (pinned staging)."""
+        self.reader.read_bytes(name, out, start)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_checkpoint(source: str, label: str | None = None) -> Checkpoint:
+    """Open what the user named: a model directory, one weights file, or a model id in the local HF cache."""
+    found = locate(source)
+    return Checkpoint(source, label or found.path.name, found.files, found.layout)

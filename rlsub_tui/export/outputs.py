@@ -1,0 +1,313 @@
+"""Writing results: the four output files of `analyze`, table CSVs, and atomic writes for all of them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from rlsub_tui import __version__
+from rlsub_tui.records.criteria import ULP_LOG2_MAX, ULP_LOG2_MIN
+from rlsub_tui.records.measures import (
+    PRECISION_AND_LINE_CSV,
+    matrices_header,
+    precision_and_line_figures,
+    run_figures,
+    sweep_csv,
+)
+from rlsub_tui.records.results import SPECTRUM_RATIOS, AnalysisResult, Stats
+from rlsub_tui.util.files import atomic_write
+
+UNITS = ("fractions: sparsity, overlaps, Jaccard, consensus, union, shares of parameters and rank ratios "
+         "are in [0, 1] (0.25 = 25%), never percent; counts are numbers of parameters")
+
+
+def cell(value) -> str | int:
+    """A CSV cell: full precision, undefined fractions (NaN) and missing values empty."""
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else repr(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def csv_text(header: list[str], rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for row in rows:
+        w.writerow([cell(v) for v in row])
+    return buf.getvalue()
+
+
+def json_value(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def sweep_label(t: float) -> str:
+    return sweep_csv(t)
+
+
+def criterion_dict(result: AnalysisResult) -> dict:
+    c = result.criterion
+    return {"name": c.name, "value": None if c.name == "exact" else c.value}
+
+
+def updated_when(result: AnalysisResult) -> str:
+    """The criterion in words."""
+    c = result.criterion
+    rule = {"atol": f"|Δ| > {c.value:g} with Δ in the stored dtype (the tolerance rounded to that dtype)",
+            "exact": "the stored values differ",
+            "relative": f"|Δ| > {c.value:g}·max(|w0|, |w1|), in float32"}[c.name]
+    return f"a parameter counts as updated when {rule}; NaN/Inf in either checkpoint counts as updated"
+
+
+def provenance(result: AnalysisResult, shows: str, tensors: list[str], columns: dict[str, str],
+               filter_text: str = "") -> dict:
+    """What an exported table or chart holds and how it was computed: written beside it as NAME.json."""
+    done = sum(1 for t in tensors if t in result.tensors)
+    return {
+        "written_by": f"rlsub-tui {__version__}",
+        "shows": shows,
+        "filter": ({"tensor_name_contains": filter_text, "note": "only tensors whose name contains this "
+                    "text are in the rows and pooled numbers"} if filter_text else None),
+        "tensors": len(tensors), "tensors_computed": done, "complete": done == len(tensors),
+        "criterion": criterion_dict(result),
+        "updated_when": updated_when(result),
+        "sweep": list(result.sweep),
+        "base": {"label": result.base_label, "path": result.base_path},
+        "runs": [{"number": i + 1, "label": lbl, "path": path}
+                 for i, (lbl, path) in enumerate(zip(result.run_labels, result.run_paths))],
+        "units": UNITS,
+        "columns": columns,
+    }
+
+
+def sidecar_path(csv_path: Path) -> Path:
+    return Path(csv_path).with_suffix(".json")
+
+
+def matrices_csv(result: AnalysisResult) -> str:
+    """One row per tensor and run: the columns of measures.MATRICES_CSV, the figures of measures.run_figures."""
+    header = matrices_header(result.sweep)
+    fixed = header[:len(header) - len(result.sweep)]  # the sweep's columns come last
+    rows = []
+    for name in result.planned:
+        r = result.tensors.get(name)
+        if r is None:
+            continue
+        one = Stats.of([r], result.k)
+        for i, s in enumerate(r.runs):
+            figures = run_figures(r, s)
+            figures.update(precision_and_line_figures(one, i))
+            figures.update({"tensor": name, "run": result.run_labels[i], "dtype": s.dtype or r.dtype,
+                            "shape": "x".join(map(str, r.shape)), "numel": r.numel})
+            rows.append([figures[c] for c in fixed] + figures["sweep"])
+    return csv_text(header, rows)
+
+
+def ulp_histogram_dict(s: Stats, i: int) -> dict:
+    """Run i's true updates per bin of floor(log2(|Δ| / ULP_bf16(w0))), the end bins open."""
+    return {"log2_ulp": list(range(ULP_LOG2_MIN, ULP_LOG2_MAX + 1)),
+            "true_updates": [int(c) for c in s.ulp_histogram[i]]}
+
+
+def pairs_csv(result: AnalysisResult, groups=()) -> str:
+    """Per tensor and run pair; group_a, group_b name the runs' groups (empty when a run is in none)."""
+    from rlsub_tui.summaries.groups import group_of
+
+    header = ["tensor", "run_a", "run_b", "group_a", "group_b", "updated_a", "updated_b", "both", "o1", "o2",
+              "o1_random", "o2_random", "jaccard", "jaccard_random",
+              "o1_random_strat", "o2_random_strat", "jaccard_random_strat"]
+    owner = group_of(list(groups), result.k)
+    rows = []
+    for name in result.planned:
+        r = result.tensors.get(name)
+        if r is None:
+            continue
+        stats = Stats.of([r], result.k)
+        for a, b, p in stats.pairs():
+            rows.append([name, result.run_labels[a], result.run_labels[b], owner[a], owner[b]]
+                        + [p[c] for c in header[5:]])
+    return csv_text(header, rows)
+
+
+def agreement_csv(result: AnalysisResult) -> str:
+    """Per tensor: the observed histogram, both chance histograms (expected counts) and consensus chances."""
+    js = range(result.k + 1)
+    header = (["tensor", "numel"] + [f"agree_{j}" for j in js] + ["updated_by_2plus", "sign_agree"]
+              + [f"chance_{j}" for j in js] + [f"chance_strat_{j}" for j in js]
+              + ["consensus_chance", "consensus_chance_strat"])
+    rows = []
+    for name in result.planned:
+        r = result.tensors.get(name)
+        if r is None:
+            continue
+        s = Stats.of([r], result.k)
+        rows.append([name, r.numel] + r.agreement + [r.multi, r.sign_agree]
+                    + [float(x) for x in s.agreement_chance()] + [float(x) for x in s.agreement_chance_strat()]
+                    + [s.consensus_chance(), s.consensus_chance_strat()])
+    return csv_text(header, rows)
+
+
+def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
+    header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
+    header += [f"mean_{f}_ratio" for f in SPECTRUM_RATIOS]
+    header += PRECISION_AND_LINE_CSV[1:]  # bf16 visibility, rows and columns, pooled (docs/measures.md)
+    header += [sweep_label(t) for t in result.sweep]
+    from rlsub_tui.summaries.tree import build_tree
+
+    rows = []
+    model, by_type = build_tree(list(result.planned or result.tensors))
+    groups = [n for root in (model, by_type) for n in root.walk() if not n.is_tensor and n is not by_type]
+    for g in groups:
+        s = result.stats(g.tensors)
+        for i, label in enumerate(result.run_labels):
+            row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]
+            row += [s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS]
+            row += [v for k, v in precision_and_line_figures(s, i).items() if k != "updated_bf16_visible"]
+            row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
+            rows.append(row)
+    return header, rows
+
+
+def groups_csv(result: AnalysisResult) -> str:
+    header, rows = group_rows(result)
+    return csv_text(header, rows)
+
+
+def summary_dict(result: AnalysisResult, groups=()) -> dict:
+    from rlsub_tui.summaries.groups import group_of, group_summary
+
+    s = result.stats()
+    owner = group_of(list(groups), result.k)
+    runs = []
+    for i, label in enumerate(result.run_labels):
+        runs.append({
+            "label": label, "path": result.run_paths[i], "numel": s.numel, "updated": int(s.updated[i]),
+            "sparsity": json_value(s.sparsity(i)), "mean_rank_ratio": json_value(s.mean_rank_ratio(i)),
+            "nonfinite": int(s.nonfinite[i]),
+            **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f, i)) for f in SPECTRUM_RATIOS},
+            "mean_abs_delta": json_value(s.mean_abs_delta(i)), "rel_delta_norm": json_value(s.relative_norm(i)),
+            "sweep": {sweep_label(t): json_value(s.sweep_sparsity(i, j)) for j, t in enumerate(result.sweep)},
+            **{k: json_value(v) for k, v in precision_and_line_figures(s, i).items()},
+            "distance_to_bf16_visibility": ulp_histogram_dict(s, i),
+        })
+    pairs = [{"run_a": result.run_labels[a], "run_b": result.run_labels[b], "group_a": owner[a],
+              "group_b": owner[b], **{k: json_value(v) for k, v in p.items()}} for a, b, p in s.pairs()]
+    return {
+        "base": {"label": result.base_label, "path": result.base_path},
+        "written_by": f"rlsub-tui {__version__}",
+        "units": UNITS,
+        "criterion": criterion_dict(result),
+        "updated_when": updated_when(result),
+        "sweep": list(result.sweep),
+        "compare_dtype": result.compare_dtype,
+        "device": result.device,
+        "complete": result.complete,
+        "tensors": s.tensors,
+        "runs": runs,
+        "pairs": pairs,
+        "agreement": [int(x) for x in s.agreement],
+        "agreement_chance": [float(x) for x in s.agreement_chance()],
+        "agreement_chance_strat": [float(x) for x in s.agreement_chance_strat()],
+        "consensus": json_value(s.consensus()), "consensus_chance": json_value(s.consensus_chance()),
+        "consensus_chance_strat": json_value(s.consensus_chance_strat()),
+        "union": json_value(s.union()),
+        "sign_agreement": {"updated_by_2plus": s.multi, "same_sign": s.sign_agree,
+                           "fraction": json_value(s.sign_agreement()),
+                           "chance": json_value(s.sign_agreement_chance())},
+        "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),
+        **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f)) for f in SPECTRUM_RATIOS},
+        "run_groups": group_summary(s, list(groups), result.run_labels) if groups else None,
+        "skipped": [{"tensor": k.tensor, "run": k.run, "reason": k.reason} for k in result.skipped],
+        "tied": [{"alias": a, "counted_as": p} for a, p in result.tied.items()],
+        "notes": result.notes + sorted({f"{name}: {n}" for name, r in result.tensors.items() for n in r.notes}),
+    }
+
+
+TIMELINE_COLUMNS = ["tensor", "run", "step", "prev_step", "numel", "updated_vs_base", "updated_vs_prev",
+                    "overlap_prev", "union_so_far", "patch_bytes", "dense_bytes", "overlap_prev_random"]
+
+
+def timeline_csv(timeline) -> str:
+    """One row per tensor, timeline run and step (a timeline.TimelineResult)."""
+    rows = [[getattr(r, c) for c in TIMELINE_COLUMNS] for r in timeline.rows]
+    return csv_text(TIMELINE_COLUMNS, rows)
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def timeline_summary(timeline) -> list[dict]:
+    """Per timeline run: every step pooled over tensors, and the step at which parameters first changed."""
+    out = []
+    by_step: dict[tuple[str, int], list] = {}
+    for r in timeline.rows:
+        by_step.setdefault((r.run, r.step), []).append(r)
+    for run in timeline.runs:
+        per_step = []
+        for step in run.steps:
+            rows = by_step[(run.label, step)]
+            n = sum(r.numel for r in rows)
+            has_prev = rows[0].prev_step is not None
+            has_overlap = rows[0].both_prev is not None
+            upd_prev = sum(r.updated_vs_prev for r in rows) if has_prev else None
+            patch = sum(r.patch_bytes for r in rows) if has_prev else None
+            dense = sum(r.dense_bytes for r in rows)
+            per_step.append({
+                "step": step, "prev_step": rows[0].prev_step, "numel": n,
+                "updated_vs_base": sum(r.updated_vs_base for r in rows),
+                "sparsity_vs_base": 1 - sum(r.updated_vs_base for r in rows) / n if n else None,
+                "updated_vs_prev": upd_prev,
+                "sparsity_vs_prev": 1 - upd_prev / n if has_prev and n else None,
+                "overlap_prev": _ratio(sum(r.both_prev for r in rows), upd_prev) if has_overlap else None,
+                "overlap_prev_random": _ratio(sum(r.prev_updated for r in rows), n) if has_overlap else None,
+                "union_so_far": sum(r.union_so_far for r in rows),
+                "union_density": _ratio(sum(r.union_so_far for r in rows), n),
+                "patch_bytes": patch, "dense_bytes": dense,
+                "patch_ratio": _ratio(patch, dense) if has_prev else None,
+            })
+        first = {str(s): int(c) for s, c in zip(run.steps, run.first_changed[1:])}
+        first["never"] = int(run.first_changed[0])
+        out.append({"label": run.label, "path": run.path, "steps": run.steps, "step_gap": timeline.gap,
+                    "compare_dtype": timeline.compare_dtype,
+                    "per_step": per_step, "first_changed": first})
+    return out
+
+
+def write_outputs(result: AnalysisResult, out: Path, timeline=None, groups=()) -> list[Path]:
+    """Write matrices.csv, pairs.csv, agreement.csv, groups.csv and summary.json into `out`, each atomically;
+    with a timeline (timeline.TimelineResult), also timeline.csv and summary.json's `timelines`.
+
+    Every file is rendered in memory first, so a failure before writing leaves nothing behind.
+    Only these names are touched in `out`.
+    """
+    out = Path(out)
+    summary = summary_dict(result, groups)
+    if timeline is not None:
+        summary["timelines"] = timeline_summary(timeline)
+    files = {
+        "matrices.csv": matrices_csv(result),
+        "pairs.csv": pairs_csv(result, groups),
+        "agreement.csv": agreement_csv(result),
+        "groups.csv": groups_csv(result),
+        "summary.json": json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
+    }
+    if timeline is not None:
+        files["timeline.csv"] = timeline_csv(timeline)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in files.items():
+        atomic_write(out / name, text)
+        written.append(out / name)
+    return written
