@@ -60,7 +60,8 @@ def main() -> None:
     import rlsub_tui
     from rlsub_tui.export.outputs import write_outputs
     from rlsub_tui.records.results import AnalysisResult
-    from rlsub_tui.summaries.tree import StatsIndex, build_tree
+    from rlsub_tui.summaries.tables import StatsIndex
+    from rlsub_tui.summaries.tree import build_tree
 
     tensors = records(args.layers, args.runs)
     labels = [f"run{i}" for i in range(args.runs)]

@@ -287,7 +287,8 @@ def test_energy_curve_against_numpy():
 
 
 def test_spectrum_chart_for_a_matrix_and_a_group(tmp_path):
-    from rlsub_tui.summaries.tree import build_tree, find, spectrum_chart
+    from rlsub_tui.summaries.charts import spectrum_chart
+    from rlsub_tui.summaries.tree import build_tree, find
 
     _, _, base, run_paths = _checkpoints(tmp_path)
     result = _analyze(base, run_paths, use_cache=False)

@@ -195,19 +195,20 @@ def test_outputs_carry_the_stratified_null(analysed):
 
 def test_charts_and_summary_show_both_chance_levels(analysed):
     from rlsub_tui.cli.report import summary_text
-    from rlsub_tui.summaries.tree import CHANCE_POOLED, CHANCE_STRAT, agreement_chart, build_tree, overlap_chart
+    from rlsub_tui.summaries.charts import CHANCE_POOLED, CHANCE_STRAT, agreement_chart, overlap_chart
+    from rlsub_tui.summaries.selection import SelectedStats
     from rlsub_tui.util.formatting import pct
 
     result, *_ = analysed
-    model = build_tree(list(result.planned))[0]
     s = result.stats()
+    every = SelectedStats(s, tuple(range(result.k)))
     for metric, key in (("o1", "o1"), ("jaccard", "jaccard")):
-        chart = overlap_chart(model, result, metric)
+        chart = overlap_chart(every, metric)
         pairs = list(s.pairs())
         assert chart.series[f"{key}_random"] == [p[f"{key}_random"] for _, _, p in pairs]
         assert chart.series[f"{key}_random_strat"] == [p[f"{key}_random_strat"] for _, _, p in pairs]
         assert chart.series[f"{key}_random_strat"] != chart.series[f"{key}_random"]
-    chart = agreement_chart(model, result)
+    chart = agreement_chart(every)
     assert chart.series[CHANCE_STRAT] == pytest.approx(list(100 * s.agreement_chance_strat() / s.numel))
     assert sum(chart.series[CHANCE_STRAT]) == pytest.approx(100)
     header, rows = chart.rows()

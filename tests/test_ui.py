@@ -11,6 +11,7 @@ import pytest
 from synthetic import base_state, broken_checkpoint, save, sparse_run
 
 from rlsub_tui.records.criteria import AnalysisOptions, Criterion
+from rlsub_tui.summaries import tables
 from rlsub_tui.summaries import tree as explore
 from rlsub_tui.ui.app import ExplorerApp, ExplorerConfig
 from rlsub_tui.ui.chart import ChartPanel
@@ -69,7 +70,7 @@ async def test_tree_first_then_values_arrive(checkpoints, monkeypatch):
         assert opened < computed
         # the table holds the model's children with numbers equal to the core's
         table = app.query_one(ChildrenTable)
-        expected = explore.table_rows(app.roots[0], app.result)
+        expected = tables.table_rows(app.roots[0], app.result)
         assert [r["name"] for r in table.rows_data] == [r["name"] for r in expected]
         layer0 = next(r for r in table.rows_data if r["name"] == "layer 0")
         s = app.result.stats(explore.find(app.roots, "model.layers.0").tensors)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rlsub_tui.checkpoints.names import place
 from rlsub_tui.records import overlap
 from rlsub_tui.summaries.selection import OverlapFigure, SelectedStats
-from rlsub_tui.summaries.tree import CHART_TITLES, ChartData
-from rlsub_tui.summaries.tree import rank_chart as matrix_rank_chart
 from rlsub_tui.util.formatting import count, pct, ratio
 
 MEASURES = ["o1", "jaccard", "lift"]
@@ -120,149 +117,8 @@ def grid_rows(sel: SelectedStats, labels: list[str], measure: str) -> tuple[list
 # Charts over the chosen runs
 
 
-def overlap_chart(sel: SelectedStats, metric: str = "o1", labels: list[str] | None = None):
-    """Per pair of chosen runs (numbered as in the run list): observed, both chance levels (pooled and
-    stratified by tensor × |w0| exponent) and lift = observed / pooled chance, which the chart draws."""
-    title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
-    if len(sel.runs) < 2:
-        return ChartData("overlap", title, "pair", metric, [], {}, message="overlap needs two or more chosen runs: press r")
-    key, chance_key = ("jaccard", "jaccard_random") if metric == "jaccard" else ("o1", "o1_random")
-    ticks, run_a, run_b, observed, chance, strat = [], [], [], [], [], []
-    for a, b, p in sel.pairs():
-        ticks.append(f"{a + 1}·{b + 1}")
-        run_a.append(labels[a] if labels else a + 1)
-        run_b.append(labels[b] if labels else b + 1)
-        observed.append(p[key])
-        chance.append(p[chance_key])
-        strat.append(p[f"{chance_key}_strat"])
-    lift = [overlap.lift(o, c) for o, c in zip(observed, chance)]
-    message = None
-    if not sel.numel:
-        message = "waiting for results…"
-    elif all(math.isnan(x) for x in observed):
-        message = "undefined: no chosen run updated a parameter here (pick a larger node or press r)"
-    meaning = {"run_a": "run A (number i in the chart's i·j)", "run_b": "run B (number j)",
-               "o1": "|A∩B|/|A|: share of A's updated parameters that B also updated",
-               "o1_random": "o1 if B were a uniformly random set of its size: |B|/n",
-               "o1_random_strat": "o1 under the stratified null (per tensor × |w0| exponent): E/|A|",
-               "jaccard": "|A∩B|/|A∪B|", "jaccard_random": "Jaccard of independent random sets: pq/(p+q-pq)",
-               "jaccard_random_strat": "Jaccard under the stratified null: E/(|A|+|B|-E)",
-               "lift": f"{key} / {chance_key} (what the chart draws)"}
-    return ChartData("overlap", f"lift of {title} over chance, per run pair i·j", "pair", metric,
-                     list(range(len(ticks))),
-                     {key: observed, chance_key: chance, f"{chance_key}_strat": strat, "lift": lift}, ticks,
-                     message=message, percent=False, meaning=meaning,
-                     x_columns={"run_a": run_a, "run_b": run_b})
-
-
-def agreement_chart(sel: SelectedStats):
-    """Percent of parameters updated by exactly j of the chosen runs, observed and by chance (pooled; for all
-    runs also the stratified chance)."""
-    title = CHART_TITLES["agreement"] + " (% of params)"
-    if not sel.numel:
-        return ChartData("agreement", title, "j", "% of params", [], {}, message="waiting for results…")
-    observed = sel.agreement()
-    if observed is None:
-        return ChartData("agreement", title, "j", "% of params", [], {},
-                         message="a subset's agreement is recorded up to 10 runs: press r and choose all")
-    series = {"observed": [100 * float(c) / sel.numel for c in observed],
-              "chance": [100 * float(c) / sel.numel for c in sel.agreement_chance()]}
-    meaning = {"j": "number of chosen runs that updated a parameter",
-               "observed": "share of parameters updated by exactly j chosen runs",
-               "chance": "that share for independent runs of the same densities (Poisson-binomial)"}
-    if sel.all_runs:
-        series["chance tensor×|w0|"] = [100 * float(c) / sel.numel for c in sel.stats.agreement_chance_strat()]
-        meaning["chance tensor×|w0|"] = "the same per tensor × |w0| exponent stratum, summed over strata"
-    return ChartData("agreement", title, "j", "% of params", list(range(len(sel.runs) + 1)), series,
-                     meaning=meaning)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Charts that follow the focus: a node inside one layer is shown against its peers in every layer
-
-
-@dataclass
-class MarkedChart(ChartData):
-    """A chart over layers with one layer marked (the focused one)."""
-
-    marked: int | None = None
-
-
-@dataclass
-class LayerProfile:
-    """Tensors grouped by layer index, and the layer the focus sits in (None when it spans several)."""
-
-    by_layer: dict[int, list[str]]
-    marked: int | None
-    what: str  # "every self_attn.q_proj.weight", "all tensors", "every mlp tensor"
-
-
-def layer_profile(node, result) -> LayerProfile:
-    """The node's tensors by layer; a node inside a single layer gets the same tensor types from every layer."""
-    placed = [(t, place(t)) for t in node.tensors]
-    layers = {p.layer for _, p in placed if p.layer is not None}
-    if len(layers) != 1:
-        by_layer: dict[int, list[str]] = {}
-        for t, p in placed:
-            if p.layer is not None:
-                by_layer.setdefault(p.layer, []).append(t)
-        return LayerProfile(by_layer, None, "")
-    types = {p.tensor_type for _, p in placed if p.layer is not None}
-    by_layer = {}
-    for t in result.planned:
-        p = place(t)
-        if p.layer is not None and p.tensor_type in types:
-            by_layer.setdefault(p.layer, []).append(t)
-    what = (f"every {next(iter(types))}" if len(types) == 1 else "all tensors" if node.level == "layer"
-            else f"every {node.label} tensor")
-    return LayerProfile(by_layer, next(iter(layers)), what)
-
-
-def depth_chart(node, result, runs: tuple[int, ...]):
-    """Sparsity per layer for each chosen run; inside one layer, the same tensor types across all layers."""
-    prof = layer_profile(node, result)
-    title = f"sparsity by layer: {prof.what}" if prof.marked is not None else CHART_TITLES["depth"]
-    series: dict[str, list[float]] = {result.run_labels[i]: [] for i in runs}
-    xs = []
-    for layer in sorted(prof.by_layer):
-        s = result.stats(prof.by_layer[layer])
-        if s.tensors == 0:
-            continue
-        xs.append(layer)
-        for i in runs:
-            series[result.run_labels[i]].append(100 * s.sparsity(i))
-    msg = None
-    if not prof.by_layer:
-        msg = "no layered tensors here (embedding, head, final norm): move to a layer or the model"
-    elif not xs:
-        msg = "waiting for results…"
-    return MarkedChart("depth", title, "layer", "sparsity %", xs, series, message=msg, marked=prof.marked)
-
-
-def rank_chart(node, result, runs: tuple[int, ...]):
-    """Mean rank ratio per 2-D matrix; inside one layer, that matrix type's ratio in every layer, focus marked."""
-    prof = layer_profile(node, result)
-    if prof.marked is None:
-        return matrix_rank_chart(node, result)
-    xs, ys = [], []
-    for layer in sorted(prof.by_layer):
-        ratios = [s.rank / r.max_rank for t in prof.by_layer[layer] if (r := result.tensors.get(t)) and r.max_rank
-                  for i, s in enumerate(r.runs) if i in runs and s.rank is not None]
-        if ratios:
-            xs.append(layer)
-            ys.append(100 * float(sum(ratios) / len(ratios)))
-    msg = None if xs else _no_rank_reason(prof, result)
-    return MarkedChart("rank", f"rank/max by layer: {prof.what} (mean of runs)",
-                       "layer", "rank / max %", xs, {"rank ratio": ys}, message=msg, marked=prof.marked)
-
-
-def _no_rank_reason(prof: LayerProfile, result) -> str:
-    records = [result.tensors[t] for ts in prof.by_layer.values() for t in ts if t in result.tensors]
-    if not records:
-        return "waiting for results…"
-    if not any(r.max_rank for r in records):
-        return "1-D tensors have no rank: move to a 2-D matrix (a *_proj)"
-    return "no rank computed for these matrices (started with --no-rank)"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -315,24 +171,6 @@ def block_rows(sel: SelectedStats, groups, measure: str) -> tuple[list[str], lis
 
 # ------------------------------------------------------------------------------------------------------
 # One tensor, looked at closely (matrix_detail)
-
-
-def delta_chart(detail, labels: list[str]) -> MarkedChart:
-    """% of the tensor's parameters per log2 |Δ| bin, one series per chosen run; the atol tolerance marked."""
-    counts = detail.log2_counts
-    used = [i for i in range(counts.shape[1]) if counts[:, i].any()]
-    title = f"log2 |Δ| of {detail.name.rsplit('.', 2)[-2] if '.' in detail.name else detail.name}"
-    if not used:
-        return MarkedChart("delta", title, "log2 |Δ|", "% of params", [], {},
-                           message="no chosen run changed this tensor (Δ = 0 everywhere)")
-    lo, hi = used[0], used[-1]
-    numel = int(detail.cell_numel.sum())
-    xs = [int(x) for x in detail.log2_bins[lo:hi + 1]]
-    series = {labels[r]: [100 * float(c) / numel for c in counts[j, lo:hi + 1]] for j, r in enumerate(detail.runs)}
-    tol = detail.tolerance_log2
-    suffix = f", tolerance 2^{tol:.1f}" if tol is not None else ""
-    return MarkedChart("delta", title + suffix, "log2 |Δ| (bin x: [2^x, 2^(x+1)))", "% of params", xs, series,
-                       marked=tol)
 
 
 def detail_rows(detail, labels: list[str], view: str) -> tuple[list[str], list[list]]:

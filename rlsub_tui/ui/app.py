@@ -20,9 +20,9 @@ from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, L
 from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE, distance_warnings
 from rlsub_tui.export.outputs import csv_text, provenance, sidecar_path
 from rlsub_tui.records.criteria import AnalysisOptions
-from rlsub_tui.summaries import strip as glance
-from rlsub_tui.summaries import tree as explore
+from rlsub_tui.summaries import charts, strip, tables
 from rlsub_tui.summaries.selection import SelectedStats, parse_runs
+from rlsub_tui.summaries.tree import Node, build_tree, filter_tree, find
 from rlsub_tui.ui.chart import ChartKey, ChartPanel
 from rlsub_tui.ui.dialogs import (
     CriterionChoice,
@@ -54,7 +54,7 @@ from rlsub_tui.util.files import atomic_write
 from rlsub_tui.util.formatting import duration, size
 
 BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
-VIEWS = explore.CHARTS + ["heatmap", "maskmap", "delta"]  # keys 1-9
+VIEWS = charts.VIEW_NAMES  # the order `]` and `[` cycle in
 DETAIL_VIEWS = ("maskmap", "delta")  # computed on demand for the focused tensor
 
 
@@ -107,37 +107,15 @@ class ExplorerApp(App):
         Binding("bracketright", "next_chart", "Chart", id="app.next_chart", tooltip="Next chart", key_display="]"),
         Binding("bracketleft", "previous_chart", "Prev chart", show=False, id="app.previous_chart",
                 tooltip="Previous chart"),
-        Binding("1", "chart('depth')", "Depth", show=False, id="app.chart_depth",
-                tooltip="Chart: " + explore.CHART_TITLES["depth"]),
-        Binding("2", "chart('overlap')", "Overlap", show=False, id="app.chart_overlap",
-                tooltip="Chart: " + explore.CHART_TITLES["overlap"]),
-        Binding("3", "chart('agreement')", "Agreement", show=False, id="app.chart_agreement",
-                tooltip="Chart: " + explore.CHART_TITLES["agreement"]),
-        Binding("4", "chart('rank')", "Rank", show=False, id="app.chart_rank",
-                tooltip="Chart: " + explore.CHART_TITLES["rank"]),
-        Binding("5", "chart('sweep')", "Sweep", show=False, id="app.chart_sweep",
-                tooltip="Chart: " + explore.CHART_TITLES["sweep"]),
-        Binding("6", "chart('magnitude')", "Magnitude", show=False, id="app.chart_magnitude",
-                tooltip="Chart: " + explore.CHART_TITLES["magnitude"]),
-        Binding("7", "chart('heatmap')", "Heatmap", show=False, id="app.chart_heatmap",
-                tooltip="Overlap of every pair of chosen runs, coloured by lift over chance"),
-        Binding("8", "chart('maskmap')", "Mask map", show=False, id="app.chart_maskmap",
-                tooltip="The focused tensor as blocks shaded by the fraction updated (m: which run)"),
-        Binding("9", "chart('delta')", "Δ histogram", show=False, id="app.chart_delta",
-                tooltip="Distribution of log2 |Δ| in the focused tensor, per chosen run"),
         Binding("m", "next_map_run", "Map run", show=False, id="app.next_map_run",
                 tooltip="Mask map: every chosen run together, or one run at a time"),
-        Binding("0", "chart('spectrum')", "Spectrum", show=False, id="app.chart_spectrum",
-                tooltip="Cumulative energy of Δ's singular values against k/min(m,n), per run"),
-        Binding("t", "chart('timeline')", "Timeline", show=False, id="app.chart_timeline",
-                tooltip="Training timeline of a RUN that is a folder of step checkpoints"),
-        Binding("p", "chart('precision')", "Precision", show=False, id="app.chart_precision",
-                tooltip="Distance of true updates to bf16 visibility, one series per run"),
+        *[Binding(v.key, f"chart('{v.name}')", v.label, show=False, id=f"app.chart_{v.name}", tooltip=v.help)
+          for v in sorted(charts.VIEWS, key=lambda v: "1234567890tp".index(v.key))],
     ]
 
     # The view state: set one of these and the views that depend on it redraw themselves (their watchers below).
     # focus_node always redraws when set, even to the same node: its numbers may have changed (results arrived).
-    focus_node: reactive[explore.Node | None] = reactive(None, always_update=True, init=False)
+    focus_node: reactive[Node | None] = reactive(None, always_update=True, init=False)
     chart_name: reactive[str] = reactive("depth", init=False)
     overlap_metric: reactive[str] = reactive("o1", init=False)
     heatmap_measure: reactive[str] = reactive("o1", init=False)
@@ -150,8 +128,8 @@ class ExplorerApp(App):
         self.config = config
         self.options = config.options
         self.result = None  # AnalysisResult, once the worker has opened the checkpoints
-        self.roots: list[explore.Node] = []
-        self.index: explore.StatsIndex | None = None
+        self.roots: list[Node] = []
+        self.index: tables.StatsIndex | None = None
         self._preview_names: list[str] | None = None
         self.groups: list = []  # RunGroup list, set when the analysis opens
         self.tensor_details: dict[tuple, object] = {}  # (tensor, runs, generation) -> MatrixDetail or error
@@ -253,7 +231,7 @@ class ExplorerApp(App):
     def on_tree_preview(self, msg: TreePreview) -> None:
         if msg.generation != self.generation or self.result is not None:
             return
-        self.roots = explore.build_tree(msg.names, f"{msg.label} ({len(msg.names)} tensors)")
+        self.roots = build_tree(msg.names, f"{msg.label} ({len(msg.names)} tensors)")
         self._preview_names = list(msg.names)
         self.focus_node = self.roots[0] if self.roots else None
         tree = self.query_one(LayerTree)
@@ -269,12 +247,12 @@ class ExplorerApp(App):
         self.failed = None
         if self._preview_names == list(r.planned) and not self.filter_text:
             # the preview drew exactly this tree: keep it (and the user's place in it), attach the numbers
-            self.index = explore.StatsIndex(self.roots, self.result)
+            self.index = tables.StatsIndex(self.roots, self.result)
             tree = self.query_one(LayerTree)
             tree.attach_index(self.index)
             self.mutate_reactive(ExplorerApp.focus_node)  # same node, now with numbers
         else:
-            self.roots = explore.build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
+            self.roots = build_tree(self.result.planned, f"{r.base_label} ({len(r.planned)} tensors)")
             self._rebuild_tree(old_key)
         self._preview_names = None
         self._choose_initial_runs(r.run_labels)
@@ -384,13 +362,13 @@ class ExplorerApp(App):
     # ----------------------------------------------------------------------------------------- views
     def _rebuild_tree(self, keep_key: str | None = None) -> None:
         tree = self.query_one(LayerTree)
-        roots = explore.filter_tree(self.roots, self.filter_text)
-        self.index = explore.StatsIndex(roots, self.result)
+        roots = filter_tree(self.roots, self.filter_text)
+        self.index = tables.StatsIndex(roots, self.result)
         tree.populate(roots, self.index)
         if self.filter_text:
             for node in tree.root.children:
                 node.expand_all()
-        target = explore.find(roots, keep_key) if keep_key else None
+        target = find(roots, keep_key) if keep_key else None
         self.focus_node = target or (roots[0] if roots else None)
 
     def watch_focus_node(self) -> None:
@@ -425,7 +403,7 @@ class ExplorerApp(App):
             self.query_one("#table-title", Label).update("no tensors match" if self.filter_text else "")
             return
         table = self.query_one(ChildrenTable)
-        table.show(*explore.node_table(node, self.result, self.index))
+        table.show(*tables.node_table(node, self.result, self.index))
         kids = "one row per child" if node.children else "one row per run"
         self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
         self._show_view()
@@ -440,8 +418,8 @@ class ExplorerApp(App):
             return
         sel = self.selected_stats()
         summary = self.query_one(SummaryStrip)
-        lines = glance.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
-        group_line = glance.groups_line(sel, self.groups)
+        lines = strip.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
+        group_line = strip.groups_line(sel, self.groups)
         summary.show(lines + ([group_line] if group_line else []))
         panel = self.chart_name if self.chart_name in ("heatmap", "maskmap") else "chart"
         self.query_one(ContentSwitcher).current = panel
@@ -453,7 +431,7 @@ class ExplorerApp(App):
         else:
             self._draw_chart(self.current_chart())
 
-    def _draw_chart(self, data: explore.ChartData) -> None:
+    def _draw_chart(self, data: charts.ChartData) -> None:
         chart = self.query_one(ChartPanel)
         chart.show(data, self.result.run_labels)
         self.query_one(ChartKey).show(chart.key)
@@ -483,11 +461,11 @@ class ExplorerApp(App):
         if self.chart_name == "maskmap":
             self.query_one(MaskMapPanel).show_message("mask map", message)
         else:
-            self.query_one(ChartPanel).show(explore.ChartData("delta", "log2 |Δ|", "", "", [], {}, message=message))
+            self.query_one(ChartPanel).show(charts.ChartData("delta", "log2 |Δ|", "", "", [], {}, message=message))
 
     def _draw_detail(self, detail) -> None:
         if self.chart_name == "delta":
-            self._draw_chart(glance.delta_chart(detail, self.result.run_labels))
+            self._draw_chart(charts.delta_chart(detail, self.result.run_labels))
             return
         which = detail.runs.index(self.map_run) if self.map_run in detail.runs else None
         who = "every chosen run" if which is None else self.result.run_labels[self.map_run]
@@ -541,11 +519,11 @@ class ExplorerApp(App):
         message = message or (None if sel.numel else "waiting for results…")
         panel = self.query_one(HeatmapPanel)
         if self.heatmap_blocks and self.groups:
-            names, grid = glance.block_grid(sel, self.groups, self.heatmap_measure)
+            names, grid = strip.block_grid(sel, self.groups, self.heatmap_measure)
             panel.show(grid if not message else [], names, list(range(1, len(names) + 1)), self.heatmap_measure,
                        message, what="groups")
             return
-        grid = glance.overlap_grid(sel, self.heatmap_measure) if not message else []
+        grid = strip.overlap_grid(sel, self.heatmap_measure) if not message else []
         panel.show(grid, [self.result.run_labels[i] for i in sel.runs], [i + 1 for i in sel.runs],
                    self.heatmap_measure, message)
 
@@ -553,18 +531,10 @@ class ExplorerApp(App):
         if self.result is not None:
             self.call_after_refresh(self.mutate_reactive, ExplorerApp.focus_node)  # widths changed
 
-    def current_chart(self) -> explore.ChartData:
+    def current_chart(self) -> charts.ChartData:
         sel = self.selected_stats()
-        if self.chart_name == "overlap":
-            return glance.overlap_chart(sel, self.overlap_metric, self.result.run_labels)
-        if self.chart_name == "agreement":
-            return glance.agreement_chart(sel)
-        if self.chart_name == "depth":
-            return glance.depth_chart(self.focus_node, self.result, sel.runs)
-        if self.chart_name == "rank":
-            return glance.rank_chart(self.focus_node, self.result, sel.runs)
-        data = explore.chart(self.chart_name, self.focus_node, self.result, self.overlap_metric,
-                             self.timeline, self.timeline_state)
+        data = charts.chart(self.chart_name, self.focus_node, self.result, sel, self.overlap_metric,
+                            self.timeline, self.timeline_state)
         chosen = {self.result.run_labels[i] for i in sel.runs}
         if set(data.series) <= set(self.result.run_labels):  # one series per run: keep the chosen ones
             data.series = {k: v for k, v in data.series.items() if k in chosen}
@@ -692,8 +662,8 @@ class ExplorerApp(App):
 
     def action_overlap_metric(self) -> None:
         if self.chart_name == "heatmap":
-            i = glance.MEASURES.index(self.heatmap_measure)
-            self.heatmap_measure = glance.MEASURES[(i + 1) % len(glance.MEASURES)]
+            i = strip.MEASURES.index(self.heatmap_measure)
+            self.heatmap_measure = strip.MEASURES[(i + 1) % len(strip.MEASURES)]
             return
         self.chart_name = "overlap"
         self.overlap_metric = "jaccard" if self.overlap_metric == "o1" else "o1"
@@ -773,7 +743,7 @@ class ExplorerApp(App):
             if found is None or isinstance(found, str):
                 self.notify("Nothing to export yet: focus a tensor and wait for its map.", severity="warning")
                 return
-            header, rows = glance.detail_rows(found, self.result.run_labels, self.chart_name)
+            header, rows = strip.detail_rows(found, self.result.run_labels, self.chart_name)
             what = ("mask map: per block of rows and columns, the fraction of its parameters updated"
                     if self.chart_name == "maskmap" else "Δ histogram: parameters per log2 |Δ| bin, per run")
             meta = provenance(self.result, f"{what}, of {self.focus_node.label} ({self.focus_node.key})",
@@ -783,9 +753,9 @@ class ExplorerApp(App):
         if self.chart_name == "heatmap":
             sel = self.selected_stats()
             if self.heatmap_blocks and self.groups:
-                header, rows = glance.block_rows(sel, self.groups, self.heatmap_measure)
+                header, rows = strip.block_rows(sel, self.groups, self.heatmap_measure)
             else:
-                header, rows = glance.grid_rows(sel, self.result.run_labels, self.heatmap_measure)
+                header, rows = strip.grid_rows(sel, self.result.run_labels, self.heatmap_measure)
             what = "groups" if self.heatmap_blocks and self.groups else "heatmap"
             meta = provenance(self.result, f"overlap {what} ({self.heatmap_measure}; row A, column B: o1 = "
                               f"|A∩B|/|A|, Jaccard, or lift of o1 over |B|/n) of {self.focus_node.label}",
@@ -839,8 +809,8 @@ class ExplorerApp(App):
         yield SystemCommand("Choose runs", "The runs the pooled figures use", self.action_choose_runs)
         yield SystemCommand("Overlap heatmap", "Every pair of chosen runs, coloured by lift",
                             lambda: self.action_chart("heatmap"))
-        for name in explore.CHARTS:
-            yield SystemCommand(f"Chart: {explore.CHART_TITLES[name]}", "Show this chart",
+        for name in charts.CHARTS:
+            yield SystemCommand(f"Chart: {charts.CHART_TITLES[name]}", "Show this chart",
                                 lambda n=name: self.action_chart(n))
         yield SystemCommand("Warnings", "Tensors not compared, and notes", self.action_warnings)
         yield SystemCommand("Help", "Definitions and keys", self.action_help)

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
-from rlsub_tui.summaries.tree import ChartData
+from rlsub_tui.summaries.charts import ChartData
 
 # Series colours (RGB, so the plot and its key line match exactly); no red: red marks the focus and the tolerance
 PALETTE = [(0, 175, 255), (255, 135, 255), (135, 215, 0), (255, 215, 0), (175, 135, 255), (0, 215, 175),

@@ -8,7 +8,8 @@ from textual.strip import Strip
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from rlsub_tui.summaries.tree import Node, StatsIndex
+from rlsub_tui.summaries.tables import StatsIndex
+from rlsub_tui.summaries.tree import Node
 from rlsub_tui.ui.clipping import mark_clipped
 from rlsub_tui.util.formatting import pct
 
