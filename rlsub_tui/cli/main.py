@@ -277,15 +277,14 @@ def _analysis(args):
                 result = event.result
                 _opened(args, result, resolved.timelines)
             elif isinstance(event, Progress):
-                result.tensors[event.result.name] = event.result
+                result.take([event.result])
                 bars.show("runs", event)
             elif isinstance(event, TimelineStep):
                 bars.show("timeline", event.progress)
             elif isinstance(event, TimelineDone):
                 timeline = event.timeline
             elif isinstance(event, Finished):
-                result.complete = event.complete
-                result.notes += event.notes
+                result.finish(event.complete, event.notes)
     return result, timeline
 
 

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+import re
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,35 @@ def provenance(result: AnalysisResult, shows: str, tensors: list[str], columns: 
 
 def sidecar_path(csv_path: Path) -> Path:
     return Path(csv_path).with_suffix(".json")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def view_export_path(folder: Path, node_key: str, what: str, filter_text: str = "") -> Path:
+    """Where the explorer writes what it shows: rlsub-NODE-WHAT[-filter_TEXT]-STAMP[-N].csv in `folder`, a name
+    that neither a CSV nor a sidecar there has yet."""
+    if filter_text:
+        what += "-filter_" + (_slug(filter_text) or "text")
+    stem = f"rlsub-{_slug(node_key)}-{what}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, n = Path(folder) / f"{stem}.csv", 2
+    while path.exists() or sidecar_path(path).exists():
+        path, n = Path(folder) / f"{stem}-{n}.csv", n + 1
+    return path
+
+
+def write_view_export(path: Path, text: str, meta: dict) -> None:
+    """The CSV and, beside it, NAME.json saying what it shows and how it was computed; each atomic, and no
+    sidecar left without its CSV. Raises OSError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(sidecar_path(path), json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+        atomic_write(path, text)
+    except OSError:
+        if not path.exists():
+            sidecar_path(path).unlink(missing_ok=True)
+        raise
 
 
 def matrices_csv(result: AnalysisResult) -> str:

@@ -326,6 +326,17 @@ class AnalysisResult:
                        planned_numel=dict(self.planned_numel), complete=False, tied=dict(self.tied),
                        run_labels=list(self.run_labels), run_paths=list(self.run_paths))
 
+    def take(self, records) -> None:
+        """Tensors the analysis finished (a Progress's or a Computed's records), by name: how each consumer
+        of the event stream, the CLI and the explorer, fills the result that `Opened` handed it."""
+        for r in records:
+            self.tensors[r.name] = r
+
+    def finish(self, complete: bool, notes: list[str]) -> None:
+        """The stream's end (`Finished`): whether every planned tensor was computed, and the notes it added."""
+        self.complete = complete
+        self.notes += [n for n in notes if n not in self.notes]
+
     def stats(self, names=None) -> Stats:
         names = self.tensors.keys() if names is None else names
         return Stats.of((self.tensors[n] for n in names if n in self.tensors), self.k, len(self.sweep))

@@ -4,10 +4,7 @@ analysis_process) and posts its events as messages; handlers update widgets."""
 from __future__ import annotations
 
 import gc
-import json
-import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 
 from textual import on, work
@@ -18,7 +15,7 @@ from textual.reactive import reactive
 from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, Label, ProgressBar, Static, Tree
 
 from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE, distance_warnings
-from rlsub_tui.export.outputs import csv_text, provenance, sidecar_path
+from rlsub_tui.export.outputs import csv_text, provenance, sidecar_path, view_export_path, write_view_export
 from rlsub_tui.records.criteria import AnalysisOptions
 from rlsub_tui.summaries import charts, strip, tables
 from rlsub_tui.summaries.selection import SelectedStats, parse_runs
@@ -50,7 +47,6 @@ from rlsub_tui.ui.summary import SummaryStrip
 from rlsub_tui.ui.table import ChildrenTable
 from rlsub_tui.ui.tree import LayerTree
 from rlsub_tui.util.errors import InputError
-from rlsub_tui.util.files import atomic_write
 from rlsub_tui.util.formatting import duration, size
 
 BATCH_SECONDS = 0.2  # the worker posts at most five batches a second
@@ -294,9 +290,9 @@ class ExplorerApp(App):
     def on_tensors_computed(self, msg: TensorsComputed) -> None:
         if msg.generation != self.generation or self.result is None:
             return
-        for t in msg.results:
-            self.result.tensors[t.name] = t
-            if self.index is not None:
+        self.result.take(msg.results)
+        if self.index is not None:
+            for t in msg.results:
                 self.index.add(t)
         self.query_one("#progress", ProgressBar).update(total=msg.total, progress=msg.done)
         rate = msg.bytes_done / msg.elapsed if msg.elapsed > 0 else 0.0
@@ -321,8 +317,7 @@ class ExplorerApp(App):
         self.running = False
         gc.unfreeze()
         if self.result is not None:
-            self.result.complete = msg.complete
-            self.result.notes += [n for n in msg.notes if n not in self.result.notes]
+            self.result.finish(msg.complete, msg.notes)
         if self.timeline is None and self.config.timelines:
             self.timeline_state = "cancelled"
         done = len(self.result.tensors) if self.result else 0
@@ -682,29 +677,13 @@ class ExplorerApp(App):
 
         self.push_screen(RunChooser(self.result.run_labels, self.selected_runs), apply)
 
-    def _export_path(self, what: str) -> Path:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.focus_node.key if self.focus_node else "model").strip("_")
-        if self.filter_text:
-            what += "-filter_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", self.filter_text).strip("_") or "text")
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = self.config.export_dir / f"rlsub-{slug}-{what}-{stamp}.csv"
-        n = 2
-        while path.exists() or sidecar_path(path).exists():
-            path = self.config.export_dir / f"rlsub-{slug}-{what}-{stamp}-{n}.csv"
-            n += 1
-        return path
-
     def _export(self, what: str, text: str, meta: dict) -> None:
         """Write the CSV and, beside it, NAME.json saying what it shows and how it was computed."""
-        path = self._export_path(what)
+        key = self.focus_node.key if self.focus_node else "model"
+        path = view_export_path(self.config.export_dir, key, what, self.filter_text)
         try:
-            self.config.export_dir.mkdir(parents=True, exist_ok=True)
-            sidecar = json.dumps(meta, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-            atomic_write(sidecar_path(path), sidecar)
-            atomic_write(path, text)
+            write_view_export(path, text, meta)
         except OSError as exc:
-            if not path.exists():  # no sidecar without its CSV
-                sidecar_path(path).unlink(missing_ok=True)
             self.push_screen(ErrorDialog("Export failed", f"{path}: cannot be written ({exc.strerror or exc})."))
             return
         self.last_export = path
