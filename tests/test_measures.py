@@ -11,20 +11,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from synthetic import base_state, save, sparse_run
-from rlsub_tui import explore, measures
-from rlsub_tui.cli import main
-from rlsub_tui.measures import NODE_MEASURES, RUN_MEASURES
+
+from rlsub_tui.cli.main import main
+from rlsub_tui.records import measures
+from rlsub_tui.records.measures import NODE_MEASURES, RUN_MEASURES
+from rlsub_tui.summaries import tables
+from rlsub_tui.summaries import tree as explore
 from rlsub_tui.ui.dialogs import HELP, keys_markdown
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "measures.md"
 TOL = 1e-5
 
 
 def test_readme_table_is_the_registry():
     text = README.read_text(encoding="utf-8")
-    assert measures.readme_block() in text, "README's table drifted: run python -m rlsub_tui.measures --readme"
+    assert measures.readme_block() in text, "README's table drifted: run python -m rlsub_tui.records.measures --readme"
     for m in NODE_MEASURES + RUN_MEASURES:  # every measure has its row, with its key
         assert f"| `{m.key}` |" in text
 
@@ -52,13 +54,13 @@ def test_help_defines_every_column_of_both_tables():
 
 def test_table_columns_are_the_registry_in_its_order():
     result = SimpleNamespace(run_labels=["a", "b"], sweep=(1e-8, 1e-5))
-    cols = explore.table_columns(result)
+    cols = tables.table_columns(result)
     keys = [c.key for c in cols]
     assert keys[:8] == ["name", "numel", "mean_sparsity", "jaccard", "jaccard_chance", "consensus",
                         "consensus_chance", "rank"]
     assert keys[8:10] == ["sparsity:a", "sparsity:b"] and [c.title for c in cols[8:10]] == ["sp a", "sp b"]
     assert keys[-1] == "done" and len(keys) == len(NODE_MEASURES) + 1
-    run_cols = explore.tensor_columns(result)
+    run_cols = tables.tensor_columns(result)
     # the most telling first: at 80 columns the run, its sparsity, updated count and rank ratio stay visible
     assert [c.key for c in run_cols][:4] == ["run", "sparsity", "updated", "rank_ratio"]
     assert [c.key for c in run_cols][-2:] == ["sweep:1e-08", "sweep:1e-05"]
@@ -120,7 +122,8 @@ def test_per_run_measures_agree_with_numpy_in_every_place(analysed):
 
 
 def test_one_tensor_table_and_pooled_stats_read_the_same_definitions(analysed, tmp_path):
-    from rlsub_tui.engine import Analysis, AnalysisOptions
+    from rlsub_tui.compute.engine import Analysis
+    from rlsub_tui.records.criteria import AnalysisOptions
 
     base, runs, _ = analysed
     analysis = Analysis(str(tmp_path / "base"), [str(tmp_path / "seed0"), str(tmp_path / "seed1")],
@@ -133,12 +136,12 @@ def test_one_tensor_table_and_pooled_stats_read_the_same_definitions(analysed, t
     result = analysis.result
     # every registered column has a value in every row: a measure cannot be registered without its computation
     model = explore.build_tree(result.planned)[0]
-    for row in explore.table_rows(model, result):
-        assert {c.key for c in explore.table_columns(result)} <= set(row)
-    for row in explore.tensor_rows(result.planned[0], result):
-        assert {c.key for c in explore.tensor_columns(result)} <= set(row)
+    for row in tables.table_rows(model, result):
+        assert {c.key for c in tables.table_columns(result)} <= set(row)
+    for row in tables.tensor_rows(result.planned[0], result):
+        assert {c.key for c in tables.tensor_columns(result)} <= set(row)
     for name, w0 in base.items():
-        table = explore.tensor_rows(name, result)
+        table = tables.tensor_rows(name, result)
         stats = result.stats([name])
         for i, run in enumerate(runs):
             want = numpy_figures(w0, run[name], TOL)

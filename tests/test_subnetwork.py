@@ -7,17 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-import reference
 from synthetic import base_state, save, sparse_run
-from rlsub_tui.cli import main
-from rlsub_tui.criteria import Criterion
-from rlsub_tui.masks import compute_tensor, update_mask
-from rlsub_tui.transplant import random_mask
+
+from rlsub_tui.cli.main import main
+from rlsub_tui.compute.kernels import update_mask
+from rlsub_tui.compute.masks import compute_tensor
+from rlsub_tui.compute.transplant import random_mask
+from rlsub_tui.records.criteria import Criterion
 
 NP_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -149,7 +151,7 @@ def test_mask_file_is_atomic_and_not_overwritten(three, capsys, monkeypatch):
     refused(code, err, str(out), "--force")
     assert out.read_bytes() == b"precious"
 
-    import rlsub_tui.maskfile as maskfile
+    import rlsub_tui.compute.maskfile as maskfile
     calls = []
 
     def failing(base, run, criterion):
@@ -357,7 +359,7 @@ def test_transplant_replaces_an_earlier_one_with_force(three, capsys):
 def test_readme_freeze_example_keeps_everything_outside_the_mask(tmp_path, capsys):
     """Run the README's gradient-hook block on a tiny model: entries outside the mask never move."""
     transformers = pytest.importorskip("transformers")
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).parent.parent / "docs" / "subnetwork.md").read_text()
     block = text.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(block.strip().splitlines()) <= 12
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -236,7 +236,7 @@ def matrices_definitions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The same definitions as text: the help screen and README's "What the numbers mean" both use these
+# The same definitions as text: the help screen and docs/measures.md both use these
 
 
 def _cell(text: str) -> str:
@@ -253,7 +253,7 @@ def markdown_table(measures, header: tuple[str, ...] = ("column", "meaning")) ->
 
 
 def readme_table() -> str:
-    """README's table of every measure: where it is shown or written and what it is."""
+    """docs/measures.md's table of every measure: where it is shown or written and what it is."""
     lines = ["| table header | key (table export) | matrices.csv | applies | definition |", "|---|---|---|---|---|"]
     for where, measures in (("group", NODE_MEASURES), ("tensor", RUN_MEASURES)):
         for m in measures:
@@ -273,7 +273,7 @@ def readme_block() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rlsub_tui.records.measures --readme [README.md]`: rewrite the README's table from this registry."""
+    """`python -m rlsub_tui.records.measures --readme [docs/measures.md]`: rewrite that page's table from this registry."""
     import sys
     from pathlib import Path
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] != "--readme":
         print(readme_table())
         return 0
-    path = Path(args[1] if len(args) > 1 else "README.md")
+    path = Path(args[1] if len(args) > 1 else "docs/measures.md")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
