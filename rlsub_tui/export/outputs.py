@@ -9,10 +9,12 @@ import math
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rlsub_tui import __version__
+from rlsub_tui.records import overlap
 from rlsub_tui.records.criteria import ULP_LOG2_MAX, ULP_LOG2_MIN
 from rlsub_tui.records.measures import (
     PRECISION_AND_LINE_CSV,
@@ -23,6 +25,9 @@ from rlsub_tui.records.measures import (
 )
 from rlsub_tui.records.results import SPECTRUM_RATIOS, AnalysisResult, Stats
 from rlsub_tui.util.files import atomic_write
+
+if TYPE_CHECKING:
+    from rlsub_tui.records.timelines import TimelineResult
 
 UNITS = ("fractions: sparsity, overlaps, Jaccard, consensus, union, shares of parameters and rank ratios "
          "are in [0, 1] (0.25 = 25%), never percent; counts are numbers of parameters")
@@ -46,6 +51,11 @@ def csv_text(header: list[str], rows) -> str:
     for row in rows:
         w.writerow([cell(v) for v in row])
     return buf.getvalue()
+
+
+def _fraction(a, b):
+    """a / b as summary.json writes it: null where the fraction is undefined (b = 0)."""
+    return json_value(overlap.ratio(a, b))
 
 
 def json_value(value):
@@ -269,17 +279,13 @@ TIMELINE_COLUMNS = ["tensor", "run", "step", "prev_step", "numel", "updated_vs_b
                     "overlap_prev", "union_so_far", "patch_bytes", "dense_bytes", "overlap_prev_random"]
 
 
-def timeline_csv(timeline) -> str:
+def timeline_csv(timeline: TimelineResult) -> str:
     """One row per tensor, timeline run and step (a timeline.TimelineResult)."""
     rows = [[getattr(r, c) for c in TIMELINE_COLUMNS] for r in timeline.rows]
     return csv_text(TIMELINE_COLUMNS, rows)
 
 
-def _ratio(a, b):
-    return a / b if b else None
-
-
-def timeline_summary(timeline) -> list[dict]:
+def timeline_summary(timeline: TimelineResult) -> list[dict]:
     """Per timeline run: every step pooled over tensors, and the step at which parameters first changed."""
     out = []
     by_step: dict[tuple[str, int], list] = {}
@@ -301,12 +307,12 @@ def timeline_summary(timeline) -> list[dict]:
                 "sparsity_vs_base": 1 - sum(r.updated_vs_base for r in rows) / n if n else None,
                 "updated_vs_prev": upd_prev,
                 "sparsity_vs_prev": 1 - upd_prev / n if has_prev and n else None,
-                "overlap_prev": _ratio(sum(r.both_prev for r in rows), upd_prev) if has_overlap else None,
-                "overlap_prev_random": _ratio(sum(r.prev_updated for r in rows), n) if has_overlap else None,
+                "overlap_prev": _fraction(sum(r.both_prev for r in rows), upd_prev) if has_overlap else None,
+                "overlap_prev_random": _fraction(sum(r.prev_updated for r in rows), n) if has_overlap else None,
                 "union_so_far": sum(r.union_so_far for r in rows),
-                "union_density": _ratio(sum(r.union_so_far for r in rows), n),
+                "union_density": _fraction(sum(r.union_so_far for r in rows), n),
                 "patch_bytes": patch, "dense_bytes": dense,
-                "patch_ratio": _ratio(patch, dense) if has_prev else None,
+                "patch_ratio": _fraction(patch, dense) if has_prev else None,
             })
         first = {str(s): int(c) for s, c in zip(run.steps, run.first_changed[1:])}
         first["never"] = int(run.first_changed[0])

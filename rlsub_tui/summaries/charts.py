@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from rlsub_tui.records.results import AnalysisResult
 from rlsub_tui.records.spectrum import CURVE_POINTS as SPECTRUM_POINTS
 from rlsub_tui.summaries.selection import SelectedStats
 from rlsub_tui.summaries.tree import Node
+
+if TYPE_CHECKING:
+    from rlsub_tui.records.timelines import TimelineResult
 
 CHANCE_POOLED = "chance"  # the paper's null: every parameter alike
 
@@ -115,7 +119,7 @@ TIMELINE_ABSENT = {
 }
 
 
-def timeline_chart(node: Node, timeline, state: str = "none") -> ChartData:
+def timeline_chart(node: Node, timeline: TimelineResult | None, state: str = "none") -> ChartData:
     """Per timeline run and step, pooled over the node: sparsity vs base, vs the previous step, union density.
 
     Points a run does not have (another run's steps; no previous step yet) are NaN and not drawn.
@@ -323,7 +327,7 @@ class LayerProfile:
     what: str  # "every self_attn.q_proj.weight", "all tensors", "every mlp tensor"
 
 
-def layer_profile(node, result) -> LayerProfile:
+def layer_profile(node: Node, result: AnalysisResult) -> LayerProfile:
     """The node's tensors by layer; a node inside a single layer gets the same tensor types from every layer."""
     placed = [(t, place(t)) for t in node.tensors]
     layers = {p.layer for _, p in placed if p.layer is not None}
@@ -344,7 +348,7 @@ def layer_profile(node, result) -> LayerProfile:
     return LayerProfile(by_layer, next(iter(layers)), what)
 
 
-def depth_chart(node, result, runs: tuple[int, ...]):
+def depth_chart(node: Node, result: AnalysisResult, runs: tuple[int, ...]) -> MarkedChart:
     """Sparsity per layer for each chosen run; inside one layer, the same tensor types across all layers."""
     prof = layer_profile(node, result)
     title = f"sparsity by layer: {prof.what}" if prof.marked is not None else CHART_TITLES["depth"]
@@ -365,7 +369,7 @@ def depth_chart(node, result, runs: tuple[int, ...]):
     return MarkedChart("depth", title, "layer", "sparsity %", xs, series, message=msg, marked=prof.marked)
 
 
-def rank_chart(node, result, runs: tuple[int, ...]):
+def rank_chart(node: Node, result: AnalysisResult, runs: tuple[int, ...]) -> ChartData:
     """Mean rank ratio per 2-D matrix; inside one layer, that matrix type's ratio in every layer, focus marked."""
     prof = layer_profile(node, result)
     if prof.marked is None:
@@ -382,7 +386,7 @@ def rank_chart(node, result, runs: tuple[int, ...]):
                        "layer", "rank / max %", xs, {"rank ratio": ys}, message=msg, marked=prof.marked)
 
 
-def _no_rank_reason(prof: LayerProfile, result) -> str:
+def _no_rank_reason(prof: LayerProfile, result: AnalysisResult) -> str:
     records = [result.tensors[t] for ts in prof.by_layer.values() for t in ts if t in result.tensors]
     if not records:
         return "waiting for results…"
