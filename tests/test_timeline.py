@@ -386,3 +386,30 @@ def test_fp32_timeline_against_bf16_base_compares_as_the_run_table(tmp_path, cap
     assert differs, "the fixture must tell bf16 and fp32 comparisons apart"
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["timelines"][0]["compare_dtype"] == policy
+
+
+def test_a_step_checkpoint_goes_by_its_run_folder_everywhere(tmp_path, capsys):
+    """r/seed1/checkpoint-60 is labelled seed1 in the summary, the printed report and every note (fp32 runs
+    against a bf16 base: the cast notes name the run); two steps of one run named together are seed1@20, seed1@60."""
+    import re
+
+    b = base_state(5)
+    save(b, tmp_path / "base")
+    for seed in (1, 2):
+        save({n: w.float() for n, w in sparse_run(b, seed).items()}, tmp_path / "r" / f"seed{seed}" / "checkpoint-60")
+    save(sparse_run(b, 3), tmp_path / "r" / "seed1" / "checkpoint-20")
+    code, out, err = cli(["analyze", tmp_path / "base", tmp_path / "r/seed1/checkpoint-60",
+                          tmp_path / "r/seed2/checkpoint-60", "--out", tmp_path / "out", "--quiet", "--no-rank",
+                          "--no-cache"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == ["seed1", "seed2"]
+    named = set(re.findall(r"run '([^']+)'", err + out)) | set(re.findall(r"run '([^']+)'", " ".join(summary["notes"])))
+    assert named and named <= {"seed1", "seed2"}, named
+    assert "checkpoint-60" not in out.replace(str(tmp_path), "")
+    code, out, err = cli(["analyze", tmp_path / "base", tmp_path / "r/seed1/checkpoint-20",
+                          tmp_path / "r/seed1/checkpoint-60", "--out", tmp_path / "out2", "--quiet", "--no-rank",
+                          "--no-cache"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == ["seed1@20", "seed1@60"]

@@ -5,16 +5,49 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlsub_tui.checkpoints.locate import parse_run_spec, unique_labels
+from rlsub_tui.checkpoints.step_folders import NESTED, STEP_DIR
+
+
+def _step_folder(path: Path) -> Path | None:
+    """The step folder (checkpoint-N, global_step_N, ...) a checkpoint is, or sits in as a trainer nests its
+    Hugging Face copy (global_step_N/actor/huggingface); None for any other checkpoint."""
+    for nested in ("", *NESTED):
+        inner = Path(nested).parts
+        if len(path.parts) <= len(inner) or tuple(path.parts[len(path.parts) - len(inner):]) != inner:
+            continue
+        folder = path.parents[len(inner) - 1] if inner else path
+        if STEP_DIR.match(folder.name) and folder.parent.name:
+            return folder
+    return None
 
 
 def checkpoint_label(path: str) -> str:
-    """The last part of a checkpoint's path (the path itself when it has none)."""
-    return Path(path.rstrip("/")).name or path
+    """The name a checkpoint goes by: for a step of a training run (r/seed1/checkpoint-60, or its nested
+    huggingface/ copy) the run's folder name, seed1; else the last part of its path (the path itself when it
+    has none)."""
+    p = Path(path.rstrip("/"))
+    step = _step_folder(p)
+    if step is not None:
+        return step.parent.name
+    return p.name or path
+
+
+def _step_label(path: str) -> str:
+    """RUN@STEP for a step checkpoint (seed1@60), else its label."""
+    step = _step_folder(Path(path.rstrip("/")))
+    if step is None:
+        return checkpoint_label(path)
+    return f"{step.parent.name}@{STEP_DIR.match(step.name).group(1)}"
 
 
 def run_labels(specs: list[str]) -> list[str]:
-    """Unique labels of RUN arguments: NAME of NAME=PATH, else the checkpoint's label; repeats get -2, -3, ..."""
-    return unique_labels([name or checkpoint_label(path) for name, path in map(parse_run_spec, specs)])
+    """Unique labels of RUN arguments: NAME of NAME=PATH, else the checkpoint's label; steps of one training run
+    named together are told apart by their step (seed1@20, seed1@60); other repeats get -2, -3, ..."""
+    parsed = list(map(parse_run_spec, specs))
+    wanted = [name or checkpoint_label(path) for name, path in parsed]
+    clash = {w for w in wanted if wanted.count(w) > 1}
+    wanted = [w if name or w not in clash else _step_label(path) for w, (name, path) in zip(wanted, parsed)]
+    return unique_labels(wanted)
 
 
 def run_paths(specs: list[str]) -> list[str]:
