@@ -26,7 +26,7 @@ TOL = 1e-5
 
 def test_readme_table_is_the_registry():
     text = README.read_text(encoding="utf-8")
-    assert measures.readme_block() in text, "README's table drifted: run python -m rlsub_tui.records.measures --readme"
+    assert measures.readme_block() in text, "docs/measures.md's table drifted: run python -m rlsub_tui.records.measures --readme"
     for m in NODE_MEASURES + RUN_MEASURES:  # every measure has its row, with its key
         assert f"| `{m.key}` |" in text
 

@@ -357,7 +357,7 @@ def test_transplant_replaces_an_earlier_one_with_force(three, capsys):
 
 
 def test_readme_freeze_example_keeps_everything_outside_the_mask(tmp_path, capsys):
-    """Run the README's gradient-hook block on a tiny model: entries outside the mask never move."""
+    """Run docs/subnetwork.md's gradient-hook block on a tiny model: entries outside the mask never move."""
     transformers = pytest.importorskip("transformers")
     text = (Path(__file__).parent.parent / "docs" / "subnetwork.md").read_text()
     block = text.split("```python\n", 1)[1].split("```", 1)[0]

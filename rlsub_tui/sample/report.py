@@ -64,7 +64,7 @@ def measure(root: Path) -> dict:
 
 
 def precision_and_lines(s, i: int) -> dict:
-    """Run i's hidden share, share of true updates below half a bf16 ULP (r < 1), rows and columns (README)."""
+    """Run i's hidden share, share of true updates below half a bf16 ULP (r < 1), rows and columns (docs/measures.md)."""
     rows, rows_chance = s.touched("rows", i)
     cols, cols_chance = s.touched("cols", i)
     hist, total = s.ulp_histogram[i], int(s.ulp_histogram[i].sum())
@@ -119,7 +119,7 @@ def _r(x) -> str:
 
 
 def spectrum_table(m: dict) -> list[str]:
-    """Per run, the mean over matrices of each spectrum figure / min(m, n) (README: "Spectrum of the update")."""
+    """Per run, the mean over matrices of each spectrum figure / min(m, n) (docs/measures.md: "Spectrum of the update")."""
     lines = ["", "Spectrum of the updates (mean over the 2-D matrices of each figure / min(m, n); README):", "",
              "| checkpoint | rank | stable rank | energy rank 90% | energy rank 99% | effective rank |",
              "|---|---|---|---|---|---|"]
@@ -392,7 +392,7 @@ def fp32_sentence(m: dict) -> str:
 
 
 def timeline_lines(m: dict) -> list[str]:
-    """The `grpo-lowlr` timelines, pooled per step (see the main README for the definitions)."""
+    """The `grpo-lowlr` timelines, pooled per step (see docs/measures.md for the definitions)."""
     timelines = m.get("grpo-lowlr", {}).get("timelines", [])
     if not timelines:
         return []
