@@ -17,7 +17,8 @@ def sample_dir() -> Path:
         candidates.append(Path(str(resources.files("rlsub_tui.sample_data"))))
     except (ModuleNotFoundError, TypeError):
         pass
-    candidates.append(Path(__file__).resolve().parent.parent / "sample_data")
+    # a checkout on sys.path that is not installed: sample_data/ beside rlsub_tui/
+    candidates.append(Path(__file__).resolve().parents[2] / "sample_data")
     for c in candidates:
         if (c / "base").is_dir():
             return c
