@@ -101,18 +101,19 @@ async def test_overlap_chart_csv_names_runs_and_the_metric(checkpoints):
         await settle(app, pilot)
         await pilot.press("2", "x")
         rows = read_csv(app.last_export)
-        assert rows[0] == ["run_a", "run_b", "o1", "o1_random", "o1_random_strat", "lift"]
+        assert rows[0] == ["run_a", "run_b", "o1", "o1_random", "o1_random_strat", "lift", "lift_strat"]
         s = app.result.stats()
         for row in rows[1:]:
             a, b = int(row[0][-1]), int(row[1][-1])
             both, ua, ub = int(s.both[a, b]), int(s.updated[a]), int(s.updated[b])
             assert float(row[2]) == pytest.approx(both / ua) and float(row[3]) == pytest.approx(ub / s.numel)
+            assert float(row[6]) == pytest.approx(float(row[2]) / float(row[4]))  # o1 over its stratified chance
         assert [r[:2] for r in rows[1:]] == [["seed0", "seed1"], ["seed0", "seed2"], ["seed1", "seed2"]]
         meta = json.loads(sidecar_path(app.last_export).read_text())
         assert "|A∩B|/|A|" in meta["columns"]["o1"]
         await pilot.press("o", "x")
         rows = read_csv(app.last_export)
-        assert rows[0] == ["run_a", "run_b", "jaccard", "jaccard_random", "jaccard_random_strat", "lift"]
+        assert rows[0] == ["run_a", "run_b", "jaccard", "jaccard_random", "jaccard_random_strat", "lift", "lift_strat"]
         a, b = 0, 1
         both, ua, ub = int(s.both[a, b]), int(s.updated[a]), int(s.updated[b])
         assert float(rows[1][2]) == pytest.approx(both / (ua + ub - both))

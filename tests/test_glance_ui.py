@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -30,34 +32,85 @@ def numpy_masks(root, runs=RUNS):
     return np.stack(out)
 
 
-def expected_lines(m: np.ndarray) -> dict:
+def numpy_strata(root) -> np.ndarray:
+    """Each parameter's stratum (tensor × binary exponent of |w0|, zeros their own), in numpy_masks' order."""
+    base = load_file(str(root / "base" / "model.safetensors"))
+    parts = []
+    for t, n in enumerate(sorted(base)):
+        w = base[n].float().numpy().reshape(-1)
+        _, e = np.frexp(np.abs(w))
+        parts.append(t * 1000 + np.where(w == 0, 999, e + 300))
+    return np.concatenate(parts)
+
+
+def strat_expected(m: np.ndarray, strata: np.ndarray, a: int, b: int) -> float:
+    """E = Σ_s a_s·b_s/n_s over the strata (the stratified null's expected |A∩B|)."""
+    _, ids, n = np.unique(strata, return_inverse=True, return_counts=True)
+    sa, sb = np.bincount(ids, weights=m[a]), np.bincount(ids, weights=m[b])
+    return float(np.sum(sa * sb / n))
+
+
+def expected_figures(m: np.ndarray, strata: np.ndarray) -> dict:
+    """The strip's figures from numpy: mean o1, Jaccard, consensus with their chances and both lifts."""
     k, n = m.shape
-    o1 = [(m[a] & m[b]).sum() / m[a].sum() for a, b in itertools.permutations(range(k), 2)]
-    o1_rnd = [m[b].mean() for a, b in itertools.permutations(range(k), 2)]
-    jac, jac_rnd = [], []
+    perm = list(itertools.permutations(range(k), 2))
+    o1 = [(m[a] & m[b]).sum() / m[a].sum() for a, b in perm]
+    o1_rnd = [m[b].mean() for a, b in perm]
+    o1_str = [strat_expected(m, strata, a, b) / m[a].sum() for a, b in perm]
+    jac, jac_rnd, jac_str = [], [], []
     for a, b in itertools.combinations(range(k), 2):
         jac.append((m[a] & m[b]).sum() / (m[a] | m[b]).sum())
         p, q = m[a].mean(), m[b].mean()
         jac_rnd.append(p * q / (p + q - p * q))
+        e = strat_expected(m, strata, a, b)
+        jac_str.append(e / (m[a].sum() + m[b].sum() - e))
     consensus = np.all(m, axis=0).mean()
-    return {"o1": f"mean o1 {np.mean(o1):.3f}  chance {np.mean(o1_rnd):.3f}",
-            "jaccard": f"Jaccard {np.mean(jac):.3f}  chance {np.mean(jac_rnd):.3f}",
-            "consensus": f"all {k} runs {100 * consensus:.2f}%  chance {100 * np.prod(m.mean(axis=1)):.2f}%",
+    return {"o1": (np.mean(o1), np.mean(o1_rnd), np.mean(o1) / np.mean(o1_rnd), np.mean(o1) / np.mean(o1_str)),
+            "jaccard": (np.mean(jac), np.mean(jac_rnd), np.mean(jac) / np.mean(jac_rnd),
+                        np.mean(jac) / np.mean(jac_str)),
+            "consensus": (100 * consensus, 100 * np.prod(m.mean(axis=1))),
             "sparsity": " ".join(f"{100 * (1 - m[i].mean()):.1f}" for i in range(k))}
 
 
+FIGURE = re.compile(r"^(mean o1|Jaccard) (\S+)\s+chance (\S+)\s+(lift|strat) ([\d.]+)×(?: ·)? (lift|strat) ([\d.]+)×$")
+
+
+def check_figure_line(line: str, name: str, want: tuple) -> None:
+    """A strip line 'NAME obs  chance c  lift L · strat S' (either order, either width) against numpy."""
+    found = FIGURE.match(line)
+    assert found and found.group(1) == name, line
+    observed, chance = float(found.group(2)), float(found.group(3))
+    lifts = {found.group(4): float(found.group(5)), found.group(6): float(found.group(7))}
+    assert observed == pytest.approx(want[0], abs=5e-4) and chance == pytest.approx(want[1], abs=5e-4), line
+    assert lifts["lift"] == pytest.approx(want[2], abs=5e-3) and lifts["strat"] == pytest.approx(want[3], abs=5e-3)
+    strat_first = abs(want[2] / want[3] - 1) > 0.10
+    assert (found.group(4) == "strat") == strat_first, line  # the stratified lift leads when the two disagree
+
+
+def check_consensus_line(line: str, k: int, want: tuple) -> None:
+    found = re.match(rf"^all {k}(?: runs)? ([\d.]+)%\s+chance ([\d.]+)%\s", line)
+    assert found, line
+    assert float(found.group(1)) == pytest.approx(want[0], abs=5e-3)
+    assert float(found.group(2)) == pytest.approx(want[1], abs=5e-3)
+
+
 async def test_summary_strip_and_choosing_runs(checkpoints):
-    m = numpy_masks(checkpoints)
+    m, strata = numpy_masks(checkpoints), numpy_strata(checkpoints)
     app = make_app(checkpoints)
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(app, pilot)
         lines = app.query_one(SummaryStrip).lines
-        want = expected_lines(m)
-        assert lines[1].startswith(want["o1"]) and "lift" in lines[1]
-        assert lines[2].startswith(want["jaccard"])
-        assert lines[3].startswith(want["consensus"])
-        assert [c.split(":")[1] for c in lines[0].split()[-3:]] == want["sparsity"].split()
-        assert lines[4].startswith("same sign")
+        want = expected_figures(m, strata)
+        check_figure_line(lines[1], "mean o1", want["o1"])
+        check_figure_line(lines[2], "Jaccard", want["jaccard"])
+        check_consensus_line(lines[3], 3, want["consensus"])
+        assert "strat" in lines[3]  # all runs chosen: the consensus has its stratified lift too
+        assert [c.split(":")[1].rstrip("%") for c in lines[0].split()[-3:]] == want["sparsity"].split()
+        assert " in bf16 " in lines[0] or lines[0].startswith("sp bf16")  # the dtype the figures are in
+        flips = re.search(r"\(coin flips ([\d.]+)%\)", lines[4])
+        hits = m.sum(axis=0)
+        chance = sum((hits == j).sum() * 2.0 ** (1 - j) for j in range(2, 4)) / (hits >= 2).sum()
+        assert lines[4].startswith("same sign") and float(flips.group(1)) == pytest.approx(100 * chance, abs=0.05)
         # drop seed1 in the run list: figures follow without recomputing
         computed = dict(app.result.tensors)
         await pilot.press("r")
@@ -67,14 +120,16 @@ async def test_summary_strip_and_choosing_runs(checkpoints):
         assert app.selected_runs == (0, 2)
         assert app.result.tensors == computed and not app.running
         lines = app.query_one(SummaryStrip).lines
-        want = expected_lines(m[[0, 2]])
-        assert lines[1].startswith(want["o1"]) and lines[2].startswith(want["jaccard"])
-        assert lines[3].startswith(want["consensus"])
+        want = expected_figures(m[[0, 2]], strata)
+        check_figure_line(lines[1], "mean o1", want["o1"])
+        check_figure_line(lines[2], "Jaccard", want["jaccard"])
+        check_consensus_line(lines[3], 2, want["consensus"])
         assert lines[4] == "same sign: recorded for all runs together only"
         await pilot.press("2")
         chart = app.query_one(ChartPanel).data
         assert chart.xticks == ["1·3"]
         assert chart.series["lift"][0] == pytest.approx(chart.series["o1"][0] / chart.series["o1_random"][0])
+        assert chart.series["lift_strat"][0] == pytest.approx(chart.series["o1"][0] / chart.series["o1_random_strat"][0])
         await pilot.press("3")
         chart = app.query_one(ChartPanel).data
         hits = m[[0, 2]].sum(axis=0)
@@ -107,6 +162,17 @@ async def test_runs_option_and_heatmap_export(checkpoints):
         assert "heatmap-lift" in app.last_export.name
         assert [(r["run_a"], r["run_b"]) for r in rows] == [("seed1", "seed2"), ("seed2", "seed1")]
         assert float(rows[0]["value"]) == pytest.approx(both / m[1].sum() / m[2].mean())
+        strat = strat_expected(m, numpy_strata(checkpoints), 1, 2) / m[1].sum()  # o1's stratified chance, seed1 row
+        assert float(rows[0]["observed"]) == pytest.approx(both / m[1].sum())
+        assert float(rows[0]["chance"]) == pytest.approx(m[2].mean())  # no longer a constant 1.0
+        assert float(rows[0]["chance_strat"]) == pytest.approx(strat)
+        assert float(rows[0]["lift_strat"]) == pytest.approx(both / m[1].sum() / strat)
+        meta = json.loads(app.last_export.with_suffix(".json").read_text())
+        assert all(meta["columns"][c] for c in rows[0])  # every column defined in the sidecar
+        assert [r["compare_dtype"] for r in meta["runs"]] == ["bf16"] * 3
+        await pilot.press("o")
+        assert panel.measure == "lift_strat"
+        assert panel.grid[0][1].value == pytest.approx(both / m[1].sum() / strat)
 
 
 async def test_bad_runs_selection_in_the_app_shows_a_dialog(checkpoints):

@@ -56,9 +56,9 @@ def test_table_columns_are_the_registry_in_its_order():
     result = SimpleNamespace(run_labels=["a", "b"], sweep=(1e-8, 1e-5))
     cols = tables.table_columns(result)
     keys = [c.key for c in cols]
-    assert keys[:8] == ["name", "numel", "mean_sparsity", "jaccard", "jaccard_chance", "consensus",
-                        "consensus_chance", "rank"]
-    assert keys[8:10] == ["sparsity:a", "sparsity:b"] and [c.title for c in cols[8:10]] == ["sp a", "sp b"]
+    assert keys[:9] == ["name", "numel", "mean_sparsity", "jaccard", "jaccard_chance", "jaccard_lift_strat",
+                        "consensus", "consensus_chance", "rank"]
+    assert keys[9:11] == ["sparsity:a", "sparsity:b"] and [c.title for c in cols[9:11]] == ["sp a", "sp b"]
     assert keys[-1] == "done" and len(keys) == len(NODE_MEASURES) + 1
     run_cols = tables.tensor_columns(result)
     # the most telling first: at 80 columns the run, its sparsity, updated count and rank ratio stay visible
@@ -74,7 +74,7 @@ def test_matrices_header_is_the_files_layout():
         "tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite", "mean_abs_delta",
         "rel_delta_norm", "rank", "max_rank", "rank_ratio", "stable_rank", "energy_rank_90", "energy_rank_99",
         "effective_rank", "updated_bf16_visible", "hidden_by_bf16", "row_share", "row_share_chance", "col_share",
-        "col_share_chance", "sparsity@1e-08", "sparsity@1e-05"]
+        "col_share_chance", "true_updated", "true_sparsity", "sparsity@1e-08", "sparsity@1e-05"]
     assert set(measures.matrices_definitions()) == set(measures.MATRICES_CSV)
 
 
@@ -176,3 +176,13 @@ def test_help_keys_are_built_from_the_bindings():
     # a key bound is a key shown: nothing is written by hand
     extra = keys_markdown([("anywhere", [Binding("z", "zap", "Zap", tooltip="Zap the model")])])
     assert extra.splitlines()[2] == "| z | anywhere | Zap the model |"
+
+
+def test_a_percentage_never_reads_as_an_end_it_is_not():
+    """One format for every percentage: more digits near 0% and 100%, bounded where even those round to an end."""
+    from rlsub_tui.util.formatting import pct
+
+    assert pct(1.0) == "100.0%" and pct(0.0) == "0.0%" and pct(0.5) == "50.0%"
+    assert pct(0.9997) == "99.970%" and pct(0.00054) == "0.054%"
+    assert pct(0.9999996) == ">99.999%" and pct(4e-9) == "<0.001%"
+    assert pct(float("nan")) == "–" and pct(None) == "–"

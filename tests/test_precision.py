@@ -79,8 +79,10 @@ def test_bundled_fp32_pair_against_numpy(criterion, tmp_path):
     from rlsub_tui.cli.report import summary_text
 
     share = 100 * totals["hidden"] / totals["updated"]
-    assert "hidden by bf16 (true updates with bf16(w1) = bf16(w0)" in summary_text(result)
-    assert f"fp32-grpo-lowlr-seed1 {share:.1f}%" in summary_text(result)
+    text = summary_text(result)
+    assert "hid bf16: true updates with bf16(w1) = bf16(w0)" in text
+    row = next(line for line in text.splitlines() if line.startswith("fp32-grpo-lowlr-seed1 "))
+    assert f"{share:.1f}%" in row.split()  # the run's hid bf16 column
     write_outputs(result, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())["runs"][0]
     assert summary["hidden_by_bf16"] == pytest.approx(totals["hidden"] / totals["updated"], rel=1e-12)
@@ -296,3 +298,43 @@ def test_fp32_distance_from_exponent_bits_or_frexp(subnormal, monkeypatch):
     want = oracle(w0, w1, w1 != w0)
     assert s.ulp_histogram == want["hist"] and (s.updated_bf16_visible, s.hidden_by_bf16) == (want["visible"], want["hidden"])
     assert paths == [not subnormal]
+
+
+# --- true updates in the stored precision, whatever the comparison dtype -----------------------------------------
+
+@pytest.mark.parametrize("policy", ["stored", "bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("criterion", [Criterion("exact"), Criterion("atol", 1e-5)])
+def test_fp32_run_against_bf16_base_counts_its_true_updates_under_every_comparison(policy, criterion):
+    """The bundled fp32 run against the bf16 base: under every --compare-dtype, each tensor's true updates (in
+    fp32, the base cast up exactly), bf16-visible and hidden counts are numpy's, and the whole model's true
+    sparsity and hidden share are the pooled numpy figures; the compared `updated` stays the pair dtype's."""
+    root = sample_dir()
+    from safetensors.torch import load_file as load_torch
+
+    patterns = {n: t.view(torch.int16).numpy().view(np.uint16)  # bf16 bit patterns, widened by numpy below
+                for n, t in load_torch(str(root / "base" / "model.safetensors")).items()}
+    run = load_file(str(root / "fp32-grpo-lowlr-seed1" / "model.safetensors"))
+    a = Analysis(str(root / "base"), [str(root / "fp32-grpo-lowlr-seed1")],
+                 AnalysisOptions(criterion=criterion, rank=False, use_cache=False, compare_dtype=policy))
+    result = a.run_all()
+    a.close()
+    tol = np.float32(criterion.value)
+    true_total = numel_total = hidden_total = 0
+    for name, w1 in run.items():
+        w0 = (patterns[name].astype(np.uint32) << 16).view(np.float32)  # a bf16 value is its float32's top half
+        if criterion.name == "exact":
+            true = w1 != w0
+        else:
+            true = np.abs(w1 - w0) > tol  # the float32 difference, as a comparison in fp32 takes it
+        visible = bf16_round(w0) != bf16_round(w1)
+        s = result.tensors[name].runs[0]
+        assert s.true_updated == int(true.sum()), name
+        assert s.updated_bf16_visible == int(visible.sum()), name
+        assert s.hidden_by_bf16 == int((true & ~visible).sum()), name
+        true_total, numel_total = true_total + int(true.sum()), numel_total + true.size
+        hidden_total += int((true & ~visible).sum())
+    stats = result.stats()
+    assert stats.true_sparsity(0) == pytest.approx(1 - true_total / numel_total)
+    assert stats.hidden_by_bf16(0) == pytest.approx(hidden_total / true_total)
+    if policy in ("stored", "bf16"):  # compared in bf16: the headline counts far fewer updates than stored
+        assert stats.sparsity(0) > stats.true_sparsity(0) + 0.05

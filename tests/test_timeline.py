@@ -291,9 +291,9 @@ async def test_explorer_draws_the_timeline_of_the_focused_node(tmp_path):
             n = sum(b[name].numel() for name in names)
             for i, s in enumerate(steps):
                 rows = [want[(name, s)] for name in names]
-                assert data.series["tl vs base"][i] == pytest.approx(100 * (1 - sum(r["updated_vs_base"] for r in rows) / n))
-                assert data.series["tl step"][i] == pytest.approx(100 * (1 - sum(r["updated_vs_prev"] for r in rows) / n))
-                assert data.series["tl union"][i] == pytest.approx(100 * sum(r["union_so_far"] for r in rows) / n)
+                assert data.series["tl sparsity vs base"][i] == pytest.approx(100 * (1 - sum(r["updated_vs_base"] for r in rows) / n))
+                assert data.series["tl sparsity vs step"][i] == pytest.approx(100 * (1 - sum(r["updated_vs_prev"] for r in rows) / n))
+                assert data.series["tl union density"][i] == pytest.approx(100 * sum(r["union_so_far"] for r in rows) / n)
 
     plain = ExplorerApp(ExplorerConfig(str(tmp_path / "base"), [str(tmp_path / "plain")], AnalysisOptions(rank=False),
                                        tmp_path / "exports"))

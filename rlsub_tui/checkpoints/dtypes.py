@@ -36,6 +36,21 @@ def pair_dtype(base: torch.dtype, run: torch.dtype, policy: str = "stored") -> t
     return FORCED[policy]
 
 
+def finer_than_bf16(dtype: torch.dtype) -> bool:
+    """A floating dtype with more mantissa than bf16 (fp16, fp32, fp64): updates that bf16 may hide."""
+    return dtype.is_floating_point and torch.finfo(dtype).eps < torch.finfo(torch.bfloat16).eps
+
+
+def true_update_dtype(base: torch.dtype, run: torch.dtype, compared: torch.dtype) -> torch.dtype | None:
+    """Where a run stored finer than bf16 is compared in another dtype: the stored precision its true updates
+    are counted in besides (the finer of the pair; the base casts up exactly). None when the comparison
+    already is that precision, or the run is stored in bf16 or coarser."""
+    if not finer_than_bf16(run):
+        return None
+    stored = run if less_precise(base, run) == base else base
+    return None if stored == compared else stored
+
+
 class CastLog:
     """Which runs had tensors cast for comparison, counted per (base dtype, run dtype, compared in)."""
 

@@ -176,11 +176,11 @@ def explore_parser() -> argparse.ArgumentParser:
 class ProgressLine:
     """The progress bar on stderr (rich.progress): tensors done, bytes read per second and the time left."""
 
-    def __init__(self):
+    def __init__(self, label: str = "", unit: str = "tensors"):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        self.bar = Progress(BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("tensors"),
+        self.bar = Progress(TextColumn(label), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn(unit),
                             TextColumn("{task.fields[speed]}"),
                             console=Console(file=sys.stderr), refresh_per_second=10)
         self.task = None
@@ -202,8 +202,12 @@ class ProgressLine:
             self.bar.stop()
 
 
+# Each pass's bar: what it compares, and the unit of its count (every run, or every step, of one tensor at a time)
+PASSES = {"runs": ("runs vs base", "tensors"), "timeline": ("timeline steps vs base, prev", "tensors")}
+
+
 class Bars:
-    """One progress bar per pass (the runs, then the timeline) on stderr, or none with --quiet."""
+    """One progress bar per pass (the runs, then the timeline) on stderr, labelled, or none with --quiet."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -215,7 +219,7 @@ class Bars:
             return
         if kind != self.kind:  # a new pass: end the last one's line
             self.close()
-            self.kind, self.bar = kind, ProgressLine()
+            self.kind, self.bar = kind, ProgressLine(*PASSES.get(kind, ("", "tensors")))
         self.bar.update(p)
 
     def close(self) -> None:

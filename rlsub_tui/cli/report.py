@@ -6,6 +6,7 @@ from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE
 from rlsub_tui.export.outputs import sweep_label, updated_when
 from rlsub_tui.records.overlap import lift
 from rlsub_tui.records.results import AnalysisResult
+from rlsub_tui.records.timelines import PATCH_DENSE
 from rlsub_tui.util.formatting import count, pct, ratio
 
 
@@ -27,19 +28,28 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
         lines[-1:-1] = [f"WARNING: {n}" for n in plain]
     sweep_cols = [sweep_label(t) for t in result.sweep]
     rw = min(max([len(x) for x in result.run_labels] + [3]), 40)
-    head = f"{'run':<{rw}} {'sparsity':>9} {'updated':>9} {'rank/max':>9} {'e99/max':>8} {'NaN/Inf':>8}" + "".join(
-        f" {c:>16}" for c in sweep_cols)
+    fine = bool(s.fine_tensors.any())  # runs stored finer than bf16: their true updates beside the compared ones
+    dw = max([len(_dtypes(s.compared_dtypes[i])) for i in range(result.k)] + [8])
+    head = (f"{'run':<{rw}} {'compared':>{dw}} {'sparsity':>9} {'updated':>9}"
+            + (f" {'true sp':>9} {'hid bf16':>9}" if fine else "")
+            + f" {'rank/max':>9} {'e99/max':>8} {'NaN/Inf':>8}" + "".join(f" {c:>16}" for c in sweep_cols))
     lines.append(head)
     for i, label in enumerate(result.run_labels):
-        row = (f"{label[:rw]:<{rw}} {pct(s.sparsity(i)):>9} {count(int(s.updated[i])):>9} "
-               f"{pct(s.mean_rank_ratio(i)):>9} {pct(s.mean_spectrum_ratio('energy_rank_99', i)):>8} "
-               f"{int(s.nonfinite[i]):>8}")
+        row = (f"{label[:rw]:<{rw}} {_dtypes(s.compared_dtypes[i]):>{dw}} {pct(s.sparsity(i)):>9} "
+               f"{count(int(s.updated[i])):>9}")
+        if fine:
+            row += f" {pct(s.true_sparsity(i)):>9} {pct(s.hidden_by_bf16(i)):>9}"
+        row += (f" {pct(s.mean_rank_ratio(i)):>9} {pct(s.mean_spectrum_ratio('energy_rank_99', i)):>8} "
+                f"{int(s.nonfinite[i]):>8}")
         row += "".join(f" {pct(s.sweep_sparsity(i, j)):>16}" for j in range(len(result.sweep)))
         lines.append(row)
-    fine = [f"{label} {pct(s.hidden_by_bf16(i))}" for i, label in enumerate(result.run_labels) if s.fine_tensors[i]]
-    if fine:  # pairs stored finer than bf16: true and bf16-visible updates
-        lines.append("hidden by bf16 (true updates with bf16(w1) = bf16(w0), of all true updates; chart p): "
-                     + ", ".join(fine))
+    lines.append("compared: the dtype each run was compared with the base in (sparsity, updated and every overlap "
+                 "below are in it)")
+    if fine:
+        stored = "/".join(sorted({d for ds in s.true_dtypes for d in ds}))
+        lines.append(f"true sp: sparsity of the true updates, counted in the stored precision ({stored}) whatever "
+                     "the comparison dtype; hid bf16: true updates with bf16(w1) = bf16(w0), of all true updates "
+                     "(chart p); – for runs stored in bf16")
     pairs = list(s.pairs())
     if pairs:
         names = [f"{result.run_labels[a]} vs {result.run_labels[b]}" for a, b, _ in pairs[:max_pairs]]
@@ -78,20 +88,27 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _dtypes(names: set[str]) -> str:
+    return "/".join(sorted(names)) or "–"
+
+
 def timeline_text(timelines: list[dict]) -> str:
     """Per timeline run and step, pooled over tensors (export.timeline_summary's dicts)."""
     lines = []
     for t in timelines:
         lines += ["", f"timeline {t['label']} (step gap {t['step_gap']}):",
-                  f"  {'step':>14} {'vs base':>9} {'vs prev':>9} {'overlap prev':>13} {'union':>9} {'patch/dense':>12}"]
+                  f"  {'step':>14} {'sp vs base':>10} {'sp vs prev':>10} {'overlap prev':>13} {'union dens':>10} "
+                  f"{'patch/dense':>12}"]
         for s in t["per_step"]:
             prev = "" if s["prev_step"] is None else f"{s['prev_step']} → "
             overlap = "–" if s["overlap_prev"] is None else f"{pct(s['overlap_prev'])} ({pct(s['overlap_prev_random'])})"
-            lines.append(f"  {prev + str(s['step']):>14} {pct(s['sparsity_vs_base']):>9} "
-                         f"{pct(s['sparsity_vs_prev']):>9} "
-                         f"{overlap:>13} {pct(s['union_density']):>9} "
+            lines.append(f"  {prev + str(s['step']):>14} {pct(s['sparsity_vs_base']):>10} "
+                         f"{pct(s['sparsity_vs_prev']):>10} "
+                         f"{overlap:>13} {pct(s['union_density']):>10} "
                          f"{pct(s['patch_ratio']):>12}")
     if lines:
-        lines.append("  (vs base / vs prev: sparsity; overlap prev: share of this step's updates also updated in the "
-                     "previous step, chance in brackets; union: density of everything updated so far)")
+        lines.append("  (sp vs base / sp vs prev: sparsity against the base and the step before; overlap prev: share "
+                     "of this step's updates also updated in the previous step, chance in brackets; union dens: "
+                     "density of everything updated so far;")
+        lines.append(f"   {PATCH_DENSE})")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 
 from rlsub_tui.checkpoints import fp8
 from rlsub_tui.checkpoints.checkpoint import Checkpoint, open_checkpoint
-from rlsub_tui.checkpoints.dtypes import CastLog, dtype_name, pair_dtype
+from rlsub_tui.checkpoints.dtypes import CastLog, dtype_name, pair_dtype, true_update_dtype
 from rlsub_tui.checkpoints.kinship import architectures_note, open_warnings
 from rlsub_tui.checkpoints.labels import checkpoint_label, run_labels, run_paths
 from rlsub_tui.checkpoints.names import canonical
@@ -44,6 +44,8 @@ class TensorPlan:
     notes: list[str]
     run_dtypes: list[torch.dtype] = field(default_factory=list)  # the dtype each run is compared in
     scales: list[str | None] = field(default_factory=list)  # block scale of the base, then of each run
+    # per run: the stored precision its true updates are counted in besides the comparison (dtypes.true_update_dtype)
+    true_dtypes: list[torch.dtype | None] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -182,6 +184,7 @@ def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows
     if problem:
         return None, [("*", f"fp8 weight not compared: {problem}")]
     run_names, reasons, rows, tnotes, run_dtypes, scales = [], [], None, [], [], [bl.scales.get(name)]
+    true_dtypes = []
     for lay, m in zip(run_layouts, run_maps):
         run, other = lay.ckpt, m.get(canonical(name))
         reason = _pair_problem(name, bl, lay, other, common_rows)
@@ -200,13 +203,15 @@ def _plan_one(name, bl: Layout, run_layouts: list[Layout], run_maps, common_rows
         run_names.append(other)
         run_dtypes.append(pair)
         scales.append(lay.scales.get(other))
+        dequantised = name in bl.scales or other in lay.scales  # fp8 codes: no finer stored values to count
+        true_dtypes.append(None if dequantised else true_update_dtype(base_dtype, run_dtype, pair))
     if reasons:
         return None, reasons
     shape = info.shape if rows is None else (rows,) + info.shape[1:]
     numel = math.prod(shape)
     nbytes = numel * info.dtype.itemsize + sum(
         numel * lay.ckpt.tensors[n].dtype.itemsize for lay, n in zip(run_layouts, run_names))
-    return TensorPlan(name, run_names, base_dtype, shape, rows, nbytes, tnotes, run_dtypes, scales), []
+    return TensorPlan(name, run_names, base_dtype, shape, rows, nbytes, tnotes, run_dtypes, scales, true_dtypes), []
 
 
 def _pair_problem(name: str, bl: Layout, lay: Layout, other: str | None, common_rows: bool) -> str | None:
@@ -368,8 +373,10 @@ class Analysis:
 
     def _compute(self, plan: TensorPlan, loaded, known: list[RankFigures | None]):
         tensors = self._prepare(plan, loaded)
+        stored = [t if dt is not None else None for t, dt in zip(loaded[0][1:], plan.true_dtypes)]
         return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
-                              want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes)
+                              want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes,
+                              stored=stored, true_dtypes=plan.true_dtypes)
 
     def compute_named(self, name: str, known: list[RankFigures | None]):
         """One planned tensor read and computed here, on the CPU (a worker process's task)."""

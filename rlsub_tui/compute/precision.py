@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlsub_tui.records.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN
+from rlsub_tui.compute.kernels import criterion_mask, nonzero, rounded, stored_delta
+from rlsub_tui.records.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN, Criterion
 
 BF16_MANTISSA_BITS = 7
 _BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -229,3 +230,45 @@ class PrecisionAccumulator:
         return PrecisionFigures(tuple(int(c) for c in self.histogram),
                                 self.visible if self.above else None, self.hidden if self.above else None)
 
+
+
+@dataclass(frozen=True)
+class TrueUpdateFigures:
+    """One run's true updates on one tensor, counted in its stored precision, with their bf16 visibility."""
+
+    true: int  # positions updated under the criterion in the stored precision (a NaN/Inf Δ counts)
+    visible: int  # positions with bf16(θ1) ≠ bf16(θ0)
+    hidden: int  # true updates with bf16(θ1) = bf16(θ0)
+
+
+class TrueUpdates:
+    """A run stored finer than bf16 but compared in a coarser dtype: its true updates counted on the same chunks
+    in the stored precision `dtype` (the finer of the pair, the base cast up exactly), as if compared there."""
+
+    def __init__(self, dtype: torch.dtype, criterion: Criterion):
+        self.dtype, self.criterion = dtype, criterion
+        self.work = torch.float64 if dtype == torch.float64 else torch.float32
+        self.tol = rounded(criterion.value, dtype) if criterion.name == "atol" else 0.0
+        self.true = self.visible = self.hidden = 0
+
+    def add(self, base: torch.Tensor, run: torch.Tensor) -> None:
+        """One chunk of the base and the run, each as stored."""
+        b = base if base.dtype == self.dtype else base.to(self.dtype)
+        r = run if run.dtype == self.dtype else run.to(self.dtype)
+        d = stored_delta(b, r).to(self.work)
+        finite = torch.isfinite(d)
+        absd = torch.where(finite, d, torch.zeros_like(d)).abs()
+        updated = criterion_mask(b, r, absd, self.criterion, self.tol, self.work) | ~finite
+        base_bf16, run_bf16 = b.to(torch.bfloat16), r.to(torch.bfloat16)
+        if b.is_cuda:
+            visible = base_bf16 != run_bf16  # bf16_visible
+            self.visible += nonzero(visible)
+            self.hidden += nonzero(updated & ~visible)
+        else:
+            visible_np = bf16_values_differ(base_bf16, run_bf16)
+            self.visible += int(np.count_nonzero(visible_np))
+            self.hidden += int(np.count_nonzero(updated.reshape(-1).numpy() & ~visible_np))
+        self.true += nonzero(updated)
+
+    def finish(self) -> TrueUpdateFigures:
+        return TrueUpdateFigures(self.true, self.visible, self.hidden)

@@ -18,10 +18,8 @@ from rlsub_tui.compute.engine import TensorPlan, plan_tensors
 from rlsub_tui.compute.kernels import CHUNK_ELEMENTS, update_mask
 from rlsub_tui.records.criteria import Criterion
 from rlsub_tui.records.events import Progress
-from rlsub_tui.records.timelines import RunTimeline, TimelineResult, TimelineRow
+from rlsub_tui.records.timelines import INDEX_BYTES, RunTimeline, TimelineResult, TimelineRow
 from rlsub_tui.util.errors import InputError
-
-INDEX_BYTES = 4  # a sparse patch stores each changed position as a 4-byte index plus the new stored value
 
 
 def _check_agreement(t: Timeline, ckpts: list[Checkpoint]) -> None:
@@ -69,8 +67,8 @@ class TimelineAnalysis:
         # each step against the base in the dtype the run table uses for that pair (--compare-dtype included)
         planning = plan_tensors(self.base, every, policy=policy)
         self.plans, skipped = planning.plans, planning.skipped
-        runs = [RunTimeline(label, str(t.path), list(t.steps), np.zeros(len(t.steps) + 1, dtype=np.int64))
-                for label, t in timelines]
+        runs = [RunTimeline(label, str(t.path), list(t.steps), np.zeros(len(t.steps) + 1, dtype=np.int64),
+                            [str(c) for c in t.checkpoints]) for label, t in timelines]
         self.result = TimelineResult(criterion, gap, runs, skipped=skipped, compare_dtype=policy)
 
     def run(self, on_progress: Callable[[Progress], None] | None = None,

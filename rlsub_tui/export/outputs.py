@@ -17,7 +17,7 @@ from rlsub_tui import __version__
 from rlsub_tui.records import overlap
 from rlsub_tui.records.criteria import ULP_LOG2_MAX, ULP_LOG2_MIN
 from rlsub_tui.records.measures import (
-    PRECISION_AND_LINE_CSV,
+    GROUP_PRECISION_AND_LINE_CSV,
     matrices_header,
     precision_and_line_figures,
     run_figures,
@@ -74,18 +74,40 @@ def criterion_dict(result: AnalysisResult) -> dict:
 
 
 def updated_when(result: AnalysisResult) -> str:
-    """The criterion in words."""
+    """The criterion in words, for every pair (each in its own comparison dtype: see run_provenance)."""
+    return _rule(result, "the pair's comparison dtype")
+
+
+def _rule(result: AnalysisResult, dtype: str) -> str:
     c = result.criterion
-    rule = {"atol": f"|Δ| > {c.value:g} with Δ in the stored dtype (the tolerance rounded to that dtype)",
-            "exact": "the stored values differ",
-            "relative": f"|Δ| > {c.value:g}·max(|w0|, |w1|), in float32"}[c.name]
+    rule = {"atol": f"|Δ| > {c.value:g} with both values in {dtype} and Δ computed there (the tolerance rounded "
+                    "to that dtype)",
+            "exact": f"the values differ in {dtype}",
+            "relative": f"|Δ| > {c.value:g}·max(|w0|, |w1|) of the values in {dtype}, computed in float32"}[c.name]
     return f"a parameter counts as updated when {rule}; NaN/Inf in either checkpoint counts as updated"
 
 
+def run_provenance(result: AnalysisResult, s: Stats, i: int) -> dict:
+    """Run i as compared: the dtype(s) its pair with the base was compared in, the criterion for that pair, and
+    where its true updates (true_updated, true_sparsity, hidden_by_bf16) were counted."""
+    compared = sorted(s.compared_dtypes[i])
+    true_in = sorted(s.true_dtypes[i])
+    dtype = compared[0] if len(compared) == 1 else (" or ".join(compared) + " by tensor (matrices.csv `dtype`)"
+                                                   if compared else "the pair's comparison dtype")
+    out = {"compare_dtype": "/".join(compared) or None, "updated_when": _rule(result, dtype),
+           "true_updates_in": "/".join(true_in) or None}
+    if true_in:
+        out["true_updated_when"] = (_rule(result, "/".join(true_in)) + " (the stored precision: the base cast up "
+                                    "exactly; whatever the comparison dtype)")
+    return out
+
+
 def provenance(result: AnalysisResult, shows: str, tensors: list[str], columns: dict[str, str],
-               filter_text: str = "") -> dict:
-    """What an exported table or chart holds and how it was computed: written beside it as NAME.json."""
+               filter_text: str = "", timeline: TimelineResult | None = None) -> dict:
+    """What an exported table or chart holds and how it was computed: written beside it as NAME.json; with a
+    timeline, also every step's checkpoint and the step gap."""
     done = sum(1 for t in tensors if t in result.tensors)
+    pooled = result.stats(tensors)
     return {
         "written_by": f"rlsub-tui {__version__}",
         "shows": shows,
@@ -96,11 +118,21 @@ def provenance(result: AnalysisResult, shows: str, tensors: list[str], columns: 
         "updated_when": updated_when(result),
         "sweep": list(result.sweep),
         "base": {"label": result.base_label, "path": result.base_path},
-        "runs": [{"number": i + 1, "label": lbl, "path": path}
+        "compare_dtype": result.compare_dtype,
+        "runs": [{"number": i + 1, "label": lbl, "path": path, **run_provenance(result, pooled, i)}
                  for i, (lbl, path) in enumerate(zip(result.run_labels, result.run_paths))],
         "units": UNITS,
         "columns": columns,
+        **({"timeline": timeline_provenance(timeline)} if timeline is not None else {}),
     }
+
+
+def timeline_provenance(timeline: TimelineResult) -> dict:
+    """The timeline's runs, each step with its checkpoint's path, the step gap and how pairs were compared."""
+    return {"step_gap": timeline.gap, "compare_dtype": timeline.compare_dtype,
+            "runs": [{"label": run.label, "path": run.path,
+                      "steps": [{"step": step, "path": path} for step, path in zip(run.steps, run.step_paths)]}
+                     for run in timeline.runs]}
 
 
 def sidecar_path(csv_path: Path) -> Path:
@@ -202,7 +234,8 @@ def agreement_csv(result: AnalysisResult) -> str:
 def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     header = ["group", "level", "run", "tensors", "numel", "updated", "sparsity", "mean_rank_ratio"]
     header += [f"mean_{f}_ratio" for f in SPECTRUM_RATIOS]
-    header += PRECISION_AND_LINE_CSV[1:]  # bf16 visibility, rows and columns, pooled (docs/measures.md)
+    header += GROUP_PRECISION_AND_LINE_CSV  # true updates, bf16 visibility, rows and columns (docs/measures.md)
+    header += ["jaccard", "jaccard_random", "jaccard_random_strat", "jaccard_lift_strat"]  # the group's, every row
     header += [sweep_label(t) for t in result.sweep]
     from rlsub_tui.summaries.tree import build_tree
 
@@ -211,10 +244,13 @@ def group_rows(result: AnalysisResult) -> tuple[list[str], list[list]]:
     groups = [n for root in (model, by_type) for n in root.walk() if not n.is_tensor and n is not by_type]
     for g in groups:
         s = result.stats(g.tensors)
+        (jaccard, jaccard_random), jaccard_strat = s.mean_jaccard(), s.mean_jaccard_chance_strat()
         for i, label in enumerate(result.run_labels):
             row = [g.key, g.level, label, s.tensors, s.numel, int(s.updated[i]), s.sparsity(i), s.mean_rank_ratio(i)]
             row += [s.mean_spectrum_ratio(f, i) for f in SPECTRUM_RATIOS]
-            row += [v for k, v in precision_and_line_figures(s, i).items() if k != "updated_bf16_visible"]
+            figures = precision_and_line_figures(s, i)
+            row += [figures[k] for k in GROUP_PRECISION_AND_LINE_CSV]
+            row += [jaccard, jaccard_random, jaccard_strat, overlap.lift(jaccard, jaccard_strat)]
             row += [s.sweep_sparsity(i, j) for j in range(len(result.sweep))]
             rows.append(row)
     return header, rows
@@ -233,7 +269,8 @@ def summary_dict(result: AnalysisResult, groups=()) -> dict:
     runs = []
     for i, label in enumerate(result.run_labels):
         runs.append({
-            "label": label, "path": result.run_paths[i], "numel": s.numel, "updated": int(s.updated[i]),
+            "label": label, "path": result.run_paths[i], **run_provenance(result, s, i),
+            "numel": s.numel, "updated": int(s.updated[i]),
             "sparsity": json_value(s.sparsity(i)), "mean_rank_ratio": json_value(s.mean_rank_ratio(i)),
             "nonfinite": int(s.nonfinite[i]),
             **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f, i)) for f in SPECTRUM_RATIOS},

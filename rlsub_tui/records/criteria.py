@@ -90,8 +90,11 @@ class RunTensorStats:
     energy_rank_99: int | None = None
     effective_rank: float | None = None
     energy_curve: list[float] | None = None  # cumulative energy at k/min(m,n) = 0, 0.01, ..., 1 (spectrum.py)
-    # precision.py: bf16-visible updates and true updates hidden by bf16, None unless the
-    # pair is finer than bf16; the histogram of floor(log2(|Δ| / ULP_bf16(w0))), empty for fp8 pairs
+    # precision.py: true updates (in the stored precision), bf16-visible updates and true updates hidden by
+    # bf16, None unless the run is stored or compared finer than bf16; the histogram of
+    # floor(log2(|Δ| / ULP_bf16(w0))) of the compared Δ, empty for fp8 pairs
+    true_updated: int | None = None
+    true_dtype: str | None = None  # the precision true updates were counted in (the stored one)
     updated_bf16_visible: int | None = None
     hidden_by_bf16: int | None = None
     ulp_histogram: list[int] = field(default_factory=list)

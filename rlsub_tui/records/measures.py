@@ -57,13 +57,15 @@ def run_figures(record, s) -> dict:
 
 
 def precision_and_line_figures(stats, i: int | None = None) -> dict:
-    """Run i's bf16 visibility and row/column figures over a results.Stats (one tensor or a node), or pooled over
-    every run (i None): `updated_bf16_visible` and `hidden_by_bf16` only where the pair is finer than bf16 (None /
-    NaN otherwise), shares of the 2-D matrices' rows and columns holding an update with their uniform-chance
-    levels (line-weighted)."""
+    """Run i's true updates, bf16 visibility and row/column figures over a results.Stats (one tensor or a node), or
+    pooled over every run (i None): `true_updated`, `true_sparsity`, `updated_bf16_visible` and `hidden_by_bf16`
+    only over tensors whose run is stored finer than bf16 (None / NaN otherwise; the counts per run only), shares
+    of the 2-D matrices' rows and columns holding an update with their uniform-chance levels (line-weighted)."""
     rows, rows_chance = stats.touched("rows", i)
     cols, cols_chance = stats.touched("cols", i)
     return {
+        "true_updated": None if i is None else stats.true_updated_count(i),
+        "true_sparsity": stats.mean_true_sparsity() if i is None else stats.true_sparsity(i),
         "updated_bf16_visible": None if i is None else stats.bf16_visible_count(i),
         "hidden_by_bf16": stats.mean_hidden_by_bf16() if i is None else stats.hidden_by_bf16(i),
         "row_share": rows, "row_share_chance": rows_chance, "col_share": cols, "col_share_chance": cols_chance,
@@ -132,6 +134,8 @@ NODE_MEASURES: tuple[Measure, ...] = (
        "mean over run pairs of the Jaccard index |A∩B|/|A∪B| of the updated sets"),
     _M("jaccard_chance", "@rnd", "ratio", "per run pair, mean",
        "the Jaccard expected for independent random sets of the same densities: pq/(p+q−pq)"),
+    _M("jaccard_lift_strat", "J/str", "ratio", "per run pair, mean",
+       "the honest margin: mean Jaccard over the mean Jaccard chance of the stratified null (@str)"),
     _M("consensus", "all K", "pct", "across runs", "consensus: fraction of parameters updated by every run"),
     _M("consensus_chance", "@rnd", "pct", "across runs",
        "consensus expected if runs were independent: the product of densities"),
@@ -146,9 +150,12 @@ NODE_MEASURES: tuple[Measure, ...] = (
     *(_M(f"spectrum:{f}", title, "pct", "pooled over runs",
          f"mean over 2-D matrices and runs of the {SPECTRUM_WORDS[f]}, divided by min(m,n)")
       for f, title in SPECTRUM_TITLES.items()),
+    _M("true_sparsity", "true sp", "pct", "pooled over runs",
+       "mean over the runs stored finer than bf16 (fp32 master weights) of their true-update sparsity: 1 − true "
+       "updates / params, counted in the stored precision whatever the comparison dtype; empty for bf16 runs"),
     _M("hidden_by_bf16", "hid bf16", "pct", "pooled over runs",
        "true updates a bf16 cast hides (bf16(w1) = bf16(w0)) / true updates, pooled over runs and tensors whose "
-       "pair is finer than bf16 (fp32 master weights); empty for bf16 pairs"),
+       "run is stored finer than bf16 (fp32 master weights), whatever the comparison dtype; empty for bf16 runs"),
     _M("row_share", "rows", "pct", "pooled over runs",
        "share of the 2-D matrices' rows holding at least one update, row-weighted over matrices and runs"),
     _M("row_share_chance", "rows@rnd", "pct", "pooled over runs",
@@ -177,11 +184,18 @@ RUN_MEASURES: tuple[Measure, ...] = (
       for f, title in SPECTRUM_TITLES.items()),
     _M("nonfinite", "NaN/Inf", "count", "per run",
        "positions where Δ is NaN or Inf (counted as updated, left out of |Δ|, norms and signs)", "nonfinite"),
+    _M("true_updated", "true upd", "count", "per run",
+       "true updates: parameters updated under the criterion in the run's stored precision (the base cast up "
+       "exactly), whatever the comparison dtype (runs stored finer than bf16; empty otherwise)", "true_updated"),
+    _M("true_sparsity", "true sp", "pct", "per run",
+       "true-update sparsity 1 − true updates / params (runs stored finer than bf16; empty otherwise)",
+       "true_sparsity"),
     _M("updated_bf16_visible", "vis bf16", "count", "per run",
-       "positions whose bf16 casts differ, bf16(w1) ≠ bf16(w0) (pairs finer than bf16; empty otherwise)",
+       "positions whose bf16 casts differ, bf16(w1) ≠ bf16(w0) (runs stored finer than bf16; empty otherwise)",
        "updated_bf16_visible"),
     _M("hidden_by_bf16", "hid bf16", "pct", "per run",
-       "true updates a bf16 cast hides / true updates (pairs finer than bf16; empty otherwise)", "hidden_by_bf16"),
+       "true updates a bf16 cast hides / true updates (runs stored finer than bf16; empty otherwise)",
+       "hidden_by_bf16"),
     _M("row_share", "rows", "pct", "per run", "share of the matrix's rows holding at least one update",
        "row_share"),
     _M("row_share_chance", "rows@rnd", "pct", "per run",
@@ -194,7 +208,9 @@ RUN_MEASURES: tuple[Measure, ...] = (
 )
 
 PRECISION_AND_LINE_CSV = ("updated_bf16_visible", "hidden_by_bf16", "row_share", "row_share_chance", "col_share",
-                          "col_share_chance")  # precision_and_line_figures' keys, as matrices.csv orders them
+                          "col_share_chance", "true_updated", "true_sparsity")  # precision_and_line_figures' keys,
+# as matrices.csv orders them (the true updates added last); groups.csv leaves the per-run counts out
+GROUP_PRECISION_AND_LINE_CSV = tuple(c for c in PRECISION_AND_LINE_CSV if c not in ("true_updated", "updated_bf16_visible"))
 # matrices.csv, one row per tensor and run: these columns, in this order (the file's layout since version 1)
 MATRICES_CSV: tuple[str, ...] = (
     "tensor", "run", "dtype", "shape", "numel", "updated", "sparsity", "nonfinite", "mean_abs_delta",

@@ -13,7 +13,7 @@ from rlsub_tui.records.measures import SPECTRUM_RATIOS  # re-exported: other mod
 
 # 5: per-pair dtypes, spectrum figures, run codes per record; 6: the cumulative-energy curve; 8: all of them;
 # 9: bf16 visibility, the ULP histogram, rows and columns touched
-RESULT_VERSION = 9
+RESULT_VERSION = 10
 
 
 @dataclass
@@ -119,11 +119,15 @@ class Stats:
         self.agreement_expected_strat = np.zeros(k + 1)
         self.run_codes = np.zeros(1 << k if k <= MAX_SUBSET_RUNS else 0, dtype=np.int64)
         self.coded = k <= MAX_SUBSET_RUNS  # False once a tensor without run codes is added
-        # precision: over tensors whose pair is finer than bf16, true updates, bf16-visible and hidden
+        # precision: over tensors whose run is stored (or compared) finer than bf16, their parameters, true
+        # updates in the stored precision, bf16-visible and hidden
+        self.fine_numel = np.zeros(k, dtype=np.int64)
         self.fine_updated = np.zeros(k, dtype=np.int64)
         self.bf16_visible = np.zeros(k, dtype=np.int64)
         self.bf16_hidden = np.zeros(k, dtype=np.int64)
         self.fine_tensors = np.zeros(k, dtype=np.int64)
+        self.compared_dtypes: list[set[str]] = [set() for _ in range(k)]  # per run: the dtypes it was compared in
+        self.true_dtypes: list[set[str]] = [set() for _ in range(k)]  # per run: where true updates were counted
         self.ulp_histogram = np.zeros((k, ULP_BINS), dtype=np.int64)
         # rows and columns: over 2-D matrices, rows/columns in all, touched, and expected touched by chance
         self.lines = {axis: np.zeros((3, k)) for axis in ("rows", "cols")}
@@ -164,9 +168,14 @@ class Stats:
     def _add_precision_and_lines(self, i: int, s: RunTensorStats, r: TensorResult) -> None:
         if len(s.ulp_histogram) == ULP_BINS:
             self.ulp_histogram[i] += np.asarray(s.ulp_histogram, dtype=np.int64)
+        if s.dtype:
+            self.compared_dtypes[i].add(s.dtype)
         if s.hidden_by_bf16 is not None:
             self.fine_tensors[i] += 1
-            self.fine_updated[i] += s.updated
+            if s.true_dtype:
+                self.true_dtypes[i].add(s.true_dtype)
+            self.fine_numel[i] += r.numel
+            self.fine_updated[i] += s.updated if s.true_updated is None else s.true_updated
             self.bf16_visible[i] += s.updated_bf16_visible
             self.bf16_hidden[i] += s.hidden_by_bf16
         if s.rows_updated is not None and len(r.shape) == 2:
@@ -215,9 +224,22 @@ class Stats:
     def relative_norm(self, i: int) -> float:
         return measures.rel_delta_norm(self.sq_delta[i], self.sq_base[i])
 
+    def true_sparsity(self, i: int) -> float:
+        """1 − true updates / parameters, over the tensors whose run is stored finer than bf16; NaN if none."""
+        return measures.sparsity(int(self.fine_updated[i]), int(self.fine_numel[i])) if self.fine_tensors[i] else math.nan
+
+    def mean_true_sparsity(self) -> float:
+        """Mean over the runs stored finer than bf16 of their true-update sparsity; NaN if none is."""
+        vals = [self.true_sparsity(i) for i in range(self.k) if self.fine_tensors[i]]
+        return float(np.mean(vals)) if vals else math.nan
+
     def hidden_by_bf16(self, i: int) -> float:
-        """Share of true updates that bf16 hides, over the tensors whose pair is finer than bf16; NaN if none."""
+        """Share of true updates that bf16 hides, over the tensors whose run is stored finer than bf16; NaN if none."""
         return overlap.ratio(int(self.bf16_hidden[i]), int(self.fine_updated[i])) if self.fine_tensors[i] else math.nan
+
+    def true_updated_count(self, i: int) -> int | None:
+        """True updates in the stored precision, over the tensors whose run is stored finer than bf16; None if none."""
+        return int(self.fine_updated[i]) if self.fine_tensors[i] else None
 
     def bf16_visible_count(self, i: int) -> int | None:
         """Positions whose bf16 casts differ, over the tensors whose pair is finer than bf16; None if none."""

@@ -148,11 +148,18 @@ def timeline_chart(node: Node, timeline: TimelineResult | None, state: str = "no
             vs_base.append(100 * (1 - upd / n) if n else math.nan)
             union.append(100 * uni / n if n else math.nan)
             vs_prev.append(100 * (1 - upd_prev / n_prev) if n_prev else math.nan)
-        series[f"{run.label} vs base"] = vs_base
-        series[f"{run.label} {gap}"] = vs_prev
-        series[f"{run.label} union"] = union
+        series[f"{run.label} sparsity vs base"] = vs_base
+        series[f"{run.label} sparsity vs {gap}"] = vs_prev
+        series[f"{run.label} union density"] = union
     msg = None if xs else "no timeline numbers for these tensors"
-    return ChartData("timeline", title + " (%)", "step", "% of params", xs, series, message=msg)
+    back = f"the checkpoint {timeline.gap} step(s) before in the run's list" if timeline.gap > 1 else "the step before"
+    meaning = {"step": "the training step of the checkpoint (from its folder name)"}
+    for run in timeline.runs:
+        meaning[f"{run.label} sparsity vs base"] = "1 − updated against the base / params, pooled over the node"
+        meaning[f"{run.label} sparsity vs {gap}"] = f"1 − updated against {back} / params, pooled over the node"
+        meaning[f"{run.label} union density"] = ("parameters updated against the base at this step or any "
+                                                 "earlier one / params, pooled over the node")
+    return ChartData("timeline", title + " (%)", "step", "% of params", xs, series, message=msg, meaning=meaning)
 
 
 def matrix_rank_chart(node: Node, result: AnalysisResult) -> ChartData:
@@ -256,7 +263,8 @@ def precision_chart(node: Node, result: AnalysisResult) -> ChartData:
 
 def overlap_chart(sel: SelectedStats, metric: str = "o1", labels: list[str] | None = None):
     """Per pair of chosen runs (numbered as in the run list): observed, both chance levels (pooled and
-    stratified by tensor × |w0| exponent) and lift = observed / pooled chance, which the chart draws."""
+    stratified by tensor × |w0| exponent) and both lifts, observed / pooled and / stratified chance, which the
+    chart draws."""
     title = "Jaccard |A∩B|/|A∪B|" if metric == "jaccard" else "o1 = |A∩B|/|A|"
     if len(sel.runs) < 2:
         return ChartData("overlap", title, "pair", metric, [], {}, message="overlap needs two or more chosen runs: press r")
@@ -270,6 +278,7 @@ def overlap_chart(sel: SelectedStats, metric: str = "o1", labels: list[str] | No
         chance.append(p[chance_key])
         strat.append(p[f"{chance_key}_strat"])
     lift = [overlap.lift(o, c) for o, c in zip(observed, chance)]
+    lift_strat = [overlap.lift(o, c) for o, c in zip(observed, strat)]
     message = None
     if not sel.numel:
         message = "waiting for results…"
@@ -281,10 +290,12 @@ def overlap_chart(sel: SelectedStats, metric: str = "o1", labels: list[str] | No
                "o1_random_strat": "o1 under the stratified null (per tensor × |w0| exponent): E/|A|",
                "jaccard": "|A∩B|/|A∪B|", "jaccard_random": "Jaccard of independent random sets: pq/(p+q-pq)",
                "jaccard_random_strat": "Jaccard under the stratified null: E/(|A|+|B|-E)",
-               "lift": f"{key} / {chance_key} (what the chart draws)"}
+               "lift": f"{key} / {chance_key} (the chart's pooled points)",
+               "lift_strat": f"{key} / {chance_key}_strat (the chart's stratified points: the honest margin)"}
     return ChartData("overlap", f"lift of {title} over chance, per run pair i·j", "pair", metric,
                      list(range(len(ticks))),
-                     {key: observed, chance_key: chance, f"{chance_key}_strat": strat, "lift": lift}, ticks,
+                     {key: observed, chance_key: chance, f"{chance_key}_strat": strat, "lift": lift,
+                      "lift_strat": lift_strat}, ticks,
                      message=message, percent=False, meaning=meaning,
                      x_columns={"run_a": run_a, "run_b": run_b})
 

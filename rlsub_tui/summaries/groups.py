@@ -78,9 +78,17 @@ class BlockFigure:
     o1_random: float
     jaccard: float
     jaccard_random: float
+    o1_random_strat: float = math.nan
+    jaccard_random_strat: float = math.nan
 
     def lift(self, measure: str) -> float:
         obs, rnd = (self.jaccard, self.jaccard_random) if measure == "jaccard" else (self.o1, self.o1_random)
+        return overlap.lift(obs, rnd)
+
+    def lift_strat(self, measure: str) -> float:
+        """Observed over the stratified chance (strata: tensor × exponent of |w0|)."""
+        obs, rnd = ((self.jaccard, self.jaccard_random_strat) if measure == "jaccard"
+                    else (self.o1, self.o1_random_strat))
         return overlap.lift(obs, rnd)
 
 
@@ -95,7 +103,9 @@ def block(stats: Stats, ga: RunGroup, gb: RunGroup, chosen: tuple[int, ...] | No
 def _figure(group_a: str, group_b: str, ps: list[dict]) -> BlockFigure:
     return BlockFigure(group_a, group_b, len(ps), overlap.nan_mean([p["o1"] for p in ps] + [p["o2"] for p in ps]),
                        overlap.nan_mean([p["o1_random"] for p in ps] + [p["o2_random"] for p in ps]),
-                       overlap.nan_mean([p["jaccard"] for p in ps]), overlap.nan_mean([p["jaccard_random"] for p in ps]))
+                       overlap.nan_mean([p["jaccard"] for p in ps]), overlap.nan_mean([p["jaccard_random"] for p in ps]),
+                       overlap.nan_mean([p["o1_random_strat"] for p in ps] + [p["o2_random_strat"] for p in ps]),
+                       overlap.nan_mean([p["jaccard_random_strat"] for p in ps]))
 
 
 def blocks(stats: Stats, groups: list[RunGroup], chosen: tuple[int, ...] | None = None) -> list[list[BlockFigure]]:
@@ -124,12 +134,12 @@ def group_summary(stats: Stats, groups: list[RunGroup], labels: list[str]) -> di
     """For summary.json: the groups, every block (within on the diagonal) and the pooled within/between."""
     def as_dict(f: BlockFigure) -> dict:
         out = {"group_a": f.group_a, "group_b": f.group_b, "pairs": f.pairs}
-        for key in ("o1", "o1_random", "jaccard", "jaccard_random"):
+        for key in ("o1", "o1_random", "o1_random_strat", "jaccard", "jaccard_random", "jaccard_random_strat"):
             value = getattr(f, key)
             out[key] = None if math.isnan(value) else value
         for measure in ("o1", "jaccard"):
-            lift = f.lift(measure)
-            out[f"{measure}_lift"] = None if math.isnan(lift) else lift
+            for name, lift in ((f"{measure}_lift", f.lift(measure)), (f"{measure}_lift_strat", f.lift_strat(measure))):
+                out[name] = None if math.isnan(lift) else lift
         return out
 
     grid = blocks(stats, groups)

@@ -47,14 +47,19 @@ def subset_agreement(run_codes: np.ndarray, runs: tuple[int, ...]) -> np.ndarray
 
 @dataclass
 class OverlapFigure:
-    """A mean overlap over run pairs and its chance level; lift = observed / chance."""
+    """A mean overlap over run pairs and its two chance levels (pooled, stratified); lift = observed / chance."""
 
     observed: float
     chance: float
+    chance_strat: float = math.nan
 
     @property
     def lift(self) -> float:
         return overlap.lift(self.observed, self.chance)
+
+    @property
+    def lift_strat(self) -> float:
+        return overlap.lift(self.observed, self.chance_strat)
 
 
 class SelectedStats:
@@ -75,6 +80,19 @@ class SelectedStats:
     def sparsity(self, i: int) -> float:
         return self.stats.sparsity(i)
 
+    @property
+    def fine_runs(self) -> tuple[int, ...]:
+        """The chosen runs stored finer than bf16 here (their true updates were counted)."""
+        return tuple(i for i in self.runs if self.stats.fine_tensors[i])
+
+    def compared_in(self) -> str:
+        """The dtypes the chosen runs were compared in here, each once: 'bf16', or 'bf16/fp32'."""
+        return "/".join(sorted({d for i in self.runs for d in self.stats.compared_dtypes[i]})) or "–"
+
+    def stored_in(self) -> str:
+        """The precisions the chosen runs' true updates were counted in here: 'fp32'."""
+        return "/".join(sorted({d for i in self.fine_runs for d in self.stats.true_dtypes[i]})) or "–"
+
     def pairs(self):
         for x, a in enumerate(self.runs):
             for b in self.runs[x + 1:]:
@@ -84,11 +102,13 @@ class SelectedStats:
         """Mean of o1 and o2 over the chosen pairs (every ordered pair's |A∩B|/|A|), and of their chance levels."""
         ps = [p for _, _, p in self.pairs()]
         return OverlapFigure(overlap.nan_mean([p["o1"] for p in ps] + [p["o2"] for p in ps]),
-                             overlap.nan_mean([p["o1_random"] for p in ps] + [p["o2_random"] for p in ps]))
+                             overlap.nan_mean([p["o1_random"] for p in ps] + [p["o2_random"] for p in ps]),
+                             overlap.nan_mean([p["o1_random_strat"] for p in ps] + [p["o2_random_strat"] for p in ps]))
 
     def jaccard(self) -> OverlapFigure:
         ps = [p for _, _, p in self.pairs()]
-        return OverlapFigure(overlap.nan_mean([p["jaccard"] for p in ps]), overlap.nan_mean([p["jaccard_random"] for p in ps]))
+        return OverlapFigure(overlap.nan_mean([p["jaccard"] for p in ps]), overlap.nan_mean([p["jaccard_random"] for p in ps]),
+                             overlap.nan_mean([p["jaccard_random_strat"] for p in ps]))
 
     def agreement(self) -> np.ndarray | None:
         """Parameters updated by exactly j of the chosen runs; None when the records hold no run codes."""
@@ -106,7 +126,8 @@ class SelectedStats:
         agree = self.agreement()
         if agree is None or not self.numel or len(self.runs) < 2:
             return OverlapFigure(math.nan, math.nan)
-        return OverlapFigure(agree[-1] / self.numel, float(self.agreement_chance()[-1] / self.numel))
+        strat = self.stats.consensus_chance_strat() if self.all_runs else math.nan  # recorded for all K only
+        return OverlapFigure(agree[-1] / self.numel, float(self.agreement_chance()[-1] / self.numel), strat)
 
     def sign_agreement(self) -> float:
         """As Stats.sign_agreement, which the records hold for all K runs only (NaN for a subset)."""

@@ -9,12 +9,14 @@ from rlsub_tui.records import overlap
 from rlsub_tui.summaries.selection import OverlapFigure, SelectedStats
 from rlsub_tui.util.formatting import count, pct, ratio
 
-MEASURES = ["o1", "jaccard", "lift"]
+MEASURES = ["o1", "jaccard", "lift", "lift_strat"]
 MEASURE_TITLES = {
     "o1": "o1 = |A∩B|/|A|, row A, column B",
     "jaccard": "Jaccard = |A∩B|/|A∪B|",
-    "lift": "o1 / chance, row A, column B",
+    "lift": "o1 / pooled chance, row A, column B",
+    "lift_strat": "o1 / stratified chance, row A, column B",
 }
+LIFT_MEASURES = ("lift", "lift_strat")  # grid measures whose cells show a lift (coloured by it)
 
 
 def _lift(x: float) -> str:
@@ -23,38 +25,94 @@ def _lift(x: float) -> str:
     return f"{x:.2f}×" if x < 10 else f"{x:.1f}×" if x < 100 else f"{x:.0f}×"
 
 
-def _figure_line(name: str, f: OverlapFigure, digits: int = 3) -> str:
+STRAT_FIRST = 0.10  # the two lifts disagree by more than this share: the stratified one, the honest margin, leads
+
+
+def strat_leads(pooled: float, strat: float) -> bool:
+    """Whether the stratified lift should be shown first: the two disagree by more than STRAT_FIRST."""
+    if math.isnan(pooled) or math.isnan(strat) or not strat:
+        return False
+    return abs(pooled / strat - 1) > STRAT_FIRST
+
+
+def lifts_text(pooled: float, strat: float, sep: str = " · ") -> str:
+    """Both lifts wherever a lift is shown: 'lift 1.79× · strat 1.13×' over the pooled and the stratified chance
+    (science.md), the stratified first ('strat 1.13× · lift 1.79×') when they disagree by more than 10%."""
+    parts = [f"lift {_lift(pooled)}", f"strat {_lift(strat)}"]
+    return sep.join(parts[::-1] if strat_leads(pooled, strat) else parts)
+
+
+def _short(x: float, digits: int) -> str:
+    return ratio(x, digits).lstrip("0") if 0 <= x < 1 else ratio(x, digits)
+
+
+def _figure_line(name: str, f: OverlapFigure, width: int, digits: int = 3) -> str:
     if math.isnan(f.observed):
         return f"{name} undefined: no chosen run updated a parameter here"
-    return f"{name} {ratio(f.observed, digits)}  chance {ratio(f.chance, digits)}  lift {_lift(f.lift)}"
+    full = f"{name} {ratio(f.observed, digits)}  chance {ratio(f.chance, digits)}  {lifts_text(f.lift, f.lift_strat)}"
+    if len(full) <= width:
+        return full
+    return (f"{name} {_short(f.observed, digits)} chance {_short(f.chance, digits)} "
+            f"{lifts_text(f.lift, f.lift_strat, ' ')}")
 
 
 def sparsity_line(sel: SelectedStats, width: int = 48) -> str:
-    """Each chosen run's sparsity, numbered as in the run list: 'sparsity % 1:91.2 2:91.7'."""
-    cells = " ".join(f"{i + 1}:{100 * sel.sparsity(i):.1f}" if sel.numel else f"{i + 1}:–" for i in sel.runs)
-    of = f"{len(sel.runs)}/{sel.stats.k} runs"
-    for line in (f"sparsity % ({of}) {cells}", f"sparsity % {cells}", f"sp% {cells}"):
+    """Each chosen run's sparsity, numbered as in the run list, with the dtype the runs were compared in:
+    'sparsity in bf16 (2/2 runs) 1:91.2% 2:91.7%'."""
+    cells = " ".join(f"{i + 1}:{pct(sel.sparsity(i))}" if sel.numel else f"{i + 1}:–" for i in sel.runs)
+    of, dtype = f"{len(sel.runs)}/{sel.stats.k} runs", sel.compared_in()
+    for line in (f"sparsity in {dtype} ({of}) {cells}", f"sparsity in {dtype} {cells}", f"sp {dtype} {cells}",
+                 f"sp {cells}"):
+        if len(line) <= width:
+            return line
+    return line
+
+
+def true_update_line(sel: SelectedStats, width: int = 48) -> str | None:
+    """For chosen runs stored finer than bf16: their true-update sparsity in the stored precision and the share
+    of true updates bf16 hides, whatever the comparison dtype; None when every chosen run is bf16."""
+    fine = sel.fine_runs
+    if not fine:
+        return None
+    st = sel.stats
+    true = " ".join(f"{i + 1}:{pct(st.true_sparsity(i))}" for i in fine)
+    hidden = " ".join(f"{i + 1}:{pct(st.hidden_by_bf16(i))}" for i in fine)
+    stored = sel.stored_in()
+    hint = sel.compared_in() != stored  # the headline is in another dtype: say which key shows this one's
+    other, short = (f"  (c: compare in {stored})", f"  (c: {stored})") if hint else ("", "")
+    for line in (f"true sparsity in {stored} {true}  hidden by bf16 {hidden}{other}",
+                 f"true sp in {stored} {true}  hid bf16 {hidden}{other}",
+                 f"true sp {stored} {true}  hid bf16 {hidden}{short}",
+                 f"true sp {stored} {true}  hid bf16 {hidden}", f"true sp {stored} {true}"):
         if len(line) <= width:
             return line
     return line
 
 
 def summary_lines(sel: SelectedStats, width: int = 48) -> list[str]:
-    """One line each: per-run sparsity (numbered: which runs are chosen), mean o1 and Jaccard with chance and
-    lift, consensus with its chance, sign agreement."""
+    """One line each: per-run sparsity (numbered: which runs are chosen) in its comparison dtype, the true-update
+    sparsity of runs stored finer than bf16, mean o1 and Jaccard with chance and both lifts, consensus with its
+    chance, sign agreement with its coin-flip chance."""
     lines = [sparsity_line(sel, width)]
+    true = true_update_line(sel, width) if sel.numel else None
+    if true is not None:
+        lines.append(true)
     if not sel.numel:
         return lines + ["waiting for results…"]
     if len(sel.runs) < 2:
         return lines + ["overlap needs two or more chosen runs: press r"]
-    lines.append(_figure_line("mean o1", sel.one_sided()))
-    lines.append(_figure_line("Jaccard", sel.jaccard()))
+    lines.append(_figure_line("mean o1", sel.one_sided(), width))
+    lines.append(_figure_line("Jaccard", sel.jaccard(), width))
     cons = sel.consensus()
     if math.isnan(cons.observed):
         lines.append(f"all {len(sel.runs)} runs: recorded for all runs, or subsets of up to 10 runs")
     else:
-        lines.append(f"all {len(sel.runs)} runs {pct(cons.observed, 2)}  chance {pct(cons.chance, 2)}  "
-                     f"lift {_lift(cons.lift)}")
+        line = (f"all {len(sel.runs)} runs {pct(cons.observed, 2)}  chance {pct(cons.chance, 2)}  "
+                f"{lifts_text(cons.lift, cons.lift_strat)}")
+        if len(line) > width:
+            line = (f"all {len(sel.runs)} {pct(cons.observed, 2)} chance {pct(cons.chance, 2)} "
+                    f"{lifts_text(cons.lift, cons.lift_strat, ' ')}")
+        lines.append(line)
     lines.append(sign_line(sel))
     return lines
 
@@ -65,7 +123,8 @@ def sign_line(sel: SelectedStats) -> str:
     s = sel.stats
     if not s.multi:
         return "same sign: no parameter updated by two or more runs"
-    return f"same sign {pct(s.sign_agreement())} of {count(s.multi)} updated by ≥2 runs"
+    return (f"same sign {pct(s.sign_agreement())} (coin flips {pct(s.sign_agreement_chance())}) of "
+            f"{count(s.multi)} updated by ≥2 runs")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -75,8 +134,21 @@ def sign_line(sel: SelectedStats) -> str:
 @dataclass
 class GridCell:
     value: float  # the measure shown (NaN: undefined, or the diagonal)
-    chance: float
-    lift: float  # observed over chance, of o1 for o1 and lift, of Jaccard for Jaccard
+    chance: float  # the pooled chance of the observed overlap (o1, or Jaccard for Jaccard)
+    lift: float  # observed over pooled chance, of o1 for o1 and the lifts, of Jaccard for Jaccard
+    observed: float = math.nan  # o1, or Jaccard for Jaccard
+    chance_strat: float = math.nan
+    lift_strat: float = math.nan  # observed over the stratified chance
+
+    def colour_lift(self, measure: str) -> float:
+        """The lift the cell is coloured by: the stratified one in its mode, else the pooled one."""
+        return self.lift_strat if measure == "lift_strat" else self.lift
+
+
+def _cell(measure: str, observed: float, chance: float, strat: float) -> GridCell:
+    lift, lift_strat = overlap.lift(observed, chance), overlap.lift(observed, strat)
+    value = {"lift": lift, "lift_strat": lift_strat}.get(measure, observed)
+    return GridCell(value, chance, lift, observed, strat, lift_strat)
 
 
 def overlap_grid(sel: SelectedStats, measure: str) -> list[list[GridCell]]:
@@ -90,26 +162,46 @@ def overlap_grid(sel: SelectedStats, measure: str) -> list[list[GridCell]]:
                 row.append(GridCell(math.nan, math.nan, math.nan))
                 continue
             p = st.pair(min(a, b), max(a, b))
-            o1, o1_rnd = (p["o1"], p["o1_random"]) if a < b else (p["o2"], p["o2_random"])
             if measure == "jaccard":
-                lift = overlap.lift(p["jaccard"], p["jaccard_random"])
-                row.append(GridCell(p["jaccard"], p["jaccard_random"], lift))
+                row.append(_cell(measure, p["jaccard"], p["jaccard_random"], p["jaccard_random_strat"]))
             else:
-                lift = overlap.lift(o1, o1_rnd)
-                row.append(GridCell(lift if measure == "lift" else o1, o1_rnd, lift))
+                side = "o1" if a < b else "o2"
+                row.append(_cell(measure, p[side], p[f"{side}_random"], p[f"{side}_random_strat"]))
         grid.append(row)
     return grid
 
 
+GRID_CSV = ["measure", "value", "observed", "chance", "chance_strat", "lift", "lift_strat"]
+GRID_CSV_MEANING = {
+    "measure": "what `value` holds: o1, jaccard, lift (o1 / pooled chance) or lift_strat (o1 / stratified chance)",
+    "value": "the cell as the heatmap shows it",
+    "observed": "the overlap observed: o1 = |A∩B|/|A| (row A, column B), or the Jaccard |A∩B|/|A∪B| for jaccard",
+    "chance": "that overlap expected for independent runs with every parameter alike (pooled chance)",
+    "chance_strat": "that overlap expected under the stratified null (strata: tensor × exponent of |w0|)",
+    "lift": "observed / chance",
+    "lift_strat": "observed / chance_strat",
+}
+
+
+def grid_columns(header: list[str]) -> dict[str, str]:
+    """What each column of grid_rows' or block_rows' CSV holds (for the export's sidecar)."""
+    names = {"run_a": "the row's run (A)", "run_b": "the column's run (B)", "group_a": "the row's run group",
+             "group_b": "the column's run group", "pairs": "run pairs pooled in the cell (means over them)"}
+    return {h: names.get(h) or GRID_CSV_MEANING[h] for h in header}
+
+
+def _grid_values(c: GridCell) -> list:
+    return [c.value, c.observed, c.chance, c.chance_strat, c.lift, c.lift_strat]
+
+
 def grid_rows(sel: SelectedStats, labels: list[str], measure: str) -> tuple[list[str], list[list]]:
-    """The grid as CSV rows: one per ordered pair of chosen runs."""
-    header = ["run_a", "run_b", "measure", "value", "chance", "lift"]
+    """The grid as CSV rows: one per ordered pair of chosen runs, the observed overlap, both chances, both lifts."""
+    header = ["run_a", "run_b", *GRID_CSV]
     rows = []
     for a, cells in zip(sel.runs, overlap_grid(sel, measure)):
         for b, c in zip(sel.runs, cells):
             if a != b:
-                chance = 1.0 if measure == "lift" else c.chance
-                rows.append([labels[a], labels[b], measure, c.value, chance, c.lift])
+                rows.append([labels[a], labels[b], measure, *_grid_values(c)])
     return header, rows
 
 
@@ -134,24 +226,21 @@ def groups_line(sel: SelectedStats, groups) -> str | None:
     within, between = within_between(sel.stats, groups, sel.runs)
     if not within.pairs or not between.pairs:
         return f"groups: {'no pair inside a group' if not within.pairs else 'one group chosen'} (b: blocks)"
-    return (f"o1 within {ratio(within.o1, 3).lstrip('0')} ({_lift(within.lift('o1'))}), "
-            f"between {ratio(between.o1, 3).lstrip('0')} ({_lift(between.lift('o1'))})")
+    return (f"o1 within {ratio(within.o1, 3).lstrip('0')} {lifts_text(within.lift('o1'), within.lift_strat('o1'), ' ')}"
+            f" · between {ratio(between.o1, 3).lstrip('0')} "
+            f"{lifts_text(between.lift('o1'), between.lift_strat('o1'), ' ')}")
 
 
 def block_grid(sel: SelectedStats, groups, measure: str) -> tuple[list[str], list[list[GridCell]]]:
     """Groups × groups: each cell the mean measure over the chosen run pairs between the two (within on the
-    diagonal); lift = mean observed over mean chance."""
+    diagonal); lift = mean observed over mean chance, pooled or stratified."""
     from rlsub_tui.summaries.groups import blocks
 
     key = "jaccard" if measure == "jaccard" else "o1"
     grid = []
     for row in blocks(sel.stats, groups, sel.runs):
-        cells = []
-        for f in row:
-            obs, rnd = getattr(f, key), getattr(f, f"{key}_random")
-            lift = f.lift(key)
-            cells.append(GridCell(lift if measure == "lift" else obs, rnd, lift) if f.pairs
-                         else GridCell(math.nan, math.nan, math.nan))
+        cells = [_cell(measure, getattr(f, key), getattr(f, f"{key}_random"), getattr(f, f"{key}_random_strat"))
+                 if f.pairs else GridCell(math.nan, math.nan, math.nan) for f in row]
         grid.append(cells)
     return [f"{g.name} ({len(g.runs)})" for g in groups], grid
 
@@ -159,13 +248,13 @@ def block_grid(sel: SelectedStats, groups, measure: str) -> tuple[list[str], lis
 def block_rows(sel: SelectedStats, groups, measure: str) -> tuple[list[str], list[list]]:
     from rlsub_tui.summaries.groups import blocks
 
-    header = ["group_a", "group_b", "pairs", "measure", "value", "chance", "lift"]
+    header = ["group_a", "group_b", "pairs", *GRID_CSV]
     names, grid = block_grid(sel, groups, measure)
     figs = blocks(sel.stats, groups, sel.runs)
     rows = []
     for ga, cells, frow in zip(groups, grid, figs):
         for gb, c, f in zip(groups, cells, frow):
-            rows.append([ga.name, gb.name, f.pairs, measure, c.value, 1.0 if measure == "lift" else c.chance, c.lift])
+            rows.append([ga.name, gb.name, f.pairs, measure, *_grid_values(c)])
     return header, rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rlsub_tui.records import measures
+from rlsub_tui.records import measures, overlap
 from rlsub_tui.records.measures import SPECTRUM_RATIOS, Column
 from rlsub_tui.records.results import AnalysisResult, Stats
 from rlsub_tui.summaries.tree import Node
@@ -54,6 +54,7 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "consensus": s.consensus() if result.k > 1 else math.nan,
         "consensus_chance": s.consensus_chance() if result.k > 1 else math.nan,
         "jaccard_chance_strat": s.mean_jaccard_chance_strat(),
+        "jaccard_lift_strat": overlap.lift(jac, s.mean_jaccard_chance_strat()),
         "consensus_chance_strat": s.consensus_chance_strat() if result.k > 1 else math.nan,
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
@@ -88,8 +89,9 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
         for j, t in enumerate(result.sweep):
             row[f"sweep:{t:g}"] = sweep[j] if j < len(sweep) else math.nan
         row.update(measures.precision_and_line_figures(one, i))
-        if row["updated_bf16_visible"] is None:
-            row["updated_bf16_visible"] = math.nan
+        for count in ("true_updated", "updated_bf16_visible"):
+            if row[count] is None:
+                row[count] = math.nan
         rows.append(row)
     return rows
 

@@ -736,9 +736,9 @@ class ExplorerApp(App):
             else:
                 header, rows = strip.grid_rows(sel, self.result.run_labels, self.heatmap_measure)
             what = "groups" if self.heatmap_blocks and self.groups else "heatmap"
-            meta = provenance(self.result, f"overlap {what} ({self.heatmap_measure}; row A, column B: o1 = "
-                              f"|A∩B|/|A|, Jaccard, or lift of o1 over |B|/n) of {self.focus_node.label}",
-                              self.focus_node.tensors, {h: "" for h in header}, self.filter_text)
+            meta = provenance(self.result, f"overlap {what} ({self.heatmap_measure}; row A, column B) of "
+                              f"{self.focus_node.label}", self.focus_node.tensors, strip.grid_columns(header),
+                              self.filter_text)
             self._export(f"{what}-{self.heatmap_measure}", csv_text(header, rows), meta)
             return
         data = self.current_chart()
@@ -747,7 +747,8 @@ class ExplorerApp(App):
             return
         header, rows = data.rows()
         meta = provenance(self.result, f"chart '{data.title}' of {self.focus_node.label} ({self.focus_node.key})",
-                          self.focus_node.tensors, data.columns(), self.filter_text)
+                          self.focus_node.tensors, data.columns(), self.filter_text,
+                          timeline=self.timeline if data.name == "timeline" else None)
         self._export(f"chart-{data.name}", csv_text(header, rows), meta)
 
     def action_criterion(self) -> None:

@@ -195,17 +195,24 @@ class ChartPanel(PlotextPlot):
         self.refresh()
 
     def _lift_points(self, data: ChartData) -> None:
-        """Lift per pair on an axis fitted to the lifts, so a few points' difference is visible."""
+        """Both lifts per pair (over the pooled and the stratified chance) on an axis fitted to them, so a few
+        points' difference is visible."""
         plt = self.plt
-        xs = [x for x, v in zip(data.x, data.series["lift"]) if v == v]
-        ys = [v for v in data.series["lift"] if v == v]
-        ticks = [t for t, v in zip(data.xticks, data.series["lift"]) if v == v]
+        drawn = [(name, [(x, v, t) for x, v, t in zip(data.x, data.series[name], data.xticks) if v == v])
+                 for name in ("lift", "lift_strat") if name in data.series]
+        points = [p for _, pts in drawn for p in pts]
+        ys = [v for _, v, _ in points]
         lo, hi = min(ys), max(ys)
         pad = max(0.1 * (hi - lo), 0.01 * hi, 1e-3)
-        plt.scatter(xs, ys, marker="●", color="green")
+        for (name, pts), colour in zip(drawn, ("green", "magenta")):
+            if pts:
+                plt.scatter([x for x, _, _ in pts], [v for _, v, _ in pts], marker="●", color=colour,
+                            label="pooled chance" if name == "lift" else "stratified chance")
+        xs = sorted({x for x, _, _ in points})
+        ticks = {x: t for x, _, t in points}
         plt.ylim(lo - pad, hi + pad)
         plt.xlim(min(xs) - 0.5, max(xs) + 0.5)
-        plt.xticks(xs, ticks)
+        plt.xticks(xs, [ticks[x] for x in xs])
         plt.xlabel("pair i·j of chosen runs (numbers as in r and the heatmap, 7)")
         plt.ylabel(f"{data.ylabel} / chance")
 

@@ -6,12 +6,18 @@ import math
 
 
 def pct(x: float | None, digits: int = 1) -> str:
-    """A fraction as a percentage; more digits near 0% and 100% so 99.97% does not read as 100.0%."""
+    """A fraction as a percentage; more digits near 0% and 100% so 99.97% does not read as 100.0%, and a value
+    closer still is bounded (>99.999%), so only exactly 0 and 1 print as 0.0% and 100.0%. Every percentage the
+    tree, the strip, the tables and the CLI print goes through here."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     v = 100 * x
     if 0 < v < 10 ** -digits or 100 - 10 ** -digits < v < 100:
-        return f"{v:.{digits + 2}f}%"
+        fine = digits + 2
+        text = f"{v:.{fine}f}"
+        if float(text) in (0.0, 100.0):  # still rounds to an end: never print 0.000% or 100.000% for what is not
+            return f"<{10 ** -fine:.{fine}f}%" if v < 50 else f">{100 - 10 ** -fine:.{fine}f}%"
+        return f"{text}%"
     return f"{v:.{digits}f}%"
 
 
