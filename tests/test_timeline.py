@@ -352,16 +352,19 @@ def _mask_in(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
     return reference.mask(cast(a), cast(b), dtype)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "mixed"])
 @pytest.mark.parametrize("policy", ["stored", "bf16", "fp16", "fp32"])
-def test_fp32_timeline_against_bf16_base_compares_as_the_run_table(tmp_path, capsys, policy):
-    """fp32 step checkpoints of small steps (most below half a bf16 ULP) against a bf16 base: every step's count
-    against the base, and against the step before, is numpy's in that pair's dtype; the last step equals the
-    run's own matrices.csv row under every --compare-dtype."""
+def test_fp32_timeline_against_bf16_base_compares_as_the_run_table(tmp_path, capsys, policy, mixed):
+    """fp32 step checkpoints of small steps (most below half a bf16 ULP) against a bf16 base, and a mixed timeline
+    whose middle step was saved in bf16: every step's count against the base, and against the step before, is
+    numpy's in that pair's dtype; the last step equals the run's own matrices.csv row under every --compare-dtype."""
     b = base_state(3)
     states, cur = [], {n: w.float() for n, w in b.items()}
     for i in range(3):
         cur = sparse_run(cur, 40 + i, density=0.3, scale=2e-5)
         states.append(cur)
+    if mixed:
+        states[1] = {n: w.to(torch.bfloat16) for n, w in states[1].items()}
     steps = [10, 20, 30]
     save(b, tmp_path / "base")
     write_timeline(tmp_path / "seed1", states, steps)
@@ -371,15 +374,15 @@ def test_fp32_timeline_against_bf16_base_compares_as_the_run_table(tmp_path, cap
     timeline = {(r["tensor"], int(r["step"])): r for r in read_csv(tmp_path / "out" / "timeline.csv")}
     runs = {r["tensor"]: r for r in read_csv(tmp_path / "out" / "matrices.csv")}
     versions = [b] + states
-    vs_base_dtype = _pair_name(torch.bfloat16, torch.float32, policy)
-    step_dtype = _pair_name(torch.float32, torch.float32, policy)
+    stored = [next(iter(v.values())).dtype for v in versions]
     differs = 0
     for name in b:
         f32 = [v[name].float().numpy() for v in versions]
         for j, s in enumerate(steps, 1):
             row = timeline[(name, s)]
+            vs_base_dtype = _pair_name(stored[0], stored[j], policy)
             assert int(row["updated_vs_base"]) == int(_mask_in(f32[0], f32[j], vs_base_dtype).sum()), (name, s)
-            prev_dtype = vs_base_dtype if j == 1 else step_dtype
+            prev_dtype = _pair_name(stored[j - 1], stored[j], policy)
             assert int(row["updated_vs_prev"]) == int(_mask_in(f32[j - 1], f32[j], prev_dtype).sum()), (name, s)
         assert int(timeline[(name, steps[-1])]["updated_vs_base"]) == int(runs[name]["updated"]), name
         differs += int(_mask_in(f32[0], f32[-1], "fp32").sum()) != int(_mask_in(f32[0], f32[-1], "bf16").sum())
