@@ -20,12 +20,13 @@ __all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint", 
 class Checkpoint:
     """One model checkpoint on disk: its label and files, the tensor directory, and its layout's reader."""
 
-    def __init__(self, source: str, label: str, files: list[Path], layout: CheckpointLayout):
+    def __init__(self, source: str, label: str, files: list[Path], layout: CheckpointLayout,
+                 base: Checkpoint | None = None):
         self.source = source
         self.label = label
         self.files = files
         self.layout = layout
-        self.reader: Reader = open_reader(files, layout)
+        self.reader: Reader = open_reader(files, layout, base)
         self.tensors: dict[str, TensorInfo] = self.reader.tensors
         if not self.tensors:
             raise CheckpointError(f"{source}: the checkpoint holds no tensors.")
@@ -69,7 +70,10 @@ class Checkpoint:
             pass
 
 
-def open_checkpoint(source: str, label: str | None = None) -> Checkpoint:
-    """Open what the user named: a model directory, one weights file, or a model id in the local HF cache."""
+def open_checkpoint(source: str, label: str | None = None, base: Checkpoint | None = None) -> Checkpoint:
+    """Open what the user named: a model directory, one weights file, or a model id in the local HF cache. A run
+    that holds only an adapter (PEFT) is read as `base` plus its update, so it needs the base."""
     found = locate(source)
-    return Checkpoint(source, label or found.path.name, found.files, found.layout)
+    if found.layout == "peft" and base is None:
+        raise CheckpointError(f"{source}: is a PEFT adapter; it can only be read as a run, against a base.")
+    return Checkpoint(source, label or found.path.name, found.files, found.layout, base)

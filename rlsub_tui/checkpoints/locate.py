@@ -46,7 +46,9 @@ def unique_labels(wanted: list[str]) -> list[str]:
     return out
 
 
-CheckpointLayout = Literal["safetensors", "pickle"]  # safetensors files (one or sharded), or pickled .bin/.pt
+# safetensors files (one or sharded), pickled .bin/.pt, or what a trainer writes itself: a PEFT adapter, verl's
+# FSDP shards (one torch.save per rank), a torch.distributed.checkpoint folder
+CheckpointLayout = Literal["safetensors", "pickle", "peft", "fsdp", "dcp"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,9 @@ def locate(source: str) -> Located:
         raise CheckpointError(f"{source}: is neither a file nor a directory.")
     if not os.access(path, os.R_OK | os.X_OK):
         raise CheckpointError(f"{source}: directory cannot be read (permission denied).")
+    trainer = trainer_layout(source, path)
+    if trainer is not None:
+        return trainer
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).is_file():
             return _from_index(source, path, path / index_name)
@@ -195,6 +200,28 @@ def locate(source: str) -> Located:
     raise CheckpointError(
         f"{source}: holds no checkpoint (no model.safetensors, shard index or pytorch_model.bin)."
     )
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+FSDP_SHARD = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+
+
+def trainer_layout(source: str, path: Path) -> Located | None:
+    """A folder a trainer wrote in its own format: a PEFT adapter (adapter_config.json and its weights), verl's
+    FSDP shards (model_world_size_W_rank_R.pt, in order of rank), or a torch.distributed.checkpoint folder
+    (.metadata and its .distcp files); None for anything else."""
+    if (path / "adapter_config.json").is_file():
+        weights = [path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()]
+        if not weights:
+            raise CheckpointError(f"{source}: has adapter_config.json but no {' or '.join(ADAPTER_WEIGHTS)}.")
+        return Located(source, path, [weights[0], path / "adapter_config.json"], "peft")
+    shards = sorted((int(m.group(2)), f) for f in path.glob("model_world_size_*_rank_*.pt")
+                    if (m := FSDP_SHARD.match(f.name)))
+    if shards:
+        return Located(source, path, [f for _, f in shards], "fsdp")
+    if (path / ".metadata").is_file():
+        return Located(source, path, [path / ".metadata"] + sorted(path.glob("*.distcp")), "dcp")
+    return None
 
 
 # Training-step folders: a Trainer's checkpoint-N, verl's global_step_N, step_N, ckpt-N, iter_N.

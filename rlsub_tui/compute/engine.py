@@ -263,7 +263,7 @@ class Analysis:
         self.device = resolve_device(self.options.device)
         self.given = (base, list(runs))  # as named: worker processes open the same (workers.py)
         self.base = open_checkpoint(base, label=checkpoint_label(base))
-        self.runs = [open_checkpoint(p, label=lbl) for p, lbl in zip(run_paths(runs), run_labels(runs))]
+        self.runs = [open_checkpoint(p, label=lbl, base=self.base) for p, lbl in zip(run_paths(runs), run_labels(runs))]
         try:
             planning = plan_tensors(self.base, self.runs, self.options.common_rows, self.options.compare_dtype)
         except InputError as exc:  # nothing in common: name the architectures, the likely reason

@@ -64,7 +64,7 @@ def open_runs(base: str, runs: list[str]) -> tuple[Checkpoint, list[Checkpoint]]
         raise InputError("no runs given: name at least one fine-tuned checkpoint after the base.")
     specs = run_specs(resolve_runs(runs))
     base_ckpt = open_checkpoint(base, label=checkpoint_label(base))
-    return base_ckpt, [open_checkpoint(p, label=lbl) for p, lbl in zip(run_paths(specs), run_labels(specs))]
+    return base_ckpt, [open_checkpoint(p, label=lbl, base=base_ckpt) for p, lbl in zip(run_paths(specs), run_labels(specs))]
 
 
 def check_mask_out(out: Path, inputs: list[Checkpoint], force: bool) -> None:

@@ -60,7 +60,7 @@ class TimelineAnalysis:
         self.timelines = timelines
         self.steps: list[list[Checkpoint]] = []
         for label, t in timelines:
-            ckpts = [open_checkpoint(str(p), label=f"{label}@{s}") for s, p in zip(t.steps, t.checkpoints)]
+            ckpts = [open_checkpoint(str(p), label=f"{label}@{s}", base=self.base) for s, p in zip(t.steps, t.checkpoints)]
             _check_agreement(t, ckpts)
             self.steps.append(ckpts)
         every = [c for ckpts in self.steps for c in ckpts]
