@@ -71,6 +71,7 @@ def _expected(base, runs, dtype, criterion, sweep):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact", 0.0), Criterion("atol", 0.0),
                                        Criterion("relative", 1e-2)])
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("patterns", [True, False], ids=["patterns", "float"])
 @pytest.mark.parametrize("route", ["all", "changed"])
 def test_every_path_matches_numpy(monkeypatch, k, dtype, criterion, patterns, route):
@@ -101,6 +102,7 @@ def test_every_path_matches_numpy(monkeypatch, k, dtype, criterion, patterns, ro
         assert s.sq_base == pytest.approx(exp["sq_base"][j], rel=1e-6)
 
 
+@pytest.mark.cpu_route
 def test_pattern_path_is_taken_for_large_16bit_tensors_only():
     cpu = torch.device("cpu")
     acc = accumulate.TensorAccumulator(torch.bfloat16, [torch.bfloat16, torch.float32, torch.float16],
@@ -134,6 +136,7 @@ def test_mixed_pair_dtypes_on_a_large_tensor_match_numpy():
         assert comp.runs[j].sq_base == pytest.approx(float((b[f].astype(np.float64) ** 2).sum()), rel=1e-5)
 
 
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("k", [1, 3, 6, 7, 16])
 @pytest.mark.parametrize("patterns", [True, False], ids=["patterns", "float"])
 @pytest.mark.parametrize("route", ["all", "changed"])
@@ -173,6 +176,7 @@ def test_rows_columns_and_distance_on_every_path(monkeypatch, k, patterns, route
         assert s.ulp_histogram == want.tolist() and sum(want) > 0
 
 
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact")])
 def test_pairs_of_several_dtypes_on_one_bf16_base(monkeypatch, criterion):
     """One bf16 base, runs compared in bf16 (its distance key carried in the state words), fp32 and fp16 (the
@@ -233,6 +237,7 @@ def test_pairs_of_several_dtypes_on_one_bf16_base(monkeypatch, criterion):
         assert s.hidden_by_bf16 == int((torch.from_numpy(upd) & ~visible).sum()), name
 
 
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_changed_positions_alone_give_every_figure_of_all_positions(monkeypatch, k, dtype):
@@ -275,6 +280,7 @@ def test_changed_positions_alone_give_every_figure_of_all_positions(monkeypatch,
             assert s.updated_bf16_visible == int(visible.sum())
 
 
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("route", ["all", "changed"])
 @pytest.mark.parametrize("dtype,big", [(torch.bfloat16, 1e30), (torch.bfloat16, 1e10), (torch.float16, 60000.0)])
 def test_sq_base_keeps_small_weights_beside_a_large_one_with_a_nonfinite_delta(monkeypatch, route, dtype, big):

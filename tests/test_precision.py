@@ -218,6 +218,7 @@ def test_nan_updates_count_as_updated_but_have_no_distance(dtype):
         assert (s.updated_bf16_visible, s.hidden_by_bf16) == (2, 0)  # NaN differs from any value
 
 
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("k", [1, 3, 7])
 @pytest.mark.parametrize("criterion", [Criterion("atol", 1e-5), Criterion("exact")])
 @pytest.mark.parametrize("route", ["all", "changed"])
@@ -278,6 +279,7 @@ def test_bf16_values_differ_as_torch_compares_values():
     assert np.array_equal(bf16_values_differ(a, b), (a != b).reshape(-1).numpy())
 
 
+@pytest.mark.cpu_route
 @pytest.mark.parametrize("subnormal", [False, True])
 def test_fp32_distance_from_exponent_bits_or_frexp(subnormal, monkeypatch):
     """An fp32 pair counted from |Δ|'s exponent bits (normal Δ) or, for a chunk holding a subnormal true update,

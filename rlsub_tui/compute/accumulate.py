@@ -33,6 +33,7 @@ from rlsub_tui.compute.precision import (
 )
 from rlsub_tui.compute.structure import CodeLines, LineAccumulator
 from rlsub_tui.records.criteria import MAG_BINS, MAX_SUBSET_RUNS, Criterion
+from rlsub_tui.util import device_route
 
 STATE_CODED_RUNS = 6  # up to this many runs one histogram of (|w0| bin, K states) gives every cross-run count
 PATTERN_DTYPES = (torch.bfloat16, torch.float16)  # 2^16 bit patterns: one histogram holds a run's Δ exactly
@@ -296,7 +297,7 @@ def run_accumulator(dtype: torch.dtype, criterion: Criterion, sweep: tuple[float
                     shift: int, numel: int, carry_exponent: bool = False):
     """The fastest exact accumulator for one run's pair dtype and criterion on this device; `carry_exponent`:
     a bf16 PatternRun's states also carry the distance-to-visibility key (the layout must mask it off)."""
-    if (device.type == "cpu" and dtype in PATTERN_DTYPES and criterion.name in ("atol", "exact")
+    if (not device_route.cuda_route(device.type) and dtype in PATTERN_DTYPES and criterion.name in ("atol", "exact")
             and numel >= PATTERN_MIN_NUMEL):
         return PatternRun(dtype, criterion, sweep, shift, carry_exponent and dtype == torch.bfloat16)
     return FloatRun(dtype, criterion, sweep, shift)
@@ -359,7 +360,7 @@ class StateCodes:
         return 2 * j, 3
 
     def add(self, chunk: Chunk) -> None:
-        if chunk.bins.is_cuda:
+        if device_route.cuda_route(chunk.bins.device.type):
             key = chunk.bins + chunk.states[0]
             for s in chunk.states[1:]:
                 key += s
@@ -370,7 +371,7 @@ class StateCodes:
             key = torch.from_numpy(key)
         if chunk.carried:
             key &= LOW_BITS
-        chunk.key = key if not key.is_cuda else None  # for CodeLines (CPU only): on a GPU it would hold memory
+        chunk.key = None if device_route.cuda_route(key.device.type) else key  # for CodeLines (CPU route only)
         self.joint += with_left_out(bincount(key, len(self.joint)), chunk)
 
     def finish(self, out: CrossRun) -> None:
@@ -418,7 +419,7 @@ class RunCodes:
         key = chunk.bins.clone()
         for j, s in enumerate(chunk.states):
             key |= (s != 0).to(torch.int32) << j
-        chunk.key = key if not key.is_cuda else None
+        chunk.key = None if device_route.cuda_route(key.device.type) else key
         self.joint += with_left_out(bincount(key, len(self.joint)), chunk)
 
     def finish(self, out: CrossRun) -> None:
@@ -500,7 +501,7 @@ class PrecisionAndLines:
         self.dtypes, self.layout = dtypes, layout
         self.shifts = [layout.state_shift(j) for j in range(len(dtypes))]
         self.precision = [PrecisionAccumulator(dt, shared) for dt in dtypes]
-        by_code = len(shape) == 2 and device.type == "cpu" and hasattr(layout, "run_field")
+        by_code = len(shape) == 2 and not device_route.cuda_route(device.type) and hasattr(layout, "run_field")
         self.code_lines = CodeLines(shape) if by_code else None
         self.lines = [LineAccumulator(() if by_code else shape, device) for _ in dtypes]
         self.joint: list[np.ndarray | None] = [None] * len(dtypes)  # bf16 pairs on the pattern path
@@ -570,7 +571,7 @@ class PrecisionAndLines:
 def _updated_and_finite(state: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A run's updated mask from its (shifted) states, and where its Δ is finite (None when it is everywhere);
     in numpy on the CPU, where torch's comparisons of int64 run several times slower on one thread."""
-    if state.is_cuda:
+    if device_route.cuda_route(state.device.type):
         field = state & (3 << shift) if shift else state
         finite = field != NONFINITE << shift
         return field != 0, (None if bool(finite.all()) else finite)
@@ -611,7 +612,7 @@ class TensorAccumulator:
         self.cross = cross_run_accumulators(self.k)
         layout = self.cross[0]
         # bf16 runs of a bf16 base carry their distance key in their state words and bin words (see EXPONENT_SHIFT)
-        carry = layout.carries_exponents and base_dtype == torch.bfloat16 and device.type == "cpu"
+        carry = layout.carries_exponents and base_dtype == torch.bfloat16 and not device_route.cuda_route(device.type)
         self.per_run = [run_accumulator(dt, criterion, sweep, device, layout.state_shift(j), numel, carry)
                         for j, dt in enumerate(dtypes)]
         tables = [getattr(acc, "table", None) for acc in self.per_run]
@@ -620,7 +621,7 @@ class TensorAccumulator:
         self.base_bins = BaseBins(base_dtype, layout.bin_shift, device, carry_base_term=self.carried)
         # 16-bit pairs on the pattern path, every run in the base's dtype, a coded layout: chunks may be counted
         # on their changed positions alone (Chunk.positions)
-        self.may_skip_unchanged = (device.type == "cpu" and base_dtype in PATTERN_DTYPES
+        self.may_skip_unchanged = (not device_route.cuda_route(device.type) and base_dtype in PATTERN_DTYPES
                                    and all(dt == base_dtype for dt in dtypes)
                                    and all(isinstance(acc, PatternRun) for acc in self.per_run)
                                    and isinstance(layout, (StateCodes, RunCodes)))
@@ -673,7 +674,7 @@ class BaseBins:
         EXPONENT_SHIFT, the base's part of the distance key."""
         self.table = magnitude_table(shift, device)
         self.by_pattern = (_bins_by_pattern(dtype, shift, carry_base_term)
-                           if device.type == "cpu" and dtype in PATTERN_DTYPES else None)
+                           if not device_route.cuda_route(device.type) and dtype in PATTERN_DTYPES else None)
 
     def __call__(self, base: torch.Tensor) -> torch.Tensor:
         if self.by_pattern is not None:  # on the CPU only

@@ -27,6 +27,7 @@ from rlsub_tui.records.criteria import AnalysisOptions
 from rlsub_tui.records.events import Progress
 from rlsub_tui.records.results import AnalysisResult, Skipped
 from rlsub_tui.records.spectrum import RankFigures
+from rlsub_tui.util import device_route
 from rlsub_tui.util.errors import InputError
 from rlsub_tui.util.formatting import size
 
@@ -282,7 +283,7 @@ class Analysis:
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)
         self._fingerprints = None
-        if self.options.workers > 1 and self.device.type == "cpu":  # the bytes as opened now: workers must find the same
+        if self.options.workers > 1 and not device_route.cuda_route(self.device.type):  # the bytes as opened now: workers must find the same
             self.fingerprints()
         self._stager: PinnedStager | None = None
         self.cpu_fallbacks = 0
@@ -342,7 +343,7 @@ class Analysis:
         """
         sources = self._sources(plan)
         scales = [ckpt.read(sc) if sc is not None else None for ckpt, _, _, sc in sources]
-        if self.device.type != "cuda":
+        if not device_route.cuda_route(self.device.type):
             return [ckpt.read(name, rows=plan.rows) for ckpt, name, _, _ in sources], scales, None
         if self._stager is None:
             self._stager = PinnedStager(self.device)
@@ -400,9 +401,10 @@ class Analysis:
                 ready(loaded[0], loaded[2])
             return self._compute(plan, loaded, known), []
         except torch.OutOfMemoryError:
-            if self.device.type != "cuda":
+            if not device_route.cuda_route(self.device.type):
                 raise self._out_of_memory(plan) from None
-            torch.cuda.empty_cache()
+            if device_route.real_cuda(self.device.type):
+                torch.cuda.empty_cache()
             self.cpu_fallbacks += 1
             comp = self._compute(plan, self._load_cpu(plan), known)
             return comp, [f"computed on the CPU: the GPU ran out of memory for this tensor "
@@ -457,7 +459,7 @@ class Analysis:
     def _computed(self, todo: list[TensorPlan], ranks: list[dict], cancelled: Callable[[], bool]):
         """(plan, record, notes) per tensor of `todo`, in order: in worker processes (CPU, --workers > 1, at least
         WORKERS_MIN_BYTES to read), else here, with the next tensor read ahead on a reader thread."""
-        if (self.device.type == "cpu" and self.options.workers > 1 and len(todo) > 1
+        if (not device_route.cuda_route(self.device.type) and self.options.workers > 1 and len(todo) > 1
                 and sum(p.nbytes for p in todo) >= WORKERS_MIN_BYTES):
             from rlsub_tui.compute.workers import TensorWorkers
 

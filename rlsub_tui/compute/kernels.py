@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from rlsub_tui.records.criteria import MAG_X_MAX, MAG_X_MIN, Criterion
+from rlsub_tui.util import device_route
 
 # Elementwise work is done in chunks this size: a chunk's int64 temporaries (2 MB each) stay in the CPU's
 # caches; 2^22 ran the per-chunk passes 2-3x slower (BENCHMARKS.md).
@@ -20,7 +21,7 @@ CUDA_CHUNK_ELEMENTS = 1 << 26
 
 def chunk_elements(device: torch.device, k: int) -> int:
     """Elements per chunk: large on a GPU (fewer syncs), smaller there with many runs (K masks kept)."""
-    if device.type != "cuda":
+    if not device_route.cuda_route(device.type):
         return CHUNK_ELEMENTS
     return CUDA_CHUNK_ELEMENTS if k <= MAX_CODED_RUNS else CUDA_CHUNK_ELEMENTS >> 2
 MAX_CODED_RUNS = 15  # up to this many runs, pair overlaps come from one histogram of per-parameter run codes
@@ -69,7 +70,7 @@ def bincount(x: torch.Tensor | np.ndarray, minlength: int) -> np.ndarray:
     to intp and scans for the extremes (BENCHMARKS.md). Narrower ints are widened to int32 by numpy first
     (torch widens int16 several times slower); a 16-bit pattern array must come as uint16."""
     if isinstance(x, torch.Tensor):
-        if x.is_cuda:
+        if device_route.cuda_route(x.device.type):
             return torch.bincount(x.reshape(-1).long(), minlength=minlength).cpu().numpy()
         x = x.numpy()
     x = x.reshape(-1)
@@ -93,7 +94,7 @@ def pair_intersections(masks: list[torch.Tensor]) -> np.ndarray:
     integer below 2**24, so float32 (float64 on a GPU, where TF32 might be on) counts exactly.
     """
     k, n = len(masks), masks[0].numel()
-    dtype = torch.float64 if masks[0].is_cuda else torch.float32
+    dtype = torch.float64 if device_route.cuda_route(masks[0].device.type) else torch.float32
     total = torch.zeros((k, k), dtype=torch.float64, device=masks[0].device)
     for start in range(0, n, PAIR_BLOCK):
         rows = torch.stack([m[start:start + PAIR_BLOCK] for m in masks]).to(dtype)

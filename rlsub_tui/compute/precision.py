@@ -9,6 +9,7 @@ import torch
 
 from rlsub_tui.compute.kernels import criterion_mask, nonzero, rounded, stored_delta
 from rlsub_tui.records.criteria import ULP_BINS, ULP_LOG2_MAX, ULP_LOG2_MIN, Criterion
+from rlsub_tui.util import device_route
 
 BF16_MANTISSA_BITS = 7
 _BF16_EPS = torch.finfo(torch.bfloat16).eps
@@ -138,8 +139,8 @@ def _bincount(x: torch.Tensor, minlength: int) -> np.ndarray:
     as many increments, and fewer collisions on a few crowded bins, about twice as fast as one by one.
     """
     x = x.reshape(-1)
-    if x.is_cuda or x.numel() < 2:
-        return torch.bincount(x.long() if x.is_cuda else x, minlength=minlength).cpu().numpy()[:minlength]
+    if device_route.cuda_route(x.device.type) or x.numel() < 2:
+        return torch.bincount(x.long(), minlength=minlength).cpu().numpy()[:minlength]
     even = x.numel() - x.numel() % 2
     pairs = torch.bincount(x[:even].view(torch.int16), minlength=256 * minlength).numpy()
     grid = pairs[:256 * minlength].reshape(minlength, 256)
@@ -187,7 +188,7 @@ class PrecisionAccumulator:
             self.histogram += _bincount(binned, ULP_BINS + 1)[1:]
         if self.above:
             base_bf16 = (self.shared or SharedBase()).bf16_of(base)  # the base cast once per chunk
-            if base.is_cuda:
+            if device_route.cuda_route(base.device.type):
                 visible = base_bf16 != run.to(torch.bfloat16)  # bf16_visible
                 self.visible += int(torch.count_nonzero(visible))
                 self.hidden += int(torch.count_nonzero(updated & ~visible))
@@ -200,7 +201,7 @@ class PrecisionAccumulator:
         """float32 |Δ| on the CPU: floor(log2 |Δ|) from its exponent bits, exact for normal values, counted as
         distance keys (in numpy: torch's mixed-type elementwise ops run several times slower on one CPU thread).
         False (nothing counted) on a GPU, for float64 and when a counted |Δ| is subnormal."""
-        if abs_delta.dtype != torch.float32 or abs_delta.is_cuda:
+        if abs_delta.dtype != torch.float32 or device_route.cuda_route(abs_delta.device.type):
             return False
         exponent = abs_delta.reshape(-1).numpy().view(np.int32) >> 23  # |Δ| ≥ 0 (NaN/Inf zeroed): sign bit 0
         counted = counted.reshape(-1).numpy() & (exponent < 255)  # a NaN/Inf left in has no distance to count
@@ -260,7 +261,7 @@ class TrueUpdates:
         absd = torch.where(finite, d, torch.zeros_like(d)).abs()
         updated = criterion_mask(b, r, absd, self.criterion, self.tol, self.work) | ~finite
         base_bf16, run_bf16 = b.to(torch.bfloat16), r.to(torch.bfloat16)
-        if b.is_cuda:
+        if device_route.cuda_route(b.device.type):
             visible = base_bf16 != run_bf16  # bf16_visible
             self.visible += nonzero(visible)
             self.hidden += nonzero(updated & ~visible)

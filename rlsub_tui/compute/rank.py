@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rlsub_tui.records.spectrum import RankFigures, rank_figures
+from rlsub_tui.util import device_route
 
 EPS32 = torch.finfo(torch.float32).eps
 U64 = 2.0 ** -53  # unit roundoff of float64
@@ -174,7 +175,7 @@ def update_rank_figures(delta: torch.Tensor) -> RankFigures:
     m, n = delta.shape
     if m == 0 or n == 0:
         return rank_figures(0, [])
-    if delta.is_cuda:
+    if device_route.cuda_route(delta.device.type):
         rank, sq = _gram_route(delta)
         return rank_figures(rank, sq.numpy())
     rank, sq, _ = certified_rank(delta)
