@@ -76,6 +76,9 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("computation")
     c.add_argument("--device", default="auto", help="auto (GPU if torch sees one; the default), cpu, cuda or cuda:N")
     c.add_argument("--no-rank", action="store_true", help="skip the update-rank computation (default: computed)")
+    c.add_argument("--no-subspaces", action="store_true",
+                   help="skip the subspace overlaps of the runs' top singular directions (default: computed with "
+                        "the rank; off with --no-rank)")
     c.add_argument("--common-rows", action="store_true",
                    help="compare tensors whose first dimension differs (resized vocab) on the rows they share")
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the result cache")
@@ -92,7 +95,8 @@ def analysis_options(args):
     from rlsub_tui.records.criteria import AnalysisOptions
 
     return AnalysisOptions(criterion=criterion_option(args), sweep=tuple(args.sweep),
-                           rank=not args.no_rank, device=args.device, common_rows=args.common_rows,
+                           rank=not args.no_rank, subspaces=not getattr(args, "no_subspaces", False),
+                           device=args.device, common_rows=args.common_rows,
                            use_cache=not args.no_cache, compare_dtype=args.compare_dtype,
                            workers=getattr(args, "workers", 1))
 

@@ -39,7 +39,8 @@ RANK_SPECTRA_COLUMNS = ("pair", "tensor", "rank", "stable_rank", "energy_rank_90
 def analysis_key(base_fp: str, run_fps: list[str], options: AnalysisOptions) -> str:
     """Cache key of an analysis: the checkpoints' fingerprints and every option that changes a number."""
     blob = json.dumps([RESULT_VERSION, base_fp, run_fps, options.criterion.name, options.criterion.value,
-                       list(options.sweep), options.rank, options.common_rows, options.compare_dtype])
+                       list(options.sweep), options.rank, options.common_rows, options.compare_dtype,
+                       options.rank and options.subspaces])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

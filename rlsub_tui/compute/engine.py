@@ -377,7 +377,7 @@ class Analysis:
         stored = [t if dt is not None else None for t, dt in zip(loaded[0][1:], plan.true_dtypes)]
         return compute_tensor(tensors[0], tensors[1:], self.options.criterion, tuple(self.options.sweep),
                               want_rank=self.options.rank, ranks=known, dtypes=plan.run_dtypes,
-                              stored=stored, true_dtypes=plan.true_dtypes)
+                              stored=stored, true_dtypes=plan.true_dtypes, want_subspaces=self.options.subspaces)
 
     def compute_named(self, name: str, known: list[RankFigures | None]):
         """One planned tensor read and computed here, on the CPU (a worker process's task)."""

@@ -121,13 +121,13 @@ def exact_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
     return rank, torch.flip(sigma * sigma, dims=(0,))
 
 
-def certified_rank(delta: torch.Tensor) -> tuple[int, np.ndarray, bool]:
+def certified_rank(delta: torch.Tensor, g: np.ndarray | None = None) -> tuple[int, np.ndarray, bool]:
     """The float32 rule's rank of a CPU matrix, its σ_i² (ascending), and whether the exact route was needed.
 
     Float64 Gram eigenvalues with the bound η of `error_bound`; when an eigenvalue lies inside
-    `threshold_band`, the count is taken from `exact_route` instead.
+    `threshold_band`, the count is taken from `exact_route` instead. `g`: Δ's cpu_gram, when already formed.
     """
-    g = cpu_gram(delta)
+    g = cpu_gram(delta) if g is None else g
     sq = np.linalg.eigvalsh(g)  # LAPACK's syevd, values only
     if not np.diagonal(g).any():
         return 0, sq, False  # Δ = 0
@@ -187,7 +187,11 @@ def stacked_rank_figures(delta: torch.Tensor) -> RankFigures:
     over the experts (so its ratio to E·min(m, n) is the experts' mean ratio) and their mean energy curve."""
     if delta.ndim != 3:
         return update_rank_figures(delta)
-    figs = [update_rank_figures(d) for d in delta]
+    return stacked_figures([update_rank_figures(d) for d in delta])
+
+
+def stacked_figures(figs: list[RankFigures]) -> RankFigures:
+    """A stack of expert matrices' figures as one: each summed over the experts, their mean energy curve."""
     curves = [f.energy_curve for f in figs if f.energy_curve]
     curve = tuple(float(x) for x in np.mean(curves, axis=0)) if len(curves) == len(figs) and curves else ()
     return RankFigures(sum(f.rank for f in figs), sum(f.stable_rank for f in figs),

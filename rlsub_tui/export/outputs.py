@@ -24,6 +24,9 @@ from rlsub_tui.records.measures import (
     sweep_csv,
 )
 from rlsub_tui.records.results import SPECTRUM_RATIOS, AnalysisResult, Stats
+from rlsub_tui.records.subspaces import BASE, SUBSPACES_CSV, SubspaceRow
+from rlsub_tui.records.subspaces import RULES as SUBSPACE_RULES
+from rlsub_tui.records.subspaces import SIDES as SUBSPACE_SIDES
 from rlsub_tui.util.files import atomic_write
 
 if TYPE_CHECKING:
@@ -305,6 +308,7 @@ def summary_dict(result: AnalysisResult, groups=()) -> dict:
                            "chance": json_value(s.sign_agreement_chance())},
         "mean_rank_ratio": json_value(s.mean_rank_ratio_all()),
         **{f"mean_{f}_ratio": json_value(s.mean_spectrum_ratio(f)) for f in SPECTRUM_RATIOS},
+        "directions": directions_summary(result, s),
         "run_groups": group_summary(s, list(groups), result.run_labels) if groups else None,
         "skipped": [{"tensor": k.tensor, "run": k.run, "reason": k.reason} for k in result.skipped],
         "tied": [{"alias": a, "counted_as": p} for a, p in result.tied.items()],
@@ -359,8 +363,50 @@ def timeline_summary(timeline: TimelineResult) -> list[dict]:
     return out
 
 
+def subspaces_csv(result: AnalysisResult) -> str:
+    """Per matrix, pair of runs (or run and base), side and k: the overlap of their top-k subspaces."""
+    labels = result.run_labels
+    rows = []
+    for name in result.planned:
+        r = result.tensors.get(name)
+        if r is None:
+            continue
+        for x in r.subspaces:
+            row = SubspaceRow.from_list(x)
+            rows.append([name, labels[row.a], "base" if row.b == BASE else labels[row.b], row.side, row.rule,
+                         row.k, row.overlap, row.chance, row.lift])
+    return csv_text(list(SUBSPACES_CSV), rows)
+
+
+def directions_summary(result: AnalysisResult, s: Stats) -> dict | None:
+    """Pooled over the matrices (k-weighted): per side and k rule, the runs' pairs' mean overlap and chance, each
+    pair's, and each run's with the base; None when no subspace was computed."""
+    if not s.subspaces.sums:
+        return None
+    labels, out = result.run_labels, {}
+    for rule in SUBSPACE_RULES:
+        entry = {}
+        for side in SUBSPACE_SIDES:
+            ov, ch = s.subspaces.figure(side, rule)
+            bov, bch = s.subspaces.figure(side, rule, base=True)
+            entry[side] = {
+                "pairs": {"overlap": json_value(ov), "chance": json_value(ch), "lift": json_value(overlap.lift(ov, ch))},
+                "with_base": {"overlap": json_value(bov), "chance": json_value(bch),
+                              "lift": json_value(overlap.lift(bov, bch))},
+                "per_pair": [{"run_a": labels[a], "run_b": labels[b],
+                              **dict(zip(("overlap", "chance"), map(json_value, s.subspaces.pair(a, b, side, rule))))}
+                             for a in range(result.k) for b in range(a + 1, result.k)],
+                "per_run_with_base": [{"run": labels[a], **dict(zip(("overlap", "chance"),
+                                                                     map(json_value, s.subspaces.pair(a, BASE, side, rule))))}
+                                      for a in range(result.k)],
+            }
+        out[rule] = entry
+    return out
+
+
 def write_outputs(result: AnalysisResult, out: Path, timeline=None, groups=()) -> list[Path]:
-    """Write matrices.csv, pairs.csv, agreement.csv, groups.csv and summary.json into `out`, each atomically;
+    """Write matrices.csv, pairs.csv, agreement.csv, groups.csv, subspaces.csv and summary.json into `out`, each
+    atomically;
     with a timeline (timeline.TimelineResult), also timeline.csv and summary.json's `timelines`.
 
     Every file is rendered in memory first, so a failure before writing leaves nothing behind.
@@ -375,6 +421,7 @@ def write_outputs(result: AnalysisResult, out: Path, timeline=None, groups=()) -
         "pairs.csv": pairs_csv(result, groups),
         "agreement.csv": agreement_csv(result),
         "groups.csv": groups_csv(result),
+        "subspaces.csv": subspaces_csv(result),
         "summary.json": json.dumps(summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n",
     }
     if timeline is not None:

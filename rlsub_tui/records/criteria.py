@@ -130,6 +130,7 @@ class AnalysisOptions:
     cache_dir: Path | None = None
     compare_dtype: str = "stored"
     workers: int = 1  # processes computing tensors side by side on the CPU (workers.py); changes no number
+    subspaces: bool = True  # subspace overlaps of the runs' top singular directions (off without the rank)
 
     def __post_init__(self):
         if self.compare_dtype not in COMPARE_DTYPES:

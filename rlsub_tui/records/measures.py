@@ -147,6 +147,12 @@ NODE_MEASURES: tuple[Measure, ...] = (
        "s = tensor × exponent of |w0|"),
     _M("consensus_chance_strat", "all K@str", "pct", "across runs",
        "consensus expected under the stratified null (a Poisson-binomial per stratum)"),
+    *(_M(f"subspace_{side}{part}", f"dir{side[0].upper()}{title}", "ratio", "per run pair, mean", definition)
+      for side in ("left", "right") for part, title, definition in (
+          ("", "", f"subspace overlap of the runs' top-k {side} singular vectors, ‖U_Aᵀ U_B‖_F²/k, k the smaller "
+                   "energy rank at 90% of the pair, k-weighted over matrices and pairs (1: the same directions)"),
+          ("_chance", "@rnd", f"that overlap for independent random k-dim subspaces: k / {'m' if side == 'left' else 'n'}, "
+                              "k-weighted alike"))),
     *(_M(f"spectrum:{f}", title, "pct", "pooled over runs",
          f"mean over 2-D matrices and runs of the {SPECTRUM_WORDS[f]}, divided by min(m,n)")
       for f, title in SPECTRUM_TITLES.items()),
@@ -204,6 +210,11 @@ RUN_MEASURES: tuple[Measure, ...] = (
        "col_share"),
     _M("col_share_chance", "cols@rnd", "pct", "per run",
        "that share if the updates were spread uniformly: 1 − (1 − density)^(column length)", "col_share_chance"),
+    *(_M(f"base_subspace_{side}{part}", f"W0 dir{side[0].upper()}{title}", "ratio", "per run", definition)
+      for side in ("left", "right") for part, title, definition in (
+          ("", "", f"overlap of the run's top-k {side} singular subspace of Δ with the base weight's own top-k "
+                   "(k the smaller energy rank at 90% of the two): does the update write into the directions W0 uses?"),
+          ("_chance", "@rnd", f"that overlap for random k-dim subspaces: k / {'m' if side == 'left' else 'n'}"))),
     _M("sweep:{t}", "sp@{t}", "pct", "per run", "sparsity under atol at tolerance {t}", SWEEP_CSV),
 )
 

@@ -10,6 +10,7 @@ import numpy as np
 from rlsub_tui.records import measures, overlap
 from rlsub_tui.records.criteria import MAG_BINS, MAX_SUBSET_RUNS, ULP_BINS, Criterion, RunTensorStats
 from rlsub_tui.records.measures import SPECTRUM_RATIOS  # re-exported: other modules read it from here
+from rlsub_tui.records.subspaces import SubspaceRow, SubspaceTotals
 
 # 5: per-pair dtypes, spectrum figures, run codes per record; 6: the cumulative-energy curve; 8: all of them;
 # 9: bf16 visibility, the ULP histogram, rows and columns touched
@@ -34,6 +35,8 @@ class TensorResult:
     # parameters per run code (bit j set: run j updated it), 2^K entries; empty beyond MAX_SUBSET_RUNS. Any subset of
     # runs' agreement histogram and consensus follow from it without the masks.
     run_codes: list[int] = field(default_factory=list)
+    # subspace overlaps (records/subspaces.py): SubspaceRow.to_list() per pair, side and k; empty without them
+    subspaces: list[list] = field(default_factory=list)
 
     @property
     def max_rank(self) -> int | None:
@@ -74,7 +77,8 @@ class TensorResult:
         result = cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d["shape"]], int(d["numel"]), runs,
                      both, [int(x) for x in d["agreement"]], int(d["multi"]), int(d["sign_agree"]),
                      [int(x) for x in d["magnitude_numel"]], [str(n) for n in d.get("notes", [])],
-                     [int(x) for x in d.get("run_codes", [])])
+                     [int(x) for x in d.get("run_codes", [])],
+                     [SubspaceRow.from_list(x).to_list() for x in d.get("subspaces", [])])
         k = len(runs)
         if len(result.agreement) != k + 1 or sum(result.agreement) != result.numel:
             raise ValueError("inconsistent result record")
@@ -131,6 +135,7 @@ class Stats:
         self.ulp_histogram = np.zeros((k, ULP_BINS), dtype=np.int64)
         # rows and columns: over 2-D matrices, rows/columns in all, touched, and expected touched by chance
         self.lines = {axis: np.zeros((3, k)) for axis in ("rows", "cols")}
+        self.subspaces = SubspaceTotals()  # subspace overlaps, k-weighted over the matrices (records/subspaces.py)
 
     def add(self, r: TensorResult) -> None:
         self.tensors += 1
@@ -160,6 +165,8 @@ class Stats:
         expected_both, agreement_expected = r.chance_strat()
         self.expected_both += expected_both
         self.agreement_expected_strat += agreement_expected
+        for row in r.subspaces:
+            self.subspaces.add(SubspaceRow.from_list(row))
         if self.coded and len(r.run_codes) == len(self.run_codes):
             self.run_codes += np.asarray(r.run_codes, dtype=np.int64)
         else:

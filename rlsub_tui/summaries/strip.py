@@ -9,8 +9,9 @@ from rlsub_tui.records import overlap
 from rlsub_tui.summaries.selection import OverlapFigure, SelectedStats
 from rlsub_tui.util.formatting import count, pct, ratio
 
-MEASURES = ["o1", "jaccard", "lift", "lift_strat"]
+MEASURES = ["o1", "jaccard", "lift", "lift_strat", "directions"]
 MEASURE_TITLES = {
+    "directions": "subspace overlap of the top-k left singular vectors (k: e90), row A, column B",
     "o1": "o1 = |A∩B|/|A|, row A, column B",
     "jaccard": "Jaccard = |A∩B|/|A∪B|",
     "lift": "o1 / pooled chance, row A, column B",
@@ -114,7 +115,21 @@ def summary_lines(sel: SelectedStats, width: int = 48) -> list[str]:
                     f"{lifts_text(cons.lift, cons.lift_strat, ' ')}")
         lines.append(line)
     lines.append(sign_line(sel))
+    line = directions_line(sel)
+    if line is not None:
+        lines.append(line)
     return lines
+
+
+def directions_line(sel: SelectedStats) -> str | None:
+    """The chosen runs' pairs' subspace overlap, left and right, at k = e90, with chance k/m, k/n (None when no
+    subspace was computed here)."""
+    figures = [sel.stats.subspaces.figure(side, "e90", runs=sel.runs) for side in ("left", "right")]
+    if all(math.isnan(ov) for ov, _ in figures):
+        return None
+    (lo, lc), (ro, rc) = figures
+    return (f"directions: left {_short(lo, 2)} (chance {_short(lc, 2)}), right {_short(ro, 2)} "
+            f"(chance {_short(rc, 2)})")
 
 
 def sign_line(sel: SelectedStats) -> str:
@@ -161,6 +176,10 @@ def overlap_grid(sel: SelectedStats, measure: str) -> list[list[GridCell]]:
             if a == b:
                 row.append(GridCell(math.nan, math.nan, math.nan))
                 continue
+            if measure == "directions":
+                ov, ch = st.subspaces.pair(a, b, "left")
+                row.append(GridCell(ov, ch, overlap.lift(ov, ch), ov))
+                continue
             p = st.pair(min(a, b), max(a, b))
             if measure == "jaccard":
                 row.append(_cell(measure, p["jaccard"], p["jaccard_random"], p["jaccard_random_strat"]))
@@ -173,7 +192,8 @@ def overlap_grid(sel: SelectedStats, measure: str) -> list[list[GridCell]]:
 
 GRID_CSV = ["measure", "value", "observed", "chance", "chance_strat", "lift", "lift_strat"]
 GRID_CSV_MEANING = {
-    "measure": "what `value` holds: o1, jaccard, lift (o1 / pooled chance) or lift_strat (o1 / stratified chance)",
+    "measure": "what `value` holds: o1, jaccard, lift (o1 / pooled chance), lift_strat (o1 / stratified chance) or "
+               "directions (the left-subspace overlap at k = e90, its chance k/m; no stratified chance)",
     "value": "the cell as the heatmap shows it",
     "observed": "the overlap observed: o1 = |A∩B|/|A| (row A, column B), or the Jaccard |A∩B|/|A∪B| for jaccard",
     "chance": "that overlap expected for independent runs with every parameter alike (pooled chance)",
@@ -236,6 +256,8 @@ def block_grid(sel: SelectedStats, groups, measure: str) -> tuple[list[str], lis
     diagonal); lift = mean observed over mean chance, pooled or stratified."""
     from rlsub_tui.summaries.groups import blocks
 
+    if measure == "directions":
+        return [f"{g.name} ({len(g.runs)})" for g in groups], _direction_blocks(sel, groups)
     key = "jaccard" if measure == "jaccard" else "o1"
     grid = []
     for row in blocks(sel.stats, groups, sel.runs):
@@ -243,6 +265,20 @@ def block_grid(sel: SelectedStats, groups, measure: str) -> tuple[list[str], lis
                  if f.pairs else GridCell(math.nan, math.nan, math.nan) for f in row]
         grid.append(cells)
     return [f"{g.name} ({len(g.runs)})" for g in groups], grid
+
+
+def _direction_blocks(sel: SelectedStats, groups) -> list[list[GridCell]]:
+    """Groups × groups of the left-subspace overlap (k: e90): the mean over the chosen pairs between the two."""
+    chosen, grid = set(sel.runs), []
+    for ga in groups:
+        cells = []
+        for gb in groups:
+            pairs = {(min(a, b), max(a, b)) for a in ga.runs for b in gb.runs if a != b and {a, b} <= chosen}
+            found = [sel.stats.subspaces.pair(a, b, "left") for a, b in sorted(pairs)]
+            ov, ch = overlap.nan_mean([f[0] for f in found]), overlap.nan_mean([f[1] for f in found])
+            cells.append(GridCell(ov, ch, overlap.lift(ov, ch), ov) if found else GridCell(math.nan, math.nan, math.nan))
+        grid.append(cells)
+    return grid
 
 
 def block_rows(sel: SelectedStats, groups, measure: str) -> tuple[list[str], list[list]]:

@@ -7,6 +7,8 @@ import math
 from rlsub_tui.records import measures, overlap
 from rlsub_tui.records.measures import SPECTRUM_RATIOS, Column
 from rlsub_tui.records.results import AnalysisResult, Stats
+from rlsub_tui.records.subspaces import BASE
+from rlsub_tui.records.subspaces import SIDES as SUBSPACE_SIDES
 from rlsub_tui.summaries.tree import Node
 
 
@@ -59,6 +61,8 @@ def row_values(node: Node, result: AnalysisResult, index: StatsIndex | None = No
         "done": f"{s.tensors}/{len(node.tensors)}",
     })
     values.update({f"spectrum:{f}": s.mean_spectrum_ratio(f) for f in SPECTRUM_RATIOS})
+    for side in SUBSPACE_SIDES:
+        values[f"subspace_{side}"], values[f"subspace_{side}_chance"] = s.subspaces.figure(side)
     values.update(measures.precision_and_line_figures(s))
     return values
 
@@ -89,6 +93,8 @@ def tensor_rows(name: str, result: AnalysisResult) -> list[dict]:
         for j, t in enumerate(result.sweep):
             row[f"sweep:{t:g}"] = sweep[j] if j < len(sweep) else math.nan
         row.update(measures.precision_and_line_figures(one, i))
+        for side in SUBSPACE_SIDES:
+            row[f"base_subspace_{side}"], row[f"base_subspace_{side}_chance"] = one.subspaces.pair(i, BASE, side)
         for count in ("true_updated", "updated_bf16_visible"):
             if row[count] is None:
                 row[count] = math.nan
