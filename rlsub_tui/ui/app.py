@@ -12,7 +12,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
-from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Input, Label, ProgressBar, Static, Tree
+from textual.widgets import ContentSwitcher, DataTable, Footer, Header, Label, ProgressBar, Static, Tree
 
 from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE, distance_warnings
 from rlsub_tui.export.outputs import csv_text, provenance, sidecar_path, view_export_path, write_view_export
@@ -29,6 +29,7 @@ from rlsub_tui.ui.dialogs import (
     WarningsScreen,
     keys_markdown,
 )
+from rlsub_tui.ui.filterbox import FilterBox
 from rlsub_tui.ui.heatmap import HeatmapPanel
 from rlsub_tui.ui.maskmap import MaskMapPanel
 from rlsub_tui.ui.messages import (
@@ -81,8 +82,8 @@ class ExplorerApp(App):
         # "/" (even in one burst) land in the filter box
         Binding("slash", "filter", "Filter", id="app.filter", key_display="/", priority=True,
                 tooltip="Filter the tree by tensor name"),
-        # priority: tab and shift+tab switch between the two panes only (the filter box is reached with "/"),
-        # so a second tab never lands typed keys in the filter
+        # priority: tab and shift+tab switch between the two panes only (the filter box is reached with "/"
+        # only: it is outside the focus chain), so a second tab never lands typed keys in the filter
         Binding("tab,shift+tab", "switch_pane", "Pane", show=False, id="app.switch_pane", priority=True,
                 tooltip="Switch between the tree and the table"),
         Binding("escape", "cancel_or_clear", "Cancel", id="app.cancel",
@@ -90,7 +91,8 @@ class ExplorerApp(App):
         Binding("e", "export_table", "Export", id="app.export_table", tooltip="Write the table to CSV"),
         Binding("x", "export_chart", "Chart CSV", show=False, id="app.export_chart",
                 tooltip="Write the chart's data to CSV"),
-        Binding("c", "criterion", "Criterion", id="app.criterion", tooltip="Change criterion or tolerance"),
+        Binding("c", "criterion", "Criterion", id="app.criterion",
+                tooltip="Change criterion, tolerance, sweep or comparison dtype"),
         Binding("s", "sort", "Sort", show=False, id="app.sort", tooltip="Sort the table by the next column"),
         Binding("S", "reverse_sort", "Reverse", show=False, id="app.reverse_sort", tooltip="Reverse the sort"),
         Binding("o", "overlap_metric", "o1/Jaccard", show=False, id="app.overlap_metric",
@@ -148,7 +150,7 @@ class ExplorerApp(App):
         yield Header()
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield Input(placeholder="/ filter tensors by name", id="filter", compact=True)
+                yield FilterBox(placeholder="/ filter tensors by name", id="filter", compact=True)
                 yield LayerTree(id="tree")
             with Vertical(id="right"):
                 yield Label("", id="table-title")
@@ -255,6 +257,7 @@ class ExplorerApp(App):
         self._resolve_groups(r.run_labels)
         self.title = f"rlsub-tui · {r.base_label}"
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
+                          + ("" if r.compare_dtype == "stored" else f" · compared in {r.compare_dtype}")
                           + (f" · sweep {len(r.sweep)}" if r.sweep else " · no sweep") + f" · {r.device}")
         self.query_one("#progress", ProgressBar).update(total=len(r.planned), progress=0)
         self.query_one("#progress-text", Static).update(f"0/{len(r.planned)} tensors · {size(msg.bytes_total)} to read")
@@ -394,6 +397,9 @@ class ExplorerApp(App):
     def _show_focus(self) -> None:
         """The table's title and rows, then the view, for the focused node."""
         node = self.focus_node
+        if node is None and self.result is not None and self.filter_text:
+            self._show_no_match()
+            return
         if node is None or self.result is None:
             self.query_one("#table-title", Label).update("no tensors match" if self.filter_text else "")
             return
@@ -402,6 +408,18 @@ class ExplorerApp(App):
         kids = "one row per child" if node.children else "one row per run"
         self.query_one("#table-title", Label).update(f"{node.label} — {kids}")
         self._show_view()
+
+    def _show_no_match(self) -> None:
+        """A filter that matches no tensor: the title, strip, table and view all say so (none keeps the numbers
+        of the node focused before)."""
+        what = f"no tensors match '{self.filter_text.strip()}'"
+        self.query_one("#table-title", Label).update(what)
+        self.query_one(SummaryStrip).show([what, "esc clears the filter, / edits it"])
+        self.query_one(ChildrenTable).show([], [])
+        self.query_one(ContentSwitcher).current = "chart"
+        self.query_one(ChartKey).show([])
+        self.query_one(ChartPanel).show(charts.ChartData(self.chart_name, "nothing to show", "", "", [], {},
+                                                         message=f"{what}: esc clears the filter"))
 
     def selected_stats(self) -> SelectedStats:
         st = self.index.get(self.focus_node) if self.index is not None else self.result.stats(self.focus_node.tensors)
@@ -537,6 +555,8 @@ class ExplorerApp(App):
 
     @on(LayerTree.NodeHighlighted)
     def _highlighted(self, event: LayerTree.NodeHighlighted) -> None:
+        if event.node is not self.query_one(LayerTree).cursor_node:
+            return  # the cursor has moved on since (or the tree was rebuilt): the focus follows where it is now
         if event.node.data is not None and event.node.data is not self.focus_node:
             self.focus_node = event.node.data
 
@@ -544,6 +564,10 @@ class ExplorerApp(App):
     def _selected(self, event: LayerTree.NodeSelected) -> None:
         if event.node.data is not None:
             self.focus_node = event.node.data
+
+    @on(LayerTree.AfterKeys)
+    def _after_tree_keys(self, msg: LayerTree.AfterKeys) -> None:
+        msg.callback()
 
     @on(ChildrenTable.RowSelected)
     def _table_row_opened(self, event: ChildrenTable.RowSelected) -> None:
@@ -586,6 +610,7 @@ class ExplorerApp(App):
         return [("anywhere", list(ExplorerApp.BINDINGS)
                  + [Binding(ExplorerApp.COMMAND_PALETTE_BINDING, "command_palette", "Command palette")]),
                 ("tree", list(Tree.BINDINGS) + list(LayerTree.BINDINGS)),
+                ("filter box", list(FilterBox.BINDINGS)),
                 ("table", list(DataTable.BINDINGS) + list(ChildrenTable.BINDINGS)),
                 ("help", list(HelpScreen.BINDINGS))]
 
@@ -594,8 +619,10 @@ class ExplorerApp(App):
         r = self.result
         if r is None:
             return f"Opening {self.config.base} and {len(self.config.runs)} run(s)…"
+        dtype = r.compare_dtype if r.compare_dtype != "stored" else "each pair's less precise dtype"
         lines = [f"Base: `{r.base_label}` ({r.base_path})  ", f"Criterion: {r.criterion.describe()}; sweep: "
-                 + (", ".join(f"{t:g}" for t in r.sweep) if r.sweep else "off") + f"; device {r.device}", "",
+                 + (", ".join(f"{t:g}" for t in r.sweep) if r.sweep else "off")
+                 + f"; compared in {dtype}; device {r.device}", "",
                  "Runs (i and j in the overlap chart's `i·j`):", ""]
         lines += [f"- run {i + 1}: `{label}` {path}" for i, (label, path) in enumerate(zip(r.run_labels, r.run_paths))]
         return "\n".join(lines)
@@ -613,23 +640,52 @@ class ExplorerApp(App):
     def action_filter(self) -> None:
         # always on screen (one line), so it can take focus at once: keys typed right after "/"
         # must land in the box, not in the tree
-        self.screen.set_focus(self.query_one("#filter", Input))
+        self.query_one(FilterBox).open()
 
-    @on(Input.Changed, "#filter")
-    def _filter_changed(self, event: Input.Changed) -> None:
-        self.filter_text = event.value
+    def _set_filter(self, text: str) -> None:
+        if text == self.filter_text:
+            return
+        self.filter_text = text
         if self.result is not None:
             self._rebuild_tree(self.focus_node.key if self.focus_node else None)
 
-    @on(Input.Submitted, "#filter")
-    def _filter_done(self, _event: Input.Submitted) -> None:
-        self.query_one(LayerTree).focus()
+    @on(FilterBox.Changed, "#filter")
+    def _filter_changed(self, event: FilterBox.Changed) -> None:
+        if event.value == event.input.value:  # else a value the box has typed past (or enter applied) since
+            self._set_filter(event.value)
+
+    def action_apply_filter(self) -> None:
+        """enter in the filter box: the filter as typed applies now, the tree takes the keys with its cursor
+        on the filtered tree's first row (the matching tensors pooled), and the strip and table show that row.
+        A filter that matches nothing keeps the box focused, to edit it, and every view says so."""
+        self._set_filter(self.query_one(FilterBox).value)
+        tree = self.query_one(LayerTree)
+        if self.result is not None and self.focus_node is None:
+            self.notify(f"No tensor name contains '{self.filter_text.strip()}': edit the filter, or esc clears it.",
+                        severity="warning")
+            return
+        self.screen.set_focus(tree)  # now, not after a refresh (as focus() would): the next key is the tree's
+        # after the keys the tree still holds (typed before "/"), before those typed after enter
+        tree.post_message(LayerTree.AfterKeys(self._cursor_to_top))
+
+    def _cursor_to_top(self) -> None:
+        tree = self.query_one(LayerTree)
+        first = tree.get_node_at_line(0)
+        if first is not None:
+            tree.move_cursor(first, animate=False)
+            if first.data is not None:
+                self.focus_node = first.data
+
+    def action_clear_filter(self) -> None:
+        """esc in the filter box (or, with a filter on, anywhere): the whole tree again, the tree focused."""
+        box = self.query_one(FilterBox)
+        self._set_filter("")
+        box.value = ""
+        self.screen.set_focus(self.query_one(LayerTree))
 
     def action_cancel_or_clear(self) -> None:
-        box = self.query_one("#filter", Input)
-        if self.focused is box or self.filter_text:
-            box.value = ""
-            self.query_one(LayerTree).focus()
+        if self.focused is self.query_one(FilterBox) or self.filter_text:
+            self.action_clear_filter()
             return
         if self.running:
             self.workers.cancel_group(self, "analysis")
@@ -756,7 +812,7 @@ class ExplorerApp(App):
         current = CriterionChoice(o.criterion.name,
                                   o.criterion.value if o.criterion.name == "atol" else 1e-5,
                                   o.criterion.value if o.criterion.name == "relative" else 1e-3,
-                                  tuple(o.sweep))
+                                  tuple(o.sweep), o.compare_dtype)
 
         def apply(choice: CriterionChoice | None) -> None:
             if choice is None:
@@ -766,7 +822,7 @@ class ExplorerApp(App):
             value = {"atol": choice.tolerance, "relative": choice.eta}.get(choice.criterion, 0.0)
             try:
                 self.options = replace(self.options, criterion=Criterion(choice.criterion, value),
-                                       sweep=choice.sweep)
+                                       sweep=choice.sweep, compare_dtype=choice.compare_dtype)
             except InputError as exc:
                 self.push_screen(ErrorDialog("Invalid criterion", str(exc)))
                 return
@@ -779,7 +835,7 @@ class ExplorerApp(App):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Export table", "Write the table to CSV", self.action_export_table)
         yield SystemCommand("Export chart data", "Write the chart's data to CSV", self.action_export_chart)
-        yield SystemCommand("Change criterion or tolerance", "Recompute with another criterion",
+        yield SystemCommand("Change criterion or tolerance", "Recompute with another criterion or comparison dtype",
                             self.action_criterion)
         yield SystemCommand("Filter tree", "Filter the tree by tensor name", self.action_filter)
         yield SystemCommand("Cancel computation", "Stop, keeping what is done", self.action_cancel_or_clear)

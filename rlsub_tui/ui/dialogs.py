@@ -1,16 +1,18 @@
-"""Modal screens: an error dialog, the help screen, and the criterion/tolerance dialog."""
+"""Modal screens: an error dialog, the help screen, and the criterion/tolerance/comparison-dtype dialog."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from textual.actions import SkipAction
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, RadioButton, RadioSet, Static
 
-from rlsub_tui.records.criteria import parse_sweep, parse_tolerance
+from rlsub_tui.records.criteria import COMPARE_DTYPES, parse_sweep, parse_tolerance
 from rlsub_tui.records.measures import NODE_MEASURES, RUN_MEASURES, markdown_table
 
 
@@ -46,7 +48,9 @@ Close this help with **esc**, **q** or **?** (arrows / page keys scroll it).
 `atol` (the default, tolerance t = 1e-5, the paper's): |Δ| > t with Δ = run − base computed in
 the stored dtype (t rounded to that dtype, as `torch.isclose` does); `exact`: the stored values
 differ; `relative` (η = 1e-3 by default): |Δ| > η·max(|w0|,|w1|). NaN/Inf in either checkpoint
-counts as updated. The **sweep** (`sp@t` columns, chart 5) is the sparsity under `atol` at each
+counts as updated. `c` also chooses the **comparison dtype** (`--compare-dtype`): `stored` compares
+each run with the base in the less precise of the pair's two dtypes, `bf16`/`fp16`/`fp32` cast both
+to that dtype first. The **sweep** (`sp@t` columns, chart 5) is the sparsity under `atol` at each
 listed tolerance, computed in the same pass: on by default at the paper's 1e-8, 1e-7, 1e-6, 1e-5
 (`--sweep none`, or an empty sweep box in `c`, turns it off; the title bar then says "no sweep").
 
@@ -82,6 +86,12 @@ that is a folder of step checkpoints): per step, sparsity against the base, spar
 previous step, and the union of everything updated so far (% of params) · p distance to bf16
 visibility: share of each run's true updates per log2 bin of r = \\|Δ\\| / (ULP_bf16(w0)/2), r < 1 hidden
 by a bf16 cast (pairs finer than bf16; for bf16 pairs \\|Δ\\| in ULPs of w0).
+
+**patch/dense** (in `analyze`'s timeline table; `patch_ratio` in `summary.json`) is the size of a
+lossless sparse patch from the previous step to this one, relative to the dense checkpoint; it can
+exceed 100% when most entries are updated, because each updated entry costs its 4-byte index plus its
+value where the dense checkpoint stores the value alone (a bf16 patch is 3× the share of entries
+updated, up to 300%; an fp32 one 2×, up to 200%).
 
 ## Exports
 `e` writes the table, `x` the view's data (chart, heatmap, mask map, Δ histogram), as CSV in fractions (0.25 = 25%, never percent), each
@@ -174,12 +184,64 @@ class CriterionChoice:
     tolerance: float
     eta: float
     sweep: tuple[float, ...]
+    compare_dtype: str = "stored"  # one of COMPARE_DTYPES
+
+
+class Choice(RadioButton):
+    """A radio button whose state shows without colour: `(●)` and a bold label when chosen, `( )` when not."""
+
+    def render(self) -> Content:
+        label = self.label.pad(1, 1).stylize_before(self.get_visual_style("toggle--label"))
+        if self.value:
+            label = label.stylize("bold")
+        return Content.assemble("(●)" if self.value else "( )", label)  # as wide as the stock ▐●▌
+
+
+class ChoiceSet(RadioSet):
+    """A RadioSet whose arrows choose as they move, so the option marked is always the one highlighted, and
+    whose enter goes on to the dialog around it (which applies)."""
+
+    BINDINGS = [
+        Binding("down,right", "choose(1)", "Next option", show=False),
+        Binding("up,left", "choose(-1)", "Previous option", show=False),
+        Binding("enter", "pass_on", show=False),  # RadioSet's own enter would only choose; space still does
+    ]
+
+    def action_pass_on(self) -> None:
+        raise SkipAction()  # the binding is skipped: the key goes on to the screen's bindings
+
+    def on_mount(self) -> None:
+        # RadioSet highlights its first option on mount: highlight the chosen one instead, once that is done
+        self.call_after_refresh(self._highlight_chosen)
+
+    def _highlight_chosen(self) -> None:
+        if self.pressed_index >= 0:
+            self._selected = self.pressed_index
+
+    def action_choose(self, step: int) -> None:
+        options = list(self.query(RadioButton))
+        if not options:
+            return
+        now = options.index(self.pressed_button) if self.pressed_button in options else (-1 if step > 0 else 0)
+        new = options[(now + step) % len(options)]
+        # all at once, not through RadioSet's handler of RadioButton.Changed: that runs later and reads the
+        # buttons' values as they are then, so a key sent right after (an arrow, enter) would see the option before
+        with self.prevent(RadioButton.Changed):
+            for option in options:
+                option.value = option is new
+        self._pressed_button = new  # RadioSet's own record of the pressed button (what pressed_button returns)
+        self._selected = options.index(new)  # and its highlight
+        self.post_message(self.Changed(self, new))
 
 
 class CriterionDialog(ModalScreen[CriterionChoice | None]):
-    """Pick what counts as updated; the analysis is recomputed (ranks come from the cache)."""
+    """Pick what counts as updated and the comparison dtype; the analysis is recomputed (ranks come from the
+    cache when the dtype is unchanged)."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="criterion.cancel")]
+    # enter applies from any field: an option set passes it on to this binding, the dialog itself (focused
+    # as it opens) has it here, an input submits (on_input_submitted); on a button it presses that button
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="criterion.cancel"),
+                Binding("enter", "apply", "Apply", id="criterion.apply")]
 
     def __init__(self, current: CriterionChoice):
         super().__init__()
@@ -189,11 +251,11 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
         c = self.current
         with VerticalScroll(id="criterion-box", classes="dialog"):
             yield Label("What counts as an updated parameter?")
-            yield Static("tab: next field · enter: apply · esc: cancel", classes="hint")
-            with RadioSet(id="criterion-set", compact=True):
-                yield RadioButton("atol: |Δ| > tolerance (stored dtype)", value=c.criterion == "atol", id="atol")
-                yield RadioButton("exact: stored values differ", value=c.criterion == "exact", id="exact")
-                yield RadioButton("relative: |Δ| > η·max(|w0|,|w1|)", value=c.criterion == "relative", id="relative")
+            yield Static("tab: next field · arrows: choose · enter: apply · esc: cancel", classes="hint")
+            with ChoiceSet(id="criterion-set", compact=True):
+                yield Choice("atol: |Δ| > tolerance (stored dtype)", value=c.criterion == "atol", id="atol")
+                yield Choice("exact: stored values differ", value=c.criterion == "exact", id="exact")
+                yield Choice("relative: |Δ| > η·max(|w0|,|w1|)", value=c.criterion == "relative", id="relative")
             with Horizontal(classes="field"):
                 yield Label("tolerance")
                 yield Input(f"{c.tolerance:g}", id="tolerance", compact=True)
@@ -205,20 +267,26 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
                 # the current sweep as a value, never as placeholder text: an empty box means no sweep
                 yield Input(",".join(f"{t:g}" for t in c.sweep), placeholder="off: e.g. 1e-8,1e-7,1e-6,1e-5",
                             id="sweep", compact=True)
+            yield Static("compare in (stored: each pair's less precise dtype; bf16: as the paper)", id="dtype-label")
+            with ChoiceSet(id="dtype-set", compact=True):
+                for dtype in COMPARE_DTYPES:
+                    yield Choice(dtype, value=c.compare_dtype == dtype, id=f"dtype-{dtype}")
             yield Static("", id="criterion-error")
             with Horizontal(classes="buttons"):
                 yield Button("Apply", variant="primary", id="apply", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
 
     def _parse(self) -> CriterionChoice:
-        radio = self.query_one(RadioSet)
-        chosen = radio.pressed_button.id if radio.pressed_button else self.current.criterion
+        radio = self.query_one("#criterion-set", RadioSet).pressed_button
+        chosen = radio.id if radio is not None else self.current.criterion
 
         def number(field: str) -> float:
             return parse_tolerance(self.query_one(f"#{field}", Input).value, field)
 
         sweep = parse_sweep(self.query_one("#sweep", Input).value)
-        return CriterionChoice(chosen, number("tolerance"), number("eta"), sweep)
+        dtypes = self.query_one("#dtype-set", RadioSet).pressed_button
+        dtype = dtypes.id.removeprefix("dtype-") if dtypes is not None else self.current.compare_dtype
+        return CriterionChoice(chosen, number("tolerance"), number("eta"), sweep, dtype)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "cancel":
@@ -227,6 +295,9 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
         self.apply()
 
     def on_input_submitted(self, _event: Input.Submitted) -> None:
+        self.apply()
+
+    def action_apply(self) -> None:
         self.apply()
 
     def apply(self) -> None:

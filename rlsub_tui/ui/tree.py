@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.text import Text
 from textual.binding import Binding
+from textual.message import Message
 from textual.strip import Strip
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
@@ -56,10 +59,20 @@ class LayerTree(Tree[Node]):
         Binding("G,end", "last", "Bottom", show=False, id="tree.bottom"),
     ]
 
+    class AfterKeys(Message):
+        """Posted to the tree, it reaches the app behind every key the tree holds now (a key's binding runs
+        when the key, bubbling up the same way, reaches the app): the app then runs `callback`, after those
+        keys and before any sent to the tree since."""
+
+        def __init__(self, callback: Callable[[], None]):
+            super().__init__()
+            self.callback = callback
+
     def __init__(self, **kw):
         super().__init__("checkpoints", **kw)
         self.show_root = False
         self.guide_depth = 2
+        self.auto_expand = False  # action_select_cursor expands and collapses itself
         self._index: StatsIndex | None = None
 
     def populate(self, roots: list[Node], index: StatsIndex | None) -> None:
@@ -108,6 +121,16 @@ class LayerTree(Tree[Node]):
             if full > self.scroll_x + visible:
                 return mark_clipped(strip, visible)
         return strip
+
+    def action_select_cursor(self) -> None:
+        """enter (or a click on a label): focus the node, and expand or collapse it, except that a top-level
+        node (the model, "by type") only ever expands: collapsing it would hide the whole tree."""
+        node = self.cursor_node
+        if node is None:
+            return
+        if node.allow_expand and not (node.is_expanded and node.parent is self.root):
+            node.toggle()
+        self.post_message(Tree.NodeSelected(node))
 
     def action_collapse_or_parent(self) -> None:
         node = self.cursor_node
