@@ -266,8 +266,8 @@ async def test_help_explains_patch_dense_and_lists_the_filter_keys(checkpoints):
     paragraphs = [p for p in HELP.split("\n\n") if "patch/dense" in p]
     assert len(paragraphs) == 1
     sentence = paragraphs[0]
-    assert "lossless sparse patch" in sentence and "relative to the dense checkpoint" in sentence
-    assert "exceed 100%" in sentence and "index plus its" in sentence
+    assert "lossless sparse patch" in sentence and "over the dense tensor's bytes" in sentence
+    assert "above 100%" in sentence and "index plus the new stored value" in sentence
     app = make_app(checkpoints)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)

@@ -55,8 +55,8 @@ def add_group_option(p: argparse.ArgumentParser) -> None:
 def add_criterion_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("what counts as updated (defaults: the paper's atol, tolerance 1e-5)")
     g.add_argument("--criterion", choices=["atol", "exact", "relative"], default="atol",
-                   help="atol: |Δ| > tolerance in the stored dtype (the paper's; the default); exact: stored "
-                        "values differ; relative: |Δ| > eta·max(|w0|,|w1|)")
+                   help="atol: |Δ| > tolerance in the pair's comparison dtype (the paper's; the default); exact: "
+                        "the values differ; relative: |Δ| > eta·max(|w0|,|w1|)")
     g.add_argument("--tolerance", type=_float, default=1e-5, help="the atol tolerance (default 1e-5)")
     g.add_argument("--eta", type=_float, default=1e-3, help="the relative criterion's η (default 1e-3)")
     return g

@@ -14,6 +14,7 @@ from textual.widgets import Button, Input, Label, Markdown, RadioButton, RadioSe
 
 from rlsub_tui.records.criteria import COMPARE_DTYPES, parse_sweep, parse_tolerance
 from rlsub_tui.records.measures import NODE_MEASURES, RUN_MEASURES, markdown_table
+from rlsub_tui.records.timelines import PATCH_DENSE
 
 
 class ErrorDialog(ModalScreen[None]):
@@ -46,7 +47,7 @@ Close this help with **esc**, **q** or **?** (arrows / page keys scroll it).
 
 **Updated parameter**, by the criterion chosen with `c` (shown in the title bar):
 `atol` (the default, tolerance t = 1e-5, the paper's): |Δ| > t with Δ = run − base computed in
-the stored dtype (t rounded to that dtype, as `torch.isclose` does); `exact`: the stored values
+the pair's comparison dtype (t rounded to that dtype, as `torch.isclose` does); `exact`: the stored values
 differ; `relative` (η = 1e-3 by default): |Δ| > η·max(|w0|,|w1|). NaN/Inf in either checkpoint
 counts as updated. `c` also chooses the **comparison dtype** (`--compare-dtype`): `stored` compares
 each run with the base in the less precise of the pair's two dtypes, `bf16`/`fp16`/`fp32` cast both
@@ -87,11 +88,7 @@ previous step, and the union of everything updated so far (% of params) · p dis
 visibility: share of each run's true updates per log2 bin of r = \\|Δ\\| / (ULP_bf16(w0)/2), r < 1 hidden
 by a bf16 cast (pairs finer than bf16; for bf16 pairs \\|Δ\\| in ULPs of w0).
 
-**patch/dense** (in `analyze`'s timeline table; `patch_ratio` in `summary.json`) is the size of a
-lossless sparse patch from the previous step to this one, relative to the dense checkpoint; it can
-exceed 100% when most entries are updated, because each updated entry costs its 4-byte index plus its
-value where the dense checkpoint stores the value alone (a bf16 patch is 3× the share of entries
-updated, up to 300%; an fp32 one 2×, up to 200%).
+**patch/dense** (in `analyze`'s timeline table; `patch_ratio` in `summary.json`): {patch_dense}.
 
 ## Exports
 `e` writes the table, `x` the view's data (chart, heatmap, mask map, Δ histogram), as CSV in fractions (0.25 = 25%, never percent), each
@@ -102,7 +99,8 @@ is active, and what every column means.
 
 
 HELP = (_HELP_TEMPLATE.replace("{node_table}", markdown_table(NODE_MEASURES))
-        .replace("{run_table}", markdown_table(RUN_MEASURES)))  # the definitions, from the registry
+        .replace("{run_table}", markdown_table(RUN_MEASURES))  # the definitions, from the registry
+        .replace("{patch_dense}", PATCH_DENSE.removeprefix("patch/dense: ")))
 
 KEY_NAMES = {"question_mark": "?", "slash": "/", "bracketright": "]", "bracketleft": "[", "escape": "esc",
              "left": "←", "right": "→", "up": "↑", "down": "↓", "home": "home", "end": "end"}
@@ -253,7 +251,7 @@ class CriterionDialog(ModalScreen[CriterionChoice | None]):
             yield Label("What counts as an updated parameter?")
             yield Static("tab: next field · arrows: choose · enter: apply · esc: cancel", classes="hint")
             with ChoiceSet(id="criterion-set", compact=True):
-                yield Choice("atol: |Δ| > tolerance (stored dtype)", value=c.criterion == "atol", id="atol")
+                yield Choice("atol: |Δ| > tolerance (comparison dtype)", value=c.criterion == "atol", id="atol")
                 yield Choice("exact: stored values differ", value=c.criterion == "exact", id="exact")
                 yield Choice("relative: |Δ| > η·max(|w0|,|w1|)", value=c.criterion == "relative", id="relative")
             with Horizontal(classes="field"):
