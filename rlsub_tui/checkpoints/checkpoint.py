@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.checkpoints.locate import CheckpointLayout, config_file, fingerprint, locate
-from rlsub_tui.checkpoints.readers import SAFETENSORS_DTYPES, Reader, TensorInfo, open_reader, read_safetensors_header
+from rlsub_tui.checkpoints.readers import (
+    SAFETENSORS_DTYPES,
+    PickledStateDict,
+    Reader,
+    SafetensorsFile,
+    ShardedSafetensors,
+    TensorInfo,
+    read_safetensors_header,
+)
 from rlsub_tui.util.errors import CheckpointError
 
 __all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint", "read_safetensors_header"]
@@ -44,6 +52,10 @@ class Checkpoint:
         """For a pickled tensor, what identifies its memory (two names with one key are one tensor); else None."""
         return self.reader.storage_key(name)
 
+    def notes(self) -> list[str]:
+        """What the user should know about how this checkpoint is read (a LoRA adapter's rank bound, ...)."""
+        return self.reader.notes(self.label)
+
     def fingerprint(self) -> str:
         """Identity of the checkpoint's bytes for caching (see locate.fingerprint)."""
         return fingerprint(self.files)
@@ -68,6 +80,26 @@ class Checkpoint:
             self.close()
         except Exception:
             pass
+
+
+def open_reader(files: list[Path], layout: str, base: Checkpoint | None = None) -> Reader:
+    """The reader for a located checkpoint's files and layout; `base` is what an adapter's updates are added to.
+    (Here, not in readers.py: the trainer layouts' readers build on readers.py.)"""
+    if layout == "peft":
+        from rlsub_tui.checkpoints.peft_adapter import PeftAdapter
+
+        return PeftAdapter(files, base)
+    if layout == "fsdp":
+        from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
+
+        return FsdpShards(files)
+    if layout == "dcp":
+        from rlsub_tui.checkpoints.dcp_folder import DcpFolder
+
+        return DcpFolder(files)
+    if layout != "safetensors":
+        return PickledStateDict(files)
+    return SafetensorsFile(files[0]) if len(files) == 1 else ShardedSafetensors(files)
 
 
 def open_checkpoint(source: str, label: str | None = None, base: Checkpoint | None = None) -> Checkpoint:

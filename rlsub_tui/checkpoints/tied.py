@@ -18,8 +18,11 @@ def find_tied(ckpt: Checkpoint) -> dict[str, str]:
     one tensor; the name saved first is the primary, as `named_parameters()` reports it. Safetensors
     cannot share storage, so there an output head is an alias of the input embedding only when the
     config ties word embeddings (`tie_word_embeddings`, true unless set false, as in transformers)
-    and the two hold identical bytes.
+    and the two hold identical bytes. A PEFT adapter run keeps the base's ties where it changes neither name.
     """
+    if ckpt.layout == "peft":
+        adapter = ckpt.reader
+        return {a: p for a, p in find_tied(adapter.base).items() if adapter.unchanged(a) and adapter.unchanged(p)}
     if ckpt.layout != "safetensors":
         return _shared_storage(ckpt)
     return _tied_by_config(ckpt)

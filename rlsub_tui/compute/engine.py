@@ -271,7 +271,8 @@ class Analysis:
             raise InputError(f"{str(exc).rstrip('.')}{architectures_note(self.base, self.runs)}.") from None
         self.plans, skipped = planning.plans, planning.skipped
         self._plans_by_name = {p.name: p for p in self.plans}
-        notes = open_warnings(self.base, self.runs, skipped) + self._same_checkpoint_notes() + planning.notes
+        notes = open_warnings(self.base, self.runs, skipped) + [n for r in self.runs for n in r.notes()]
+        notes += self._same_checkpoint_notes() + planning.notes
         self.result = AnalysisResult(
             base_label=self.base.label, base_path=self.base.source,
             run_labels=[r.label for r in self.runs], run_paths=[r.source for r in self.runs],

@@ -206,6 +206,9 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
     base, (run,) = open_runs(base_path, [run_path])
     mask = MaskFile(mask_path, mask_run)
     try:
+        if run.layout == "peft":  # its tensors live in the base's files and its own: there is no layout to copy
+            raise InputError(f"{run.source}: is a PEFT adapter, and a transplant is written in the run's own "
+                             "layout, which an adapter lacks; transplant its merged model (merge_and_unload) instead.")
         plan = plan_transplant(mask, base, run)
         targets = [out]
         if control_seed is not None:
