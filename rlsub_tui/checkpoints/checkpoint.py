@@ -10,8 +10,17 @@ from pathlib import Path
 
 import torch
 
+from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
 from rlsub_tui.checkpoints.locate import CheckpointLayout, config_file, fingerprint, locate
-from rlsub_tui.checkpoints.readers import SAFETENSORS_DTYPES, Reader, TensorInfo, open_reader, read_safetensors_header
+from rlsub_tui.checkpoints.readers import (
+    SAFETENSORS_DTYPES,
+    PickledStateDict,
+    Reader,
+    SafetensorsFile,
+    ShardedSafetensors,
+    TensorInfo,
+    read_safetensors_header,
+)
 from rlsub_tui.util.errors import CheckpointError
 
 __all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint", "read_safetensors_header"]
@@ -68,6 +77,24 @@ class Checkpoint:
             self.close()
         except Exception:
             pass
+
+
+def open_reader(files: list[Path], layout: CheckpointLayout, base: Checkpoint | None = None) -> Reader:
+    """The reader for a located checkpoint's files and layout; `base` is what an adapter's updates are added to.
+    (Here, not in readers.py: the layouts' readers import the Reader interface from there.)"""
+    if layout == "peft":
+        from rlsub_tui.checkpoints.peft_adapter import PeftAdapter
+
+        return PeftAdapter(files, base)
+    if layout == "fsdp":
+        return FsdpShards(files)
+    if layout == "dcp":
+        from rlsub_tui.checkpoints.dcp_folder import DcpFolder
+
+        return DcpFolder(files)
+    if layout != "safetensors":
+        return PickledStateDict(files)
+    return SafetensorsFile(files[0]) if len(files) == 1 else ShardedSafetensors(files)
 
 
 def open_checkpoint(source: str, label: str | None = None, base: Checkpoint | None = None) -> Checkpoint:
