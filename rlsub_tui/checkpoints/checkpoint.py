@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
 from rlsub_tui.checkpoints.locate import CheckpointLayout, config_file, fingerprint, locate
 from rlsub_tui.checkpoints.readers import (
     SAFETENSORS_DTYPES,
@@ -82,16 +83,14 @@ class Checkpoint:
             pass
 
 
-def open_reader(files: list[Path], layout: str, base: Checkpoint | None = None) -> Reader:
+def open_reader(files: list[Path], layout: CheckpointLayout, base: Checkpoint | None = None) -> Reader:
     """The reader for a located checkpoint's files and layout; `base` is what an adapter's updates are added to.
-    (Here, not in readers.py: the trainer layouts' readers build on readers.py.)"""
+    (Here, not in readers.py: the layouts' readers import the Reader interface from there.)"""
     if layout == "peft":
         from rlsub_tui.checkpoints.peft_adapter import PeftAdapter
 
         return PeftAdapter(files, base)
     if layout == "fsdp":
-        from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
-
         return FsdpShards(files)
     if layout == "dcp":
         from rlsub_tui.checkpoints.dcp_folder import DcpFolder

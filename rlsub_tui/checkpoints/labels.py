@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlsub_tui.checkpoints.locate import parse_run_spec, unique_labels
+from rlsub_tui.checkpoints.locate import FSDP_SHARD, parse_run_spec, unique_labels
 from rlsub_tui.checkpoints.step_folders import NESTED, STEP_DIR
 
 
 def _step_folder(path: Path) -> Path | None:
     """The step folder (checkpoint-N, global_step_N, ...) a checkpoint is, or sits in as a trainer nests its
-    Hugging Face copy (global_step_N/actor/huggingface); None for any other checkpoint."""
+    Hugging Face copy (global_step_N/actor/huggingface) or its rank files (global_step_N/actor/model_world_size_2_
+    rank_0.pt); None for any other checkpoint."""
+    path = path.parent if FSDP_SHARD.match(path.name) else path
     for nested in ("", *NESTED):
         inner = Path(nested).parts
         if len(path.parts) <= len(inner) or tuple(path.parts[len(path.parts) - len(inner):]) != inner:
@@ -29,6 +31,7 @@ def checkpoint_label(path: str) -> str:
     step = _step_folder(p)
     if step is not None:
         return step.parent.name
+    p = p.parent if FSDP_SHARD.match(p.name) else p  # one rank's file stands for its save's folder
     return p.name or path
 
 

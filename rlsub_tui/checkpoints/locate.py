@@ -70,9 +70,14 @@ def _header_digest(file: Path) -> str:
 
 
 def config_file(files: list[Path]) -> Path | None:
-    """The config.json beside a checkpoint's weights, if there is one."""
-    config = files[0].parent / "config.json" if files else None
-    return config if config is not None and config.is_file() else None
+    """The config.json beside a checkpoint's weights, if there is one (for verl's FSDP rank files, the one in the
+    huggingface/ folder beside them)."""
+    if not files:
+        return None
+    folder = files[0].parent
+    candidates = [folder / "config.json"] + ([folder / "huggingface" / "config.json"]
+                                             if FSDP_SHARD.match(files[0].name) else [])
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def fingerprint(files: list[Path]) -> str:
@@ -160,6 +165,8 @@ def locate(source: str) -> Located:
         else:
             raise CheckpointError(f"{source}: no such file or directory.")
     if path.is_file():
+        if FSDP_SHARD.match(path.name):  # one rank's file stands for its save: every rank is needed
+            return trainer_layout(source, path.parent)
         if path.suffix == ".safetensors":
             return Located(source, path, [path], "safetensors")
         if path.suffix in PICKLE_SUFFIXES:
@@ -188,6 +195,9 @@ def locate(source: str) -> Located:
         raise CheckpointError(
             f"{source}: holds {len(singles)} .safetensors files but no model.safetensors.index.json to join them."
         )
+    actor = actor_shards(source, path)
+    if actor is not None:
+        return actor
     inner = checkpoint_subfolders(path)
     if inner:
         shown = ", ".join(p.name for p in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
@@ -224,6 +234,14 @@ def trainer_layout(source: str, path: Path) -> Located | None:
     return None
 
 
+def actor_shards(source: str, path: Path) -> Located | None:
+    """verl's step folder (global_step_N): the actor's FSDP rank files in its actor/ folder, preferred to any
+    weights in actor/huggingface (a copy, often bf16, saved only with hf_model); None when there are none."""
+    actor = path / "actor"
+    found = trainer_layout(source, actor) if actor.is_dir() else None
+    return Located(source, path, found.files, "fsdp") if found is not None and found.layout == "fsdp" else None
+
+
 # Training-step folders: a Trainer's checkpoint-N, verl's global_step_N, step_N, ckpt-N, iter_N.
 STEP = re.compile(r"^(?:checkpoint|global_step|step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)
 
@@ -244,7 +262,8 @@ def checkpoint_subfolders(path: Path) -> list[Path]:
 
 def _holds_weights(d: Path) -> bool:
     try:
-        return any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") for f in d.iterdir())
+        return any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") or FSDP_SHARD.match(f.name)
+                   for f in d.iterdir()) or (d / "actor").is_dir() and _holds_weights(d / "actor")
     except OSError:
         return False
 

@@ -7,11 +7,16 @@ from dataclasses import dataclass
 
 # Wrappers that trainers add or strip; names that differ only by these are the same tensor.
 PREFIXES = ("base_model.model.", "module.", "_orig_mod.", "model.")
+# Wrapper modules that FSDP1 and activation checkpointing put anywhere in a name (model.layers.0._fsdp_wrapped_module.
+# mlp...): the same tensor without them.
+WRAPPERS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 LAYER = re.compile(r"^(?P<stack>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 def canonical(name: str) -> str:
     """The name with wrapper prefixes removed, used to match tensors across checkpoints."""
+    if any(w in name for w in WRAPPERS):
+        name = ".".join(part for part in name.split(".") if part not in WRAPPERS)
     changed = True
     while changed:
         changed = False
