@@ -1,6 +1,7 @@
 """A checkpoint as the analysis sees it: what the user named, its tensors, and reads one tensor at a time.
 
-Nothing outside this module and readers.py knows about files: the analysis sees `name -> tensor`.
+Nothing outside this module and the readers (readers.py, dcp_folder.py) knows about files: the analysis sees
+`name -> tensor`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,38 @@ from pathlib import Path
 
 import torch
 
+from rlsub_tui.checkpoints.dcp_folder import DcpFolder
 from rlsub_tui.checkpoints.locate import CheckpointLayout, config_file, fingerprint, locate
-from rlsub_tui.checkpoints.readers import SAFETENSORS_DTYPES, Reader, TensorInfo, open_reader, read_safetensors_header
+from rlsub_tui.checkpoints.readers import (
+    SAFETENSORS_DTYPES,
+    PickledStateDict,
+    Reader,
+    SafetensorsFile,
+    ShardedSafetensors,
+    TensorInfo,
+    read_safetensors_header,
+)
 from rlsub_tui.util.errors import CheckpointError
 
 __all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint", "read_safetensors_header"]
+
+
+def open_reader(files: list[Path], layout: str, base=None) -> Reader:
+    """The reader for a located checkpoint's files and layout; `base` (a checkpoint.Checkpoint) is what an
+    adapter's updates are added to."""
+    if layout == "peft":
+        from rlsub_tui.checkpoints.peft_adapter import PeftAdapter
+
+        return PeftAdapter(files, base)
+    if layout == "fsdp":
+        from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
+
+        return FsdpShards(files)
+    if layout == "dcp":
+        return DcpFolder(files)
+    if layout != "safetensors":
+        return PickledStateDict(files)
+    return SafetensorsFile(files[0]) if len(files) == 1 else ShardedSafetensors(files)
 
 
 class Checkpoint:

@@ -188,26 +188,6 @@ class PickledStateDict(Reader):
         return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def open_reader(files: list[Path], layout: str, base=None) -> Reader:
-    """The reader for a located checkpoint's files and layout; `base` (a checkpoint.Checkpoint) is what an
-    adapter's updates are added to."""
-    if layout == "peft":
-        from rlsub_tui.checkpoints.peft_adapter import PeftAdapter
-
-        return PeftAdapter(files, base)
-    if layout == "fsdp":
-        from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
-
-        return FsdpShards(files)
-    if layout == "dcp":
-        from rlsub_tui.checkpoints.dcp_folder import DcpFolder
-
-        return DcpFolder(files)
-    if layout != "safetensors":
-        return PickledStateDict(files)
-    return SafetensorsFile(files[0]) if len(files) == 1 else ShardedSafetensors(files)
-
-
 def load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """Load a PyTorch pickle with weights_only=True: a pickle that would run code is refused."""
     try:
