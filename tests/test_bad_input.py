@@ -227,7 +227,7 @@ def test_out_only_touches_our_files(pair, capsys):
     assert (out / "notes.md").read_text() == "mine"
     assert (out / "matrices.csv").read_text().startswith("tensor,run,")
     assert sorted(p.name for p in out.iterdir()) == ["agreement.csv", "groups.csv", "matrices.csv", "notes.md",
-                                                     "pairs.csv", "summary.json"]
+                                                     "pairs.csv", "subspaces.csv", "summary.json"]
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """A checkpoint as the analysis sees it: what the user named, its tensors, and reads one tensor at a time.
 
-Nothing outside this module and readers.py knows about files: the analysis sees `name -> tensor`.
+Nothing outside this module and the readers (readers.py, peft_adapter.py, fsdp_shards.py, dcp_folder.py) knows about
+files: the analysis sees `name -> tensor`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from rlsub_tui.checkpoints.dcp_folder import DcpFolder
 from rlsub_tui.checkpoints.fsdp_shards import FsdpShards
 from rlsub_tui.checkpoints.locate import CheckpointLayout, config_file, fingerprint, locate
 from rlsub_tui.checkpoints.readers import (
@@ -93,8 +95,6 @@ def open_reader(files: list[Path], layout: CheckpointLayout, base: Checkpoint | 
     if layout == "fsdp":
         return FsdpShards(files)
     if layout == "dcp":
-        from rlsub_tui.checkpoints.dcp_folder import DcpFolder
-
         return DcpFolder(files)
     if layout != "safetensors":
         return PickledStateDict(files)

@@ -198,6 +198,9 @@ def locate(source: str) -> Located:
     actor = actor_shards(source, path)
     if actor is not None:
         return actor
+    step = _dcp_step(source, path)
+    if step is not None:
+        return step
     inner = checkpoint_subfolders(path)
     if inner:
         shown = ", ".join(p.name for p in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
@@ -229,8 +232,34 @@ def trainer_layout(source: str, path: Path) -> Located | None:
                     if (m := FSDP_SHARD.match(f.name)))
     if shards:
         return Located(source, path, [f for _, f in shards], "fsdp")
-    if (path / ".metadata").is_file():
-        return Located(source, path, [path / ".metadata"] + sorted(path.glob("*.distcp")), "dcp")
+    for dcp in (path, path / ACCELERATE_DCP):
+        if (dcp / ".metadata").is_file():
+            return _dcp(source, path, dcp)
+    return None
+
+
+ACCELERATE_DCP = "pytorch_model_fsdp_0"  # accelerate's FSDP model folder inside a (Trainer) checkpoint folder
+
+
+def _dcp(source: str, path: Path, folder: Path) -> Located:
+    return Located(source, path, [folder / ".metadata"] + sorted(folder.glob("*.distcp")), "dcp")
+
+
+def _dcp_step(source: str, path: Path) -> Located | None:
+    """For a folder that holds no checkpoint itself, torchtitan's checkpoint/step-N (or step-N) when it is the only
+    step folder there; several steps in the folder itself are a timeline (or listed by locate)."""
+    for root in (path, path / "checkpoint"):
+        try:
+            steps = sorted((int(m.group(1)), d) for d in root.iterdir() if (m := STEP.match(d.name)) and d.is_dir())
+        except OSError:
+            continue
+        if len(steps) == 1 and (steps[0][1] / ".metadata").is_file():
+            return _dcp(source, path, steps[0][1])
+        steps = [(n, d) for n, d in steps if (d / ".metadata").is_file()]
+        if len(steps) > 1 and root != path:
+            raise CheckpointError(f"{source}: holds {len(steps)} torch.distributed.checkpoint steps in {root} "
+                                  f"({', '.join(d.name for _, d in steps[:6])}): name one of them, e.g. "
+                                  f"{steps[-1][1]}, or {root} itself as a run for its timeline.")
     return None
 
 
@@ -262,8 +291,10 @@ def checkpoint_subfolders(path: Path) -> list[Path]:
 
 def _holds_weights(d: Path) -> bool:
     try:
-        return any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") or FSDP_SHARD.match(f.name)
-                   for f in d.iterdir()) or (d / "actor").is_dir() and _holds_weights(d / "actor")
+        return (any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") or f.name == ".metadata"
+                    or FSDP_SHARD.match(f.name) for f in d.iterdir())
+                or (d / ACCELERATE_DCP / ".metadata").is_file()
+                or (d / "actor").is_dir() and _holds_weights(d / "actor"))
     except OSError:
         return False
 
