@@ -21,6 +21,8 @@ def summary_text(result: AnalysisResult, max_pairs: int = 12) -> str:
         + ("" if result.compare_dtype == "stored" else f"  ·  every pair compared in {result.compare_dtype}")
         + ("" if result.complete else "  ·  INCOMPLETE (cancelled)"),
         f"criterion: {result.criterion.describe()}: {updated_when(result)}",
+        *([f"read as: {'; '.join(f'{label} ({how})' for label, how in zip(result.run_labels, result.run_read_as))}"]
+          if result.run_read_as else []),
         "",
     ]
     plain = [n for n in result.notes if NOT_A_FINE_TUNE in n]

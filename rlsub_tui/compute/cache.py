@@ -139,7 +139,7 @@ class ResultCache:
             "sweep": list(result.sweep), "device": result.device, "planned": result.planned,
             "planned_numel": result.planned_numel, "notes": result.notes,
             "skipped": [[k.tensor, k.run, k.reason] for k in result.skipped],
-            "tied": result.tied, "compare_dtype": result.compare_dtype,
+            "tied": result.tied, "compare_dtype": result.compare_dtype, "run_read_as": result.run_read_as,
         }
         try:
             self._conn.execute("INSERT OR REPLACE INTO analyses VALUES (?, ?)", (analysis, json.dumps(payload)))
@@ -224,7 +224,8 @@ def reopen(base: str, runs: list[str], options: AnalysisOptions) -> AnalysisResu
             skipped=[Skipped(str(t), str(r), str(why)) for t, r, why in meta["skipped"]],
             notes=[str(n) for n in meta["notes"]], planned=planned,
             planned_numel={str(k): int(v) for k, v in meta["planned_numel"].items()}, complete=True,
-            tied={str(a): str(p) for a, p in meta["tied"].items()}, compare_dtype=str(meta["compare_dtype"]))
+            tied={str(a): str(p) for a, p in meta["tied"].items()}, compare_dtype=str(meta["compare_dtype"]),
+            run_read_as=[str(x) for x in meta.get("run_read_as", [])])
     except (OSError, KeyError, TypeError, ValueError, InputError):
         return None
     finally:

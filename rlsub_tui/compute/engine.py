@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -248,6 +249,16 @@ def _fp8_notes(plans: list[TensorPlan], bl: Layout) -> list[str]:
     return notes
 
 
+LAYOUT_NAMES = {"safetensors": "safetensors", "pickle": "torch pickle", "peft": "PEFT adapter on the base",
+                "fsdp": "FSDP rank shards", "dcp": "torch.distributed.checkpoint", "zero": "DeepSpeed ZeRO partitions"}
+
+
+def read_as(run: Checkpoint, plans: list[TensorPlan], j: int) -> str:
+    """How a run was read: its layout and the dtypes its compared tensors are stored in, "FSDP rank shards, fp32"."""
+    stored = Counter(dtype_name(run.tensors[p.run_names[j]].dtype) for p in plans)
+    return f"{LAYOUT_NAMES.get(run.layout, run.layout)}, {'/'.join(d for d, _ in stored.most_common())}"
+
+
 class Analysis:
     """A base and K runs, opened from their headers; `run()` streams through the tensors.
 
@@ -279,7 +290,8 @@ class Analysis:
             criterion=self.options.criterion, sweep=tuple(self.options.sweep), device=str(self.device),
             skipped=skipped, notes=notes, planned=[p.name for p in self.plans],
             planned_numel={p.name: p.numel for p in self.plans}, tied=planning.tied,
-            compare_dtype=self.options.compare_dtype)
+            compare_dtype=self.options.compare_dtype, run_read_as=[read_as(r, self.plans, j)
+                                                                    for j, r in enumerate(self.runs)])
         self.cache = ResultCache(self.options.cache_dir) if self.options.use_cache else None
         if self.cache is not None and self.cache.warning:
             self.result.notes.append(self.cache.warning)

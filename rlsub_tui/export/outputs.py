@@ -273,6 +273,7 @@ def summary_dict(result: AnalysisResult, groups=()) -> dict:
     for i, label in enumerate(result.run_labels):
         runs.append({
             "label": label, "path": result.run_paths[i], **run_provenance(result, s, i),
+            "read_as": result.run_read_as[i] if i < len(result.run_read_as) else None,
             "numel": s.numel, "updated": int(s.updated[i]),
             "sparsity": json_value(s.sparsity(i)), "mean_rank_ratio": json_value(s.mean_rank_ratio(i)),
             "nonfinite": int(s.nonfinite[i]),

@@ -344,6 +344,7 @@ class AnalysisResult:
     complete: bool = False
     tied: dict[str, str] = field(default_factory=dict)  # alias -> primary name, in the base
     compare_dtype: str = "stored"
+    run_read_as: list[str] = field(default_factory=list)  # per run: its layout and stored dtypes, "fsdp, fp32"
 
     @property
     def k(self) -> int:
@@ -353,7 +354,8 @@ class AnalysisResult:
         """A copy of what was compared and how, without tensors, sharing no list with this one (for a consumer)."""
         return replace(self, tensors={}, skipped=list(self.skipped), notes=list(self.notes), planned=list(self.planned),
                        planned_numel=dict(self.planned_numel), complete=False, tied=dict(self.tied),
-                       run_labels=list(self.run_labels), run_paths=list(self.run_paths))
+                       run_labels=list(self.run_labels), run_paths=list(self.run_paths),
+                       run_read_as=list(self.run_read_as))
 
     def take(self, records) -> None:
         """Tensors the analysis finished (a Progress's or a Computed's records), by name: how each consumer
