@@ -172,6 +172,8 @@ async def test_view_state_redraws_itself(checkpoints):
         assert app.query_one("#heatmap").measure == "lift"
         await pilot.press("o")  # a key sets the state; the watcher redraws: the lift over the stratified chance
         assert app.heatmap_measure == "lift_strat" and app.query_one("#heatmap").measure == "lift_strat"
+        await pilot.press("o")  # then the subspace overlap
+        assert app.heatmap_measure == "directions" and app.query_one("#heatmap").measure == "directions"
         await pilot.press("o")  # and round to o1
         assert app.heatmap_measure == "o1" and app.query_one("#heatmap").measure == "o1"
 

@@ -321,6 +321,7 @@ def test_cached_ranks_reach_the_workers(checkpoints, tmp_path, pools):
     assert len(pools) == 2
     ranked = [s for r in again.tensors.values() for s in r.runs if s.rank is not None]
     assert ranked and all(s.rank == 12345 and s.effective_rank == 4.5 for s in ranked)
+    assert any(r.subspaces for r in again.tensors.values())  # the directions still come, the rank stays cached
 
 
 def test_a_checkpoint_changed_after_opening_is_refused(checkpoints, pools):

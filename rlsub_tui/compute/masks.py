@@ -85,7 +85,10 @@ def _set_ranks(stats: list[RunTensorStats], base: torch.Tensor, runs: list[torch
             else:
                 bj = base if base.dtype == dtypes[j] else base.to(dtypes[j])
                 delta = stored_delta(bj, run)
-                if subspaces:
+                if subspaces and rank is not None and delta.ndim == 2:  # a known rank: only its directions
+                    keep = min(needed_k(rank.energy_rank_90, min(delta.shape)), rank.rank)
+                    dirs = directions(delta, keep, energy_90=rank.energy_rank_90)
+                elif subspaces:
                     rank, dirs = _rank_and_directions(delta)
                 else:
                     rank = stacked_rank_figures(delta)
