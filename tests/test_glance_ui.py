@@ -404,3 +404,22 @@ async def test_a_tensor_is_read_once_however_often_the_view_redraws(checkpoints,
         await pilot.press("9", "8")
         await app.workers.wait_for_complete()
         assert calls == ["model.layers.0.self_attn.o_proj.weight"]
+
+
+async def test_the_first_screen_at_80x24_keeps_five_table_rows_and_the_device(checkpoints):
+    """A short screen: the strip keeps its most telling lines (sparsity, Jaccard with both lifts), the table at
+    least its header and five rows, and the header the device; a tall one shows every strip line."""
+    from rlsub_tui.ui.table import ChildrenTable
+
+    app = make_app(checkpoints)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        lines = app.query_one(SummaryStrip).lines
+        assert len(lines) <= 3 and lines[0].startswith("sp") and any(x.startswith("Jaccard") for x in lines)
+        assert "strat" in next(x for x in lines if x.startswith("Jaccard"))
+        assert app.query_one(ChildrenTable).scrollable_content_region.height >= 6
+        assert app.title.startswith(f"rlsub-tui · {app.result.device}")
+    app = make_app(checkpoints)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        assert len(app.query_one(SummaryStrip).lines) >= 5

@@ -121,6 +121,18 @@ def summary_lines(sel: SelectedStats, width: int = 48) -> list[str]:
     return lines
 
 
+SHORT_SCREEN = 30  # terminal rows below which the strip keeps its most telling lines, so the table keeps its rows
+
+
+def telling_lines(lines: list[str], rows: int) -> list[str]:
+    """The strip for a short screen: the sparsity line, the true-update line when there is one, and the Jaccard
+    line (its observed value, chance and both lifts), in that order; every line on a tall screen."""
+    if rows >= SHORT_SCREEN or len(lines) <= 2:
+        return lines
+    keep = [lines[0]] + [x for x in lines[1:] if x.startswith(("true sp", "Jaccard", "waiting", "overlap needs"))]
+    return keep[:3]
+
+
 def directions_line(sel: SelectedStats) -> str | None:
     """The chosen runs' pairs' subspace overlap, left and right, at k = e90, with chance k/m, k/n (None when no
     subspace was computed here)."""

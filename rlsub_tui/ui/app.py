@@ -255,10 +255,10 @@ class ExplorerApp(App):
         self._preview_names = None
         self._choose_initial_runs(r.run_labels)
         self._resolve_groups(r.run_labels)
-        self.title = f"rlsub-tui · {r.base_label}"
+        self.title = f"rlsub-tui · {r.device} · {r.base_label}"  # the device first: a narrow header cuts the end
         self.sub_title = (f"{r.k} run(s) · {r.criterion.describe()}"
                           + ("" if r.compare_dtype == "stored" else f" · compared in {r.compare_dtype}")
-                          + (f" · sweep {len(r.sweep)}" if r.sweep else " · no sweep") + f" · {r.device}")
+                          + (f" · sweep {len(r.sweep)}" if r.sweep else " · no sweep"))
         self.query_one("#progress", ProgressBar).update(total=len(r.planned), progress=0)
         self.query_one("#progress-text", Static).update(f"0/{len(r.planned)} tensors · {size(msg.bytes_total)} to read")
         for warning in (n for n in r.notes if NOT_A_FINE_TUNE in n):
@@ -433,7 +433,7 @@ class ExplorerApp(App):
         summary = self.query_one(SummaryStrip)
         lines = strip.summary_lines(sel, max(32, (summary.size.width or 50) - 2))
         group_line = strip.groups_line(sel, self.groups)
-        summary.show(lines + ([group_line] if group_line else []))
+        summary.show(strip.telling_lines(lines + ([group_line] if group_line else []), self.size.height))
         panel = self.chart_name if self.chart_name in ("heatmap", "maskmap") else "chart"
         self.query_one(ContentSwitcher).current = panel
         self.query_one(ChartKey).show([])  # the chart drawn below, if any, gives its key
