@@ -97,7 +97,7 @@ def check_consensus_line(line: str, k: int, want: tuple) -> None:
 async def test_summary_strip_and_choosing_runs(checkpoints):
     m, strata = numpy_masks(checkpoints), numpy_strata(checkpoints)
     app = make_app(checkpoints)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(120, 40)) as pilot:
         await settle(app, pilot)
         lines = app.query_one(SummaryStrip).lines
         want = expected_figures(m, strata)
