@@ -125,12 +125,13 @@ SHORT_SCREEN = 30  # terminal rows below which the strip keeps its most telling 
 
 
 def telling_lines(lines: list[str], rows: int) -> list[str]:
-    """The strip for a short screen: the sparsity line, the true-update line when there is one, and the Jaccard
-    line (its observed value, chance and both lifts), in that order; every line on a tall screen."""
+    """The strip for a short screen: the sparsity line, the true-update line when there is one, the Jaccard line
+    (its observed value, chance and both lifts) and the run groups' line, in that order; every line on a tall
+    screen."""
     if rows >= SHORT_SCREEN or len(lines) <= 2:
         return lines
-    keep = [lines[0]] + [x for x in lines[1:] if x.startswith(("true sp", "Jaccard", "waiting", "overlap needs"))]
-    return keep[:3]
+    telling = ("true sp", "Jaccard", "o1 within", "groups:", "waiting", "overlap needs")
+    return [lines[0]] + [x for x in lines[1:] if x.startswith(telling)]
 
 
 def directions_line(sel: SelectedStats) -> str | None:
