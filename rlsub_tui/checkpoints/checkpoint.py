@@ -1,7 +1,7 @@
 """A checkpoint as the analysis sees it: what the user named, its tensors, and reads one tensor at a time.
 
-Nothing outside this module and the readers (readers.py, peft_adapter.py, fsdp_shards.py, dcp_folder.py) knows about
-files: the analysis sees `name -> tensor`.
+Nothing outside this module and the readers (readers.py, peft_adapter.py, fsdp_shards.py, dcp_folder.py,
+zero_partitions.py) knows about files: the analysis sees `name -> tensor`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rlsub_tui.checkpoints.readers import (
     TensorInfo,
     read_safetensors_header,
 )
+from rlsub_tui.checkpoints.zero_partitions import ZeroPartitions
 from rlsub_tui.util.errors import CheckpointError
 
 __all__ = ["SAFETENSORS_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint", "read_safetensors_header"]
@@ -96,6 +97,8 @@ def open_reader(files: list[Path], layout: CheckpointLayout, base: Checkpoint | 
         return FsdpShards(files)
     if layout == "dcp":
         return DcpFolder(files)
+    if layout == "zero":
+        return ZeroPartitions(files)
     if layout != "safetensors":
         return PickledStateDict(files)
     return SafetensorsFile(files[0]) if len(files) == 1 else ShardedSafetensors(files)

@@ -107,14 +107,15 @@ _LOAD_LOCK = threading.Lock()
 
 
 @contextmanager
-def _only_our_allow_list():
-    """While a shard loads, torch's user allow-list is exactly ALLOWED: importing torch.distributed.tensor adds the
-    real DTensor and DeviceMesh under the same names, and which of two entries of one name wins is chance."""
+def only_allowed(allowed: list):
+    """While a file loads, torch's user allow-list is exactly `allowed` (stubs under the names they stand for):
+    importing torch.distributed.tensor adds the real DTensor and DeviceMesh under the same names, and which of two
+    entries of one name wins is chance. One lock for every reader: the allow-list is global."""
     with _LOAD_LOCK:
         saved = torch.serialization.get_safe_globals()
         torch.serialization.clear_safe_globals()
         try:
-            with torch.serialization.safe_globals(ALLOWED):
+            with torch.serialization.safe_globals(allowed):
                 yield
         finally:
             torch.serialization.clear_safe_globals()
@@ -140,7 +141,7 @@ class LocalShard:
 def load_rank(file: Path) -> dict[str, torch.Tensor | LocalShard]:
     """One rank's state dict, memory-mapped: plain tensors as they are, each DTensor as its LocalShard."""
     try:
-        with _only_our_allow_list():
+        with only_allowed(ALLOWED):
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{file}: refused to load: it holds {_refused(exc)}, which is neither a tensor nor a "

@@ -47,8 +47,8 @@ def unique_labels(wanted: list[str]) -> list[str]:
 
 
 # safetensors files (one or sharded), pickled .bin/.pt, or what a trainer writes itself: a PEFT adapter, verl's
-# FSDP shards (one torch.save per rank), a torch.distributed.checkpoint folder
-CheckpointLayout = Literal["safetensors", "pickle", "peft", "fsdp", "dcp"]
+# FSDP shards (one torch.save per rank), a torch.distributed.checkpoint folder, DeepSpeed ZeRO partitions
+CheckpointLayout = Literal["safetensors", "pickle", "peft", "fsdp", "dcp", "zero"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ def config_file(files: list[Path]) -> Path | None:
     folder = files[0].parent
     candidates = [folder / "config.json"] + ([folder / "huggingface" / "config.json"]
                                              if FSDP_SHARD.match(files[0].name) else [])
+    if ZERO_MODEL_STATES.match(files[0].name):  # a Trainer's checkpoint-N/ holds config.json beside global_stepN/
+        candidates.append(folder.parent / "config.json")
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -165,7 +167,7 @@ def locate(source: str) -> Located:
         else:
             raise CheckpointError(f"{source}: no such file or directory.")
     if path.is_file():
-        if FSDP_SHARD.match(path.name):  # one rank's file stands for its save: every rank is needed
+        if FSDP_SHARD.match(path.name) or ZERO_FILE.match(path.name):  # one rank's file stands for its save
             return trainer_layout(source, path.parent)
         if path.suffix == ".safetensors":
             return Located(source, path, [path], "safetensors")
@@ -217,12 +219,18 @@ def locate(source: str) -> Located:
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FSDP_SHARD = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+# DeepSpeed's engine.save_checkpoint: mp_rank_00_model_states.pt (ZeRO-3: one zero_pp_rank_R_... per rank) and one
+# [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt per data-parallel rank, in a tag folder (global_stepN) that the
+# `latest` file beside it names
+ZERO_MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+ZERO_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+ZERO_FILE = re.compile(f"{ZERO_MODEL_STATES.pattern}|{ZERO_OPTIM_STATES.pattern}")
 
 
 def trainer_layout(source: str, path: Path) -> Located | None:
     """A folder a trainer wrote in its own format: a PEFT adapter (adapter_config.json and its weights), verl's
-    FSDP shards (model_world_size_W_rank_R.pt, in order of rank), or a torch.distributed.checkpoint folder
-    (.metadata and its .distcp files); None for anything else."""
+    FSDP shards (model_world_size_W_rank_R.pt, in order of rank), a torch.distributed.checkpoint folder
+    (.metadata and its .distcp files), or DeepSpeed ZeRO partitions (see _zero); None for anything else."""
     if (path / "adapter_config.json").is_file():
         weights = [path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()]
         if not weights:
@@ -235,7 +243,30 @@ def trainer_layout(source: str, path: Path) -> Located | None:
     for dcp in (path, path / ACCELERATE_DCP):
         if (dcp / ".metadata").is_file():
             return _dcp(source, path, dcp)
-    return None
+    return _zero(source, path)
+
+
+def _zero(source: str, path: Path) -> Located | None:
+    """A DeepSpeed tag folder (its model and optimizer states, model states first, each by rank), or a folder whose
+    `latest` file names one (engine.save_checkpoint's folder, a Trainer's checkpoint-N: its fp32 masters are read,
+    not the bf16 model.safetensors beside them); None for anything else."""
+    folder = path
+    latest = path / "latest"
+    if latest.is_file() and not any(ZERO_MODEL_STATES.match(f.name) for f in path.glob("*_model_states.pt")):
+        try:
+            tag = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not tag or Path(tag).name != tag or tag in (".", "..") or not (path / tag).is_dir():
+            return None  # not a tag folder beside it: some other trainer's `latest`
+        folder = path / tag
+    model = sorted(((int(m.group(1) or 0), f) for f in folder.glob("*_model_states.pt")
+                    if (m := ZERO_MODEL_STATES.match(f.name))), key=lambda t: (t[0], t[1].name))
+    optim = sorted(((int(m.group(1)), f) for f in folder.glob("*_optim_states.pt")
+                    if (m := ZERO_OPTIM_STATES.match(f.name))), key=lambda t: (t[0], t[1].name))
+    if not model and not optim:
+        return None
+    return Located(source, path, [f for _, f in model] + [f for _, f in optim], "zero")
 
 
 ACCELERATE_DCP = "pytorch_model_fsdp_0"  # accelerate's FSDP model folder inside a (Trainer) checkpoint folder
@@ -292,7 +323,7 @@ def checkpoint_subfolders(path: Path) -> list[Path]:
 def _holds_weights(d: Path) -> bool:
     try:
         return (any(f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json") or f.name == ".metadata"
-                    or FSDP_SHARD.match(f.name) for f in d.iterdir())
+                    or FSDP_SHARD.match(f.name) or ZERO_MODEL_STATES.match(f.name) for f in d.iterdir())
                 or (d / ACCELERATE_DCP / ".metadata").is_file()
                 or (d / "actor").is_dir() and _holds_weights(d / "actor"))
     except OSError:

@@ -1,0 +1,113 @@
+"""DeepSpeed ZeRO checkpoints written by DeepSpeed itself on CPU (DS_ACCELERATOR=cpu, gloo, W = 2), for
+tests/test_zero_partitions.py.
+
+`python tests/zero_writer.py OUT` writes, from a tiny transformers LlamaForCausalLM whose sizes do not divide evenly
+over two ranks:
+  base/                               the initial weights, a bf16 Hugging Face export (what bf16 training starts from)
+  runs/zS/seedN/                      engine.save_checkpoint after two steps of torch AdamW: `latest` and
+                                      global_step2/, for ZeRO stages 2 and 3 (bf16) with seeds 1-3 and stage 1 (fp32:
+                                      bf16 there selects DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read)
+                                      with seed 1; seed 3 trains with model.norm.weight frozen (frozen_param_shapes)
+  export/zS/seedN/model.safetensors   zero_to_fp32's get_fp32_state_dict_from_zero_checkpoint of the same save
+Seven engines on two spawned gloo workers: about a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+WORLD = 2
+RUNS = [(1, 1), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3)]  # (stage, seed)
+FROZEN_SEED = 3
+STEPS = 2
+
+
+def new_model(dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=21, hidden_size=45, intermediate_size=75, num_hidden_layers=2, head_dim=12,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=16,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the bf16 base's values, so that fp32 and bf16 training start from the same weights
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model.to(dtype)
+
+
+def ds_config(stage: int, bf16: bool) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
+            "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16},
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "wall_clock_breakdown": False}
+
+
+def train_and_save(stage: int, seed: int, folder: Path, frozen: bool = False) -> None:
+    import deepspeed
+
+    bf16 = stage != 1
+    model = new_model()
+    if frozen:
+        model.model.norm.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, bf16))
+    data = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        ids = torch.randint(0, 21, (2, 8), generator=data)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(str(folder))
+    engine.destroy()
+
+
+def worker(rank: int, port: int, out: Path) -> None:
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    for stage, seed in RUNS:
+        train_and_save(stage, seed, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == FROZEN_SEED)
+
+
+def export(ckpt: Path, folder: Path) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in state.items()}, str(folder / "model.safetensors"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(out: Path) -> None:
+    model = new_model(torch.bfloat16)
+    (out / "base").mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(out / "base" / "model.safetensors"))
+    model.config.torch_dtype = torch.bfloat16
+    model.config.to_json_file(str(out / "base" / "config.json"))
+    mp.start_processes(worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
+    for stage, seed in RUNS:
+        export(out / "runs" / f"z{stage}" / f"seed{seed}", out / "export" / f"z{stage}" / f"seed{seed}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
