@@ -8,8 +8,7 @@ from rlsub_tui.checkpoints.dtypes import dtype_name, dtypes_label
 from rlsub_tui.compute.accumulate import TensorAccumulator
 from rlsub_tui.compute.kernels import chunk_elements, one_cpu_thread, stored_delta
 from rlsub_tui.compute.precision import TrueUpdates
-from rlsub_tui.compute.rank import stacked_figures, stacked_rank_figures
-from rlsub_tui.compute.subspace import directions, needed_k, pair_rows, rank_and_directions
+from rlsub_tui.compute.subspace import directions, figures_and_directions, needed_k, pair_rows
 from rlsub_tui.records.criteria import Criterion, RunTensorStats
 from rlsub_tui.records.results import TensorResult
 from rlsub_tui.records.spectrum import RankFigures
@@ -84,29 +83,12 @@ def _set_ranks(stats: list[RunTensorStats], base: torch.Tensor, runs: list[torch
                 rank_note = "rank not computed: NaN/Inf in the update"
             else:
                 bj = base if base.dtype == dtypes[j] else base.to(dtypes[j])
-                delta = stored_delta(bj, run)
-                if subspaces and rank is not None and delta.ndim == 2:  # a known rank: only its directions
-                    keep = min(needed_k(rank.energy_rank_90, min(delta.shape)), rank.rank)
-                    dirs = directions(delta, keep, energy_90=rank.energy_rank_90)
-                elif subspaces:
-                    rank, dirs = _rank_and_directions(delta)
-                else:
-                    rank = stacked_rank_figures(delta)
+                rank, dirs = figures_and_directions(stored_delta(bj, run), rank, subspaces)
         s.set_rank(rank)
         found.append(dirs)
     if not subspaces or not any(d is not None for d in found):
         return rank_note, []
     return rank_note, _subspace_rows(base, found)
-
-
-def _rank_and_directions(delta: torch.Tensor):
-    """Rank figures and directions of a matrix, or of each expert matrix of a stack (figures summed)."""
-    side = min(delta.shape[-2:])
-    keep = lambda e90: needed_k(e90, side)  # noqa: E731
-    if delta.ndim == 2:
-        return rank_and_directions(delta, keep)
-    pairs = [rank_and_directions(d, keep) for d in delta]
-    return stacked_figures([f for f, _ in pairs]), [d for _, d in pairs]
 
 
 def _subspace_rows(base: torch.Tensor, found: list) -> list[list]:

@@ -121,14 +121,17 @@ def exact_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
     return rank, torch.flip(sigma * sigma, dims=(0,))
 
 
-def certified_rank(delta: torch.Tensor, g: np.ndarray | None = None) -> tuple[int, np.ndarray, bool]:
+def certified_rank(delta: torch.Tensor, g: np.ndarray | None = None,
+                   sq: np.ndarray | None = None) -> tuple[int, np.ndarray, bool]:
     """The float32 rule's rank of a CPU matrix, its σ_i² (ascending), and whether the exact route was needed.
 
     Float64 Gram eigenvalues with the bound η of `error_bound`; when an eigenvalue lies inside
-    `threshold_band`, the count is taken from `exact_route` instead. `g`: Δ's cpu_gram, when already formed.
+    `threshold_band`, the count is taken from `exact_route` instead. `g`: Δ's cpu_gram, when already formed;
+    `sq`: its eigenvalues (ascending) when already taken by a LAPACK symmetric eigensolver, with or without
+    vectors (the bound holds for any normwise backward stable one).
     """
     g = cpu_gram(delta) if g is None else g
-    sq = np.linalg.eigvalsh(g)  # LAPACK's syevd, values only
+    sq = np.linalg.eigvalsh(g) if sq is None else sq  # LAPACK's syevd, values only
     if not np.diagonal(g).any():
         return 0, sq, False  # Δ = 0
     rel = max(delta.shape) * EPS32
@@ -153,9 +156,16 @@ def _svd_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
     return rank, wide * wide
 
 
-def _gram_route(delta: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """Eigenvalues of the float64 Gram matrix (σ_i²), thresholded at the float32 rule squared (the CUDA route)."""
-    sq = torch.linalg.eigvalsh(gram(delta)).cpu()
+def gram_route_figures(delta: torch.Tensor, sq: torch.Tensor) -> RankFigures:
+    """The CUDA route's rank figures from the Gram's eigenvalues `sq` (ascending), however they were taken."""
+    rank, sq = _gram_route(delta, sq)
+    return rank_figures(rank, sq.numpy())
+
+
+def _gram_route(delta: torch.Tensor, sq: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    """Eigenvalues of the float64 Gram matrix (σ_i²), thresholded at the float32 rule squared (the CUDA route);
+    `sq`: those eigenvalues (ascending) when already taken."""
+    sq = (torch.linalg.eigvalsh(gram(delta)) if sq is None else sq).cpu()
     top = float(sq[-1])
     if top <= 0.0:
         return 0, sq
@@ -176,8 +186,7 @@ def update_rank_figures(delta: torch.Tensor) -> RankFigures:
     if m == 0 or n == 0:
         return rank_figures(0, [])
     if device_route.cuda_route(delta.device.type):
-        rank, sq = _gram_route(delta)
-        return rank_figures(rank, sq.numpy())
+        return gram_route_figures(delta, torch.linalg.eigvalsh(gram(delta)))
     rank, sq, _ = certified_rank(delta)
     return rank_figures(rank, sq)
 

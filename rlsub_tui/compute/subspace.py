@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlsub_tui.compute.rank import certified_rank, cpu_gram, gram
+from rlsub_tui.compute.rank import (
+    certified_rank,
+    cpu_gram,
+    gram,
+    gram_route_figures,
+    stacked_figures,
+    stacked_rank_figures,
+)
 from rlsub_tui.records.spectrum import RankFigures, energy_rank, rank_figures
 from rlsub_tui.records.subspaces import BASE, FIXED_K, SubspaceRow, chance_of
 from rlsub_tui.util import device_route
@@ -34,57 +41,90 @@ class Directions:
 
 
 def _eigh(g: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and eigenvectors of a symmetric float64 matrix."""
+    """Eigenvalues (ascending, as LAPACK gives them) and eigenvectors of a symmetric float64 matrix."""
     if isinstance(g, np.ndarray):
-        w, v = np.linalg.eigh(g)
-    else:
-        w, v = torch.linalg.eigh(g)
-        w, v = w.cpu().numpy(), v.cpu().numpy()
-    return w[::-1], v[:, ::-1]
+        return np.linalg.eigh(g)
+    w, v = torch.linalg.eigh(g)
+    return w.cpu().numpy(), v.cpu().numpy()
 
 
-def directions(delta: torch.Tensor, keep: int, g=None, energy_90: int | None = None) -> Directions:
+def directions(delta: torch.Tensor, keep: int, g=None, energy_90: int | None = None,
+               eig: tuple[np.ndarray, np.ndarray] | None = None) -> Directions:
     """The top `keep` directions of a 2-D matrix (fewer where σ is zero), from its float64 Gram `g` (computed
-    here when not given); `energy_90` is the matrix's e90 when known (else from the Gram's eigenvalues)."""
+    here when not given) or that Gram's eigenvalues and vectors `eig` (ascending, when already taken);
+    `energy_90` is the matrix's e90 when known (else from the Gram's eigenvalues)."""
     m, n = delta.shape
-    if g is None:
-        g = cpu_gram(delta) if not device_route.cuda_route(delta.device.type) else gram(delta)
-    w, vecs = _eigh(g)
+    if eig is None:
+        if g is None:
+            g = cpu_gram(delta) if not device_route.cuda_route(delta.device.type) else gram(delta)
+        eig = _eigh(g)
+    w, vecs = eig[0][::-1], eig[1][:, ::-1]
     sq = np.clip(w, 0.0, None)
     e90 = energy_rank(sq, 0.9) if energy_90 is None else energy_90
     sigma = np.sqrt(sq[:keep])
     kept = int((sigma > 0).sum())
     # float32 from here: the directions' products run twice as fast, and an overlap (a mean of squared cosines)
-    # moves by ~1e-6 (benchmarks/bench_subspaces.py checks against numpy's float64 SVD)
-    sigma, vecs = sigma[:kept], np.ascontiguousarray(vecs[:, :kept], dtype=np.float32)
+    # moves by ~1e-6 (benchmarks/bench_subspaces.py checks against numpy's float64 SVD); column-major, so that
+    # the leading k columns of either side are one contiguous block for the overlaps' products
+    sigma, vecs = sigma[:kept], np.asfortranarray(vecs[:, :kept], dtype=np.float32)
     x = delta if m >= n else delta.T  # the long side's directions, X·v/σ (Δ as float32: exact for bf16/fp16/fp32)
-    other = ((x.float().cpu().numpy() @ vecs) / sigma.astype(np.float32)) if kept else np.zeros((max(m, n), 0),
-                                                                                                  dtype=np.float32)
+    if kept:
+        other = np.asfortranarray((x.float().cpu().numpy() @ vecs) / sigma.astype(np.float32))
+    else:
+        other = np.zeros((max(m, n), 0), dtype=np.float32, order="F")
     left, right = (other, vecs) if m >= n else (vecs, other)
     return Directions(left, right, sigma, e90)
 
 
 def rank_and_directions(delta: torch.Tensor, keep_for) -> tuple[RankFigures, Directions]:
     """The rank figures exactly as rank.update_rank_figures gives them, and the top directions from the same
-    Gram: `keep_for(e90)` of them, no more than the rank (directions beyond it are not determined by Δ)."""
-    if device_route.cuda_route(delta.device.type):
-        from rlsub_tui.compute.rank import update_rank_figures
+    decomposition: `keep_for(e90)` of them, no more than the rank (directions beyond it are not determined by Δ).
 
-        figures = update_rank_figures(delta)
-        g = None
+    One eigendecomposition serves both: the Gram's eigenvalues, taken with its eigenvectors, are the rank's
+    (on the CPU certified by the same bound, which holds for any backward stable symmetric eigensolver)."""
+    if device_route.cuda_route(delta.device.type):
+        g = gram(delta)
+        eig = _eigh(g)
+        figures = gram_route_figures(delta, torch.from_numpy(eig[0]))
     else:
         g = cpu_gram(delta)
-        rank, sq, _ = certified_rank(delta, g)
+        eig = np.linalg.eigh(g)
+        rank, sq, _ = certified_rank(delta, g, eig[0])
         figures = rank_figures(rank, sq)
     keep = min(keep_for(figures.energy_rank_90), figures.rank)
-    return figures, directions(delta, keep, g, figures.energy_rank_90)
+    return figures, directions(delta, keep, energy_90=figures.energy_rank_90, eig=eig)
+
+
+def figures_and_directions(delta: torch.Tensor, known: RankFigures | None,
+                           want_directions: bool) -> tuple[RankFigures, Directions | list[Directions] | None]:
+    """A 2-D update's (or a stack of expert updates') rank figures, `known` ones reused, and with
+    `want_directions` its top directions (a stack: one Directions per expert, figures summed over them)."""
+    side = min(delta.shape[-2:])
+    if not want_directions:
+        return (known if known is not None else stacked_rank_figures(delta)), None
+    if known is not None and delta.ndim == 2:  # a known rank: only its directions
+        keep = min(needed_k(known.energy_rank_90, side), known.rank)
+        return known, directions(delta, keep, energy_90=known.energy_rank_90)
+    keep = lambda e90: needed_k(e90, side)  # noqa: E731
+    if delta.ndim == 2:
+        return rank_and_directions(delta, keep)
+    pairs = [rank_and_directions(d, keep) for d in delta]
+    return stacked_figures([f for f, _ in pairs]), [d for _, d in pairs]
 
 
 def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     """‖A_kᵀ B_k‖_F² / k: the mean squared cosine of the principal angles between two k-dimensional
     subspaces (1: the same subspace; k/dim for independent uniformly random ones)."""
-    cross = (a[:, :k].T @ b[:, :k]).astype(np.float64)
-    return float(np.sum(cross * cross) / k)
+    return overlaps(a, b, [k])[0]
+
+
+def overlaps(a: np.ndarray, b: np.ndarray, ks: list[int]) -> list[float]:
+    """`overlap` at each k of `ks`, from one product: the leading k × k block of A_Kᵀ B_K (K the largest k)
+    is A_kᵀ B_k."""
+    top = max(ks)
+    cross = (a[:, :top].T @ b[:, :top]).astype(np.float64)
+    cross *= cross
+    return [float(cross[:k, :k].sum() / k) for k in ks]
 
 
 def pair_rows(found: list[Directions | None], base: Directions | None, shape: tuple[int, int]) -> list[SubspaceRow]:
@@ -98,11 +138,12 @@ def pair_rows(found: list[Directions | None], base: Directions | None, shape: tu
         if da is None or db is None:
             continue
         ks = [("e90", min(da.energy_90, db.energy_90))] + [(f"k{k}", k) for k in FIXED_K]
-        for rule, k in ks:
-            if k < 1 or k > min(da.k, db.k):
-                continue
-            for side, dim, x, y in (("left", m, da.left, db.left), ("right", n, da.right, db.right)):
-                rows.append(SubspaceRow(a, b, side, rule, k, overlap(x, y, k), chance_of(k, dim)))
+        ks = [(rule, k) for rule, k in ks if 1 <= k <= min(da.k, db.k)]
+        if not ks:
+            continue
+        for side, dim, x, y in (("left", m, da.left, db.left), ("right", n, da.right, db.right)):
+            found_k = overlaps(x, y, [k for _, k in ks])
+            rows += [SubspaceRow(a, b, side, rule, k, o, chance_of(k, dim)) for (rule, k), o in zip(ks, found_k)]
     return rows
 
 
