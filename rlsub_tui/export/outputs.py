@@ -24,7 +24,7 @@ from rlsub_tui.records.measures import (
     sweep_csv,
 )
 from rlsub_tui.records.results import SPECTRUM_RATIOS, AnalysisResult, Stats
-from rlsub_tui.records.subspaces import BASE, SUBSPACES_CSV, SubspaceRow
+from rlsub_tui.records.subspaces import BASE, SUBSPACES_CSV
 from rlsub_tui.records.subspaces import RULES as SUBSPACE_RULES
 from rlsub_tui.records.subspaces import SIDES as SUBSPACE_SIDES
 from rlsub_tui.util.files import atomic_write
@@ -372,8 +372,7 @@ def subspaces_csv(result: AnalysisResult) -> str:
         r = result.tensors.get(name)
         if r is None:
             continue
-        for x in r.subspaces:
-            row = SubspaceRow.from_list(x)
+        for row in r.subspace_rows():
             rows.append([name, labels[row.a], "base" if row.b == BASE else labels[row.b], row.side, row.rule,
                          row.k, row.overlap, row.chance, row.lift])
     return csv_text(list(SUBSPACES_CSV), rows)

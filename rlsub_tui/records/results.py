@@ -61,6 +61,14 @@ class TensorResult:
             self.__dict__["_chance_strat"] = cached
         return cached
 
+    def subspace_rows(self) -> list[SubspaceRow]:
+        """This tensor's subspace overlaps as rows, parsed once (as `chance_strat`: every node adds the same)."""
+        cached = self.__dict__.get("_subspace_rows")
+        if cached is None:
+            cached = [SubspaceRow.from_list(x) for x in self.subspaces]
+            self.__dict__["_subspace_rows"] = cached
+        return cached
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["both"] = [[a, b, n] for (a, b), n in self.both.items()]
@@ -165,8 +173,8 @@ class Stats:
         expected_both, agreement_expected = r.chance_strat()
         self.expected_both += expected_both
         self.agreement_expected_strat += agreement_expected
-        for row in r.subspaces:
-            self.subspaces.add(SubspaceRow.from_list(row))
+        for row in r.subspace_rows():
+            self.subspaces.add(row)
         if self.coded and len(r.run_codes) == len(self.run_codes):
             self.run_codes += np.asarray(r.run_codes, dtype=np.int64)
         else:
