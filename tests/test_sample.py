@@ -106,6 +106,10 @@ def test_shortened_pipeline_writes_loadable_checkpoints(tmp_path):
     assert again["measurements"] == before and again["held_out_accuracy"] == record["held_out_accuracy"]
     readme = (tmp_path / "README.md").read_text()
     assert "Spectrum of the updates" in readme and "stratified" in readme
+    lowlr = before["grpo-lowlr"]["directions"]["e90"]["left"]["pairs"]
+    assert 0 <= lowlr["overlap"] <= 1 and lowlr["chance"] > 0
+    assert f"| the three `grpo-lowlr` seeds | energy rank 90% | {lowlr['overlap']:.3f} ({lowlr['chance']:.3f}) |" in readme
+    assert before["sft"]["directions"]["e90"]["right"]["per_pair"] == []  # one run: only its overlap with the base
     fam = before["grpo-lowlr"]
     assert "Precision and structure" in readme and "Hidden by bf16: of the fp32 run's" in readme
     fp32 = next(iter(before["fp32_exact"]["runs"].values()))
@@ -142,3 +146,13 @@ def test_pretraining_writes_a_loadable_bf16_base(tmp_path):
     loaded = load_model(tmp_path / "base", LlamaConfig())
     for (n, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(p.detach().to(torch.bfloat16).float(), q.detach()), n
+
+
+def test_the_bundled_readme_is_what_its_recorded_measurements_render():
+    """sample_data/README.md shows training.json's figures: rendering them again gives the file byte for byte."""
+    from rlsub_tui.sample.report import render_readme
+
+    root = sample_dir()
+    record = json.loads((root / "training.json").read_text())
+    assert render_readme(record) == (root / "README.md").read_text()
+    assert record["measurements"]["sft-and-grpo"]["directions"]["e90"]["left"]["per_pair"]

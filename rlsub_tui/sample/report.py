@@ -8,7 +8,7 @@ from pathlib import Path
 from rlsub_tui.checkpoints.step_folders import resolve_runs
 from rlsub_tui.compute.engine import Analysis
 from rlsub_tui.compute.timeline import TimelineAnalysis
-from rlsub_tui.export.outputs import timeline_summary
+from rlsub_tui.export.outputs import directions_summary, timeline_summary
 from rlsub_tui.records.criteria import ULP_LOG2_MIN, AnalysisOptions, Criterion
 from rlsub_tui.records.results import SPECTRUM_RATIOS
 
@@ -18,6 +18,8 @@ FAMILIES = {
     "grpo-highlr": ("base", ["grpo-highlr-seed1", "grpo-highlr-seed2", "grpo-highlr-seed3"]),
     "sft": ("base", ["sft"]),
     "fp32": ("base-fp32", ["fp32-grpo-lowlr-seed1"]),
+    # one RL seed beside the SFT run: whether the two objectives update the same entries and directions
+    "sft-and-grpo": ("base", ["grpo-lowlr-seed1", "sft"]),
 }
 
 
@@ -49,6 +51,7 @@ def measure(root: Path) -> dict:
         fam["consensus_chance"] = s.consensus_chance()
         fam["consensus_chance_strat"] = s.consensus_chance_strat()
         fam["sign_agreement"] = s.sign_agreement()
+        fam["directions"] = directions_summary(result, s)
         norms = result.stats([n for n in result.tensors if "norm" in n])
         fam["norm_sparsity_mean"] = norms.mean_sparsity()
         if resolved.timelines:
@@ -203,6 +206,7 @@ def render_readme(record: dict) -> str:
                          f"stratified); where two or more seeds updated a "
                          f"parameter, {_p(f['sign_agreement'])} moved it in the same direction; norm weights "
                          f"{_p(f['norm_sparsity_mean'])} sparse.")
+    lines += directions_lines(m)
     lines += timeline_lines(m) + transplant_lines(m, acc)
     lines += [
         "",
@@ -225,6 +229,7 @@ def render_readme(record: dict) -> str:
         f"- bf16 vs fp32: {fp32_sentence(m)}",
         f"- Hidden by bf16: {hidden_sentence(m)}",
         f"- Rows and columns: {lines_sentence(m)}",
+        f"- Directions: {directions_sentence(m)}",
         *([f"- The subnetwork: {transplant_sentence(m, acc, record['held_out_prompts'])}"]
           if m.get("transplant") else []),
         "",
@@ -238,6 +243,68 @@ def render_readme(record: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+DIRECTION_ROWS = (("grpo-lowlr", "the three `grpo-lowlr` seeds"), ("grpo-highlr", "the three `grpo-highlr` seeds"),
+                  ("sft-and-grpo", "`grpo-lowlr-seed1` and `sft`"), ("sft", "`sft`"))
+
+
+def _d(figure: dict | None) -> str:
+    """An overlap with its chance, `.xx (.yy)`; – where none was measured."""
+    if not figure or figure.get("overlap") is None:
+        return "–"
+    return f"{figure['overlap']:.3f} ({figure['chance']:.3f})"
+
+
+def directions_lines(m: dict) -> list[str]:
+    """The subspace overlaps beside the entry overlaps: pairs of runs, and each run with the base weight's own top
+    directions, at k = the smaller energy rank 90% and at k = 8 (docs/measures.md: dirL, dirR)."""
+    if not any((m.get(fam) or {}).get("directions") for fam, _ in DIRECTION_ROWS):
+        return []
+    lines = ["", "The same directions, not only the same entries: the overlap of the runs' top-k singular subspaces "
+             "(the mean squared cosine of their principal angles, pooled over the 2-D matrices weighted by k; "
+             "chance k/m for left, k/n for right, in brackets), between the runs and of each run with the base "
+             "weight's own top-k directions (docs/measures.md: dirL, dirR, W0 dirL, W0 dirR):", "",
+             "| runs | k | left, pairs | right, pairs | left, with the base | right, with the base |",
+             "|---|---|---|---|---|---|"]
+    for fam, label in DIRECTION_ROWS:
+        d = (m.get(fam) or {}).get("directions")
+        if not d:
+            continue
+        for rule, k in (("e90", "energy rank 90%"), ("k8", "8")):
+            e = d.get(rule, {})
+            cells = [_d(e.get(side, {}).get(part)) for part in ("pairs", "with_base") for side in ("left", "right")]
+            lines.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def directions_sentence(m: dict) -> str:
+    """What the direction overlaps say next to the entry overlaps, in the sample's own figures."""
+    try:
+        e90 = {fam: m[fam]["directions"]["e90"] for fam in ("grpo-lowlr", "grpo-highlr", "sft-and-grpo", "sft")}
+        entry_pairs = [p for fam in ("grpo-lowlr", "grpo-highlr") for p in m[fam]["pairs"]]
+    except (KeyError, TypeError):
+        return "not measured."
+    rl = [e90[f][side]["pairs"] for f in ("grpo-lowlr", "grpo-highlr") for side in ("left", "right")]
+    cross = [e90["sft-and-grpo"][side]["pairs"] for side in ("left", "right")]
+    own = [e90[f][side]["with_base"] for f in ("grpo-lowlr", "grpo-highlr", "sft") for side in ("left", "right")]
+    if any(x["overlap"] is None or x["lift"] is None for x in rl + cross + own):
+        return "not measured."
+    entry = [p["jaccard"] / p["jaccard_random_strat"] for p in entry_pairs if p.get("jaccard_random_strat")]
+    rl_low, cross_high = min(x["overlap"] for x in rl), max(x["overlap"] for x in cross)
+    alike = cross_high >= 0.9 * rl_low
+    shared = ("nearly as much as the RL seeds do each other" if alike else "less than the RL seeds do each other")
+    meaning = ("on this sample the shared directions belong to the model and the task, not to RL" if alike else
+               "part of what the seeds share is RL's own")
+    return (f"at k = each matrix's energy rank 90%, the GRPO seeds' top subspaces overlap "
+            f"{min(x['overlap'] for x in rl):.2f}-{max(x['overlap'] for x in rl):.2f} against a chance of "
+            f"{min(x['chance'] for x in rl):.2f}-{max(x['chance'] for x in rl):.2f} "
+            f"({min(x['lift'] for x in rl):.0f}-{max(x['lift'] for x in rl):.0f}x), where their entries' Jaccard "
+            f"stood at {min(entry):.2f}-{max(entry):.2f}x its stratified chance: the seeds move the same directions "
+            f"even where entry overlap cannot tell them from chance. But `grpo-lowlr-seed1` and `sft` share theirs "
+            f"{shared} ({cross[0]['overlap']:.2f} left, {cross[1]['overlap']:.2f} right), so {meaning}; and every run's top directions meet "
+            f"the base weight's own at {min(x['overlap'] for x in own):.2f}-{max(x['overlap'] for x in own):.2f} "
+            f"(chance {min(x['chance'] for x in own):.2f}-{max(x['chance'] for x in own):.2f}).")
 
 
 def precision_table(m: dict) -> list[str]:
