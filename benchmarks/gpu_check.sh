@@ -15,7 +15,7 @@
 #   ui           the explorer (device auto) on the bundled sample: header says cuda, numbers == CPU
 #   qwen ...     Qwen2.5-1.5B shapes, base + 3 bf16 runs (12.3 GB): read floor into host memory and into
 #                GPU memory (the same pinned staging the engine uses), analyze --no-rank on cuda, with rank
-#                on cuda, --no-rank on cpu; CPU-vs-CUDA file diff
+#                on cuda, --no-rank on cpu; CPU-vs-CUDA file diff; with rank and subspaces on cuda
 #   micro        rank routes (Gram+eigvalsh fp64, gesvd, gesvdj, CPU matrix_rank), chunk sizes on the
 #                151936x1536 embedding, staging vs pin_memory()
 #   suite        the whole test suite on the GPU box (device auto -> CUDA wherever a test does not pin cpu)
@@ -23,7 +23,7 @@
 #
 # Env: PY (default python3), OUT (default /tmp/rlsub-gpu-check), WORK (scratch, ~14 GB disk, default
 #      /tmp/rlsub-gpu-work), DEADLINE (s, default 300), LAYERS (default 28), SKIP (space-separated step
-#      names: tests compare ui qwen cuda_norank rank cpu qdiff micro suite), DRY_CPU=1.
+#      names: tests compare ui qwen cuda_norank rank cpu qdiff subspaces micro suite), DRY_CPU=1.
 set -uo pipefail
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/rlsub-gpu-check}
@@ -537,7 +537,14 @@ def cmd_table(args):
             return 0
         row("target: every rank of the 1.5B model, 3 runs (< 30 s)", f"{rank_s:.1f} s",
             ("PASS" if rank_s < 30 else "MISSED") + f"; {sum(rank['counts'].values())} matrices")
-    except (OSError, ValueError):
+        both = json.loads((work / "time-cuda-rank-subspaces.json").read_text())
+        if both.get("rc") != 0:
+            row("target: + subspaces / analysis with rank (<= 1.30x)", "FAILED", "the analysis did not finish")
+            return 0
+        r = both["wall_s"] / rank["wall_s"]
+        row("target: + subspaces / analysis with rank (<= 1.30x)", f"{r:.2f}x",
+            ("PASS" if r <= 1.3 else "MISSED") + f"; {both['wall_s']:.1f} s against {rank['wall_s']:.1f} s")
+    except (OSError, ValueError, ZeroDivisionError):
         pass
     return 0
 
@@ -553,7 +560,7 @@ def cmd_timed(args):
         torch.zeros(1, device="cuda")  # context creation, timed apart from the analysis
         times["cuda context init"] = time.perf_counter() - t_cuda
 
-    orig_load, orig_compute, orig_rank = engine.Analysis._load, engine.compute_tensor, masks.stacked_rank_figures
+    orig_load, orig_compute, orig_rank = engine.Analysis._load, engine.compute_tensor, masks.figures_and_directions
 
     def load(self, plan):
         t = time.perf_counter()
@@ -567,16 +574,17 @@ def cmd_timed(args):
         times["compute_tensor incl. rank (main thread)"] += time.perf_counter() - t
         return r
 
-    def rank(delta):
+    def rank(delta, known, want_directions):
         m, n = delta.shape[-2:]
-        key = f"rank on {delta.device.type} ({route((m, n), delta.device.type)})"
+        key = (f"rank on {delta.device.type} ({route((m, n), delta.device.type)}"
+               f"{', with directions' if want_directions else ''})")
         t = time.perf_counter()
-        r = orig_rank(delta)
+        r = orig_rank(delta, known, want_directions)
         times[key] += time.perf_counter() - t
         counts[key] += 1
         return r
 
-    engine.Analysis._load, engine.compute_tensor, masks.stacked_rank_figures = load, compute, rank
+    engine.Analysis._load, engine.compute_tensor, masks.figures_and_directions = load, compute, rank
 
     def report(rc, partial=False):
         stats = {"tag": args.tag, "rc": rc, "partial": partial, "wall_s": round(time.perf_counter() - t_start, 2),
@@ -785,11 +793,13 @@ QRUNS="$Q/base $Q/run0 $Q/run1 $Q/run2"
 step qwen 150 $PY "$CHECK" gen --root "$Q" --layers "$LAYERS" --k 3
 if [ -f "$Q/run2/model.safetensors" ]; then
   step cuda_norank 120 $PY "$CHECK" timed --tag cuda-no-rank -- analyze $QRUNS --out "$WORK/q-out/cuda-norank" --quiet --no-cache --no-rank --device $GPU
-  step rank 240 $PY "$CHECK" timed --tag cuda-rank -- analyze $QRUNS --out "$WORK/q-out/cuda-rank" --quiet --no-cache --device $GPU
+  step rank 240 $PY "$CHECK" timed --tag cuda-rank -- analyze $QRUNS --out "$WORK/q-out/cuda-rank" --quiet --no-cache --no-subspaces --device $GPU
   step cpu 150 $PY "$CHECK" timed --tag cpu-no-rank -- analyze $QRUNS --out "$WORK/q-out/cpu-norank" --quiet --no-cache --no-rank --device cpu
   if [ -f "$WORK/q-out/cpu-norank/summary.json" ] && [ -f "$WORK/q-out/cuda-norank/summary.json" ]; then
     step qdiff 60 $PY "$CHECK" diffdirs "$WORK/q-out/cpu-norank" "$WORK/q-out/cuda-norank"
   fi
+  # the subspace overlaps' added cost: the analysis with rank again, with them (their default)
+  step subspaces 240 $PY "$CHECK" timed --tag cuda-rank-subspaces -- analyze $QRUNS --out "$WORK/q-out/cuda-rank-sub" --quiet --no-cache --device $GPU
 fi
 step micro 150 $PY "$CHECK" micro
 
