@@ -28,10 +28,11 @@ from rlsub_tui.util import device_route
 
 @dataclass
 class Directions:
-    """One matrix's top directions: left (m × k) and right (n × k) orthonormal columns, σ descending."""
+    """One matrix's top directions: left (m × k) and right (n × k) orthonormal columns (numpy arrays, or tensors
+    on the device on the CUDA route), σ descending."""
 
-    left: np.ndarray
-    right: np.ndarray
+    left: np.ndarray | torch.Tensor
+    right: np.ndarray | torch.Tensor
     sigma: np.ndarray
     energy_90: int  # fewest σ holding 90% of Σσ²: the k of the "e90" comparisons
 
@@ -40,39 +41,42 @@ class Directions:
         return self.left.shape[1]
 
 
-def _eigh(g: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending, as LAPACK gives them) and eigenvectors of a symmetric float64 matrix."""
+def _eigh(g: torch.Tensor | np.ndarray) -> tuple:
+    """Eigenvalues (ascending, as LAPACK gives them) and eigenvectors of a symmetric float64 matrix, where it
+    lies: numpy's on the CPU, torch's on the device."""
     if isinstance(g, np.ndarray):
         return np.linalg.eigh(g)
-    w, v = torch.linalg.eigh(g)
-    return w.cpu().numpy(), v.cpu().numpy()
+    return torch.linalg.eigh(g)
 
 
-def directions(delta: torch.Tensor, keep: int, g=None, energy_90: int | None = None,
-               eig: tuple[np.ndarray, np.ndarray] | None = None) -> Directions:
+def directions(delta: torch.Tensor, keep: int, g=None, energy_90: int | None = None, eig: tuple | None = None
+               ) -> Directions:
     """The top `keep` directions of a 2-D matrix (fewer where σ is zero), from its float64 Gram `g` (computed
     here when not given) or that Gram's eigenvalues and vectors `eig` (ascending, when already taken);
-    `energy_90` is the matrix's e90 when known (else from the Gram's eigenvalues)."""
+    `energy_90` is the matrix's e90 when known (else from the Gram's eigenvalues). On the CUDA route the
+    directions stay on the device, with every product taken there."""
     m, n = delta.shape
     if eig is None:
         if g is None:
-            g = cpu_gram(delta) if not device_route.cuda_route(delta.device.type) else gram(delta)
+            g = gram(delta) if device_route.cuda_route(delta.device.type) else cpu_gram(delta)
         eig = _eigh(g)
-    w, vecs = eig[0][::-1], eig[1][:, ::-1]
-    sq = np.clip(w, 0.0, None)
+    w, vecs = eig
+    sq = np.clip((w.cpu().numpy() if isinstance(w, torch.Tensor) else w)[::-1], 0.0, None)
     e90 = energy_rank(sq, 0.9) if energy_90 is None else energy_90
     sigma = np.sqrt(sq[:keep])
     kept = int((sigma > 0).sum())
+    sigma = sigma[:kept].astype(np.float32)
     # float32 from here: the directions' products run twice as fast, and an overlap (a mean of squared cosines)
-    # moves by ~1e-6 (benchmarks/bench_subspaces.py checks against numpy's float64 SVD); column-major, so that
-    # the leading k columns of either side are one contiguous block for the overlaps' products
-    sigma, vecs = sigma[:kept], np.asfortranarray(vecs[:, :kept], dtype=np.float32)
+    # moves by ~1e-6 (benchmarks/bench_subspaces.py checks against numpy's float64 SVD)
     x = delta if m >= n else delta.T  # the long side's directions, X·v/σ (Δ as float32: exact for bf16/fp16/fp32)
-    if kept:
-        other = np.asfortranarray((x.float().cpu().numpy() @ vecs) / sigma.astype(np.float32))
+    if isinstance(vecs, torch.Tensor):
+        top = vecs.flip(1)[:, :kept].float()
+        other = (x.float() @ top) / torch.from_numpy(sigma).to(top.device)
     else:
-        other = np.zeros((max(m, n), 0), dtype=np.float32, order="F")
-    left, right = (other, vecs) if m >= n else (vecs, other)
+        # column-major, so that the leading k columns of either side are one contiguous block for the overlaps
+        top = np.asfortranarray(vecs[:, ::-1][:, :kept], dtype=np.float32)
+        other = np.asfortranarray((x.float().cpu().numpy() @ top) / sigma)
+    left, right = (other, top) if m >= n else (top, other)
     return Directions(left, right, sigma, e90)
 
 
@@ -85,7 +89,7 @@ def rank_and_directions(delta: torch.Tensor, keep_for) -> tuple[RankFigures, Dir
     if device_route.cuda_route(delta.device.type):
         g = gram(delta)
         eig = _eigh(g)
-        figures = gram_route_figures(delta, torch.from_numpy(eig[0]))
+        figures = gram_route_figures(delta, eig[0])
     else:
         g = cpu_gram(delta)
         eig = np.linalg.eigh(g)
@@ -122,9 +126,12 @@ def overlaps(a: np.ndarray, b: np.ndarray, ks: list[int]) -> list[float]:
     """`overlap` at each k of `ks`, from one product: the leading k × k block of A_Kᵀ B_K (K the largest k)
     is A_kᵀ B_k."""
     top = max(ks)
-    cross = (a[:, :top].T @ b[:, :top]).astype(np.float64)
-    cross *= cross
-    return [float(cross[:k, :k].sum() / k) for k in ks]
+    cross = a[:, :top].T @ b[:, :top]
+    if isinstance(cross, torch.Tensor):  # on the device: every sum there, one copy back
+        squared = cross.double() ** 2
+        return [float(x) / k for x, k in zip(torch.stack([squared[:k, :k].sum() for k in ks]).cpu().tolist(), ks)]
+    squared = cross.astype(np.float64) ** 2
+    return [float(squared[:k, :k].sum() / k) for k in ks]
 
 
 def pair_rows(found: list[Directions | None], base: Directions | None, shape: tuple[int, int]) -> list[SubspaceRow]:
