@@ -423,3 +423,21 @@ async def test_the_first_screen_at_80x24_keeps_five_table_rows_and_the_device(ch
     async with app.run_test(size=(120, 40)) as pilot:
         await settle(app, pilot)
         assert len(app.query_one(SummaryStrip).lines) >= 5
+
+
+async def test_a_chart_shown_again_keeps_its_title_and_wraps_its_message_as_a_sentence(checkpoints):
+    """Back from the mask map (which hides the chart panel) the panel is drawn before it has its width again:
+    the long spectrum title must still be shortened, not dropped, and a message wrapped at the real width."""
+    app = make_app(checkpoints, device="cpu")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        panel = app.query_one(ChartPanel)
+        await pilot.press("8", "0")
+        await pilot.pause(0.3)
+        assert len(panel.data.title) > panel.size.width - 12  # a title plotext would drop unshortened
+        lines = [line.strip() for line in panel.render().plain.splitlines()]
+        assert lines[0].startswith("cumulative energy of Δ's spectrum") and lines[0].endswith("…")
+        await pilot.press("8", "9")
+        await pilot.pause(0.3)
+        text = panel.render().plain
+        assert "move to a single tensor (a leaf of the" in text  # words side by side, not one a line

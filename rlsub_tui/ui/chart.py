@@ -135,6 +135,7 @@ class ChartPanel(PlotextPlot):
         super().__init__(**kw)
         self.data: ChartData | None = None
         self.key: list[KeyEntry] = []  # what ChartKey shows for this chart
+        self._drawn_width: int | None = None  # the width the figure was laid out for (titles, wrapped messages)
 
     def show(self, data: ChartData, run_labels: list[str] | None = None) -> None:
         """Draw the chart; with two or more series, each gets a colour and `key` names it (by run number
@@ -142,6 +143,19 @@ class ChartPanel(PlotextPlot):
         self.data = data
         many = len(data.series) > 1 and not data.message and bool(data.x) and data.name != "overlap"
         self.key = key_entries(list(data.series), run_labels or []) if many else []
+        self._draw(data)
+        self.refresh()
+
+    def render(self):
+        # a panel shown a moment ago may have been drawn before it had its width: the title was then not
+        # shortened (plotext drops it) and a message wrapped at the narrowest width, a word a line
+        if self.data is not None and self._drawn_width != self.size.width:
+            self._draw(self.data)
+        return super().render()
+
+    def _draw(self, data: ChartData) -> None:
+        """Lay the figure out for the panel's current width (no refresh: render calls it too)."""
+        self._drawn_width = self.size.width
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
@@ -177,12 +191,11 @@ class ChartPanel(PlotextPlot):
             plt.xlabel(f"{data.xlabel}; red: tolerance")
         elif marked is not None and data.x:
             self._mark(data, marked)
-        self.refresh()
 
     def _show_message(self, title: str, message: str) -> None:
-        """The message inside the frame, wrapped to its width (a long title alone would be dropped)."""
+        """The message inside the frame, wrapped to its width (a title too wide for it shortened)."""
         plt = self.plt
-        plt.title(title)
+        plt.title(self._fit(title))
         plt.xlabel("")
         plt.ylabel("")
         lines = textwrap.wrap(message, max(12, self.size.width - 8)) or [message]
@@ -192,7 +205,6 @@ class ChartPanel(PlotextPlot):
         plt.yticks([])
         for i, line in enumerate(lines[:6]):
             plt.text(line, x=0.03, y=0.8 - i * 0.15, alignment="left")
-        self.refresh()
 
     def _lift_points(self, data: ChartData) -> None:
         """Both lifts per pair (over the pooled and the stratified chance) on an axis fitted to them, so a few
