@@ -10,19 +10,15 @@ and anything else is refused before it runs.
 from __future__ import annotations
 
 import math
-import pickle
-import re
-import struct
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlsub_tui.checkpoints.fsdp_shards import only_allowed
 from rlsub_tui.checkpoints.locate import ZERO_MODEL_STATES, ZERO_OPTIM_STATES
 from rlsub_tui.checkpoints.readers import Reader, TensorInfo
+from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.util.errors import CheckpointError
 
 
@@ -44,32 +40,11 @@ ALLOWED = [(stub, f"{module}.{name}") for module, names in _PICKLED_AS.items() f
 
 def load_states(file: Path) -> dict:
     """One model or optimizer states file, memory-mapped, under ALLOWED; a top-level dict."""
-    try:
-        with only_allowed(ALLOWED):
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{file}: refused to load: it holds {_refused(exc)}, which is neither a tensor nor one "
-                              "of DeepSpeed's checkpoint records; nothing in it was run.") from None
-    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            struct.error) as exc:
-        if not zipfile.is_zipfile(file):  # torch.save writes a zip, whose directory is its last bytes
-            raise CheckpointError(f"{file}: is not a whole torch.save archive (its zip directory, at the end, is "
-                                  "missing): truncated or still being written?") from None
-        raise CheckpointError(f"{file}: cannot be read as a DeepSpeed checkpoint ({_first_line(exc)}).") from None
+    state = load_restricted(file, ALLOWED, "neither a tensor nor one of DeepSpeed's checkpoint records",
+                            "a DeepSpeed checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not DeepSpeed's dict of states.")
     return state
-
-
-def _refused(exc: Exception) -> str:
-    text = str(exc)
-    m = re.search(r"GLOBAL (\S+)", text) or re.search(r"(?:function|got) (<[^>]+>)", text)
-    return m.group(1) if m else (text.strip().splitlines() or ["content we do not allow"])[0][:200]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)
