@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import mask, round_bf16
 from safetensors.torch import load_file
 
 from rlsub_tui.checkpoints.checkpoint import open_checkpoint
@@ -48,6 +49,7 @@ def exported(ds: Path, stage: int, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("given, stage, seed", [
     ("runs/z1/seed1", 1, 1),  # the save folder: `latest` names global_step2
+    ("runs/z1/seed2", 1, 2),  # bf16 under DeepSpeed's ZeRO-1 optimizer
     (f"runs/z2/seed1/{TAG}", 2, 1),  # the tag folder itself
     (f"runs/z2/seed3/{TAG}/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", 2, 3),  # one rank's file; norm frozen
     ("runs/z3/seed2", 3, 2),
@@ -170,6 +172,59 @@ def test_analysis_of_the_partitions_is_the_analysis_of_their_export(ds, stage):
     for i in range(3):
         for j in range(i + 1, 3):
             assert sa.pair(i, j) == sb.pair(i, j)
+
+
+def numpy_masters(tag: Path) -> dict[str, np.ndarray]:
+    """A ZeRO-1/2 save merged by numpy from DeepSpeed's own files (ours, loaded in full): each flat fp32 group is the
+    ranks' partitions in rank order, holding param_shapes' parameters in turn, each followed by its alignment padding
+    where the optimizer records one; a parameter the optimizer does not hold is in the module, whole, as trained."""
+    model = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    ranks = [torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+             ["optimizer_state_dict"] for r in range(2)]
+    out = {}
+    for g, shapes in enumerate(model["param_shapes"]):
+        flat = np.concatenate([r["single_partition_of_fp32_groups"][g].detach().numpy() for r in ranks])
+        paddings = (ranks[0].get("param_alignment_paddings") or [[0] * len(shapes)])[g]
+        at = 0
+        for (name, shape), pad in zip(shapes.items(), paddings):
+            n = int(np.prod(shape))
+            out[name] = flat[at:at + n].reshape(tuple(shape))
+            at += n + pad
+    for name, t in model["module"].items():
+        out.setdefault(name, t.float().numpy())
+    return out
+
+
+def test_bf16_zero1_counts_are_those_of_a_numpy_merge(ds):
+    """bf16 ZeRO-1 under both of DeepSpeed's optimizers: its ZeRO-1 optimizer (seed 2) and BF16_Optimizer (seed 3, fp32
+    gradient accumulation; no zero_stage recorded, zero_to_fp32 refuses it, and it lists no frozen parameters: the
+    frozen norm is only in the module). The masters read bit for bit as numpy merges them, and the updated counts
+    (in bf16, the less precise of the pair) and true ones (in fp32) are numpy's on them."""
+    runs = [ds / "runs" / "z1" / f"seed{s}" for s in (2, 3)]
+    merged = [numpy_masters(r / TAG) for r in runs]
+    assert "zero_stage" not in torch.load(next((runs[1] / TAG).glob("*optim_states.pt")),
+                                          weights_only=False)["optimizer_state_dict"]
+    base = {n: t.float().numpy() for n, t in load_file(str(ds / "base" / "model.safetensors")).items()}
+    for run, want in zip(runs, merged):
+        ckpt = open_checkpoint(str(run))
+        assert ckpt.reader.stage == 1 and sorted(ckpt.tensors) == sorted(want) == sorted(base) and len(base) == 21
+        for name, values in want.items():
+            assert np.array_equal(ckpt.read(name).float().numpy(), values), (run, name)
+        ckpt.close()
+    assert ckpt.tensors["model.norm.weight"].dtype == torch.bfloat16  # BF16_Optimizer's frozen norm, as stored
+    result = analysed(ds / "base", runs).result
+    assert result.complete and not result.skipped and len(result.tensors) == 21
+    moved = 0
+    for name, t in result.tensors.items():
+        seen = [mask(base[name], round_bf16(m[name]), "bf16") for m in merged]
+        for j, (r, m) in enumerate(zip(t.runs, merged)):
+            fine = m[name].dtype == np.float32 and not (j == 1 and name == "model.norm.weight")
+            true = mask(base[name], m[name], "fp32") if fine else None
+            assert r.dtype == "bf16" and r.updated == int(seen[j].sum()), (name, j)
+            assert r.true_updated == (int(true.sum()) if fine else None), (name, j)
+            moved += r.true_updated or 0
+        assert t.both[(0, 1)] == int((seen[0] & seen[1]).sum()), name
+    assert moved > 0 and result.tensors["model.norm.weight"].runs[1].updated == 0
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

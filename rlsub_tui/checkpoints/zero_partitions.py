@@ -67,6 +67,7 @@ class ModelStates:
     frozen_shapes: dict[str, tuple[int, ...]]
     frozen_fragments: dict[str, torch.Tensor]
     shared: dict[str, str]  # an alias name -> the name that holds its data
+    unlisted: dict[str, torch.Tensor]  # module entries named nowhere else (see ZeroPartitions._add_unlisted)
 
 
 def model_states(file: Path) -> ModelStates:
@@ -81,13 +82,16 @@ def model_states(file: Path) -> ModelStates:
         buffers = {n: module[n] for n in state.get("buffer_names") or () if n in module}
         fragments = dict(state.get("frozen_param_fragments") or {})
         shared = {str(k): str(v) for k, v in (state.get("shared_params") or {}).items()}
+        named = {n for group in groups for n in group} | set(frozen) | set(buffers) | set(shared)
+        # a module's non-tensor entries (a layer's _extra_state) are no weights
+        unlisted = {n: t for n, t in module.items() if n not in named and isinstance(t, torch.Tensor)}
     except (AttributeError, TypeError, ValueError):
         raise CheckpointError(f"{file}: has malformed param_shapes, frozen_param_shapes, buffers or "
                               "shared_params.") from None
     for name, t in {**buffers, **fragments}.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{file}: entry '{name}' is a {type(t).__name__}, not a tensor.")
-    return ModelStates(file, groups, buffers, frozen, fragments, shared)
+    return ModelStates(file, groups, buffers, frozen, fragments, shared, unlisted)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -113,7 +117,8 @@ def optim_states(file: Path) -> OptimStates:
     if not isinstance(osd, dict):
         raise CheckpointError(f"{file}: is not a DeepSpeed optimizer states file (no optimizer_state_dict).")
     key = "fp32_flat_groups" if "fp32_flat_groups" in osd else "single_partition_of_fp32_groups"
-    # DeepSpeed's BF16_Optimizer (bf16 under ZeRO-1) records no stage; its groups are laid out as ZeRO-1's
+    # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation) records no stage; its groups are laid
+    # out as ZeRO-1's
     stage = osd.get("zero_stage", 1 if key in osd else None)
     count = osd.get("partition_count")
     groups = osd.get(key)
@@ -201,6 +206,7 @@ class ZeroPartitions(Reader):
             self._plan_zero3()
         else:
             self._plan_zero12()
+            self._add_unlisted()
         for alias, source in self.model.shared.items():
             if source in self.tensors and alias not in self.tensors:
                 self._alias(alias, source)
@@ -261,6 +267,13 @@ class ZeroPartitions(Reader):
                 raise CheckpointError(f"{ranks[-1].file}: frozen parameter '{name}' holds {flat.numel()} elements, "
                                       f"but its shape {list(shape)} needs {math.prod(shape)}.")
             self._add_plain(name, flat[:math.prod(shape)].view(shape))
+
+    def _add_unlisted(self) -> None:
+        """ZeRO-1/2 model states hold the whole module in its training dtype. DeepSpeed's BF16_Optimizer (bf16
+        ZeRO-1 with fp32 gradient accumulation) lists no frozen_param_shapes: a frozen parameter is then only there,
+        under no other name, and is read as stored (it never changed)."""
+        for name, t in self.model.unlisted.items():
+            self._add_plain(name, t)
 
     def _rank_model_states(self, model_files: list[Path]) -> list[ModelStates]:
         by_rank = {int(m.group(1) or 0): f for f in model_files if (m := ZERO_MODEL_STATES.match(f.name))}
