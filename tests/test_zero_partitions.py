@@ -3,6 +3,7 @@ masters: bit for bit what zero_to_fp32 gathers, the same analysis as its export,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from reference import mask, round_bf16
 from safetensors.torch import load_file
 
 from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE
 from rlsub_tui.checkpoints.locate import locate
 from rlsub_tui.checkpoints.zero_partitions import ZeroPartitions, load_states, zero3_slices, zero12_slices
 from rlsub_tui.cli.main import main
@@ -142,6 +144,23 @@ def test_a_trainer_checkpoint_folder_is_read_from_its_masters(ds, tmp_path):
     assert ckpt.config()["model_type"] == "llama"
     (folder / "latest").write_text("global_step9")  # not a tag folder here: some other trainer's `latest`
     assert locate(str(folder)).layout == "safetensors"
+
+
+def test_a_zero_run_of_another_architecture_is_warned_about(ds, tmp_path):
+    """A Trainer folder around a ZeRO tag whose config.json names another model type (the base's names none of
+    its architectures): that run, and only it, is warned about; with the base's own config.json beside it, no run."""
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(ds / "runs" / "z2" / "seed1", folder)
+    config = json.loads((ds / "base" / "config.json").read_text())
+    assert "architectures" not in config and config["model_type"] == "llama"
+    for model_type, warned in (("mistral", 1), ("llama", 0)):
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+        a = Analysis(str(ds / "base"), [str(ds / "export" / "z2" / "seed2"), str(folder)],
+                     AnalysisOptions(use_cache=False))
+        a.close()
+        notes = [n for n in a.result.notes if NOT_A_FINE_TUNE in n]
+        assert len(notes) == warned, a.result.notes
+        assert all(n.startswith(f"run '{a.result.run_labels[1]}'") and "base llama, run mistral" in n for n in notes)
 
 
 # --- the numbers: partitions and their export agree -----------------------------------------------------------
