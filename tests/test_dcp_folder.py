@@ -211,6 +211,22 @@ def test_directory_holds_stored_dtypes_global_shapes_and_only_the_model(dcp_runs
     assert [c.sizes for c in reader.chunks["model." + COLUMN_SHARDED]] == [(32, 16), (32, 16)]
 
 
+def test_how_a_run_was_read_says_which_entries_were_left_unread(dcp_runs):
+    """torchtitan's folder holds optimizer and scheduler state and a step count beside the model: the run's "read
+    as" says how many of the entries torch's own metadata reader lists are not the model's, and names the first
+    with why; accelerate's folder holds the model only, and says nothing of the kind."""
+    from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader
+
+    md = FileSystemReader(str(dcp_runs / "titan-seed0" / "checkpoint" / "step-10")).read_metadata()
+    others = [k for k in md.state_dict_metadata if not k.startswith("model.")]
+    first = others[0]
+    why = "not a tensor" if isinstance(md.state_dict_metadata[first], BytesStorageMetadata) else \
+        f"training state ({first.split('.')[0]})"
+    titan, acc = analyse(dcp_runs, ["titan-seed0", "acc-seed0"]).run_read_as
+    assert len(others) > 1 and acc == "torch.distributed.checkpoint, fp32"
+    assert titan.startswith(f"{acc}, {len(others)} entries not read, first '{first}': {why}"), titan
+
+
 def test_reads_equal_dcp_to_torch_save_exactly(dcp_runs, tmp_path):
     """numpy, bit for bit, on a row-sharded tensor split unevenly (67 rows), a column-sharded one and a 1-D one."""
     folder = dcp_runs / "titan-seed1" / "checkpoint" / "step-10"

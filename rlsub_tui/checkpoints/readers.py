@@ -84,6 +84,10 @@ class Reader:
         """Sentences on how this checkpoint is read that the user should see, naming it by `label` (none here)."""
         return []
 
+    def not_read(self) -> dict[str, str]:
+        """Entries the files hold that are not read as model tensors (training state, pickled bytes), each with why."""
+        return {}
+
     def close(self) -> None:
         """Release open files."""
 
