@@ -25,8 +25,8 @@ from rlsub_tui.compute.engine import Analysis
 from rlsub_tui.records.criteria import AnalysisOptions
 from rlsub_tui.util.errors import CheckpointError
 
-# DeepSpeed writes the fixtures; it is not in the test extra (its fixture alone takes ~40 s): install it
-# (DS_BUILD_OPS=0 pip install deepspeed) to run these, which the suite otherwise reports as skipped
+# DeepSpeed writes the fixtures; it is in no extra (an sdist that needs torch to build): .ci/run installs it, as
+# DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 does; without it these are reported as skipped
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install deepspeed to write the ZeRO fixtures")
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "global_step2"
