@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from rlsub_tui.checkpoints.checkpoint import open_checkpoint
 from rlsub_tui.checkpoints.dcp_folder import DcpFolder
+from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE
 from rlsub_tui.checkpoints.step_folders import find_timeline
 from rlsub_tui.cli.main import main
 from rlsub_tui.compute.engine import Analysis
@@ -151,6 +152,40 @@ def test_locates_accelerate_and_torchtitan_from_the_outer_folder(dcp_runs):
         assert titan.label == Path(named).name
 
 
+def test_a_transplant_of_a_dcp_run_is_a_hugging_face_checkpoint(dcp_runs, tmp_path, capsys):
+    """From torchtitan's two-rank folder (names under the state dict's 'model.' key, optimizer state beside): one
+    model.safetensors under the base's names, float32 as stored, torch's own dcp_to_torch_save tensor where the
+    mask is true and the base elsewhere; the training state is not written."""
+    run, mask, out = dcp_runs / "titan-seed1", tmp_path / "mask.safetensors", tmp_path / "t"
+    for args in (["masks", dcp_runs / "base", run, "--out", mask], ["transplant", dcp_runs / "base", run, "--mask",
+                                                                    mask, "--out", out]):
+        assert main([str(a) for a in args] + ["--quiet"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    got, masks = load_file(str(out / "model.safetensors")), load_file(str(mask))
+    base, exported = (load_file(str(dcp_runs / d / "model.safetensors")) for d in ("base", "titan-seed1-export"))
+    assert sorted(got) == sorted(base) == sorted(masks) == sorted(exported)
+    for name, m in masks.items():
+        assert got[name].dtype == torch.float32, name
+        assert np.array_equal(got[name].numpy(), np.where(m.numpy(), exported[name].numpy(), base[name].float().numpy()))
+    assert 0 < sum(int(m.sum()) for m in masks.values()) < sum(m.numel() for m in masks.values())
+
+
+def test_a_dcp_run_of_another_architecture_is_warned_about(dcp_runs, tmp_path):
+    """A Trainer folder around accelerate's pytorch_model_fsdp_0/ whose config.json names another architecture:
+    that run, and only it, is warned about; with the base's own config.json beside it, no run is."""
+    folder = tmp_path / "checkpoint-10"
+    shutil.copytree(dcp_runs / "acc-seed0", folder)
+    config = json.loads((dcp_runs / "base" / "config.json").read_text())
+    for architectures, warned in ((["MistralForCausalLM"], 1), (config["architectures"], 0)):
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": architectures}))
+        a = Analysis(str(dcp_runs / "base"), [str(dcp_runs / "acc-seed1-export"), str(folder)],
+                     AnalysisOptions(use_cache=False))
+        a.close()
+        notes = [n for n in a.result.notes if NOT_A_FINE_TUNE in n]
+        assert len(notes) == warned, a.result.notes
+        assert all(n.startswith(f"run '{a.result.run_labels[1]}'") and "run MistralForCausalLM" in n for n in notes)
+
+
 def test_several_torchtitan_steps_are_a_timeline_or_named_one_by_one(dcp_runs, tmp_path):
     steps = tmp_path / "job" / "checkpoint"
     for n in (10, 20):
@@ -174,6 +209,22 @@ def test_directory_holds_stored_dtypes_global_shapes_and_only_the_model(dcp_runs
     assert all("training state" in why or "not a tensor" in why for why in reader.skipped.values())
     assert len({c.file.name for c in reader.chunks["model.model.embed_tokens.weight"]}) == 2
     assert [c.sizes for c in reader.chunks["model." + COLUMN_SHARDED]] == [(32, 16), (32, 16)]
+
+
+def test_how_a_run_was_read_says_which_entries_were_left_unread(dcp_runs):
+    """torchtitan's folder holds optimizer and scheduler state and a step count beside the model: the run's "read
+    as" says how many of the entries torch's own metadata reader lists are not the model's, and names the first
+    with why; accelerate's folder holds the model only, and says nothing of the kind."""
+    from torch.distributed.checkpoint import BytesStorageMetadata, FileSystemReader
+
+    md = FileSystemReader(str(dcp_runs / "titan-seed0" / "checkpoint" / "step-10")).read_metadata()
+    others = [k for k in md.state_dict_metadata if not k.startswith("model.")]
+    first = others[0]
+    why = "not a tensor" if isinstance(md.state_dict_metadata[first], BytesStorageMetadata) else \
+        f"training state ({first.split('.')[0]})"
+    titan, acc = analyse(dcp_runs, ["titan-seed0", "acc-seed0"]).run_read_as
+    assert len(others) > 1 and acc == "torch.distributed.checkpoint, fp32"
+    assert titan.startswith(f"{acc}, {len(others)} entries not read, first '{first}': {why}"), titan
 
 
 def test_reads_equal_dcp_to_torch_save_exactly(dcp_runs, tmp_path):

@@ -11,13 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from reference import round_bf16
+from safetensors.torch import load_file, save_file
 
 from rlsub_tui.checkpoints import fsdp_shards
 from rlsub_tui.checkpoints.checkpoint import open_checkpoint
 from rlsub_tui.checkpoints.fsdp_shards import FsdpShards, load_rank, shard_box
+from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE, RELATIVE_NORM_LIMIT, distance_warnings
 from rlsub_tui.checkpoints.labels import run_labels
 from rlsub_tui.checkpoints.locate import locate
 from rlsub_tui.checkpoints.names import canonical
@@ -226,6 +229,102 @@ def test_analysis_of_the_shards_is_the_analysis_of_their_export(verl, shards, se
     for i in range(3):
         for j in range(i + 1, 3):
             assert sa.pair(i, j) == sb.pair(i, j)
+
+
+# --- what is made of the shards: a transplant, the kinship warnings ------------------------------------------
+
+def widened(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor's values as float32, by numpy from its bits."""
+    return (t.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def test_a_transplant_of_the_shards_is_a_hugging_face_checkpoint(verl, tmp_path, capsys):
+    """From FSDP1-wrapped shards: one model.safetensors under the base's names, float32 as the shards store it,
+    torch's own gathered tensor where the mask is true and the base elsewhere; config.json from actor/huggingface/."""
+    run, mask, out = verl / "runs" / "seed3" / "global_step_10", tmp_path / "mask.safetensors", tmp_path / "t"
+    for args in (["masks", verl / "base", run, "--out", mask], ["transplant", verl / "base", run, "--mask", mask,
+                                                                "--out", out]):
+        code = main([str(a) for a in args] + ["--quiet"])
+        assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "transplant.json"]
+    assert (out / "config.json").read_text() == (run / "actor" / "huggingface" / "config.json").read_text()
+    got, base = load_file(str(out / "model.safetensors")), load_file(str(verl / "base" / "model.safetensors"))
+    masks, torch_gathered = load_file(str(mask)), gathered(verl, 3, "global_step_10")
+    assert sorted(got) == sorted(base) == sorted(masks) and len(got) == 22
+    taken = 0
+    for name, m in masks.items():
+        assert got[name].dtype == torch.float32, name
+        want = np.where(m.numpy(), torch_gathered[canonical(name)].numpy(), widened(base[name]))
+        assert np.array_equal(got[name].numpy(), want), name
+        taken += int(m.sum())
+    assert 0 < taken < sum(m.numel() for m in masks.values())
+    assert json.loads((out / "transplant.json").read_text())["mask_true"] == taken
+
+
+def test_a_large_transplant_of_shards_is_written_in_hugging_face_shards(verl, tmp_path, capsys, monkeypatch):
+    """Past the largest shard, the transplant is model-0000i-of-0000N.safetensors with an index naming each tensor's
+    file, each shard at most that size unless one tensor is larger; together they hold what one file would."""
+    from rlsub_tui.compute import transplant
+
+    limit = 40_000
+    monkeypatch.setattr(transplant, "SHARD_BYTES", limit)
+    run, mask = verl / "runs" / "seed1" / LAST, tmp_path / "mask.safetensors"
+    for args in (["masks", verl / "base", run, "--out", mask], ["transplant", verl / "base", run, "--mask", mask,
+                                                                "--out", tmp_path / "t"]):
+        assert main([str(a) for a in args] + ["--quiet"]) == 0, capsys.readouterr().err
+    shards = sorted((tmp_path / "t").glob("model-*.safetensors"))
+    assert len(shards) > 2 and [p.name for p in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                          for i in range(1, len(shards) + 1)]
+    index = json.loads((tmp_path / "t" / "model.safetensors.index.json").read_text())["weight_map"]
+    held = {}
+    for shard in shards:
+        tensors = load_file(str(shard))
+        sizes = [t.numel() * t.element_size() for t in tensors.values()]
+        assert sum(sizes) <= limit or len(sizes) == 1, shard.name
+        held.update({n: (shard.name, t) for n, t in tensors.items()})
+    assert index == {n: f for n, (f, _) in held.items()}
+    base, torch_gathered, masks = load_file(str(verl / "base" / "model.safetensors")), gathered(verl, 1), load_file(str(mask))
+    assert sorted(held) == sorted(base)
+    for name, (_, t) in held.items():
+        want = np.where(masks[name].numpy(), torch_gathered[canonical(name)].numpy(), widened(base[name]))
+        assert np.array_equal(t.numpy(), want), name
+
+
+def test_a_shard_run_of_another_architecture_is_warned_about(verl, tmp_path):
+    """Its actor/huggingface/config.json names another architecture: that run, and only it, is warned about."""
+    step = tmp_path / "seed1" / LAST
+    shutil.copytree(verl / "runs" / "seed1" / LAST, step)
+    config = step / "actor" / "huggingface" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "architectures": ["MistralForCausalLM"]}))
+    a = Analysis(str(verl / "base"), [str(verl / "export" / "seed2" / LAST), str(step)],
+                 AnalysisOptions(use_cache=False))
+    a.close()
+    warned = [n for n in a.result.notes if NOT_A_FINE_TUNE in n]
+    assert len(warned) == 1 and warned[0].startswith(f"run '{a.result.run_labels[1]}'"), a.result.notes
+    assert "another architecture" in warned[0] and "run MistralForCausalLM" in warned[0]
+
+
+def test_a_shard_run_of_another_base_is_warned_about(verl, tmp_path):
+    """Against a base of the same names and shapes but other weights, the median ‖Δ‖/‖W0‖ is numpy's on torch's
+    gathered tensors (rounded to bf16, the comparison's dtype) and above the limit; against its own base, below."""
+    run, other = verl / "runs" / "seed1" / LAST, tmp_path / "other-base"
+    base = load_file(str(verl / "base" / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    other.mkdir()
+    save_file({n: (torch.randn(t.shape, generator=g) * 0.02).to(torch.bfloat16) for n, t in base.items()},
+              str(other / "model.safetensors"))
+    shutil.copy(verl / "base" / "config.json", other)
+    torch_gathered = gathered(verl, 1)
+    for base_dir, warned in ((other, True), (verl / "base", False)):
+        w0 = {n: widened(t).astype(np.float64) for n, t in load_file(str(base_dir / "model.safetensors")).items()}
+        ratios = [np.sqrt(((round_bf16(torch_gathered[canonical(n)].numpy()) - w) ** 2).sum() / (w ** 2).sum())
+                  for n, w in w0.items() if (w ** 2).sum() > 0]
+        median = float(np.median(ratios))
+        warnings = distance_warnings(analysed(base_dir, [run]).result)
+        assert (median > RELATIVE_NORM_LIMIT) == warned and len(warnings) == warned, (median, warnings)
+        if warned:
+            assert NOT_A_FINE_TUNE in warnings[0]
+            assert float(warnings[0].split("‖Δ‖/‖W0‖ is ")[1].split(" ")[0]) == pytest.approx(median, rel=1e-2)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

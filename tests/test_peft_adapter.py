@@ -300,16 +300,39 @@ def test_a_tied_base_keeps_its_tie_in_the_adapter_run(seeds, tmp_path):
     assert not result.skipped and "lm_head.weight" not in result.planned
 
 
-def test_masks_work_on_an_adapter_run_and_transplant_refuses_it(seeds, tmp_path, capsys):
+def test_a_transplant_of_an_adapter_run_is_the_base_with_peft_merge_on_the_mask(seeds, tmp_path, capsys):
+    """masks works on an adapter run, and its transplant is written in the base's files under the base's names: each
+    LoRA target in float32 (the run's stored dtype) holds peft's own merge_and_unload where the mask is true and the
+    base elsewhere; every other tensor is the base's, as stored."""
     mask = tmp_path / "mask.safetensors"
+    base_file = seeds / "base" / "model.safetensors"
     code, _, err = run_cli(["masks", seeds / "base", seeds / "lora-seed0", "--out", mask, "--quiet"], capsys)
     assert code == 0, err
-    assert set(load_file(str(mask))) == set(load_file(str(seeds / "base" / "model.safetensors")))
+    masks = {n: m.numpy() for n, m in load_file(str(mask)).items()}
+    assert set(masks) == set(load_file(str(base_file)))
     code, _, err = run_cli(["transplant", seeds / "base", seeds / "lora-seed0", "--mask", mask,
                             "--out", tmp_path / "tp", "--quiet"], capsys)
-    assert code == 2 and "Traceback" not in err
-    assert "is a PEFT adapter, and a transplant is written in the run's own layout" in err
-    assert not (tmp_path / "tp").exists()
+    assert code == 0, err
+    out = tmp_path / "tp" / "model.safetensors"
+    assert [p.name for p in (tmp_path / "tp").glob("*.safetensors*")] == [out.name]  # the base's one file, no index
+    assert (tmp_path / "tp" / "config.json").read_text() == (seeds / "base" / "config.json").read_text()
+    stored = _header(out)
+    assert set(stored) == set(masks)
+    targets = 0
+    for name, m in masks.items():
+        target = any(f".{linear}." in name for linear in LINEARS)
+        assert stored[name] == ("F32" if target else "BF16"), name
+        merged = _numpy_tensor(seeds / "merged-seed0" / "model.safetensors", name)
+        want = np.where(m, merged, _numpy_tensor(base_file, name)) if target else _numpy_tensor(base_file, name)
+        assert np.array_equal(_numpy_tensor(out, name), want), name
+        targets += target and 0 < m.sum() < m.size  # the mask takes some entries from the run, not all
+    assert targets == 14
+
+
+def _header(file: Path) -> dict[str, str]:
+    raw = file.read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    return {n: e["dtype"] for n, e in header.items() if n != "__metadata__"}
 
 
 def _not_json(seeds, tmp_path):

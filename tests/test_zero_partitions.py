@@ -3,6 +3,7 @@ masters: bit for bit what zero_to_fp32 gathers, the same analysis as its export,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import mask, round_bf16
 from safetensors.torch import load_file
 
 from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+from rlsub_tui.checkpoints.kinship import NOT_A_FINE_TUNE
 from rlsub_tui.checkpoints.locate import locate
 from rlsub_tui.checkpoints.zero_partitions import ZeroPartitions, load_states, zero3_slices, zero12_slices
 from rlsub_tui.cli.main import main
@@ -22,8 +25,8 @@ from rlsub_tui.compute.engine import Analysis
 from rlsub_tui.records.criteria import AnalysisOptions
 from rlsub_tui.util.errors import CheckpointError
 
-# DeepSpeed writes the fixtures; it is not in the test extra (its fixture alone takes ~40 s): install it
-# (DS_BUILD_OPS=0 pip install deepspeed) to run these, which the suite otherwise reports as skipped
+# DeepSpeed writes the fixtures; it is in no extra (an sdist that needs torch to build): .ci/run installs it, as
+# DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 does; without it these are reported as skipped
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install deepspeed to write the ZeRO fixtures")
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "global_step2"
@@ -48,6 +51,7 @@ def exported(ds: Path, stage: int, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("given, stage, seed", [
     ("runs/z1/seed1", 1, 1),  # the save folder: `latest` names global_step2
+    ("runs/z1/seed2", 1, 2),  # bf16 under DeepSpeed's ZeRO-1 optimizer
     (f"runs/z2/seed1/{TAG}", 2, 1),  # the tag folder itself
     (f"runs/z2/seed3/{TAG}/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", 2, 3),  # one rank's file; norm frozen
     ("runs/z3/seed2", 3, 2),
@@ -142,6 +146,23 @@ def test_a_trainer_checkpoint_folder_is_read_from_its_masters(ds, tmp_path):
     assert locate(str(folder)).layout == "safetensors"
 
 
+def test_a_zero_run_of_another_architecture_is_warned_about(ds, tmp_path):
+    """A Trainer folder around a ZeRO tag whose config.json names another model type (the base's names none of
+    its architectures): that run, and only it, is warned about; with the base's own config.json beside it, no run."""
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(ds / "runs" / "z2" / "seed1", folder)
+    config = json.loads((ds / "base" / "config.json").read_text())
+    assert "architectures" not in config and config["model_type"] == "llama"
+    for model_type, warned in (("mistral", 1), ("llama", 0)):
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+        a = Analysis(str(ds / "base"), [str(ds / "export" / "z2" / "seed2"), str(folder)],
+                     AnalysisOptions(use_cache=False))
+        a.close()
+        notes = [n for n in a.result.notes if NOT_A_FINE_TUNE in n]
+        assert len(notes) == warned, a.result.notes
+        assert all(n.startswith(f"run '{a.result.run_labels[1]}'") and "base llama, run mistral" in n for n in notes)
+
+
 # --- the numbers: partitions and their export agree -----------------------------------------------------------
 
 def analysed(base: Path, runs: list[Path]) -> Analysis:
@@ -170,6 +191,59 @@ def test_analysis_of_the_partitions_is_the_analysis_of_their_export(ds, stage):
     for i in range(3):
         for j in range(i + 1, 3):
             assert sa.pair(i, j) == sb.pair(i, j)
+
+
+def numpy_masters(tag: Path) -> dict[str, np.ndarray]:
+    """A ZeRO-1/2 save merged by numpy from DeepSpeed's own files (ours, loaded in full): each flat fp32 group is the
+    ranks' partitions in rank order, holding param_shapes' parameters in turn, each followed by its alignment padding
+    where the optimizer records one; a parameter the optimizer does not hold is in the module, whole, as trained."""
+    model = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    ranks = [torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+             ["optimizer_state_dict"] for r in range(2)]
+    out = {}
+    for g, shapes in enumerate(model["param_shapes"]):
+        flat = np.concatenate([r["single_partition_of_fp32_groups"][g].detach().numpy() for r in ranks])
+        paddings = (ranks[0].get("param_alignment_paddings") or [[0] * len(shapes)])[g]
+        at = 0
+        for (name, shape), pad in zip(shapes.items(), paddings):
+            n = int(np.prod(shape))
+            out[name] = flat[at:at + n].reshape(tuple(shape))
+            at += n + pad
+    for name, t in model["module"].items():
+        out.setdefault(name, t.float().numpy())
+    return out
+
+
+def test_bf16_zero1_counts_are_those_of_a_numpy_merge(ds):
+    """bf16 ZeRO-1 under both of DeepSpeed's optimizers: its ZeRO-1 optimizer (seed 2) and BF16_Optimizer (seed 3, fp32
+    gradient accumulation; no zero_stage recorded, zero_to_fp32 refuses it, and it lists no frozen parameters: the
+    frozen norm is only in the module). The masters read bit for bit as numpy merges them, and the updated counts
+    (in bf16, the less precise of the pair) and true ones (in fp32) are numpy's on them."""
+    runs = [ds / "runs" / "z1" / f"seed{s}" for s in (2, 3)]
+    merged = [numpy_masters(r / TAG) for r in runs]
+    assert "zero_stage" not in torch.load(next((runs[1] / TAG).glob("*optim_states.pt")),
+                                          weights_only=False)["optimizer_state_dict"]
+    base = {n: t.float().numpy() for n, t in load_file(str(ds / "base" / "model.safetensors")).items()}
+    for run, want in zip(runs, merged):
+        ckpt = open_checkpoint(str(run))
+        assert ckpt.reader.stage == 1 and sorted(ckpt.tensors) == sorted(want) == sorted(base) and len(base) == 21
+        for name, values in want.items():
+            assert np.array_equal(ckpt.read(name).float().numpy(), values), (run, name)
+        ckpt.close()
+    assert ckpt.tensors["model.norm.weight"].dtype == torch.bfloat16  # BF16_Optimizer's frozen norm, as stored
+    result = analysed(ds / "base", runs).result
+    assert result.complete and not result.skipped and len(result.tensors) == 21
+    moved = 0
+    for name, t in result.tensors.items():
+        seen = [mask(base[name], round_bf16(m[name]), "bf16") for m in merged]
+        for j, (r, m) in enumerate(zip(t.runs, merged)):
+            fine = m[name].dtype == np.float32 and not (j == 1 and name == "model.norm.weight")
+            true = mask(base[name], m[name], "fp32") if fine else None
+            assert r.dtype == "bf16" and r.updated == int(seen[j].sum()), (name, j)
+            assert r.true_updated == (int(true.sum()) if fine else None), (name, j)
+            moved += r.true_updated or 0
+        assert t.both[(0, 1)] == int((seen[0] & seen[1]).sum()), name
+    assert moved > 0 and result.tensors["model.norm.weight"].runs[1].updated == 0
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

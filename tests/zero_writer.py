@@ -5,11 +5,14 @@ tests/test_zero_partitions.py.
 over two ranks:
   base/                               the initial weights, a bf16 Hugging Face export (what bf16 training starts from)
   runs/zS/seedN/                      engine.save_checkpoint after two steps of torch AdamW: `latest` and
-                                      global_step2/, for ZeRO stages 2 and 3 (bf16) with seeds 1-3 and stage 1 (fp32:
-                                      bf16 there selects DeepSpeed's BF16_Optimizer, which zero_to_fp32 cannot read)
-                                      with seed 1; seed 3 trains with model.norm.weight frozen (frozen_param_shapes)
-  export/zS/seedN/model.safetensors   zero_to_fp32's get_fp32_state_dict_from_zero_checkpoint of the same save
-Seven engines on two spawned gloo workers: about a minute.
+                                      global_step2/, for ZeRO stages 2 and 3 (bf16) with seeds 1-3 and for stage 1:
+                                      seed 1 fp32, seed 2 bf16 (DeepSpeed's ZeRO-1 optimizer), seed 3 bf16 with
+                                      gradients accumulated in fp32, which selects DeepSpeed's BF16_Optimizer (its
+                                      files record no zero_stage, and zero_to_fp32 cannot read them)
+                                      seed 3 trains with model.norm.weight frozen (frozen_param_shapes)
+  export/zS/seedN/model.safetensors   zero_to_fp32's get_fp32_state_dict_from_zero_checkpoint of the same save (none
+                                      for the BF16_Optimizer save)
+Nine engines on two spawned gloo workers: about a minute.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ import torch.multiprocessing as mp  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 WORLD = 2
-RUNS = [(1, 1), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3)]  # (stage, seed)
+# (stage, seed, precision); "bf16-fp32-grads": bf16 weights, fp32 gradient accumulation
+RUNS = [(1, 1, "fp32"), (1, 2, "bf16"), (1, 3, "bf16-fp32-grads"), (2, 1, "bf16"), (2, 2, "bf16"), (2, 3, "bf16"),
+        (3, 1, "bf16"), (3, 2, "bf16"), (3, 3, "bf16")]
+UNEXPORTED = {(1, 3)}  # the BF16_Optimizer save, which zero_to_fp32 refuses
 FROZEN_SEED = 3
 STEPS = 2
 
@@ -46,23 +52,25 @@ def new_model(dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
-def ds_config(stage: int, bf16: bool) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
-            "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16},
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-            "wall_clock_breakdown": False}
+def ds_config(stage: int, precision: str) -> dict:
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
+              "zero_allow_untested_optimizer": True, "bf16": {"enabled": precision != "fp32"},
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "wall_clock_breakdown": False}
+    if precision == "bf16-fp32-grads":
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
-def train_and_save(stage: int, seed: int, folder: Path, frozen: bool = False) -> None:
+def train_and_save(stage: int, seed: int, precision: str, folder: Path, frozen: bool = False) -> None:
     import deepspeed
 
-    bf16 = stage != 1
     model = new_model()
     if frozen:
         model.model.norm.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, bf16))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, precision))
     data = torch.Generator().manual_seed(seed)
     for _ in range(STEPS):
         ids = torch.randint(0, 21, (2, 8), generator=data)
@@ -80,8 +88,8 @@ def worker(rank: int, port: int, out: Path) -> None:
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(WORLD))
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    for stage, seed in RUNS:
-        train_and_save(stage, seed, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == FROZEN_SEED)
+    for stage, seed, precision in RUNS:
+        train_and_save(stage, seed, precision, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == FROZEN_SEED)
 
 
 def export(ckpt: Path, folder: Path) -> None:
@@ -105,7 +113,9 @@ def main(out: Path) -> None:
     model.config.torch_dtype = torch.bfloat16
     model.config.to_json_file(str(out / "base" / "config.json"))
     mp.start_processes(worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
-    for stage, seed in RUNS:
+    for stage, seed, _ in RUNS:
+        if (stage, seed) in UNEXPORTED:
+            continue
         export(out / "runs" / f"z{stage}" / f"seed{seed}", out / "export" / f"z{stage}" / f"seed{seed}")
 
 

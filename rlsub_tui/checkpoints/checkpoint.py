@@ -60,6 +60,10 @@ class Checkpoint:
         """What the user should know about how this checkpoint is read (a LoRA adapter's rank bound, ...)."""
         return self.reader.notes(self.label)
 
+    def not_read(self) -> dict[str, str]:
+        """Entries of the files that are not read as model tensors (a DCP folder's optimizer state ...), with why."""
+        return self.reader.not_read()
+
     def fingerprint(self) -> str:
         """Identity of the checkpoint's bytes for caching (see locate.fingerprint)."""
         return fingerprint(self.files)

@@ -276,6 +276,9 @@ class DcpFolder(Reader):
         if start + out.numel() >= flat.numel():
             self._held = None
 
+    def not_read(self) -> dict[str, str]:
+        return dict(self.skipped)
+
     def close(self) -> None:
         self._held = None
 

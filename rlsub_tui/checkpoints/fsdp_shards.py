@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import re
-import struct
 import threading
-import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +19,7 @@ import torch
 
 from rlsub_tui.checkpoints.locate import FSDP_SHARD
 from rlsub_tui.checkpoints.readers import Reader, TensorInfo
+from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.util.errors import CheckpointError
 
 # --- what a DTensor pickle may hold, as inert records -----------------------------------------------------------
@@ -103,25 +99,6 @@ _PICKLED_AS = {
 }
 ALLOWED = [(_STUBS[name], f"{module}.{name}") for module, names in _PICKLED_AS.items() for name in names]
 
-_LOAD_LOCK = threading.Lock()
-
-
-@contextmanager
-def only_allowed(allowed: list):
-    """While a file loads, torch's user allow-list is exactly `allowed` (stubs under the names they stand for):
-    importing torch.distributed.tensor adds the real DTensor and DeviceMesh under the same names, and which of two
-    entries of one name wins is chance. One lock for every reader: the allow-list is global."""
-    with _LOAD_LOCK:
-        saved = torch.serialization.get_safe_globals()
-        torch.serialization.clear_safe_globals()
-        try:
-            with torch.serialization.safe_globals(allowed):
-                yield
-        finally:
-            torch.serialization.clear_safe_globals()
-            torch.serialization.add_safe_globals(saved)
-
-
 # --- one rank's shards -------------------------------------------------------------------------------------------
 
 
@@ -140,18 +117,7 @@ class LocalShard:
 
 def load_rank(file: Path) -> dict[str, torch.Tensor | LocalShard]:
     """One rank's state dict, memory-mapped: plain tensors as they are, each DTensor as its LocalShard."""
-    try:
-        with only_allowed(ALLOWED):
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{file}: refused to load: it holds {_refused(exc)}, which is neither a tensor nor a "
-                              "DTensor shard; nothing in it was run.") from None
-    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            struct.error) as exc:
-        if not zipfile.is_zipfile(file):  # torch.save writes a zip, whose directory is its last bytes
-            raise CheckpointError(f"{file}: is not a whole torch.save archive (its zip directory, at the end, is "
-                                  "missing): truncated or still being written?") from None
-        raise CheckpointError(f"{file}: cannot be read as a PyTorch checkpoint ({_first_line(exc)}).") from None
+    state = load_restricted(file, ALLOWED, "neither a tensor nor a DTensor shard")
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: is not a state dict of named tensors.")
     out: dict[str, torch.Tensor | LocalShard] = {}
@@ -165,17 +131,6 @@ def load_rank(file: Path) -> dict[str, torch.Tensor | LocalShard]:
         else:
             raise CheckpointError(f"{file}: entry '{name}' is a {type(value).__name__}, not a tensor.")
     return out
-
-
-def _refused(exc: Exception) -> str:
-    text = str(exc)
-    m = re.search(r"GLOBAL (\S+)", text) or re.search(r"(?:function|got) (<[^>]+>)", text)
-    return m.group(1) if m else (text.strip().splitlines() or ["content we do not allow"])[0][:200]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _local_shard(file: Path, name: str, stub: _DTensorStub) -> LocalShard:

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from rlsub_tui.checkpoints.locate import config_file
+
 # The phrase every warning of this module carries (the explorer shows these apart from other notes).
 NOT_A_FINE_TUNE = "does not look like a fine-tune of the base"
 # Rule 2: more than this share of the base's tensors has no comparable tensor in the run.
@@ -20,10 +22,12 @@ RELATIVE_NORM_LIMIT = 0.5
 
 
 def architecture(files: list[Path]) -> str | None:
-    """The architecture a checkpoint's config.json names ('architectures', else 'model_type'); None if unknown."""
-    if not files:
+    """The architecture a checkpoint's config.json names ('architectures', else 'model_type'); None if unknown. The
+    config is found where locate.config_file finds it: beside the weights, or where a layout keeps it apart (verl's
+    actor/huggingface/, the Trainer folder around a ZeRO tag or an accelerate DCP folder)."""
+    config = config_file([Path(f) for f in files])
+    if config is None:
         return None
-    config = Path(files[0]).parent / "config.json"
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):

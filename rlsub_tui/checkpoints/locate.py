@@ -77,7 +77,8 @@ def config_file(files: list[Path]) -> Path | None:
     folder = files[0].parent
     candidates = [folder / "config.json"] + ([folder / "huggingface" / "config.json"]
                                              if FSDP_SHARD.match(files[0].name) else [])
-    if ZERO_MODEL_STATES.match(files[0].name):  # a Trainer's checkpoint-N/ holds config.json beside global_stepN/
+    if ZERO_MODEL_STATES.match(files[0].name) or files[0].name == ".metadata":
+        # a Trainer's checkpoint-N/ holds config.json beside global_stepN/ (ZeRO) or pytorch_model_fsdp_0/ (DCP)
         candidates.append(folder.parent / "config.json")
     return next((c for c in candidates if c.is_file()), None)
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.checkpoints.safetensors_header import read_header
 from rlsub_tui.util.errors import CheckpointError
 
@@ -84,6 +83,10 @@ class Reader:
     def notes(self, label: str) -> list[str]:
         """Sentences on how this checkpoint is read that the user should see, naming it by `label` (none here)."""
         return []
+
+    def not_read(self) -> dict[str, str]:
+        """Entries the files hold that are not read as model tensors (training state, pickled bytes), each with why."""
+        return {}
 
     def close(self) -> None:
         """Release open files."""
@@ -193,29 +196,11 @@ class PickledStateDict(Reader):
 
 
 def load_pickle(file: Path) -> dict[str, torch.Tensor]:
-    """Load a PyTorch pickle with weights_only=True: a pickle that would run code is refused."""
-    try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise CheckpointError(
-            f"{file}: refused to load: this pickle holds more than plain tensors and would run code "
-            f"if unpickled (loaded with weights_only=True: {first})"
-        ) from None
-    except (OSError, EOFError, RuntimeError, ValueError, struct.error) as exc:
-        raise CheckpointError(f"{file}: cannot be read as a PyTorch checkpoint ({_short(exc)}).") from None
+    """Load a PyTorch pickle with weights_only=True and nothing else allowed: a pickle that would run code is refused."""
+    state = load_restricted(file, [], "not a plain tensor and would run code if unpickled")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{file}: is not a state dict of named tensors.")
     return state
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

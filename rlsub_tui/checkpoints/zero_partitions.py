@@ -10,19 +10,15 @@ and anything else is refused before it runs.
 from __future__ import annotations
 
 import math
-import pickle
-import re
-import struct
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlsub_tui.checkpoints.fsdp_shards import only_allowed
 from rlsub_tui.checkpoints.locate import ZERO_MODEL_STATES, ZERO_OPTIM_STATES
 from rlsub_tui.checkpoints.readers import Reader, TensorInfo
+from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.util.errors import CheckpointError
 
 
@@ -44,32 +40,11 @@ ALLOWED = [(stub, f"{module}.{name}") for module, names in _PICKLED_AS.items() f
 
 def load_states(file: Path) -> dict:
     """One model or optimizer states file, memory-mapped, under ALLOWED; a top-level dict."""
-    try:
-        with only_allowed(ALLOWED):
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{file}: refused to load: it holds {_refused(exc)}, which is neither a tensor nor one "
-                              "of DeepSpeed's checkpoint records; nothing in it was run.") from None
-    except (OSError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            struct.error) as exc:
-        if not zipfile.is_zipfile(file):  # torch.save writes a zip, whose directory is its last bytes
-            raise CheckpointError(f"{file}: is not a whole torch.save archive (its zip directory, at the end, is "
-                                  "missing): truncated or still being written?") from None
-        raise CheckpointError(f"{file}: cannot be read as a DeepSpeed checkpoint ({_first_line(exc)}).") from None
+    state = load_restricted(file, ALLOWED, "neither a tensor nor one of DeepSpeed's checkpoint records",
+                            "a DeepSpeed checkpoint")
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not DeepSpeed's dict of states.")
     return state
-
-
-def _refused(exc: Exception) -> str:
-    text = str(exc)
-    m = re.search(r"GLOBAL (\S+)", text) or re.search(r"(?:function|got) (<[^>]+>)", text)
-    return m.group(1) if m else (text.strip().splitlines() or ["content we do not allow"])[0][:200]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -92,6 +67,7 @@ class ModelStates:
     frozen_shapes: dict[str, tuple[int, ...]]
     frozen_fragments: dict[str, torch.Tensor]
     shared: dict[str, str]  # an alias name -> the name that holds its data
+    unlisted: dict[str, torch.Tensor]  # module entries named nowhere else (see ZeroPartitions._add_unlisted)
 
 
 def model_states(file: Path) -> ModelStates:
@@ -106,13 +82,16 @@ def model_states(file: Path) -> ModelStates:
         buffers = {n: module[n] for n in state.get("buffer_names") or () if n in module}
         fragments = dict(state.get("frozen_param_fragments") or {})
         shared = {str(k): str(v) for k, v in (state.get("shared_params") or {}).items()}
+        named = {n for group in groups for n in group} | set(frozen) | set(buffers) | set(shared)
+        # a module's non-tensor entries (a layer's _extra_state) are no weights
+        unlisted = {n: t for n, t in module.items() if n not in named and isinstance(t, torch.Tensor)}
     except (AttributeError, TypeError, ValueError):
         raise CheckpointError(f"{file}: has malformed param_shapes, frozen_param_shapes, buffers or "
                               "shared_params.") from None
     for name, t in {**buffers, **fragments}.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{file}: entry '{name}' is a {type(t).__name__}, not a tensor.")
-    return ModelStates(file, groups, buffers, frozen, fragments, shared)
+    return ModelStates(file, groups, buffers, frozen, fragments, shared, unlisted)
 
 
 def _shape(shape) -> tuple[int, ...]:
@@ -138,7 +117,8 @@ def optim_states(file: Path) -> OptimStates:
     if not isinstance(osd, dict):
         raise CheckpointError(f"{file}: is not a DeepSpeed optimizer states file (no optimizer_state_dict).")
     key = "fp32_flat_groups" if "fp32_flat_groups" in osd else "single_partition_of_fp32_groups"
-    # DeepSpeed's BF16_Optimizer (bf16 under ZeRO-1) records no stage; its groups are laid out as ZeRO-1's
+    # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation) records no stage; its groups are laid
+    # out as ZeRO-1's
     stage = osd.get("zero_stage", 1 if key in osd else None)
     count = osd.get("partition_count")
     groups = osd.get(key)
@@ -226,6 +206,7 @@ class ZeroPartitions(Reader):
             self._plan_zero3()
         else:
             self._plan_zero12()
+            self._add_unlisted()
         for alias, source in self.model.shared.items():
             if source in self.tensors and alias not in self.tensors:
                 self._alias(alias, source)
@@ -286,6 +267,13 @@ class ZeroPartitions(Reader):
                 raise CheckpointError(f"{ranks[-1].file}: frozen parameter '{name}' holds {flat.numel()} elements, "
                                       f"but its shape {list(shape)} needs {math.prod(shape)}.")
             self._add_plain(name, flat[:math.prod(shape)].view(shape))
+
+    def _add_unlisted(self) -> None:
+        """ZeRO-1/2 model states hold the whole module in its training dtype. DeepSpeed's BF16_Optimizer (bf16
+        ZeRO-1 with fp32 gradient accumulation) lists no frozen_param_shapes: a frozen parameter is then only there,
+        under no other name, and is read as stored (it never changed)."""
+        for name, t in self.model.unlisted.items():
+            self._add_plain(name, t)
 
     def _rank_model_states(self, model_files: list[Path]) -> list[ModelStates]:
         by_rank = {int(m.group(1) or 0): f for f in model_files if (m := ZERO_MODEL_STATES.match(f.name))}

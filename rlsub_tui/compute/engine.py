@@ -254,9 +254,15 @@ LAYOUT_NAMES = {"safetensors": "safetensors", "pickle": "torch pickle", "peft": 
 
 
 def read_as(run: Checkpoint, plans: list[TensorPlan], j: int) -> str:
-    """How a run was read: its layout and the dtypes its compared tensors are stored in, "FSDP rank shards, fp32"."""
+    """How a run was read: its layout and the dtypes its compared tensors are stored in, "FSDP rank shards, fp32",
+    and the entries of its files left unread, if any, with the first and why ("3 entries not read, first ...")."""
     stored = Counter(dtype_name(run.tensors[p.run_names[j]].dtype) for p in plans)
-    return f"{LAYOUT_NAMES.get(run.layout, run.layout)}, {'/'.join(d for d, _ in stored.most_common())}"
+    how = f"{LAYOUT_NAMES.get(run.layout, run.layout)}, {'/'.join(d for d, _ in stored.most_common())}"
+    left = run.not_read()
+    if not left:
+        return how
+    first, why = next(iter(left.items()))
+    return f"{how}, {len(left)} entr{'y' if len(left) == 1 else 'ies'} not read, first '{first}': {why}"
 
 
 class Analysis:

@@ -1,4 +1,4 @@
-"""The transplant: θ0 + M ⊙ Δ written as a checkpoint in the run's layout and dtype, and a random-mask control."""
+"""The transplant: θ0 + M ⊙ Δ written as a checkpoint shaped like the run, in its dtype, and a random-mask control."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from rlsub_tui.checkpoints.checkpoint import Checkpoint, open_checkpoint
-from rlsub_tui.checkpoints.locate import parse_run_spec
+from rlsub_tui.checkpoints.locate import config_file, parse_run_spec
 from rlsub_tui.checkpoints.names import canonical
 from rlsub_tui.checkpoints.writer import DTYPE_CODES, Entry, SafetensorsWriter
 from rlsub_tui.compute.kernels import CHUNK_ELEMENTS
@@ -31,6 +31,8 @@ AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_
                 "merges.txt", "added_tokens.json", "chat_template*", "*.jinja", "preprocessor_config.json",
                 "*.tiktoken", "configuration_*.py", "modeling_*.py", "tokenization_*.py")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WHOLE_TENSOR_LAYOUTS = ("safetensors", "pickle")  # each file holds whole tensors: the transplant keeps the files
+SHARD_BYTES = 5 * 10**9  # the largest shard of a run gathered from ranks (transformers' default max_shard_size)
 
 
 class MaskFile:
@@ -206,9 +208,6 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
     base, (run,) = open_runs(base_path, [run_path])
     mask = MaskFile(mask_path, mask_run)
     try:
-        if run.layout == "peft":  # its tensors live in the base's files and its own: there is no layout to copy
-            raise InputError(f"{run.source}: is a PEFT adapter, and a transplant is written in the run's own "
-                             "layout, which an adapter lacks; transplant its merged model (merge_and_unload) instead.")
         plan = plan_transplant(mask, base, run)
         targets = [out]
         if control_seed is not None:
@@ -230,7 +229,7 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
         with atomic_directories(targets) as temps:
             _write_weights(temps, base, run, mask, plan, control_seed, report, on_progress)
             for tmp, counts in zip(temps, report.outputs):
-                _copy_aux(run, tmp)
+                _copy_aux(base, run, tmp)
                 _write_record(tmp, counts, report, base, run, mask, control_seed)
         return report
     finally:
@@ -238,24 +237,73 @@ def transplant(base_path: str, run_path: str, mask_path: Path, out: Path, mask_r
             c.close()
 
 
+@dataclass(frozen=True)
+class OutputFile:
+    """One safetensors file of the transplant: its name and the run tensors it holds, in order, as written."""
+
+    name: str
+    tensors: list[tuple[str, Planned]]  # (the name written, the run tensor)
+
+
+def output_files(base: Checkpoint, run: Checkpoint, plan: list[Planned]) -> list[OutputFile]:
+    """The transplant's files. A run stored as whole tensors per file (safetensors, pickles) keeps its files and
+    names. A LoRA adapter run is the base with some tensors replaced: the base's files and names. A run gathered
+    from ranks (FSDP shards, torch.distributed.checkpoint, ZeRO partitions) is written as a Hugging Face checkpoint
+    under the base's names (its own stored names carry the trainer's wrappers), in shards of at most SHARD_BYTES."""
+    if run.layout in WHOLE_TENSOR_LAYOUTS:
+        by_file: dict[Path, list[Planned]] = {}
+        for p in plan:
+            by_file.setdefault(run.tensors[p.run_name].file, []).append(p)
+        return [OutputFile(_safetensors_name(f), [(p.run_name, p) for p in sorted(
+            by_file.get(f, []), key=lambda p: run.tensors[p.run_name].offset)]) for f in run.files]
+    named = _base_names(base, run, plan)
+    if run.layout == "peft":
+        in_base: dict[Path, list[tuple[str, Planned]]] = {}
+        for name, p in named:  # a tensor saved in full that the base lacks goes with the base's first file
+            in_base.setdefault(base.tensors[name].file if name in base.tensors else base.files[0], []).append((name, p))
+        return [OutputFile(_safetensors_name(f), sorted(in_base.get(f, []), key=lambda t: (
+            t[0] not in base.tensors, base.tensors[t[0]].offset if t[0] in base.tensors else 0))) for f in base.files]
+    shards, size = [[]], 0
+    for name, p in named:
+        nbytes = run.tensors[p.run_name].nbytes
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards, size = shards + [[]], 0
+        shards[-1].append((name, p))
+        size += nbytes
+    if len(shards) == 1:
+        return [OutputFile("model.safetensors", shards[0])]
+    return [OutputFile(f"model-{i:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards, start=1)]
+
+
+def _base_names(base: Checkpoint, run: Checkpoint, plan: list[Planned]) -> list[tuple[str, Planned]]:
+    """Each run tensor under the base's name for it (a tensor the base lacks keeps its own); two on one refused."""
+    base_by = {canonical(n): n for n in base.tensors}
+    named, seen = [], {}
+    for p in plan:
+        name = base_by.get(canonical(p.run_name), p.run_name)
+        if name in seen:
+            raise InputError(f"{run.source}: tensors '{seen[name]}' and '{p.run_name}' are both the base's "
+                             f"'{name}'; the transplant cannot name them apart.")
+        seen[name] = p.run_name
+        named.append((name, p))
+    return named
+
+
 def _write_weights(temps: list[Path], base: Checkpoint, run: Checkpoint, mask: MaskFile, plan: list[Planned],
                    seed: int | None, report: TransplantReport, on_progress) -> None:
-    by_file: dict[Path, list[Planned]] = {}
-    for p in plan:
-        by_file.setdefault(run.tensors[p.run_name].file, []).append(p)
+    files = output_files(base, run, plan)
     total = sum(run.tensors[p.run_name].nbytes for p in plan)
     done, start, bytes_done = 0, time.perf_counter(), 0
     weight_map = {}
-    for file in run.files:
-        items = sorted(by_file.get(file, []), key=lambda p: run.tensors[p.run_name].offset)
-        entries = [Entry(p.run_name, run.tensors[p.run_name].dtype, run.tensors[p.run_name].shape) for p in items]
-        name = _safetensors_name(file)
-        writers = [SafetensorsWriter(t / name, entries, {"format": "pt"}) for t in temps]
+    for file in files:
+        entries = [Entry(name, run.tensors[p.run_name].dtype, run.tensors[p.run_name].shape)
+                   for name, p in file.tensors]
+        writers = [SafetensorsWriter(t / file.name, entries, {"format": "pt"}) for t in temps]
         try:
-            for p in items:
+            for name, p in file.tensors:
                 for w, t in zip(writers, _transplanted(p, base, run, mask, seed, report)):
-                    w.write(p.run_name, t)
-                weight_map[p.run_name] = name
+                    w.write(name, t)
+                weight_map[name] = file.name
                 done += 1
                 bytes_done += run.tensors[p.run_name].nbytes
                 if on_progress:
@@ -266,7 +314,8 @@ def _write_weights(temps: list[Path], base: Checkpoint, run: Checkpoint, mask: M
             for w in writers:
                 w.abort()
             raise
-    if len(run.files) > 1 or any((run.files[0].parent / n).is_file() for n in INDEX_NAMES):
+    laid_out_as = {"peft": base, **dict.fromkeys(WHOLE_TENSOR_LAYOUTS, run)}.get(run.layout)
+    if len(files) > 1 or laid_out_as and any((laid_out_as.files[0].parent / n).is_file() for n in INDEX_NAMES):
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         for t in temps:
             (t / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2) + "\n")
@@ -306,13 +355,23 @@ def _int_view(t: torch.Tensor) -> torch.dtype:
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize]
 
 
-def _copy_aux(run: Checkpoint, target: Path) -> None:
-    folder = checkpoint_dir(run)
-    if folder is None:
-        return
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_PATTERNS) and f.name not in INDEX_NAMES:
-            shutil.copyfile(f, target / f.name)
+def _copy_aux(base: Checkpoint, run: Checkpoint, target: Path) -> None:
+    """The config, tokenizer and code files beside the run (later folders win): a LoRA adapter's base first; the
+    run's own folder; the folder of its config.json where that lies elsewhere (verl's actor/huggingface/, the
+    Trainer folder around a ZeRO tag)."""
+    folders = [f for f in _aux_folders(base) if run.layout == "peft"] + _aux_folders(run)
+    for folder in dict.fromkeys(folders):
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_PATTERNS) and f.name not in INDEX_NAMES:
+                shutil.copyfile(f, target / f.name)
+
+
+def _aux_folders(ckpt: Checkpoint) -> list[Path]:
+    folder = checkpoint_dir(ckpt)
+    if folder is None:  # one file named: nothing beside it is copied
+        return []
+    config = config_file(ckpt.files)
+    return [folder] + ([config.parent] if config is not None and config.parent != folder else [])
 
 
 def _write_record(target: Path, counts: OutputCounts, report: TransplantReport, base: Checkpoint, run: Checkpoint,
