@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reads import assert_reads_as
 from reference import mask, round_bf16
 from safetensors.torch import load_file
 
@@ -68,12 +69,7 @@ def test_partitions_read_as_what_zero_to_fp32_gathers(ds, given, stage, seed):
         frozen = seed == 3 and stage > 1 and name == "model.norm.weight"
         assert info.dtype == (torch.bfloat16 if frozen else torch.float32), name  # frozen: as stored
         assert info.shape == tuple(full.shape), name
-        assert torch.equal(ckpt.read(name), full), name
-        rows = max(1, full.shape[0] // 2)
-        assert torch.equal(ckpt.read(name, rows), full[:rows]), name
-        out = torch.empty(info.nbytes - 2, dtype=torch.uint8)
-        ckpt.read_bytes(name, out, 2)
-        assert torch.equal(out, full.reshape(-1).view(torch.uint8)[2:]), name
+        assert_reads_as(ckpt, name, full, 2)
     ckpt.close()
 
 

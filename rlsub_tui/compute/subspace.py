@@ -49,17 +49,14 @@ def _eigh(g: torch.Tensor | np.ndarray) -> tuple:
     return torch.linalg.eigh(g)
 
 
-def directions(delta: torch.Tensor, keep: int, g=None, energy_90: int | None = None, eig: tuple | None = None
+def directions(delta: torch.Tensor, keep: int, energy_90: int | None = None, eig: tuple | None = None
                ) -> Directions:
-    """The top `keep` directions of a 2-D matrix (fewer where σ is zero), from its float64 Gram `g` (computed
-    here when not given) or that Gram's eigenvalues and vectors `eig` (ascending, when already taken);
-    `energy_90` is the matrix's e90 when known (else from the Gram's eigenvalues). On the CUDA route the
-    directions stay on the device, with every product taken there."""
+    """The top `keep` directions of a 2-D matrix (fewer where σ is zero), from its float64 Gram's eigenvalues
+    and vectors `eig` (ascending; taken here when not given); `energy_90` is the matrix's e90 when known (else
+    from the Gram's eigenvalues). On the CUDA route the directions stay on the device, with every product there."""
     m, n = delta.shape
     if eig is None:
-        if g is None:
-            g = gram(delta) if device_route.cuda_route(delta.device.type) else cpu_gram(delta)
-        eig = _eigh(g)
+        eig = _eigh(gram(delta) if device_route.cuda_route(delta.device.type) else cpu_gram(delta))
     w, vecs = eig
     sq = np.clip((w.cpu().numpy() if isinstance(w, torch.Tensor) else w)[::-1], 0.0, None)
     e90 = energy_rank(sq, 0.9) if energy_90 is None else energy_90
@@ -86,13 +83,12 @@ def rank_and_directions(delta: torch.Tensor, keep_for) -> tuple[RankFigures, Dir
 
     One eigendecomposition serves both: the Gram's eigenvalues, taken with its eigenvectors, are the rank's
     (on the CPU certified by the same bound, which holds for any backward stable symmetric eigensolver)."""
-    if device_route.cuda_route(delta.device.type):
-        g = gram(delta)
-        eig = _eigh(g)
+    cuda = device_route.cuda_route(delta.device.type)
+    g = gram(delta) if cuda else cpu_gram(delta)
+    eig = _eigh(g)
+    if cuda:
         figures = gram_route_figures(delta, eig[0])
     else:
-        g = cpu_gram(delta)
-        eig = np.linalg.eigh(g)
         rank, sq, _ = certified_rank(delta, g, eig[0])
         figures = rank_figures(rank, sq)
     keep = min(keep_for(figures.energy_rank_90), figures.rank)
