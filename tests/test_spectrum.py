@@ -196,16 +196,19 @@ def test_engine_spectra_match_numpy_and_export(tmp_path):
 
 
 def test_spectra_are_cached_with_the_rank(tmp_path, monkeypatch):
-    import rlsub_tui.compute.masks
+    import rlsub_tui.compute.subspace
     from rlsub_tui.records.criteria import Criterion
 
     _, _, base, run_paths = _checkpoints(tmp_path)
     first = _analyze(base, run_paths, cache_dir=tmp_path / "cache")
 
-    def no_decomposition(delta):
+    def no_decomposition(delta, *_):
         raise AssertionError("the rank and its spectrum should come from the cache")
 
-    monkeypatch.setattr(rlsub_tui.compute.masks, "stacked_rank_figures", no_decomposition)
+    # every rank is taken in compute/subspace.py (with the directions, or alone): none may run again; the
+    # directions alone may (a cached rank is taken again with them)
+    for taken in ("stacked_rank_figures", "rank_and_directions"):
+        monkeypatch.setattr(rlsub_tui.compute.subspace, taken, no_decomposition)
     other = _analyze(base, run_paths, cache_dir=tmp_path / "cache", criterion=Criterion("exact"))
     for name, tr in first.tensors.items():
         assert [s.rank_figures() for s in other.tensors[name].runs] == [s.rank_figures() for s in tr.runs]
