@@ -37,16 +37,16 @@ STEPS = (10, 20)
 WORLD = 2
 
 
-def new_model() -> nn.Module:
+def new_model(config: LlamaConfig = CONFIG) -> nn.Module:
     torch.manual_seed(0)
-    model = TinyLlama(CONFIG)
+    model = TinyLlama(config)
     model.register_parameter("logit_scale", nn.Parameter(torch.ones(1)))  # one row: rank 1's shard is empty
     return model
 
 
-def base_state() -> dict[str, torch.Tensor]:
+def base_state(config: LlamaConfig = CONFIG) -> dict[str, torch.Tensor]:
     """The base as the actor holds it: bf16 values (a bf16 Hugging Face base) in fp32."""
-    return {n: p.detach().to(torch.bfloat16).float() for n, p in new_model().named_parameters()}
+    return {n: p.detach().to(torch.bfloat16).float() for n, p in new_model(config).named_parameters()}
 
 
 def run_state(base: dict[str, torch.Tensor], seed: int, step: int) -> dict[str, torch.Tensor]:
@@ -74,21 +74,21 @@ def wrapped(name: str) -> str:
     return ".".join(["_fsdp_wrapped_module"] + parts)
 
 
-def hf_config(dtype: str) -> str:
-    return json.dumps(CONFIG.to_hf(bos=18, eos=19, pad=20, dtype=dtype), indent=2)
+def hf_config(dtype: str, config: LlamaConfig = CONFIG) -> str:
+    return json.dumps(config.to_hf(bos=18, eos=19, pad=20, dtype=dtype), indent=2)
 
 
-def save_hf(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> None:
+def save_hf(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype, config: LlamaConfig = CONFIG) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({n: t.to(dtype).contiguous() for n, t in state.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(hf_config(str(dtype).removeprefix("torch.")))
+    (folder / "config.json").write_text(hf_config(str(dtype).removeprefix("torch."), config))
 
 
-def sharded(state: dict[str, torch.Tensor], mesh) -> dict:
+def sharded(state: dict[str, torch.Tensor], mesh, config: LlamaConfig = CONFIG) -> dict:
     """`model.state_dict()` of the model holding `state`, sharded as verl shards it (each layer, then the root)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = new_model()
+    model = new_model(config)
     model.load_state_dict(state)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -96,13 +96,13 @@ def sharded(state: dict[str, torch.Tensor], mesh) -> dict:
     return model.state_dict()
 
 
-def save_actor(sd: dict, actor: Path, rank: int, world: int) -> None:
+def save_actor(sd: dict, actor: Path, rank: int, world: int, config: LlamaConfig = CONFIG) -> None:
     actor.mkdir(parents=True, exist_ok=True)
     torch.save(sd, actor / f"model_world_size_{world}_rank_{rank}.pt")
     if rank == 0:
         (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": world}, indent=4))
         (actor / "huggingface").mkdir(exist_ok=True)
-        (actor / "huggingface" / "config.json").write_text(hf_config("float32"))
+        (actor / "huggingface" / "config.json").write_text(hf_config("float32", config))
 
 
 def one_dimensional(rank: int, port: int, out: Path, states: dict) -> None:

@@ -33,17 +33,20 @@ WORLD = 2
 # (stage, seed, precision); "bf16-fp32-grads": bf16 weights, fp32 gradient accumulation
 RUNS = [(1, 1, "fp32"), (1, 2, "bf16"), (1, 3, "bf16-fp32-grads"), (2, 1, "bf16"), (2, 2, "bf16"), (2, 3, "bf16"),
         (3, 1, "bf16"), (3, 2, "bf16"), (3, 3, "bf16")]
-UNEXPORTED = {(1, 3)}  # the BF16_Optimizer save, which zero_to_fp32 refuses
+UNEXPORTED = "bf16-fp32-grads"  # DeepSpeed's BF16_Optimizer, whose saves zero_to_fp32 refuses
 FROZEN_SEED = 3
 STEPS = 2
 
 
-def new_model(dtype: torch.dtype = torch.float32):
+# a tiny Llama whose sizes do not divide evenly over two ranks
+SIZES = dict(vocab_size=21, hidden_size=45, intermediate_size=75, num_hidden_layers=2, head_dim=12,
+             num_attention_heads=3, num_key_value_heads=1)
+
+
+def new_model(dtype: torch.dtype = torch.float32, sizes: dict = SIZES):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=21, hidden_size=45, intermediate_size=75, num_hidden_layers=2, head_dim=12,
-                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=16,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(**sizes, max_position_embeddings=16, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # the bf16 base's values, so that fp32 and bf16 training start from the same weights
@@ -55,17 +58,22 @@ def new_model(dtype: torch.dtype = torch.float32):
 def ds_config(stage: int, precision: str) -> dict:
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
               "zero_allow_untested_optimizer": True, "bf16": {"enabled": precision != "fp32"},
-              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              # buckets of a few million elements: the defaults (5e8) allocate gigabytes per rank at real widths
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                    "reduce_bucket_size": 5e6, "allgather_bucket_size": 5e6,
+                                    "stage3_prefetch_bucket_size": 5e6, "stage3_max_live_parameters": 1e7,
+                                    "stage3_max_reuse_distance": 1e7},
               "wall_clock_breakdown": False}
     if precision == "bf16-fp32-grads":
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
 
-def train_and_save(stage: int, seed: int, precision: str, folder: Path, frozen: bool = False) -> None:
+def train_and_save(stage: int, seed: int, precision: str, folder: Path, frozen: bool = False,
+                   sizes: dict = SIZES) -> None:
     import deepspeed
 
-    model = new_model()
+    model = new_model(sizes=sizes)
     if frozen:
         model.model.norm.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,7 +81,7 @@ def train_and_save(stage: int, seed: int, precision: str, folder: Path, frozen: 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, precision))
     data = torch.Generator().manual_seed(seed)
     for _ in range(STEPS):
-        ids = torch.randint(0, 21, (2, 8), generator=data)
+        ids = torch.randint(0, sizes["vocab_size"], (2, 8), generator=data)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
@@ -81,15 +89,16 @@ def train_and_save(stage: int, seed: int, precision: str, folder: Path, frozen: 
     engine.destroy()
 
 
-def worker(rank: int, port: int, out: Path) -> None:
+def worker(rank: int, port: int, out: Path, world: int, runs: list, sizes: dict, frozen_seed: int | None) -> None:
     import deepspeed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    for stage, seed, precision in RUNS:
-        train_and_save(stage, seed, precision, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == FROZEN_SEED)
+    for stage, seed, precision in runs:
+        train_and_save(stage, seed, precision, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == frozen_seed,
+                       sizes=sizes)
 
 
 def export(ckpt: Path, folder: Path) -> None:
@@ -106,18 +115,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(out: Path) -> None:
-    model = new_model(torch.bfloat16)
+def write(out: Path, world: int = WORLD, runs: list = RUNS, sizes: dict = SIZES,
+          frozen_seed: int | None = FROZEN_SEED) -> None:
+    """The base, `runs` saved by `world` ranks under runs/zS/seedN/, and their zero_to_fp32 exports under export/."""
+    model = new_model(torch.bfloat16, sizes)
     (out / "base").mkdir(parents=True)
     save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(out / "base" / "model.safetensors"))
     model.config.torch_dtype = torch.bfloat16
     model.config.to_json_file(str(out / "base" / "config.json"))
-    mp.start_processes(worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
-    for stage, seed, _ in RUNS:
-        if (stage, seed) in UNEXPORTED:
+    del model
+    mp.start_processes(worker, args=(free_port(), out, world, runs, sizes, frozen_seed), nprocs=world,
+                       start_method="spawn")
+    for stage, seed, precision in runs:
+        if precision == UNEXPORTED:
             continue
         export(out / "runs" / f"z{stage}" / f"seed{seed}", out / "export" / f"z{stage}" / f"seed{seed}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    write(Path(sys.argv[1]))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from rlsub_tui.checkpoints.locate import FSDP_SHARD
+from rlsub_tui.checkpoints.mapped_pages import MappedPages
 from rlsub_tui.checkpoints.readers import Reader, TensorInfo
 from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.util.errors import CheckpointError
@@ -220,6 +221,7 @@ class FsdpShards(Reader):
         self.files = list(files)
         self.world_size = _world_size(self.files)
         self._ranks = [load_rank(f) for f in self.files]
+        self._pages = [MappedPages(f) for f in self.files]
         self._pieces: dict[str, list[_Piece]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         first = self._ranks[0]
@@ -298,6 +300,7 @@ class FsdpShards(Reader):
             for d in range(1, len(shape)):
                 target = target.narrow(d, piece.offsets[d], piece.sizes[d])
             target.copy_(local[:hi - lo])
+            self._pages[piece.rank].release(local[:hi - lo])
         return out
 
     def read_bytes(self, name: str, out: torch.Tensor, start: int) -> None:

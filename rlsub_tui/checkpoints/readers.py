@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rlsub_tui.checkpoints.mapped_pages import MappedPages
 from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.checkpoints.safetensors_header import read_header
 from rlsub_tui.util.errors import CheckpointError
@@ -174,8 +175,11 @@ class PickledStateDict(Reader):
     def __init__(self, files: list[Path]):
         self.tensors: dict[str, TensorInfo] = {}
         self._state: dict[str, torch.Tensor] = {}
+        self._pages: dict[str, MappedPages] = {}
         for file in files:
             state = load_pickle(file)
+            pages = MappedPages(file)
+            self._pages.update(dict.fromkeys(state, pages))
             found = {name: TensorInfo(name, t.dtype, tuple(t.shape), file, pos, t.numel() * t.element_size())
                      for pos, (name, t) in enumerate(state.items())}
             _add(self.tensors, file, found)
@@ -184,11 +188,14 @@ class PickledStateDict(Reader):
     def read(self, name: str, rows: int | None = None) -> torch.Tensor:
         t = self._state[name]
         t = t[:rows] if rows is not None else t
-        return t.contiguous().clone()
+        out = t.contiguous().clone()
+        self._pages[name].release(t)
+        return out
 
     def read_bytes(self, name: str, out: torch.Tensor, start: int) -> None:
-        src = self._state[name].contiguous().reshape(-1).view(torch.uint8)
-        out.copy_(src[start:start + out.numel()])
+        src = self._state[name].contiguous().reshape(-1).view(torch.uint8)[start:start + out.numel()]
+        out.copy_(src)
+        self._pages[name].release(src)
 
     def storage_key(self, name: str) -> tuple | None:
         t = self._state[name]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rlsub_tui.checkpoints.locate import ZERO_MODEL_STATES, ZERO_OPTIM_STATES
+from rlsub_tui.checkpoints.mapped_pages import MappedPages
 from rlsub_tui.checkpoints.readers import Reader, TensorInfo
 from rlsub_tui.checkpoints.restricted_pickle import load_restricted
 from rlsub_tui.util.errors import CheckpointError
@@ -110,6 +111,7 @@ class OptimStates:
     partition_count: int
     groups: list[torch.Tensor]
     alignment_paddings: list[list[int]] | None
+    pages: MappedPages
 
 
 def optim_states(file: Path) -> OptimStates:
@@ -136,7 +138,7 @@ def optim_states(file: Path) -> OptimStates:
     if paddings is not None and not (isinstance(paddings, list) and len(paddings) == len(groups)):
         raise CheckpointError(f"{file}: its param_alignment_paddings do not match its {len(groups)} groups.")
     # the masters are saved as Parameters that require grad: copying out of them must not record a graph
-    return OptimStates(file, int(stage), max(counts), [g.detach() for g in groups], paddings)
+    return OptimStates(file, int(stage), max(counts), [g.detach() for g in groups], paddings, MappedPages(file))
 
 
 def _describe(value) -> str:
@@ -360,7 +362,9 @@ class ZeroPartitions(Reader):
             if at >= want:
                 break
             take = min(s.length, want - at)
-            out[at:at + take].copy_(self._optim[s.rank].groups[s.group][s.start:s.start + take])
+            part = self._optim[s.rank].groups[s.group][s.start:s.start + take]
+            out[at:at + take].copy_(part)
+            self._optim[s.rank].pages.release(part)
             at += take
         return out.view(shape)
 
