@@ -161,6 +161,8 @@ def test_a_transplant_of_a_dcp_run_is_a_hugging_face_checkpoint(dcp_runs, tmp_pa
                                                                     mask, "--out", out]):
         assert main([str(a) for a in args] + ["--quiet"]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    assert not (run / "config.json").exists()  # torchtitan writes none: the base's, so that the transplant loads
+    assert (out / "config.json").read_text() == (dcp_runs / "base" / "config.json").read_text()
     got, masks = load_file(str(out / "model.safetensors")), load_file(str(mask))
     base, exported = (load_file(str(dcp_runs / d / "model.safetensors")) for d in ("base", "titan-seed1-export"))
     assert sorted(got) == sorted(base) == sorted(masks) == sorted(exported)

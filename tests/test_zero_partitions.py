@@ -322,3 +322,39 @@ def assert_refused(tmp_path: Path, ds: Path, run: Path, capsys, *needles: str) -
     assert len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+# --- a transplant of the partitions -----------------------------------------------------------------------------
+
+def widened(t: torch.Tensor) -> np.ndarray:
+    """A bf16 tensor's values as float32, by numpy from its bits."""
+    return (t.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("stage, seed", [(3, 2), (2, 3)])
+def test_a_transplant_of_the_partitions_is_a_hugging_face_checkpoint(ds, tmp_path, capsys, stage, seed):
+    """One model.safetensors under the base's names: zero_to_fp32's gathered master where the mask is true and the
+    base elsewhere, each tensor in the run's stored dtype (float32 masters; a frozen parameter as stored)."""
+    run, masks_file, out = ds / "runs" / f"z{stage}" / f"seed{seed}", tmp_path / "mask.safetensors", tmp_path / "t"
+    for args in (["masks", ds / "base", run, "--out", masks_file],
+                 ["transplant", ds / "base", run, "--mask", masks_file, "--out", out]):
+        code = main([str(a) for a in args] + ["--quiet"])
+        assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "transplant.json"]
+    # DeepSpeed's save holds no config.json: the base's, so that the transplant loads as the model it is
+    assert (out / "config.json").read_text() == (ds / "base" / "config.json").read_text()
+    got, base = load_file(str(out / "model.safetensors")), load_file(str(ds / "base" / "model.safetensors"))
+    masks, gathered = load_file(str(masks_file)), exported(ds, stage, seed)
+    assert sorted(got) == sorted(base) == sorted(masks) == sorted(gathered)
+    taken = 0
+    for name, m in masks.items():
+        frozen = seed == 3 and name == "model.norm.weight"
+        assert got[name].dtype == (torch.bfloat16 if frozen else torch.float32), name
+        if frozen:
+            assert not m.any() and torch.equal(got[name], base[name]), name
+            continue
+        want = np.where(m.numpy(), gathered[name].numpy(), widened(base[name]))
+        assert np.array_equal(got[name].numpy(), want), name
+        taken += int(m.sum())
+    assert 0 < taken < sum(m.numel() for m in masks.values())
+    assert json.loads((out / "transplant.json").read_text())["mask_true"] == taken

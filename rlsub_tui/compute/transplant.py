@@ -356,10 +356,12 @@ def _int_view(t: torch.Tensor) -> torch.dtype:
 
 
 def _copy_aux(base: Checkpoint, run: Checkpoint, target: Path) -> None:
-    """The config, tokenizer and code files beside the run (later folders win): a LoRA adapter's base first; the
-    run's own folder; the folder of its config.json where that lies elsewhere (verl's actor/huggingface/, the
-    Trainer folder around a ZeRO tag)."""
-    folders = [f for f in _aux_folders(base) if run.layout == "peft"] + _aux_folders(run)
+    """The config, tokenizer and code files beside the run (later folders win): the base's first for a LoRA
+    adapter, and for a run gathered from ranks that holds no config.json (a DeepSpeed save made outside a Trainer
+    folder, a DCP folder), so that the transplant loads as the model it is; the run's own folder; the folder of its
+    config.json where that lies elsewhere (verl's actor/huggingface/, the Trainer folder around a ZeRO tag)."""
+    borrowed = run.layout == "peft" or (run.layout not in WHOLE_TENSOR_LAYOUTS and config_file(run.files) is None)
+    folders = (_aux_folders(base) if borrowed else []) + _aux_folders(run)
     for folder in dict.fromkeys(folders):
         for f in sorted(folder.iterdir()):
             if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_PATTERNS) and f.name not in INDEX_NAMES:
