@@ -37,10 +37,11 @@ STEPS = (10, 20)
 WORLD = 2
 
 
-def new_model(config: LlamaConfig = CONFIG) -> nn.Module:
+def new_model(config: LlamaConfig = CONFIG, logit_scale: bool = True) -> nn.Module:
     torch.manual_seed(0)
     model = TinyLlama(config)
-    model.register_parameter("logit_scale", nn.Parameter(torch.ones(1)))  # one row: rank 1's shard is empty
+    if logit_scale:  # one row: rank 1's shard is empty
+        model.register_parameter("logit_scale", nn.Parameter(torch.ones(1)))
     return model
 
 
@@ -88,7 +89,7 @@ def sharded(state: dict[str, torch.Tensor], mesh, config: LlamaConfig = CONFIG) 
     """`model.state_dict()` of the model holding `state`, sharded as verl shards it (each layer, then the root)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = new_model(config)
+    model = new_model(config, logit_scale="logit_scale" in state)
     model.load_state_dict(state)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)

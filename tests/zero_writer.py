@@ -90,15 +90,20 @@ def train_and_save(stage: int, seed: int, precision: str, folder: Path, frozen: 
 
 
 def worker(rank: int, port: int, out: Path, world: int, runs: list, sizes: dict, frozen_seed: int | None) -> None:
+    join(rank, port, world)
+    for stage, seed, precision in runs:
+        train_and_save(stage, seed, precision, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == frozen_seed,
+                       sizes=sizes)
+
+
+def join(rank: int, port: int, world: int) -> None:
+    """This process as rank `rank` of `world` DeepSpeed ranks on gloo."""
     import deepspeed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    for stage, seed, precision in runs:
-        train_and_save(stage, seed, precision, out / "runs" / f"z{stage}" / f"seed{seed}", frozen=seed == frozen_seed,
-                       sizes=sizes)
 
 
 def export(ckpt: Path, folder: Path) -> None:
