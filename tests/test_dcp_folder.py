@@ -416,3 +416,36 @@ def test_data_that_disagrees_with_the_metadata_is_refused(dcp_runs, tmp_path, ca
     with pytest.raises(CheckpointError, match=rf"\.distcp: tensor '{name}' has a chunk at offsets .* holds "
                                               rf"torch\.float32 \[16\], but \.metadata says {re.escape(said)}"):
         ck.read(name)
+
+
+class Admitted:
+    """A class this process has told torch to allow (as another reader's allow-list or a user's code may)."""
+
+    def __init__(self):
+        self.x = 1
+
+
+def test_a_chunk_blob_holds_plain_tensors_only_whatever_torch_allows_meanwhile(dcp_runs, tmp_path):
+    """A chunk is loaded under an empty allow-list of its own: a class admitted to torch's safe globals elsewhere in
+    the process is still refused there."""
+    folder = sharded_copy(dcp_runs, tmp_path)
+    name = "model.model.norm.weight"
+    buf = io.BytesIO()
+    torch.save(Admitted(), buf)
+    shard = folder / "__0_0.distcp"
+    start = shard.stat().st_size
+    with open(shard, "ab") as fh:
+        fh.write(buf.getvalue())
+
+    def change(md):
+        key = next(k for k in md.storage_data if k.fqn == name and k.index == 0)
+        md.storage_data[key] = dataclasses.replace(md.storage_data[key], offset=start, length=len(buf.getvalue()))
+    rewrite_metadata(folder, change)
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([Admitted])
+    try:
+        with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: refused to load tensor '{name}'"):
+            open_folder(folder).read(name)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)

@@ -18,6 +18,7 @@ import torch
 
 from rlsub_tui.checkpoints.names import canonical
 from rlsub_tui.checkpoints.readers import Reader, TensorInfo
+from rlsub_tui.checkpoints.restricted_pickle import only_allowed
 from rlsub_tui.util.errors import CheckpointError
 
 _DCP = "torch.distributed.checkpoint.metadata"
@@ -226,7 +227,8 @@ class DcpFolder(Reader):
             raise CheckpointError(f"{chunk.file}: tensor '{name}' at byte {chunk.start} is not a torch.save blob "
                                   "(written with another serialization, such as DCP's safetensors format).")
         try:
-            piece = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            with only_allowed([]):  # plain tensors only, whatever another reader's load allows meanwhile
+                piece = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"{chunk.file}: refused to load tensor '{name}': its blob holds more than a plain "
                                   f"tensor and would run code if unpickled ({_short(exc)}).") from None
