@@ -81,3 +81,26 @@ def test_a_file_not_mapped_has_no_ranges(tmp_path):
     assert pages.ranges == []
     pages.release(state["w"])
     assert torch.equal(state["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "pickle"])
+def test_reading_a_whole_checkpoint_leaves_little_of_it_resident(tmp_path, layout):
+    """Every tensor of a verl rank file (W = 1: plain tensors) or a pytorch_model.bin read through the checkpoint
+    reader: the file's pages are given back as they are read, so at the end little of it is resident."""
+    from rlsub_tui.checkpoints.checkpoint import open_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(512, 2048, generator=g) for i in range(4)}  # 16 MiB
+    if layout == "fsdp":
+        file = tmp_path / "actor" / "model_world_size_1_rank_0.pt"
+        file.parent.mkdir()
+        (file.parent / "fsdp_config.json").write_text('{"FSDP_version": 2, "world_size": 1}')
+    else:
+        file = tmp_path / "run" / "pytorch_model.bin"
+        file.parent.mkdir()
+    torch.save(state, file)
+    ckpt = open_checkpoint(str(file.parent))
+    for name, want in state.items():
+        assert torch.equal(ckpt.read(name), want), name
+    assert resident_kb(file) < 1024
+    ckpt.close()
