@@ -122,8 +122,13 @@ def test_batched_gathers_progress_and_keeps_every_other_event_in_place():
     assert list(batched(iter([_progress(1)]), seconds=3600))[0].results == ["t1"]  # flushed at the end
 
 
-def test_labels_from_paths_and_names():
+def test_labels_from_paths_and_names(tmp_path):
     assert checkpoint_label("/data/ckpt/") == "ckpt" and checkpoint_label("/") == "/"
+    actor = tmp_path / "seed2" / "actor"  # verl's role folder outside a global_step_N/: named by its run
+    actor.mkdir(parents=True)
+    assert checkpoint_label(str(actor)) == "actor"  # no rank files: a folder like any other
+    (actor / "model_world_size_2_rank_0.pt").touch()
+    assert checkpoint_label(str(actor)) == checkpoint_label(str(actor / "model_world_size_2_rank_0.pt")) == "seed2"
     specs = ["seedA=/x/ckpt", "/y/ckpt", "/z/ckpt", "/w/other"]
     assert run_labels(specs) == ["seedA", "ckpt", "ckpt-2", "other"]
     assert run_paths(specs) == ["/x/ckpt", "/y/ckpt", "/z/ckpt", "/w/other"]

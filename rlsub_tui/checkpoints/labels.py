@@ -7,6 +7,8 @@ from pathlib import Path
 from rlsub_tui.checkpoints.locate import FSDP_SHARD, parse_run_spec, unique_labels
 from rlsub_tui.checkpoints.step_folders import NESTED, STEP_DIR
 
+VERL_ROLES = ("actor", "critic")  # the folders verl saves each role's rank files in
+
 
 def _step_folder(path: Path) -> Path | None:
     """The step folder (checkpoint-N, global_step_N, ...) a checkpoint is, or sits in as a trainer nests its
@@ -32,7 +34,16 @@ def checkpoint_label(path: str) -> str:
     if step is not None:
         return step.parent.name
     p = p.parent if FSDP_SHARD.match(p.name) else p  # one rank's file stands for its save's folder
+    if p.name in VERL_ROLES and p.parent.name and _holds_rank_files(p):
+        return p.parent.name  # verl's role folder (r/seed1/actor) goes by the run it belongs to
     return p.name or path
+
+
+def _holds_rank_files(folder: Path) -> bool:
+    try:
+        return any(FSDP_SHARD.match(f.name) for f in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _step_label(path: str) -> str:
