@@ -321,21 +321,26 @@ def test_metadata_that_would_run_code_is_refused_and_not_run(dcp_runs, tmp_path,
     assert not MARKER.exists()
 
 
-def test_a_chunk_blob_that_would_run_code_is_refused(dcp_runs, tmp_path):
-    """A .distcp chunk is a torch.save blob: one that pickles a callable is refused by weights_only, not run."""
-    folder = sharded_copy(dcp_runs, tmp_path)
-    name = "model.model.norm.weight"
+def chunk_holding(folder: Path, name: str, obj) -> None:
+    """Append torch.save(obj) to the folder's first shard and point the first chunk of tensor `name` at it."""
     buf = io.BytesIO()
-    torch.save(Exploit(), buf)
+    torch.save(obj, buf)
     shard = folder / "__0_0.distcp"
     start = shard.stat().st_size
     with open(shard, "ab") as fh:
         fh.write(buf.getvalue())
 
-    def change(md):  # point the first chunk of the tensor at the appended blob
+    def change(md):
         key = next(k for k in md.storage_data if k.fqn == name and k.index == 0)
         md.storage_data[key] = dataclasses.replace(md.storage_data[key], offset=start, length=len(buf.getvalue()))
     rewrite_metadata(folder, change)
+
+
+def test_a_chunk_blob_that_would_run_code_is_refused(dcp_runs, tmp_path):
+    """A .distcp chunk is a torch.save blob: one that pickles a callable is refused by weights_only, not run."""
+    folder = sharded_copy(dcp_runs, tmp_path)
+    name = "model.model.norm.weight"
+    chunk_holding(folder, name, Exploit())
     MARKER.unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: refused to load tensor '{name}'"):
         open_folder(folder).read(name)
@@ -430,17 +435,7 @@ def test_a_chunk_blob_holds_plain_tensors_only_whatever_torch_allows_meanwhile(d
     the process is still refused there."""
     folder = sharded_copy(dcp_runs, tmp_path)
     name = "model.model.norm.weight"
-    buf = io.BytesIO()
-    torch.save(Admitted(), buf)
-    shard = folder / "__0_0.distcp"
-    start = shard.stat().st_size
-    with open(shard, "ab") as fh:
-        fh.write(buf.getvalue())
-
-    def change(md):
-        key = next(k for k in md.storage_data if k.fqn == name and k.index == 0)
-        md.storage_data[key] = dataclasses.replace(md.storage_data[key], offset=start, length=len(buf.getvalue()))
-    rewrite_metadata(folder, change)
+    chunk_holding(folder, name, Admitted())
     saved = torch.serialization.get_safe_globals()
     torch.serialization.add_safe_globals([Admitted])
     try:
