@@ -341,8 +341,14 @@ def test_a_transplant_of_the_partitions_is_a_hugging_face_checkpoint(ds, tmp_pat
         code = main([str(a) for a in args] + ["--quiet"])
         assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "transplant.json"]
-    # DeepSpeed's save holds no config.json: the base's, so that the transplant loads as the model it is
-    assert (out / "config.json").read_text() == (ds / "base" / "config.json").read_text()
+    # DeepSpeed's save holds no config.json: the base's, naming the dtype the masters are written in, so that
+    # transformers loads the transplant as the model it is, in float32
+    config, base_config = (json.loads(p.read_text()) for p in (out / "config.json", ds / "base" / "config.json"))
+    key = "dtype" if "dtype" in base_config else "torch_dtype"  # as transformers >= 4.56 and earlier name it
+    assert base_config[key] == "bfloat16" and config == {**base_config, key: "float32"}
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     got, base = load_file(str(out / "model.safetensors")), load_file(str(ds / "base" / "model.safetensors"))
     masks, gathered = load_file(str(masks_file)), exported(ds, stage, seed)
     assert sorted(got) == sorted(base) == sorted(masks) == sorted(gathered)
@@ -355,6 +361,7 @@ def test_a_transplant_of_the_partitions_is_a_hugging_face_checkpoint(ds, tmp_pat
             continue
         want = np.where(m.numpy(), gathered[name].numpy(), widened(base[name]))
         assert np.array_equal(got[name].numpy(), want), name
+        assert np.array_equal(loaded[name].numpy(), want), name
         taken += int(m.sum())
     assert 0 < taken < sum(m.numel() for m in masks.values())
     assert json.loads((out / "transplant.json").read_text())["mask_true"] == taken

@@ -366,6 +366,28 @@ def _copy_aux(base: Checkpoint, run: Checkpoint, target: Path) -> None:
         for f in sorted(folder.iterdir()):
             if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_PATTERNS) and f.name not in INDEX_NAMES:
                 shutil.copyfile(f, target / f.name)
+    if borrowed and run.layout != "peft":
+        _config_says_written_dtype(target / "config.json", run)
+
+
+HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _config_says_written_dtype(config: Path, run: Checkpoint) -> None:
+    """A config borrowed from the base names the base's dtype (bfloat16), and transformers loads the weights in
+    it: it is made to name the dtype that holds most of the transplant's parameters (the run's fp32 masters)."""
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # no config, or one that is not JSON: copied as it was
+    held: dict[torch.dtype, int] = {}
+    for info in run.tensors.values():
+        held[info.dtype] = held.get(info.dtype, 0) + int(np.prod(info.shape, dtype=np.int64))
+    written = HF_DTYPES.get(max(held, key=held.get)) if held else None
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(raw, dict) and k in raw]
+    if written is None or not keys or all(raw[k] == written for k in keys):
+        return
+    config.write_text(json.dumps({**raw, **dict.fromkeys(keys, written)}, indent=2) + "\n")
 
 
 def _aux_folders(ckpt: Checkpoint) -> list[Path]:
