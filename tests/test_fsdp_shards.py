@@ -257,6 +257,22 @@ def test_a_transplant_of_the_shards_is_a_hugging_face_checkpoint(verl, tmp_path,
     assert json.loads((out / "transplant.json").read_text())["mask_true"] == taken
 
 
+def test_a_transplant_of_shards_whose_config_names_bf16_names_the_fp32_it_is_written_in(verl, tmp_path, capsys):
+    """verl's huggingface/config.json is the pretrained model's and often names bfloat16, which transformers would
+    load the fp32 masters in: the transplant's config names float32, and nothing else of it changes."""
+    run = tmp_path / "seed1" / "global_step_20"
+    shutil.copytree(verl / "runs" / "seed1" / "global_step_20", run)
+    (run / "actor" / "huggingface" / "model.safetensors").unlink()  # verl's bf16 copy: not what is read anyway
+    config = json.loads((run / "actor" / "huggingface" / "config.json").read_text())
+    (run / "actor" / "huggingface" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    mask, out = tmp_path / "mask.safetensors", tmp_path / "t"
+    for args in (["masks", verl / "base", run, "--out", mask], ["transplant", verl / "base", run, "--mask", mask,
+                                                                "--out", out]):
+        assert main([str(a) for a in args] + ["--quiet"]) == 0, capsys.readouterr().err
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
+    assert json.loads((out / "config.json").read_text()) == {**config, "torch_dtype": "float32"}
+
+
 def test_a_large_transplant_of_shards_is_written_in_hugging_face_shards(verl, tmp_path, capsys, monkeypatch):
     """Past the largest shard, the transplant is model-0000i-of-0000N.safetensors with an index naming each tensor's
     file, each shard at most that size unless one tensor is larger; together they hold what one file would."""

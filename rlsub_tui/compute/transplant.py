@@ -366,7 +366,7 @@ def _copy_aux(base: Checkpoint, run: Checkpoint, target: Path) -> None:
         for f in sorted(folder.iterdir()):
             if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in AUX_PATTERNS) and f.name not in INDEX_NAMES:
                 shutil.copyfile(f, target / f.name)
-    if borrowed and run.layout != "peft":
+    if run.layout not in WHOLE_TENSOR_LAYOUTS and run.layout != "peft":
         _config_says_written_dtype(target / "config.json", run)
 
 
@@ -374,8 +374,9 @@ HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16
 
 
 def _config_says_written_dtype(config: Path, run: Checkpoint) -> None:
-    """A config borrowed from the base names the base's dtype (bfloat16), and transformers loads the weights in
-    it: it is made to name the dtype that holds most of the transplant's parameters (the run's fp32 masters)."""
+    """The config of a run gathered from ranks, borrowed from the base or kept beside the save (verl's
+    huggingface/config.json is the pretrained model's), often names bfloat16, and transformers loads the weights
+    in it: it is made to name the dtype that holds most of the transplant's parameters (the fp32 masters)."""
     try:
         raw = json.loads(config.read_text())
     except (OSError, ValueError):
